@@ -1,1 +1,15 @@
+//! `pdagent`: the cluster agent, one binary on every GPU host.
+//!
+//! Owns: configuration, the agent's life cycle, systemd notification, the agent's wire
+//! messages, and (as the project grows) ingress, router, KV shipping, the engine supervisor
+//! and coordinator duties.
+//!
+//! Must never: hold Raft or planner logic that could be pure; those live in their own crates.
 
+#![forbid(unsafe_code)]
+
+pub mod agent;
+pub mod config;
+pub mod logging;
+pub mod notify;
+pub mod wire;

@@ -1,1 +1,137 @@
-fn main(){}
+//! The `pdagent` binary: parse, validate, then run. Exit status 64 for a bad configuration.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use clap::{Parser, Subcommand};
+use pdagent::config::{self, ConfigError, Overrides, Validated};
+use pdagent::wire::AgentResponse;
+use pdagent::{agent, logging, notify::Notifier};
+
+const EX_USAGE: u8 = 64;
+
+#[derive(Parser)]
+#[command(name = "pdagent", version, about = "pdagent: the cluster agent for prefill/decode-disaggregated LLM serving")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct ConfigArgs {
+    /// Configuration file.
+    #[arg(long, short = 'c', default_value = config::DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+    #[command(flatten)]
+    overrides: Overrides,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent.
+    Run(ConfigArgs),
+    /// Validate a configuration (and the certificates it names) without binding anything.
+    CheckConfig(ConfigArgs),
+    /// Ping a peer agent over the transport with this node's certificate.
+    Ping {
+        #[command(flatten)]
+        args: ConfigArgs,
+        /// The peer's node name (its certificate must name it).
+        #[arg(long)]
+        peer: String,
+        /// The peer's transport address (IP:port).
+        #[arg(long)]
+        addr: std::net::SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { EX_USAGE } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    match cli.command {
+        Command::Run(args) => {
+            let Some((v, id)) = load(&args) else { return ExitCode::from(EX_USAGE) };
+            logging::init(v.config.log.format, &v.config.log.level);
+            let notifier = Notifier::from_env(v.config.systemd.notify);
+            let rt = match runtime(&v) {
+                Ok(rt) => rt,
+                Err(e) => return fail(e),
+            };
+            match rt.block_on(agent::run(v, id, notifier)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(e),
+            }
+        }
+        Command::CheckConfig(args) => match load(&args) {
+            Some((v, id)) => {
+                println!(
+                    "configuration is valid: node {} on {}, certificate valid until {} (unix seconds)",
+                    v.node_name, v.listen, id.info.not_after_unix
+                );
+                ExitCode::SUCCESS
+            }
+            None => ExitCode::from(EX_USAGE),
+        },
+        Command::Ping { args, peer, addr, count } => {
+            let Some((v, id)) = load(&args) else { return ExitCode::from(EX_USAGE) };
+            logging::init(v.config.log.format, "warn");
+            let rt = match runtime(&v) {
+                Ok(rt) => rt,
+                Err(e) => return fail(e),
+            };
+            for i in 0..count.max(1) {
+                match rt.block_on(agent::ping(&v, &id, &peer, addr, u64::from(i))) {
+                    Ok((AgentResponse::Pong { node, protocol_version, uptime_ms, .. }, rtt)) => println!(
+                        "pong from {node} at {addr}: protocol {protocol_version}, up {uptime_ms} ms, rtt {:.3} ms",
+                        rtt.as_secs_f64() * 1e3
+                    ),
+                    Err(e) => return fail(e),
+                }
+            }
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn fail(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("pdagent: error: {e:#}");
+    ExitCode::FAILURE
+}
+
+fn runtime(v: &Validated) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if v.config.node.worker_threads > 0 {
+        b.worker_threads(v.config.node.worker_threads);
+    }
+    b.enable_all().build()
+}
+
+/// Reads, overrides and validates the configuration and loads the node's identity; on failure
+/// prints the error (naming the field) and returns `None`.
+fn load(args: &ConfigArgs) -> Option<(Validated, pd_transport::Identity)> {
+    let explicit = args.config.as_os_str() != config::DEFAULT_CONFIG_PATH;
+    let result = (|| -> Result<_, ConfigError> {
+        let mut c = config::read_config(&args.config, explicit)?;
+        c.apply(&args.overrides);
+        let v = c.validate()?;
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+        let id = v.load_identity(now)?;
+        Ok((v, id))
+    })();
+    match result {
+        Ok(x) => Some(x),
+        Err(e) => {
+            eprintln!("pdagent: {e}");
+            None
+        }
+    }
+}

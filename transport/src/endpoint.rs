@@ -78,6 +78,8 @@ pub enum TransportError {
     BadPeerName(String),
     #[error("connecting to {peer} at {addr} failed: {reason}")]
     Connect { peer: String, addr: SocketAddr, reason: String },
+    #[error("handshake with {addr} failed: {reason}")]
+    Handshake { addr: SocketAddr, reason: String },
     #[error("{peer} at {addr} refused us: {reason}")]
     Refused { peer: String, addr: SocketAddr, reason: String },
     #[error("protocol version mismatch with {peer}: we speak {ours}, it speaks {theirs}")]
@@ -129,6 +131,7 @@ pub struct Endpoint {
     cfg: Arc<TransportConfig>,
     client_cfg: quinn::ClientConfig,
     version: u16,
+    claim: Option<String>,
     /// Receive buffer the kernel granted the UDP socket.
     pub udp_buffer_granted: usize,
 }
@@ -183,8 +186,16 @@ impl Endpoint {
             cfg: Arc::new(cfg.clone()),
             client_cfg,
             version,
+            claim: None,
             udp_buffer_granted: granted,
         })
+    }
+
+    /// Claims another name than our certificate's in the hello: for tests of the identity check.
+    #[doc(hidden)]
+    pub fn claiming(mut self, name: &str) -> Self {
+        self.claim = Some(name.to_string());
+        self
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -226,7 +237,7 @@ impl Endpoint {
         let mut msg = Vec::with_capacity(64);
         msg.extend_from_slice(&HELLO_MAGIC);
         msg.extend_from_slice(&self.version.to_le_bytes());
-        msg.extend_from_slice(&codec::encode_frame(&Hello { name: self.identity.name().to_string() }, 4096)?);
+        msg.extend_from_slice(&codec::encode_frame(&Hello { name: self.claim.clone().unwrap_or_else(|| self.identity.name().to_string()) }, 4096)?);
         send.write_all(&msg).await.map_err(|e| hello_err(e.to_string()))?;
         let _ = send.finish();
         let mut head = [0u8; 3];
@@ -284,11 +295,9 @@ impl Endpoint {
 
     async fn accept_one(&self, incoming: quinn::Incoming) -> Result<Connection, TransportError> {
         let remote = incoming.remote_address();
-        let conn = incoming.await.map_err(|e| TransportError::Connect {
-            peer: "?".into(),
-            addr: remote,
-            reason: describe_connection_error(&e),
-        })?;
+        let conn = incoming
+            .await
+            .map_err(|e| TransportError::Handshake { addr: remote, reason: describe_connection_error(&e) })?;
         let identity = peer_identity(&conn)?;
         let (mut send, mut recv) = conn.accept_bi().await?;
         let mut head = [0u8; 6];

@@ -1,0 +1,348 @@
+//! The agent's configuration: one TOML file (`/etc/pdagent/pdagent.toml` by default), every
+//! value with a documented default (see `systemd/pdagent.toml`), flags on top, validated as a
+//! whole before any socket is bound. Unknown fields are errors. A bad configuration makes the
+//! binary exit with status 64 (`EX_USAGE`) and a message that names the field.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use pd_transport::{Identity, PeerIdentity, TransportConfig, pki};
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/pdagent/pdagent.toml";
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/pdagent";
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:7400";
+
+/// A configuration that cannot be used: the field (dotted path) and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration: {field}: {why}")]
+pub struct ConfigError {
+    pub field: String,
+    pub why: String,
+}
+
+impl ConfigError {
+    fn new(field: impl Into<String>, why: impl Into<String>) -> Self {
+        ConfigError { field: field.into(), why: why.into() }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    pub node: NodeSection,
+    pub tls: TlsSection,
+    pub log: LogSection,
+    pub systemd: SystemdSection,
+    pub transport: TransportConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeSection {
+    /// This host's node name, a DNS label. Empty: the host name's first label.
+    pub name: String,
+    /// Where the agent keeps its state.
+    pub data_dir: PathBuf,
+    /// UDP address of the agent's QUIC transport.
+    pub listen: String,
+    /// Tokio worker threads; 0 means one per core.
+    pub worker_threads: usize,
+}
+
+impl Default for NodeSection {
+    fn default() -> Self {
+        NodeSection {
+            name: String::new(),
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            listen: DEFAULT_LISTEN.to_string(),
+            worker_threads: 0,
+        }
+    }
+}
+
+/// Certificate files; empty means `<data_dir>/pki/{ca.crt,node.crt,node.key}`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsSection {
+    pub ca_cert: Option<PathBuf>,
+    pub node_cert: Option<PathBuf>,
+    pub node_key: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSection {
+    pub format: LogFormat,
+    /// A tracing filter (`info`, `pdagent=debug,warn`, ...); `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection { format: LogFormat::Human, level: "info".to_string() }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SystemdSection {
+    /// Send readiness and watchdog pings to `NOTIFY_SOCKET` when systemd sets it.
+    pub notify: bool,
+}
+
+impl Default for SystemdSection {
+    fn default() -> Self {
+        SystemdSection { notify: true }
+    }
+}
+
+/// Values given on the command line; each replaces the file's value.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct Overrides {
+    /// Node name (replaces node.name).
+    #[arg(long)]
+    pub node_name: Option<String>,
+    /// Data directory (replaces node.data_dir).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Transport UDP address (replaces node.listen).
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Tokio worker threads (replaces node.worker_threads).
+    #[arg(long)]
+    pub worker_threads: Option<usize>,
+    /// Log format (replaces log.format).
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Log filter (replaces log.level).
+    #[arg(long)]
+    pub log_level: Option<String>,
+}
+
+/// A configuration that passed validation, with everything derived from it.
+#[derive(Debug, Clone)]
+pub struct Validated {
+    pub config: AgentConfig,
+    pub node_name: String,
+    pub listen: SocketAddr,
+    pub ca_cert: PathBuf,
+    pub node_cert: PathBuf,
+    pub node_key: PathBuf,
+}
+
+/// Reads a configuration file. A missing file at the default path means "all defaults"; a
+/// missing file that was named explicitly is an error.
+pub fn read_config(path: &Path, explicit: bool) -> Result<AgentConfig, ConfigError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => return Ok(AgentConfig::default()),
+        Err(e) => return Err(ConfigError::new("--config", format!("cannot read {}: {e}", path.display()))),
+    };
+    parse_config(&text).map_err(|e| ConfigError::new(e.field, format!("{} ({})", e.why, path.display())))
+}
+
+/// Parses TOML text into a configuration (no validation beyond types and known fields).
+pub fn parse_config(text: &str) -> Result<AgentConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| {
+        let line = e.span().map(|s| text[..s.start].lines().count().max(1));
+        let msg = e.message().trim().to_string();
+        let field = field_from_toml_error(&msg, text, e.span()).unwrap_or_else(|| "config".to_string());
+        let at = line.map(|l| format!(" at line {l}")).unwrap_or_default();
+        ConfigError::new(field, format!("{msg}{at}"))
+    })
+}
+
+/// Best effort: the dotted key a TOML error is about, from the error span's line.
+fn field_from_toml_error(msg: &str, text: &str, span: Option<std::ops::Range<usize>>) -> Option<String> {
+    if let Some(rest) = msg.strip_prefix("unknown field `") {
+        let name = rest.split('`').next()?;
+        let table = span.as_ref().and_then(|s| current_table(&text[..s.start]));
+        return Some(match table {
+            Some(t) if !t.is_empty() => format!("{t}.{name}"),
+            _ => name.to_string(),
+        });
+    }
+    let span = span?;
+    let line_start = text[..span.start].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next()?;
+    let key = line.split('=').next()?.trim();
+    if key.is_empty() || key.starts_with('[') {
+        return current_table(&text[..line_start + line.len()]);
+    }
+    Some(match current_table(&text[..line_start]) {
+        Some(t) if !t.is_empty() => format!("{t}.{key}"),
+        _ => key.to_string(),
+    })
+}
+
+fn current_table(before: &str) -> Option<String> {
+    before
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('[') && l.ends_with(']'))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string())
+}
+
+impl AgentConfig {
+    pub fn apply(&mut self, o: &Overrides) {
+        if let Some(v) = &o.node_name {
+            self.node.name = v.clone();
+        }
+        if let Some(v) = &o.data_dir {
+            self.node.data_dir = v.clone();
+        }
+        if let Some(v) = &o.listen {
+            self.node.listen = v.clone();
+        }
+        if let Some(v) = o.worker_threads {
+            self.node.worker_threads = v;
+        }
+        if let Some(v) = o.log_format {
+            self.log.format = v;
+        }
+        if let Some(v) = &o.log_level {
+            self.log.level = v.clone();
+        }
+    }
+
+    /// Checks every value that can be checked without touching the filesystem or network.
+    pub fn validate(&self) -> Result<Validated, ConfigError> {
+        let node_name = if self.node.name.is_empty() { host_name() } else { self.node.name.clone() };
+        pki::validate_node_name(&node_name).map_err(|e| {
+            let hint = if self.node.name.is_empty() { " (derived from the host name; set node.name)" } else { "" };
+            ConfigError::new("node.name", format!("{e}{hint}"))
+        })?;
+        if self.node.data_dir.as_os_str().is_empty() {
+            return Err(ConfigError::new("node.data_dir", "must not be empty"));
+        }
+        let listen: SocketAddr = self.node.listen.parse().map_err(|_| {
+            ConfigError::new("node.listen", format!("{:?} is not an IP:port address (e.g. {DEFAULT_LISTEN})", self.node.listen))
+        })?;
+        if self.node.worker_threads > 1024 {
+            return Err(ConfigError::new("node.worker_threads", "must be at most 1024 (0 = one per core)"));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| ConfigError::new("log.level", format!("{:?} is not a log filter: {e}", self.log.level)))?;
+        self.transport.validate("transport").map_err(|e| ConfigError::new(e.field, e.why))?;
+        let pki_dir = self.node.data_dir.join("pki");
+        let pick = |v: &Option<PathBuf>, file: &str| v.clone().unwrap_or_else(|| pki_dir.join(file));
+        Ok(Validated {
+            config: self.clone(),
+            node_name,
+            listen,
+            ca_cert: pick(&self.tls.ca_cert, pki::CA_CERT_FILE),
+            node_cert: pick(&self.tls.node_cert, pki::NODE_CERT_FILE),
+            node_key: pick(&self.tls.node_key, pki::NODE_KEY_FILE),
+        })
+    }
+}
+
+impl Validated {
+    /// Loads the node's credentials and checks that they fit this node: readable, under the
+    /// CA, naming this node, not expired.
+    pub fn load_identity(&self, now_unix: i64) -> Result<Identity, ConfigError> {
+        for (field, path) in [("tls.ca_cert", &self.ca_cert), ("tls.node_cert", &self.node_cert), ("tls.node_key", &self.node_key)] {
+            if !path.exists() {
+                return Err(ConfigError::new(
+                    field,
+                    format!("{} does not exist (issue one with `pdctl cluster cert --node {}`)", path.display(), self.node_name),
+                ));
+            }
+        }
+        let id = Identity::load(&self.ca_cert, &self.node_cert, &self.node_key)
+            .map_err(|e| ConfigError::new("tls.node_cert", e.to_string()))?;
+        match &id.info.identity {
+            PeerIdentity::Node(n) if *n == self.node_name => {}
+            other => {
+                return Err(ConfigError::new(
+                    "tls.node_cert",
+                    format!("{} names {other}, but this node is {}", self.node_cert.display(), self.node_name),
+                ));
+            }
+        }
+        if id.info.not_after_unix <= now_unix {
+            return Err(ConfigError::new(
+                "tls.node_cert",
+                format!("{} expired at {} (unix seconds)", self.node_cert.display(), id.info.not_after_unix),
+            ));
+        }
+        Ok(id)
+    }
+}
+
+/// The host name's first label, lowercased.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .unwrap_or_default()
+        .trim()
+        .split('.')
+        .next()
+        .unwrap_or_default()
+        .to_ascii_lowercase()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> ConfigError {
+        match parse_config(text) {
+            Err(e) => e,
+            Ok(c) => c.validate().unwrap_err(),
+        }
+    }
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        let c = parse_config("").unwrap();
+        assert_eq!(c, AgentConfig::default());
+        assert_eq!(c.node.listen, DEFAULT_LISTEN);
+    }
+
+    #[test]
+    fn the_example_config_parses_and_validates() {
+        let text = include_str!("../../systemd/pdagent.toml");
+        let c = parse_config(text).unwrap();
+        let v = c.validate().unwrap();
+        assert_eq!(v.node_name, "node-1");
+        assert_eq!(c.transport, TransportConfig::default(), "example documents the defaults");
+    }
+
+    #[test]
+    fn unknown_fields_are_named() {
+        assert_eq!(err("[node]\nnmae = \"x\"\n").field, "node.nmae");
+        assert_eq!(err("bogus = 1\n").field, "bogus");
+        assert_eq!(err("[transport]\nwindow = 3\n").field, "transport.window");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        assert_eq!(err("[node]\nname = \"Bad_Name\"\n").field, "node.name");
+        assert_eq!(err("[node]\nname = \"n\"\nlisten = \"nowhere\"\n").field, "node.listen");
+        assert_eq!(err("[node]\nname = \"n\"\n[transport]\nmax_datagram_bytes = 100\n").field, "transport.max_datagram_bytes");
+        assert_eq!(err("[node]\nname = \"n\"\n[log]\nformat = \"xml\"\n").field, "log.format");
+        assert_eq!(err("[node]\nname = \"n\"\nworker_threads = \"two\"\n").field, "node.worker_threads");
+        assert_eq!(err("[node]\nname = \"n\"\n[log]\nlevel = \"[[\"\n").field, "log.level");
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let mut c = parse_config("[node]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\n").unwrap();
+        c.apply(&Overrides { node_name: Some("b".into()), listen: Some("127.0.0.2:2".into()), ..Default::default() });
+        let v = c.validate().unwrap();
+        assert_eq!(v.node_name, "b");
+        assert_eq!(v.listen, "127.0.0.2:2".parse().unwrap());
+        assert_eq!(v.node_cert, PathBuf::from(DEFAULT_DATA_DIR).join("pki/node.crt"));
+    }
+}
