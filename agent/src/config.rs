@@ -154,7 +154,7 @@ pub fn read_config(path: &Path, explicit: bool) -> Result<AgentConfig, ConfigErr
 pub fn parse_config(text: &str) -> Result<AgentConfig, ConfigError> {
     toml::from_str(text).map_err(|e| {
         let line = e.span().map(|s| text[..s.start].lines().count().max(1));
-        let msg = e.message().trim().to_string();
+        let msg = e.message().trim().replace('\n', " ");
         let field = field_from_toml_error(&msg, text, e.span()).unwrap_or_else(|| "config".to_string());
         let at = line.map(|l| format!(" at line {l}")).unwrap_or_default();
         ConfigError::new(field, format!("{msg}{at}"))
