@@ -43,7 +43,10 @@ pub async fn run(cfg: Validated, identity: Identity, notifier: Notifier) -> anyh
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let endpoint = Endpoint::bind(cfg.listen, &identity, &cfg.config.transport)?;
-    let service = Arc::new(AgentService { node: cfg.node_name.clone(), started: Instant::now() });
+    let service = Arc::new(AgentService {
+        node: cfg.node_name.clone(),
+        started: Instant::now(),
+    });
     let server = endpoint.serve(service);
     info!(
         node = %cfg.node_name,
@@ -54,7 +57,10 @@ pub async fn run(cfg: Validated, identity: Identity, notifier: Notifier) -> anyh
     notifier.ready(&format!("serving on {}", endpoint.local_addr()));
     let watchdog = notifier.watchdog_interval().map(|every| {
         let n = notifier.clone();
-        info!(interval_ms = every.as_millis() as u64, "feeding the systemd watchdog");
+        info!(
+            interval_ms = every.as_millis() as u64,
+            "feeding the systemd watchdog"
+        );
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             loop {
@@ -86,7 +92,11 @@ pub async fn ping(
     addr: std::net::SocketAddr,
     nonce: u64,
 ) -> anyhow::Result<(AgentResponse, Duration)> {
-    let local = if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+    let local = if addr.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    };
     let endpoint = Endpoint::bind(local.parse()?, identity, &cfg.config.transport)?;
     let conn = endpoint.connect(addr, peer).await?;
     let start = Instant::now();

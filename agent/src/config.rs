@@ -23,7 +23,10 @@ pub struct ConfigError {
 
 impl ConfigError {
     fn new(field: impl Into<String>, why: impl Into<String>) -> Self {
-        ConfigError { field: field.into(), why: why.into() }
+        ConfigError {
+            field: field.into(),
+            why: why.into(),
+        }
     }
 }
 
@@ -88,7 +91,10 @@ pub struct LogSection {
 
 impl Default for LogSection {
     fn default() -> Self {
-        LogSection { format: LogFormat::Human, level: "info".to_string() }
+        LogSection {
+            format: LogFormat::Human,
+            level: "info".to_string(),
+        }
     }
 }
 
@@ -144,10 +150,18 @@ pub struct Validated {
 pub fn read_config(path: &Path, explicit: bool) -> Result<AgentConfig, ConfigError> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => return Ok(AgentConfig::default()),
-        Err(e) => return Err(ConfigError::new("--config", format!("cannot read {}: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+            return Ok(AgentConfig::default());
+        }
+        Err(e) => {
+            return Err(ConfigError::new(
+                "--config",
+                format!("cannot read {}: {e}", path.display()),
+            ));
+        }
     };
-    parse_config(&text).map_err(|e| ConfigError::new(e.field, format!("{} ({})", e.why, path.display())))
+    parse_config(&text)
+        .map_err(|e| ConfigError::new(e.field, format!("{} ({})", e.why, path.display())))
 }
 
 /// Parses TOML text into a configuration (no validation beyond types and known fields).
@@ -155,14 +169,19 @@ pub fn parse_config(text: &str) -> Result<AgentConfig, ConfigError> {
     toml::from_str(text).map_err(|e| {
         let line = e.span().map(|s| text[..s.start].lines().count().max(1));
         let msg = e.message().trim().replace('\n', " ");
-        let field = field_from_toml_error(&msg, text, e.span()).unwrap_or_else(|| "config".to_string());
+        let field =
+            field_from_toml_error(&msg, text, e.span()).unwrap_or_else(|| "config".to_string());
         let at = line.map(|l| format!(" at line {l}")).unwrap_or_default();
         ConfigError::new(field, format!("{msg}{at}"))
     })
 }
 
 /// Best effort: the dotted key a TOML error is about, from the error span's line.
-fn field_from_toml_error(msg: &str, text: &str, span: Option<std::ops::Range<usize>>) -> Option<String> {
+fn field_from_toml_error(
+    msg: &str,
+    text: &str,
+    span: Option<std::ops::Range<usize>>,
+) -> Option<String> {
     if let Some(rest) = msg.strip_prefix("unknown field `") {
         let name = rest.split('`').next()?;
         let table = span.as_ref().and_then(|s| current_table(&text[..s.start]));
@@ -217,25 +236,49 @@ impl AgentConfig {
 
     /// Checks every value that can be checked without touching the filesystem or network.
     pub fn validate(&self) -> Result<Validated, ConfigError> {
-        let node_name = if self.node.name.is_empty() { host_name() } else { self.node.name.clone() };
+        let node_name = if self.node.name.is_empty() {
+            host_name()
+        } else {
+            self.node.name.clone()
+        };
         pki::validate_node_name(&node_name).map_err(|e| {
-            let hint = if self.node.name.is_empty() { " (derived from the host name; set node.name)" } else { "" };
+            let hint = if self.node.name.is_empty() {
+                " (derived from the host name; set node.name)"
+            } else {
+                ""
+            };
             ConfigError::new("node.name", format!("{e}{hint}"))
         })?;
         if self.node.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::new("node.data_dir", "must not be empty"));
         }
         let listen: SocketAddr = self.node.listen.parse().map_err(|_| {
-            ConfigError::new("node.listen", format!("{:?} is not an IP:port address (e.g. {DEFAULT_LISTEN})", self.node.listen))
+            ConfigError::new(
+                "node.listen",
+                format!(
+                    "{:?} is not an IP:port address (e.g. {DEFAULT_LISTEN})",
+                    self.node.listen
+                ),
+            )
         })?;
         if self.node.worker_threads > 1024 {
-            return Err(ConfigError::new("node.worker_threads", "must be at most 1024 (0 = one per core)"));
+            return Err(ConfigError::new(
+                "node.worker_threads",
+                "must be at most 1024 (0 = one per core)",
+            ));
         }
-        tracing_subscriber::EnvFilter::try_new(&self.log.level)
-            .map_err(|e| ConfigError::new("log.level", format!("{:?} is not a log filter: {e}", self.log.level)))?;
-        self.transport.validate("transport").map_err(|e| ConfigError::new(e.field, e.why))?;
+        tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| {
+            ConfigError::new(
+                "log.level",
+                format!("{:?} is not a log filter: {e}", self.log.level),
+            )
+        })?;
+        self.transport
+            .validate("transport")
+            .map_err(|e| ConfigError::new(e.field, e.why))?;
         let pki_dir = self.node.data_dir.join("pki");
-        let pick = |v: &Option<PathBuf>, file: &str| v.clone().unwrap_or_else(|| pki_dir.join(file));
+        let pick =
+            |v: &Option<PathBuf>, file: &str| v.clone().unwrap_or_else(|| pki_dir.join(file));
         Ok(Validated {
             config: self.clone(),
             node_name,
@@ -251,11 +294,19 @@ impl Validated {
     /// Loads the node's credentials and checks that they fit this node: readable, under the
     /// CA, naming this node, not expired.
     pub fn load_identity(&self, now_unix: i64) -> Result<Identity, ConfigError> {
-        for (field, path) in [("tls.ca_cert", &self.ca_cert), ("tls.node_cert", &self.node_cert), ("tls.node_key", &self.node_key)] {
+        for (field, path) in [
+            ("tls.ca_cert", &self.ca_cert),
+            ("tls.node_cert", &self.node_cert),
+            ("tls.node_key", &self.node_key),
+        ] {
             if !path.exists() {
                 return Err(ConfigError::new(
                     field,
-                    format!("{} does not exist (issue one with `pdctl cluster cert --node {}`)", path.display(), self.node_name),
+                    format!(
+                        "{} does not exist (issue one with `pdctl cluster cert --node {}`)",
+                        path.display(),
+                        self.node_name
+                    ),
                 ));
             }
         }
@@ -266,14 +317,22 @@ impl Validated {
             other => {
                 return Err(ConfigError::new(
                     "tls.node_cert",
-                    format!("{} names {other}, but this node is {}", self.node_cert.display(), self.node_name),
+                    format!(
+                        "{} names {other}, but this node is {}",
+                        self.node_cert.display(),
+                        self.node_name
+                    ),
                 ));
             }
         }
         if id.info.not_after_unix <= now_unix {
             return Err(ConfigError::new(
                 "tls.node_cert",
-                format!("{} expired at {} (unix seconds)", self.node_cert.display(), id.info.not_after_unix),
+                format!(
+                    "{} expired at {} (unix seconds)",
+                    self.node_cert.display(),
+                    id.info.not_after_unix
+                ),
             ));
         }
         Ok(id)
@@ -316,7 +375,11 @@ mod tests {
         let c = parse_config(text).unwrap();
         let v = c.validate().unwrap();
         assert_eq!(v.node_name, "node-1");
-        assert_eq!(c.transport, TransportConfig::default(), "example documents the defaults");
+        assert_eq!(
+            c.transport,
+            TransportConfig::default(),
+            "example documents the defaults"
+        );
     }
 
     #[test]
@@ -329,20 +392,42 @@ mod tests {
     #[test]
     fn bad_values_are_named() {
         assert_eq!(err("[node]\nname = \"Bad_Name\"\n").field, "node.name");
-        assert_eq!(err("[node]\nname = \"n\"\nlisten = \"nowhere\"\n").field, "node.listen");
-        assert_eq!(err("[node]\nname = \"n\"\n[transport]\nmax_datagram_bytes = 100\n").field, "transport.max_datagram_bytes");
-        assert_eq!(err("[node]\nname = \"n\"\n[log]\nformat = \"xml\"\n").field, "log.format");
-        assert_eq!(err("[node]\nname = \"n\"\nworker_threads = \"two\"\n").field, "node.worker_threads");
-        assert_eq!(err("[node]\nname = \"n\"\n[log]\nlevel = \"[[\"\n").field, "log.level");
+        assert_eq!(
+            err("[node]\nname = \"n\"\nlisten = \"nowhere\"\n").field,
+            "node.listen"
+        );
+        assert_eq!(
+            err("[node]\nname = \"n\"\n[transport]\nmax_datagram_bytes = 100\n").field,
+            "transport.max_datagram_bytes"
+        );
+        assert_eq!(
+            err("[node]\nname = \"n\"\n[log]\nformat = \"xml\"\n").field,
+            "log.format"
+        );
+        assert_eq!(
+            err("[node]\nname = \"n\"\nworker_threads = \"two\"\n").field,
+            "node.worker_threads"
+        );
+        assert_eq!(
+            err("[node]\nname = \"n\"\n[log]\nlevel = \"[[\"\n").field,
+            "log.level"
+        );
     }
 
     #[test]
     fn flags_override_the_file() {
         let mut c = parse_config("[node]\nname = \"a\"\nlisten = \"127.0.0.1:1\"\n").unwrap();
-        c.apply(&Overrides { node_name: Some("b".into()), listen: Some("127.0.0.2:2".into()), ..Default::default() });
+        c.apply(&Overrides {
+            node_name: Some("b".into()),
+            listen: Some("127.0.0.2:2".into()),
+            ..Default::default()
+        });
         let v = c.validate().unwrap();
         assert_eq!(v.node_name, "b");
         assert_eq!(v.listen, "127.0.0.2:2".parse().unwrap());
-        assert_eq!(v.node_cert, PathBuf::from(DEFAULT_DATA_DIR).join("pki/node.crt"));
+        assert_eq!(
+            v.node_cert,
+            PathBuf::from(DEFAULT_DATA_DIR).join("pki/node.crt")
+        );
     }
 }

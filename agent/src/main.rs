@@ -12,7 +12,11 @@ use pdagent::{agent, logging, notify::Notifier};
 const EX_USAGE: u8 = 64;
 
 #[derive(Parser)]
-#[command(name = "pdagent", version, about = "pdagent: the cluster agent for prefill/decode-disaggregated LLM serving")]
+#[command(
+    name = "pdagent",
+    version,
+    about = "pdagent: the cluster agent for prefill/decode-disaggregated LLM serving"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -59,7 +63,9 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Run(args) => {
-            let Some((v, id)) = load(&args) else { return ExitCode::from(EX_USAGE) };
+            let Some((v, id)) = load(&args) else {
+                return ExitCode::from(EX_USAGE);
+            };
             logging::init(v.config.log.format, &v.config.log.level);
             let notifier = Notifier::from_env(v.config.systemd.notify);
             let rt = match runtime(&v) {
@@ -81,8 +87,15 @@ fn main() -> ExitCode {
             }
             None => ExitCode::from(EX_USAGE),
         },
-        Command::Ping { args, peer, addr, count } => {
-            let Some((v, id)) = load(&args) else { return ExitCode::from(EX_USAGE) };
+        Command::Ping {
+            args,
+            peer,
+            addr,
+            count,
+        } => {
+            let Some((v, id)) = load(&args) else {
+                return ExitCode::from(EX_USAGE);
+            };
             logging::init(v.config.log.format, "warn");
             let rt = match runtime(&v) {
                 Ok(rt) => rt,
@@ -90,7 +103,15 @@ fn main() -> ExitCode {
             };
             for i in 0..count.max(1) {
                 match rt.block_on(agent::ping(&v, &id, &peer, addr, u64::from(i))) {
-                    Ok((AgentResponse::Pong { node, protocol_version, uptime_ms, .. }, rtt)) => println!(
+                    Ok((
+                        AgentResponse::Pong {
+                            node,
+                            protocol_version,
+                            uptime_ms,
+                            ..
+                        },
+                        rtt,
+                    )) => println!(
                         "pong from {node} at {addr}: protocol {protocol_version}, up {uptime_ms} ms, rtt {:.3} ms",
                         rtt.as_secs_f64() * 1e3
                     ),
@@ -123,7 +144,10 @@ fn load(args: &ConfigArgs) -> Option<(Validated, pd_transport::Identity)> {
         let mut c = config::read_config(&args.config, explicit)?;
         c.apply(&args.overrides);
         let v = c.validate()?;
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
         let id = v.load_identity(now)?;
         Ok((v, id))
     })();

@@ -16,9 +16,14 @@ impl Notifier {
     /// outside systemd, every call is a no-op.
     pub fn from_env(enabled: bool) -> Self {
         if !enabled {
-            return Notifier { socket: None, watchdog: None };
+            return Notifier {
+                socket: None,
+                watchdog: None,
+            };
         }
-        let socket = std::env::var("NOTIFY_SOCKET").ok().filter(|s| !s.is_empty());
+        let socket = std::env::var("NOTIFY_SOCKET")
+            .ok()
+            .filter(|s| !s.is_empty());
         let for_us = std::env::var("WATCHDOG_PID")
             .ok()
             .and_then(|p| p.parse::<u32>().ok())
@@ -33,11 +38,16 @@ impl Notifier {
 
     /// How often to ping the watchdog: half its timeout, as systemd recommends.
     pub fn watchdog_interval(&self) -> Option<Duration> {
-        self.watchdog.filter(|_| self.socket.is_some()).map(|w| w / 2)
+        self.watchdog
+            .filter(|_| self.socket.is_some())
+            .map(|w| w / 2)
     }
 
     pub fn ready(&self, status: &str) {
-        self.send(&format!("READY=1\nSTATUS={status}\nMAINPID={}\n", std::process::id()));
+        self.send(&format!(
+            "READY=1\nSTATUS={status}\nMAINPID={}\n",
+            std::process::id()
+        ));
     }
 
     pub fn watchdog(&self) {

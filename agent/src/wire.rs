@@ -11,5 +11,10 @@ pub enum AgentRequest {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AgentResponse {
-    Pong { node: String, nonce: u64, protocol_version: u16, uptime_ms: u64 },
+    Pong {
+        node: String,
+        nonce: u64,
+        protocol_version: u16,
+        uptime_ms: u64,
+    },
 }

@@ -14,6 +14,8 @@ use pd_transport::bench::{BenchOptions, BenchReport};
 use pd_transport::config::Congestion;
 use pd_transport::{TransportConfig, pki};
 
+mod demo;
+
 const EX_USAGE: u8 = 64;
 
 #[derive(Parser)]
@@ -25,6 +27,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Show what works so far on this machine: PKI, two agents on loopback pinging each other
+    /// over mutual-TLS QUIC, a refused foreign host, a short transport benchmark.
+    Demo {
+        /// Where to put the demo's files (default: a new folder under the temp dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// The cluster's PKI, offline: create it, issue node certificates.
     Cluster {
         #[command(subcommand)]
@@ -120,13 +129,21 @@ fn main() -> ExitCode {
 }
 
 fn now_unix() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Demo { dir } => demo::run(dir)?,
         Command::Cluster { command } => match command {
-            ClusterCommand::Init { dir, name, token_ttl_hours } => {
+            ClusterCommand::Init {
+                dir,
+                name,
+                token_ttl_hours,
+            } => {
                 let out = pki::init_cluster_dir(&dir, &name, now_unix(), token_ttl_hours * 3600)
                     .with_context(|| format!("creating the cluster PKI in {}", dir.display()))?;
                 println!("created cluster {name:?} in {}", dir.display());
@@ -134,8 +151,14 @@ fn run(cli: Cli) -> Result<()> {
                     println!("  {}", f.display());
                 }
                 println!("CA fingerprint (sha256): {}", out.ca_fingerprint);
-                println!("join token expires at {} (unix seconds)", out.token_expiry_unix);
-                println!("keep ca.key and admin.key on this machine only; next: pdctl cluster cert --dir {} --node NAME", dir.display());
+                println!(
+                    "join token expires at {} (unix seconds)",
+                    out.token_expiry_unix
+                );
+                println!(
+                    "keep ca.key and admin.key on this machine only; next: pdctl cluster cert --dir {} --node NAME",
+                    dir.display()
+                );
             }
             ClusterCommand::Cert { dir, node, days } => {
                 if days < 1 {
@@ -147,11 +170,22 @@ fn run(cli: Cli) -> Result<()> {
                 for f in &files {
                     println!("  {}", f.display());
                 }
-                println!("copy {} to that host's <data_dir>/pki/", dir.join("nodes").join(&node).display());
+                println!(
+                    "copy {} to that host's <data_dir>/pki/",
+                    dir.join("nodes").join(&node).display()
+                );
             }
         },
         Command::Bench { command } => match command {
-            BenchCommand::Transport { bytes, streams, reps, datagram_bytes, no_gso, congestion, json } => {
+            BenchCommand::Transport {
+                bytes,
+                streams,
+                reps,
+                datagram_bytes,
+                no_gso,
+                congestion,
+                json,
+            } => {
                 let transport = TransportConfig {
                     max_datagram_bytes: datagram_bytes,
                     // Loopback carries any size; start there instead of probing up from 1200.
@@ -164,12 +198,21 @@ fn run(cli: Cli) -> Result<()> {
                     },
                     ..TransportConfig::default()
                 };
-                transport.validate("").map_err(|e| anyhow::anyhow!("--datagram-bytes: {e}"))?;
+                transport
+                    .validate("")
+                    .map_err(|e| anyhow::anyhow!("--datagram-bytes: {e}"))?;
                 if streams == 0 || streams > 64 {
                     anyhow::bail!("--streams must be between 1 and 64");
                 }
-                let opts = BenchOptions { bytes, streams, reps, transport };
-                let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+                let opts = BenchOptions {
+                    bytes,
+                    streams,
+                    reps,
+                    transport,
+                };
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .enable_all()
+                    .build()?;
                 let report = rt.block_on(pd_transport::bench::run(&opts))?;
                 if json {
                     println!("{}", serde_json::to_string(&report)?);
@@ -189,10 +232,30 @@ fn print_bench(r: &BenchReport) {
         r.reps,
         r.streams
     );
-    let fmt = |v: &[f64]| v.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(" ");
-    println!("  {:<10} {:>7} GB/s   samples: {}", "QUIC", format!("{:.2}", r.quic_gbps), fmt(&r.quic_samples_gbps));
-    println!("  {:<10} {:>7} GB/s   samples: {}", "TLS/TCP", format!("{:.2}", r.tls_tcp_gbps), fmt(&r.tls_tcp_samples_gbps));
-    println!("  {:<10} {:>7} GB/s   samples: {}", "TCP", format!("{:.2}", r.tcp_gbps), fmt(&r.tcp_samples_gbps));
+    let fmt = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.2}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    println!(
+        "  {:<10} {:>7} GB/s   samples: {}",
+        "QUIC",
+        format!("{:.2}", r.quic_gbps),
+        fmt(&r.quic_samples_gbps)
+    );
+    println!(
+        "  {:<10} {:>7} GB/s   samples: {}",
+        "TLS/TCP",
+        format!("{:.2}", r.tls_tcp_gbps),
+        fmt(&r.tls_tcp_samples_gbps)
+    );
+    println!(
+        "  {:<10} {:>7} GB/s   samples: {}",
+        "TCP",
+        format!("{:.2}", r.tcp_gbps),
+        fmt(&r.tcp_samples_gbps)
+    );
     println!("  ratio QUIC / TLS-over-TCP: {:.2}", r.ratio);
     println!(
         "  datagram {} bytes, GSO {} (max {} segments per send), UDP buffer {} KiB, congestion {:?}, {} packets lost",

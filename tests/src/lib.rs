@@ -20,7 +20,10 @@ pub fn serial() -> MutexGuard<'static, ()> {
 
 /// A deadline, scaled by `PD_TEST_TIMEOUT_SCALE`.
 pub fn deadline(base: Duration) -> Instant {
-    let scale: f64 = std::env::var("PD_TEST_TIMEOUT_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1.0);
+    let scale: f64 = std::env::var("PD_TEST_TIMEOUT_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1.0);
     Instant::now() + base.mul_f64(scale.max(0.1))
 }
 
@@ -43,7 +46,10 @@ pub fn bin(name: &str) -> PathBuf {
     }
     // target/<profile>/deps/<test-exe> -> target/<profile>/<name>
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe.parent().and_then(Path::parent).expect("target profile dir");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target profile dir");
     let p = dir.join(name);
     assert!(
         p.exists(),
@@ -54,11 +60,17 @@ pub fn bin(name: &str) -> PathBuf {
 }
 
 pub fn pdctl(args: &[&str]) -> Output {
-    Command::new(bin("pdctl")).args(args).output().expect("run pdctl")
+    Command::new(bin("pdctl"))
+        .args(args)
+        .output()
+        .expect("run pdctl")
 }
 
 pub fn pdagent(args: &[&str]) -> Output {
-    Command::new(bin("pdagent")).args(args).output().expect("run pdagent")
+    Command::new(bin("pdagent"))
+        .args(args)
+        .output()
+        .expect("run pdagent")
 }
 
 pub fn text(b: &[u8]) -> String {
@@ -75,7 +87,11 @@ impl TestPki {
         let root = tempfile::tempdir().expect("temp dir");
         let ca = root.path().join("ca");
         let out = pdctl(&["cluster", "init", "--dir", ca.to_str().unwrap()]);
-        assert!(out.status.success(), "pdctl cluster init: {}", text(&out.stderr));
+        assert!(
+            out.status.success(),
+            "pdctl cluster init: {}",
+            text(&out.stderr)
+        );
         TestPki { root }
     }
 
@@ -86,8 +102,19 @@ impl TestPki {
     /// Issues a certificate for `node` and lays out its data dir with `pki/`; returns a config
     /// file for it listening on `listen`.
     pub fn node(&self, node: &str, listen: &str) -> PathBuf {
-        let out = pdctl(&["cluster", "cert", "--dir", self.ca_dir().to_str().unwrap(), "--node", node]);
-        assert!(out.status.success(), "pdctl cluster cert: {}", text(&out.stderr));
+        let out = pdctl(&[
+            "cluster",
+            "cert",
+            "--dir",
+            self.ca_dir().to_str().unwrap(),
+            "--node",
+            node,
+        ]);
+        assert!(
+            out.status.success(),
+            "pdctl cluster cert: {}",
+            text(&out.stderr)
+        );
         let data = self.root.path().join(node);
         std::fs::create_dir_all(&data).unwrap();
         let status = Command::new("cp")
@@ -118,7 +145,11 @@ impl Default for TestPki {
 
 /// A free UDP port on an address (bound then released: good enough on loopback).
 pub fn free_udp_port(ip: &str) -> u16 {
-    std::net::UdpSocket::bind((ip, 0)).unwrap().local_addr().unwrap().port()
+    std::net::UdpSocket::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A running `pdagent run`, killed when dropped. Its stderr goes to a file.
@@ -133,11 +164,18 @@ impl Agent {
         let f = std::fs::File::create(&log).unwrap();
         let mut cmd = Command::new(bin("pdagent"));
         cmd.arg("run").arg("--config").arg(config).args(extra_args);
-        cmd.env_remove("NOTIFY_SOCKET").env_remove("WATCHDOG_USEC").env_remove("WATCHDOG_PID");
+        cmd.env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID");
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(f).spawn().expect("spawn pdagent");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(f)
+            .spawn()
+            .expect("spawn pdagent");
         Agent { child, log }
     }
 
@@ -146,7 +184,11 @@ impl Agent {
     }
 
     pub fn signal(&self, sig: &str) {
-        let ok = Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status().unwrap();
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
         assert!(ok.success());
     }
 

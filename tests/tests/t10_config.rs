@@ -8,7 +8,10 @@ use pd_tests::*;
 
 fn check(cfg: &std::path::Path) -> (i32, String) {
     let out = pdagent(&["check-config", "--config", cfg.to_str().unwrap()]);
-    (out.status.code().unwrap_or(-1), text(&out.stderr) + &text(&out.stdout))
+    (
+        out.status.code().unwrap_or(-1),
+        text(&out.stderr) + &text(&out.stdout),
+    )
 }
 
 /// A good configuration passes; each broken variant exits 64 naming its field.
@@ -23,16 +26,52 @@ fn bad_configurations_exit_64_naming_the_field() {
     let base = std::fs::read_to_string(&good).unwrap();
 
     let cases: Vec<(&str, String, &str)> = vec![
-        ("unknown field", format!("{base}colour = \"blue\"\n"), "node.colour"),
+        (
+            "unknown field",
+            format!("{base}colour = \"blue\"\n"),
+            "node.colour",
+        ),
         ("unknown section", format!("{base}[raft]\nx = 1\n"), "raft"),
-        ("bad listen", base.replace("127.0.0.1:0", "localhost"), "node.listen"),
-        ("bad node name", base.replace("name = \"node-1\"", "name = \"Node_1\""), "node.name"),
-        ("datagram too small", format!("{base}[transport]\nmax_datagram_bytes = 500\n"), "transport.max_datagram_bytes"),
-        ("wrong type", format!("{base}[transport]\ngso = \"yes\"\n"), "transport.gso"),
-        ("bad log format", format!("{base}[log]\nformat = \"xml\"\n"), "log.format"),
-        ("keep-alive above idle", format!("{base}[transport]\nkeep_alive_ms = 60000\n"), "transport.keep_alive_ms"),
-        ("missing certificate", format!("{base}[tls]\nnode_cert = \"/nonexistent/node.crt\"\n"), "tls.node_cert"),
-        ("certificate of another node", base.replace("name = \"node-1\"", "name = \"node-9\""), "tls.node_cert"),
+        (
+            "bad listen",
+            base.replace("127.0.0.1:0", "localhost"),
+            "node.listen",
+        ),
+        (
+            "bad node name",
+            base.replace("name = \"node-1\"", "name = \"Node_1\""),
+            "node.name",
+        ),
+        (
+            "datagram too small",
+            format!("{base}[transport]\nmax_datagram_bytes = 500\n"),
+            "transport.max_datagram_bytes",
+        ),
+        (
+            "wrong type",
+            format!("{base}[transport]\ngso = \"yes\"\n"),
+            "transport.gso",
+        ),
+        (
+            "bad log format",
+            format!("{base}[log]\nformat = \"xml\"\n"),
+            "log.format",
+        ),
+        (
+            "keep-alive above idle",
+            format!("{base}[transport]\nkeep_alive_ms = 60000\n"),
+            "transport.keep_alive_ms",
+        ),
+        (
+            "missing certificate",
+            format!("{base}[tls]\nnode_cert = \"/nonexistent/node.crt\"\n"),
+            "tls.node_cert",
+        ),
+        (
+            "certificate of another node",
+            base.replace("name = \"node-1\"", "name = \"node-9\""),
+            "tls.node_cert",
+        ),
         ("not TOML", "[node\nname=".to_string(), "line 1"),
     ];
     for (what, text, field) in cases {
@@ -40,7 +79,10 @@ fn bad_configurations_exit_64_naming_the_field() {
         std::fs::write(&p, text).unwrap();
         let (code, out) = check(&p);
         assert_eq!(code, 64, "{what}: expected exit 64, got {code}: {out}");
-        assert!(out.contains(field), "{what}: message must name {field}: {out}");
+        assert!(
+            out.contains(field),
+            "{what}: message must name {field}: {out}"
+        );
     }
 
     // A named file that does not exist is an error too.
@@ -62,7 +104,11 @@ fn run_refuses_bad_config_before_binding() {
     let mut a = Agent::start(&cfg, &[], &[]);
     let code = a.wait_exit(deadline(Duration::from_secs(10)));
     assert_eq!(code, Some(64));
-    assert!(a.log_text().contains("transport.frame_bytes_max"), "{}", a.log_text());
+    assert!(
+        a.log_text().contains("transport.frame_bytes_max"),
+        "{}",
+        a.log_text()
+    );
     // The port was never taken.
     std::net::UdpSocket::bind(("127.0.0.1", port)).expect("port still free");
 }
@@ -73,10 +119,22 @@ fn flags_override_the_file() {
     let _g = serial();
     let pki = TestPki::new();
     let cfg = pki.node("node-1", "127.0.0.1:0");
-    let out = pdagent(&["check-config", "--config", cfg.to_str().unwrap(), "--listen", "127.0.0.3:9"]);
+    let out = pdagent(&[
+        "check-config",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--listen",
+        "127.0.0.3:9",
+    ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("127.0.0.3:9"));
-    let out = pdagent(&["check-config", "--config", cfg.to_str().unwrap(), "--listen", "nope"]);
+    let out = pdagent(&[
+        "check-config",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--listen",
+        "nope",
+    ]);
     assert_eq!(out.status.code(), Some(64));
     assert!(text(&out.stderr).contains("node.listen"));
 }

@@ -77,7 +77,12 @@ impl Service for Sink {
     async fn call(&self, _: &PeerIdentity, _: ()) -> Result<(), String> {
         Ok(())
     }
-    async fn bulk(&self, _: &PeerIdentity, header: BulkHeader, mut body: BulkReader) -> Result<(), String> {
+    async fn bulk(
+        &self,
+        _: &PeerIdentity,
+        header: BulkHeader,
+        mut body: BulkReader,
+    ) -> Result<(), String> {
         let mut n = 0u64;
         while let Some(c) = body.chunk().await.map_err(|e| e.to_string())? {
             n += c.len() as u64;
@@ -99,7 +104,11 @@ fn median(v: &[f64]) -> f64 {
         return 0.0;
     }
     let m = s.len() / 2;
-    if s.len() % 2 == 1 { s[m] } else { (s[m - 1] + s[m]) / 2.0 }
+    if s.len() % 2 == 1 {
+        s[m]
+    } else {
+        (s[m - 1] + s[m]) / 2.0
+    }
 }
 
 struct Pki {
@@ -110,8 +119,12 @@ struct Pki {
 fn bench_pki() -> Result<Pki, BenchError> {
     let setup = |e: &dyn std::fmt::Display| BenchError::Setup(e.to_string());
     let ca = CertAuthority::generate("bench").map_err(|e| setup(&e))?;
-    let s = ca.issue_node("bench-server", Validity::default()).map_err(|e| setup(&e))?;
-    let c = ca.issue_node("bench-client", Validity::default()).map_err(|e| setup(&e))?;
+    let s = ca
+        .issue_node("bench-server", Validity::default())
+        .map_err(|e| setup(&e))?;
+    let c = ca
+        .issue_node("bench-client", Validity::default())
+        .map_err(|e| setup(&e))?;
     Ok(Pki {
         server: Identity::from_pem(&ca.cert_pem, &s.cert_pem, &s.key_pem).map_err(|e| setup(&e))?,
         client: Identity::from_pem(&ca.cert_pem, &c.cert_pem, &c.key_pem).map_err(|e| setup(&e))?,
@@ -138,12 +151,20 @@ async fn quic_rig(pki: &Pki, k: usize, cfg: &TransportConfig) -> Result<QuicRig,
         let s = Endpoint::bind(local, &pki.server, cfg)?;
         s.serve(sink.clone());
         let c = Endpoint::bind(local, &pki.client, cfg)?;
-        udp_buffer = udp_buffer.min(s.udp_buffer_granted).min(c.udp_buffer_granted);
+        udp_buffer = udp_buffer
+            .min(s.udp_buffer_granted)
+            .min(c.udp_buffer_granted);
         lanes.push(c.connect(s.local_addr(), "bench-server").await?);
         servers.push(s);
         clients.push(c);
     }
-    Ok(QuicRig { lanes, done: rx, _servers: servers, _clients: clients, udp_buffer })
+    Ok(QuicRig {
+        lanes,
+        done: rx,
+        _servers: servers,
+        _clients: clients,
+        udp_buffer,
+    })
 }
 
 async fn quic_once(rig: &mut QuicRig, id: u64, data: &Bytes) -> Result<f64, BenchError> {
@@ -151,7 +172,11 @@ async fn quic_once(rig: &mut QuicRig, id: u64, data: &Bytes) -> Result<f64, Benc
     send_striped(&rig.lanes, id, &[], data.clone()).await?;
     let mut got = 0u64;
     while got < data.len() as u64 {
-        got += rig.done.recv().await.ok_or_else(|| BenchError::Setup("QUIC sink went away".into()))?;
+        got += rig
+            .done
+            .recv()
+            .await
+            .ok_or_else(|| BenchError::Setup("QUIC sink went away".into()))?;
     }
     Ok(gbps(data.len() as u64, start.elapsed().as_secs_f64()))
 }
@@ -162,32 +187,40 @@ struct TcpRig<S> {
     done: mpsc::UnboundedReceiver<u64>,
 }
 
-async fn tcp_rig(k: usize, tls: Option<&Pki>, parts: Vec<u64>) -> Result<TcpRig<Box<dyn AsyncWriteUnpin>>, BenchError> {
+async fn tcp_rig(
+    k: usize,
+    tls: Option<&Pki>,
+    parts: Vec<u64>,
+) -> Result<TcpRig<Box<dyn AsyncWriteUnpin>>, BenchError> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let (tx, rx) = mpsc::unbounded_channel();
     let acceptor = match tls {
         Some(p) => Some(tokio_rustls::TlsAcceptor::from(Arc::new(
-            p.server.server_config().map_err(|e| BenchError::Setup(e.to_string()))?,
+            p.server
+                .server_config()
+                .map_err(|e| BenchError::Setup(e.to_string()))?,
         ))),
         None => None,
     };
     let connector = match tls {
         Some(p) => Some(tokio_rustls::TlsConnector::from(Arc::new(
-            p.client.client_config().map_err(|e| BenchError::Setup(e.to_string()))?,
+            p.client
+                .client_config()
+                .map_err(|e| BenchError::Setup(e.to_string()))?,
         ))),
         None => None,
     };
     let mut senders: Vec<Box<dyn AsyncWriteUnpin>> = Vec::new();
-    for i in 0..k {
+    for part in parts.iter().copied().take(k) {
         let connect = TcpStream::connect(addr);
         let (client, accepted) = tokio::join!(connect, listener.accept());
         let (client, (server, _)) = (client?, accepted?);
-        let part = parts[i];
         let tx = tx.clone();
         match (&acceptor, &connector) {
             (Some(a), Some(c)) => {
-                let name = rustls::pki_types::ServerName::try_from("bench-server").expect("valid name");
+                let name =
+                    rustls::pki_types::ServerName::try_from("bench-server").expect("valid name");
                 let (cs, ss) = tokio::join!(c.connect(name, client), a.accept(server));
                 tokio::spawn(drain(ss?, part, tx));
                 senders.push(Box::new(cs?));
@@ -222,7 +255,10 @@ async fn drain<R: AsyncRead + Unpin>(mut r: R, part: u64, done: mpsc::UnboundedS
     }
 }
 
-async fn tcp_once(rig: &mut TcpRig<Box<dyn AsyncWriteUnpin>>, data: &Bytes) -> Result<f64, BenchError> {
+async fn tcp_once(
+    rig: &mut TcpRig<Box<dyn AsyncWriteUnpin>>,
+    data: &Bytes,
+) -> Result<f64, BenchError> {
     let ranges = stripe_ranges(data.len() as u64, rig.senders.len());
     let start = Instant::now();
     let writes = rig.senders.iter_mut().zip(ranges).map(|(w, (off, len))| {
@@ -240,7 +276,11 @@ async fn tcp_once(rig: &mut TcpRig<Box<dyn AsyncWriteUnpin>>, data: &Bytes) -> R
     }
     let mut got = 0u64;
     while got < data.len() as u64 {
-        got += rig.done.recv().await.ok_or_else(|| BenchError::Setup("TCP reader went away".into()))?;
+        got += rig
+            .done
+            .recv()
+            .await
+            .ok_or_else(|| BenchError::Setup("TCP reader went away".into()))?;
     }
     Ok(gbps(data.len() as u64, start.elapsed().as_secs_f64()))
 }
@@ -259,7 +299,11 @@ async fn join_all<F: std::future::Future>(futs: impl IntoIterator<Item = F>) -> 
                 }
             }
         }
-        if pending { std::task::Poll::Pending } else { std::task::Poll::Ready(()) }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
     })
     .await;
     out.into_iter().map(|o| o.expect("all ready")).collect()
@@ -270,13 +314,22 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     let k = opts.streams.max(1);
     let reps = opts.reps.max(1);
     if opts.bytes < k as u64 {
-        return Err(BenchError::Setup(format!("--bytes {} is smaller than --streams {k}", opts.bytes)));
+        return Err(BenchError::Setup(format!(
+            "--bytes {} is smaller than --streams {k}",
+            opts.bytes
+        )));
     }
     let pki = bench_pki()?;
     let data = Bytes::from(vec![0xa5u8; opts.bytes as usize]);
     let warm = data.slice(..(opts.bytes.min(64 << 20) as usize));
-    let parts: Vec<u64> = stripe_ranges(opts.bytes, k).into_iter().map(|r| r.1).collect();
-    let warm_parts: Vec<u64> = stripe_ranges(warm.len() as u64, k).into_iter().map(|r| r.1).collect();
+    let parts: Vec<u64> = stripe_ranges(opts.bytes, k)
+        .into_iter()
+        .map(|r| r.1)
+        .collect();
+    let warm_parts: Vec<u64> = stripe_ranges(warm.len() as u64, k)
+        .into_iter()
+        .map(|r| r.1)
+        .collect();
 
     let mut quic = quic_rig(&pki, k, &opts.transport).await?;
     // Warm-up (not counted): path-MTU discovery and congestion windows settle.
@@ -293,8 +346,17 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         t.push(tcp_once(&mut tls, &data).await?);
         p.push(tcp_once(&mut tcp, &data).await?);
     }
-    let datagram_bytes = quic.lanes.iter().map(|c| c.datagram_bytes()).min().unwrap_or(0);
-    let lost = quic.lanes.iter().map(|c| c.quic().stats().path.lost_packets).sum();
+    let datagram_bytes = quic
+        .lanes
+        .iter()
+        .map(|c| c.datagram_bytes())
+        .min()
+        .unwrap_or(0);
+    let lost = quic
+        .lanes
+        .iter()
+        .map(|c| c.quic().stats().path.lost_packets)
+        .sum();
     let (qm, tm, pm) = (median(&q), median(&t), median(&p));
     Ok(BenchReport {
         bytes: opts.bytes,

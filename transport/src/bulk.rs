@@ -34,7 +34,10 @@ pub struct BulkWriter {
 
 impl BulkWriter {
     pub(crate) fn new(send: quinn::SendStream, len: u64) -> Self {
-        BulkWriter { send, remaining: len }
+        BulkWriter {
+            send,
+            remaining: len,
+        }
     }
 
     /// Queues bytes without copying them.
@@ -47,19 +50,29 @@ impl BulkWriter {
             )));
         }
         self.remaining -= data.len() as u64;
-        self.send.write_chunk(data).await.map_err(|e| TransportError::Stream(e.to_string()))
+        self.send
+            .write_chunk(data)
+            .await
+            .map_err(|e| TransportError::Stream(e.to_string()))
     }
 
     /// Ends the stream and waits until the peer has acknowledged every byte (or stopped it).
     pub async fn finish(mut self) -> Result<(), TransportError> {
         if self.remaining != 0 {
             let _ = self.send.reset(VarInt::from_u32(stream_code::REFUSED));
-            return Err(TransportError::Stream(format!("bulk stream finished {} bytes short", self.remaining)));
+            return Err(TransportError::Stream(format!(
+                "bulk stream finished {} bytes short",
+                self.remaining
+            )));
         }
-        self.send.finish().map_err(|e| TransportError::Stream(e.to_string()))?;
+        self.send
+            .finish()
+            .map_err(|e| TransportError::Stream(e.to_string()))?;
         match self.send.stopped().await {
             Ok(None) => Ok(()),
-            Ok(Some(code)) => Err(TransportError::Stream(format!("peer stopped the bulk stream (code {code})"))),
+            Ok(Some(code)) => Err(TransportError::Stream(format!(
+                "peer stopped the bulk stream (code {code})"
+            ))),
             Err(e) => Err(TransportError::Stream(e.to_string())),
         }
     }
@@ -78,7 +91,10 @@ pub struct BulkReader {
 
 impl BulkReader {
     pub(crate) fn new(recv: quinn::RecvStream, len: u64) -> Self {
-        BulkReader { recv, remaining: len }
+        BulkReader {
+            recv,
+            remaining: len,
+        }
     }
 
     pub fn remaining(&self) -> u64 {
@@ -95,12 +111,17 @@ impl BulkReader {
             Ok(Some(c)) => {
                 if c.bytes.len() as u64 > self.remaining {
                     let _ = self.recv.stop(VarInt::from_u32(stream_code::TOO_LARGE));
-                    return Err(TransportError::Stream("bulk stream carries more bytes than its header says".into()));
+                    return Err(TransportError::Stream(
+                        "bulk stream carries more bytes than its header says".into(),
+                    ));
                 }
                 self.remaining -= c.bytes.len() as u64;
                 Ok(Some(c.bytes))
             }
-            Ok(None) => Err(TransportError::Stream(format!("bulk stream ended {} bytes short", self.remaining))),
+            Ok(None) => Err(TransportError::Stream(format!(
+                "bulk stream ended {} bytes short",
+                self.remaining
+            ))),
             Err(e) => Err(TransportError::Stream(format!("bulk stream cut: {e}"))),
         }
     }
@@ -140,14 +161,22 @@ pub async fn send_striped(
     let total = data.len() as u64;
     let mut tasks = tokio::task::JoinSet::new();
     for (lane, (off, len)) in lanes.iter().zip(stripe_ranges(total, lanes.len())) {
-        let header = BulkHeader { transfer_id, offset: off, len, total_len: total, meta: meta.to_vec() };
+        let header = BulkHeader {
+            transfer_id,
+            offset: off,
+            len,
+            total_len: total,
+            meta: meta.to_vec(),
+        };
         let part = data.slice(off as usize..(off + len) as usize);
         let lane = lane.clone();
         tasks.spawn(async move { lane.send_bulk(&header, part).await });
     }
     let mut first_err = None;
     while let Some(r) = tasks.join_next().await {
-        let r = r.map_err(|e| TransportError::Stream(e.to_string())).and_then(|r| r);
+        let r = r
+            .map_err(|e| TransportError::Stream(e.to_string()))
+            .and_then(|r| r);
         if let Err(e) = r {
             first_err.get_or_insert(e);
             tasks.abort_all();
@@ -171,7 +200,10 @@ mod tests {
                 off += l;
             }
             assert_eq!(off, len);
-            let (min, max) = (r.iter().map(|x| x.1).min().unwrap(), r.iter().map(|x| x.1).max().unwrap());
+            let (min, max) = (
+                r.iter().map(|x| x.1).min().unwrap(),
+                r.iter().map(|x| x.1).max().unwrap(),
+            );
             assert!(max - min <= 1);
         }
     }

@@ -47,7 +47,10 @@ pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, CodecError> {
 /// `max` (bincode refuses collection lengths that would exceed it).
 pub fn decode<T: DeserializeOwned>(bytes: &[u8], max: usize) -> Result<T, CodecError> {
     if bytes.len() > max {
-        return Err(CodecError::FrameTooLarge { len: bytes.len(), max });
+        return Err(CodecError::FrameTooLarge {
+            len: bytes.len(),
+            max,
+        });
     }
     let cfg = config().with_limit::<{ FRAME_BYTES_MAX_DEFAULT * 4 }>();
     let (msg, used): (T, usize) = bincode::serde::decode_from_slice(bytes, cfg)
@@ -62,7 +65,10 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8], max: usize) -> Result<T, CodecE
 pub fn encode_frame<T: Serialize>(msg: &T, max: usize) -> Result<Vec<u8>, CodecError> {
     let body = encode(msg)?;
     if body.len() > max {
-        return Err(CodecError::FrameTooLarge { len: body.len(), max });
+        return Err(CodecError::FrameTooLarge {
+            len: body.len(),
+            max,
+        });
     }
     let mut out = Vec::with_capacity(FRAME_HEADER_BYTES + body.len());
     out.extend_from_slice(&(body.len() as u32).to_le_bytes());
@@ -122,14 +128,24 @@ mod tests {
 
     #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
     enum Msg {
-        Ping { nonce: u64 },
-        Blob { name: String, data: Vec<u8>, tags: Vec<(String, u32)> },
+        Ping {
+            nonce: u64,
+        },
+        Blob {
+            name: String,
+            data: Vec<u8>,
+            tags: Vec<(String, u32)>,
+        },
         Empty,
     }
 
     #[test]
     fn round_trip() {
-        let m = Msg::Blob { name: "x".into(), data: vec![1, 2, 3], tags: vec![("a".into(), 7)] };
+        let m = Msg::Blob {
+            name: "x".into(),
+            data: vec![1, 2, 3],
+            tags: vec![("a".into(), 7)],
+        };
         let b = encode(&m).unwrap();
         assert_eq!(decode::<Msg>(&b, 1024).unwrap(), m);
     }
@@ -138,18 +154,29 @@ mod tests {
     fn trailing_bytes_are_refused() {
         let mut b = encode(&Msg::Ping { nonce: 3 }).unwrap();
         b.push(0);
-        assert!(matches!(decode::<Msg>(&b, 1024), Err(CodecError::TrailingBytes(1))));
+        assert!(matches!(
+            decode::<Msg>(&b, 1024),
+            Err(CodecError::TrailingBytes(1))
+        ));
     }
 
     #[test]
     fn oversized_frame_is_refused_before_reading_payload() {
         // A header that claims 1 GiB, followed by nothing: must fail on the length, not wait.
         let bytes = (1u32 << 30).to_le_bytes();
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
         let err = rt
             .block_on(read_frame_bytes(&mut &bytes[..], 1024))
             .unwrap_err();
-        assert!(matches!(err, CodecError::FrameTooLarge { len: 1073741824, max: 1024 }));
+        assert!(matches!(
+            err,
+            CodecError::FrameTooLarge {
+                len: 1073741824,
+                max: 1024
+            }
+        ));
     }
 
     #[test]
@@ -162,9 +189,13 @@ mod tests {
     #[test]
     fn truncated_frame_is_an_error() {
         let f = encode_frame(&Msg::Ping { nonce: 1 }, 1024).unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
         let cut = &f[..f.len() - 1];
-        let err = rt.block_on(read_frame::<_, Msg>(&mut &cut[..], 1024)).unwrap_err();
+        let err = rt
+            .block_on(read_frame::<_, Msg>(&mut &cut[..], 1024))
+            .unwrap_err();
         assert!(matches!(err, CodecError::Truncated));
     }
 

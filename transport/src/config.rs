@@ -13,7 +13,10 @@ pub struct FieldError {
 
 impl FieldError {
     pub fn new(field: impl Into<String>, why: impl Into<String>) -> Self {
-        FieldError { field: field.into(), why: why.into() }
+        FieldError {
+            field: field.into(),
+            why: why.into(),
+        }
     }
 }
 
@@ -95,38 +98,98 @@ pub fn gso_segments_max(datagram_bytes: u16) -> usize {
 impl TransportConfig {
     /// Checks every bound; `prefix` names the section in error messages (e.g. "transport").
     pub fn validate(&self, prefix: &str) -> Result<(), FieldError> {
-        let f = |name: &str| if prefix.is_empty() { name.to_string() } else { format!("{prefix}.{name}") };
+        let f = |name: &str| {
+            if prefix.is_empty() {
+                name.to_string()
+            } else {
+                format!("{prefix}.{name}")
+            }
+        };
         let range = |name: &str, v: u64, lo: u64, hi: u64| {
             if v < lo || v > hi {
-                Err(FieldError::new(f(name), format!("{v} is out of range {lo}..={hi}")))
+                Err(FieldError::new(
+                    f(name),
+                    format!("{v} is out of range {lo}..={hi}"),
+                ))
             } else {
                 Ok(())
             }
         };
         // quinn's flow-control windows are QUIC varints (< 2^62); stay far below.
-        range("stream_receive_window_bytes", self.stream_receive_window_bytes, 64 * 1024, 1 << 32)?;
-        range("receive_window_bytes", self.receive_window_bytes, 64 * 1024, 1 << 34)?;
-        range("send_window_bytes", self.send_window_bytes, 64 * 1024, 1 << 34)?;
+        range(
+            "stream_receive_window_bytes",
+            self.stream_receive_window_bytes,
+            64 * 1024,
+            1 << 32,
+        )?;
+        range(
+            "receive_window_bytes",
+            self.receive_window_bytes,
+            64 * 1024,
+            1 << 34,
+        )?;
+        range(
+            "send_window_bytes",
+            self.send_window_bytes,
+            64 * 1024,
+            1 << 34,
+        )?;
         if self.stream_receive_window_bytes > self.receive_window_bytes {
             return Err(FieldError::new(
                 f("stream_receive_window_bytes"),
                 "must not exceed receive_window_bytes",
             ));
         }
-        range("udp_buffer_bytes", self.udp_buffer_bytes as u64, 64 * 1024, 1 << 30)?;
-        range("max_datagram_bytes", self.max_datagram_bytes as u64, 1200, 65_527)?;
-        range("initial_datagram_bytes", self.initial_datagram_bytes as u64, 1200, 65_527)?;
+        range(
+            "udp_buffer_bytes",
+            self.udp_buffer_bytes as u64,
+            64 * 1024,
+            1 << 30,
+        )?;
+        range(
+            "max_datagram_bytes",
+            self.max_datagram_bytes as u64,
+            1200,
+            65_527,
+        )?;
+        range(
+            "initial_datagram_bytes",
+            self.initial_datagram_bytes as u64,
+            1200,
+            65_527,
+        )?;
         if self.initial_datagram_bytes > self.max_datagram_bytes {
-            return Err(FieldError::new(f("initial_datagram_bytes"), "must not exceed max_datagram_bytes"));
+            return Err(FieldError::new(
+                f("initial_datagram_bytes"),
+                "must not exceed max_datagram_bytes",
+            ));
         }
-        range("frame_bytes_max", self.frame_bytes_max as u64, 1024, 256 * MIB)?;
-        range("streams_per_connection_max", self.streams_per_connection_max as u64, 1, 65_536)?;
+        range(
+            "frame_bytes_max",
+            self.frame_bytes_max as u64,
+            1024,
+            256 * MIB,
+        )?;
+        range(
+            "streams_per_connection_max",
+            self.streams_per_connection_max as u64,
+            1,
+            65_536,
+        )?;
         range("connections_max", self.connections_max as u64, 1, 1 << 20)?;
         range("idle_timeout_ms", self.idle_timeout_ms, 100, 3_600_000)?;
         range("keep_alive_ms", self.keep_alive_ms, 10, 3_600_000)?;
-        range("handshake_timeout_ms", self.handshake_timeout_ms, 10, 600_000)?;
+        range(
+            "handshake_timeout_ms",
+            self.handshake_timeout_ms,
+            10,
+            600_000,
+        )?;
         if self.keep_alive_ms >= self.idle_timeout_ms {
-            return Err(FieldError::new(f("keep_alive_ms"), "must be below idle_timeout_ms"));
+            return Err(FieldError::new(
+                f("keep_alive_ms"),
+                "must be below idle_timeout_ms",
+            ));
         }
         Ok(())
     }
@@ -143,11 +206,26 @@ mod tests {
 
     #[test]
     fn bad_values_name_their_field() {
-        let mut c = TransportConfig { max_datagram_bytes: 900, ..Default::default() };
-        assert_eq!(c.validate("transport").unwrap_err().field, "transport.max_datagram_bytes");
-        c = TransportConfig { initial_datagram_bytes: 9000, ..Default::default() };
-        assert_eq!(c.validate("t").unwrap_err().field, "t.initial_datagram_bytes");
-        c = TransportConfig { keep_alive_ms: 20_000, ..Default::default() };
+        let mut c = TransportConfig {
+            max_datagram_bytes: 900,
+            ..Default::default()
+        };
+        assert_eq!(
+            c.validate("transport").unwrap_err().field,
+            "transport.max_datagram_bytes"
+        );
+        c = TransportConfig {
+            initial_datagram_bytes: 9000,
+            ..Default::default()
+        };
+        assert_eq!(
+            c.validate("t").unwrap_err().field,
+            "t.initial_datagram_bytes"
+        );
+        c = TransportConfig {
+            keep_alive_ms: 20_000,
+            ..Default::default()
+        };
         assert_eq!(c.validate("").unwrap_err().field, "keep_alive_ms");
     }
 

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use crate::bulk::{BulkHeader, BulkReader, BULK_HEADER_BYTES_MAX};
+use crate::bulk::{BULK_HEADER_BYTES_MAX, BulkHeader, BulkReader};
 use crate::codec::{self, CodecError};
 use crate::config::{Congestion, TransportConfig, gso_segments_max};
 use crate::pki::{self, PeerIdentity};
@@ -71,19 +71,34 @@ struct Hello {
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     #[error("cannot bind UDP {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Tls(#[from] TlsError),
     #[error("invalid peer name {0:?} (node names are DNS labels)")]
     BadPeerName(String),
     #[error("connecting to {peer} at {addr} failed: {reason}")]
-    Connect { peer: String, addr: SocketAddr, reason: String },
+    Connect {
+        peer: String,
+        addr: SocketAddr,
+        reason: String,
+    },
     #[error("handshake with {addr} failed: {reason}")]
     Handshake { addr: SocketAddr, reason: String },
     #[error("{peer} at {addr} refused us: {reason}")]
-    Refused { peer: String, addr: SocketAddr, reason: String },
+    Refused {
+        peer: String,
+        addr: SocketAddr,
+        reason: String,
+    },
     #[error("protocol version mismatch with {peer}: we speak {ours}, it speaks {theirs}")]
-    VersionMismatch { peer: String, ours: u16, theirs: u16 },
+    VersionMismatch {
+        peer: String,
+        ours: u16,
+        theirs: u16,
+    },
     #[error("{what} timed out after {ms} ms")]
     Timeout { what: String, ms: u64 },
     #[error("connection lost: {0}")]
@@ -139,7 +154,11 @@ pub struct Endpoint {
 impl Endpoint {
     /// Binds a UDP socket and starts a QUIC endpoint that both accepts and opens connections.
     /// Must be called inside a tokio runtime.
-    pub fn bind(addr: SocketAddr, identity: &Identity, cfg: &TransportConfig) -> Result<Self, TransportError> {
+    pub fn bind(
+        addr: SocketAddr,
+        identity: &Identity,
+        cfg: &TransportConfig,
+    ) -> Result<Self, TransportError> {
         Self::bind_with_version(addr, identity, cfg, PROTOCOL_VERSION)
     }
 
@@ -164,9 +183,12 @@ impl Endpoint {
         let mut endpoint_cfg = quinn::EndpointConfig::default();
         endpoint_cfg
             .max_udp_payload_size(cfg.max_datagram_bytes)
-            .map_err(|e| TransportError::Bind { addr, source: std::io::Error::other(e.to_string()) })?;
-        let (sock, granted) =
-            bind_udp(addr, cfg.udp_buffer_bytes).map_err(|source| TransportError::Bind { addr, source })?;
+            .map_err(|e| TransportError::Bind {
+                addr,
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        let (sock, granted) = bind_udp(addr, cfg.udp_buffer_bytes)
+            .map_err(|source| TransportError::Bind { addr, source })?;
         if granted < cfg.udp_buffer_bytes {
             warn!(
                 requested = cfg.udp_buffer_bytes,
@@ -175,11 +197,20 @@ impl Endpoint {
             );
         }
         let runtime = Arc::new(quinn::TokioRuntime);
-        let segments = if cfg.gso { gso_segments_max(cfg.max_datagram_bytes) } else { 1 };
+        let segments = if cfg.gso {
+            gso_segments_max(cfg.max_datagram_bytes)
+        } else {
+            1
+        };
         let socket = CappedGsoSocket::wrap(runtime.as_ref(), sock, segments)
             .map_err(|source| TransportError::Bind { addr, source })?;
-        let inner = quinn::Endpoint::new_with_abstract_socket(endpoint_cfg, Some(server_cfg), socket, runtime)
-            .map_err(|source| TransportError::Bind { addr, source })?;
+        let inner = quinn::Endpoint::new_with_abstract_socket(
+            endpoint_cfg,
+            Some(server_cfg),
+            socket,
+            runtime,
+        )
+        .map_err(|source| TransportError::Bind { addr, source })?;
         Ok(Endpoint {
             inner,
             identity: identity.clone(),
@@ -199,7 +230,9 @@ impl Endpoint {
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.inner.local_addr().expect("bound endpoint has an address")
+        self.inner
+            .local_addr()
+            .expect("bound endpoint has an address")
     }
 
     pub fn identity(&self) -> &Identity {
@@ -215,7 +248,11 @@ impl Endpoint {
     }
 
     /// Opens a connection to node `peer` at `addr`: TLS, then the version hello.
-    pub async fn connect(&self, addr: SocketAddr, peer: &str) -> Result<Connection, TransportError> {
+    pub async fn connect(
+        &self,
+        addr: SocketAddr,
+        peer: &str,
+    ) -> Result<Connection, TransportError> {
         pki::validate_node_name(peer).map_err(|_| TransportError::BadPeerName(peer.to_string()))?;
         let ms = self.cfg.handshake_timeout_ms;
         let what = format!("connecting to {peer} at {addr}");
@@ -224,8 +261,16 @@ impl Endpoint {
             .map_err(|_| TransportError::Timeout { what, ms })?
     }
 
-    async fn connect_inner(&self, addr: SocketAddr, peer: &str) -> Result<Connection, TransportError> {
-        let connect_err = |reason: String| TransportError::Connect { peer: peer.to_string(), addr, reason };
+    async fn connect_inner(
+        &self,
+        addr: SocketAddr,
+        peer: &str,
+    ) -> Result<Connection, TransportError> {
+        let connect_err = |reason: String| TransportError::Connect {
+            peer: peer.to_string(),
+            addr,
+            reason,
+        };
         let conn = self
             .inner
             .connect_with(self.client_cfg.clone(), addr, peer)
@@ -233,12 +278,25 @@ impl Endpoint {
             .await
             .map_err(|e| connect_err(describe_connection_error(&e)))?;
         let hello_err = |e: String| connect_err(format!("during hello: {e}"));
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| connect_err(describe_connection_error(&e)))?;
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| connect_err(describe_connection_error(&e)))?;
         let mut msg = Vec::with_capacity(64);
         msg.extend_from_slice(&HELLO_MAGIC);
         msg.extend_from_slice(&self.version.to_le_bytes());
-        msg.extend_from_slice(&codec::encode_frame(&Hello { name: self.claim.clone().unwrap_or_else(|| self.identity.name().to_string()) }, 4096)?);
-        send.write_all(&msg).await.map_err(|e| hello_err(e.to_string()))?;
+        msg.extend_from_slice(&codec::encode_frame(
+            &Hello {
+                name: self
+                    .claim
+                    .clone()
+                    .unwrap_or_else(|| self.identity.name().to_string()),
+            },
+            4096,
+        )?);
+        send.write_all(&msg)
+            .await
+            .map_err(|e| hello_err(e.to_string()))?;
         let _ = send.finish();
         let mut head = [0u8; 3];
         if let Err(e) = recv.read_exact(&mut head).await {
@@ -263,14 +321,32 @@ impl Endpoint {
         match status {
             STATUS_OK => {}
             STATUS_VERSION => {
-                return Err(TransportError::VersionMismatch { peer: peer.to_string(), ours: self.version, theirs });
+                return Err(TransportError::VersionMismatch {
+                    peer: peer.to_string(),
+                    ours: self.version,
+                    theirs,
+                });
             }
-            _ => return Err(TransportError::Refused { peer: peer.to_string(), addr, reason }),
+            _ => {
+                return Err(TransportError::Refused {
+                    peer: peer.to_string(),
+                    addr,
+                    reason,
+                });
+            }
         }
         if theirs != self.version {
-            return Err(TransportError::VersionMismatch { peer: peer.to_string(), ours: self.version, theirs });
+            return Err(TransportError::VersionMismatch {
+                peer: peer.to_string(),
+                ours: self.version,
+                theirs,
+            });
         }
-        Ok(Connection::new(conn, PeerIdentity::Node(peer.to_string()), self.cfg.frame_bytes_max))
+        Ok(Connection::new(
+            conn,
+            PeerIdentity::Node(peer.to_string()),
+            self.cfg.frame_bytes_max,
+        ))
     }
 
     /// Accepts the next connection that passes TLS and the hello. Refused connections are
@@ -295,17 +371,32 @@ impl Endpoint {
 
     async fn accept_one(&self, incoming: quinn::Incoming) -> Result<Connection, TransportError> {
         let remote = incoming.remote_address();
-        let conn = incoming
-            .await
-            .map_err(|e| TransportError::Handshake { addr: remote, reason: describe_connection_error(&e) })?;
+        let conn = incoming.await.map_err(|e| TransportError::Handshake {
+            addr: remote,
+            reason: describe_connection_error(&e),
+        })?;
         let identity = peer_identity(&conn)?;
         let (mut send, mut recv) = conn.accept_bi().await?;
         let mut head = [0u8; 6];
-        recv.read_exact(&mut head).await.map_err(|e| TransportError::Stream(format!("hello: {e}")))?;
+        recv.read_exact(&mut head)
+            .await
+            .map_err(|e| TransportError::Stream(format!("hello: {e}")))?;
         let ours = self.version;
-        let refused = |reason: String| TransportError::Refused { peer: identity.to_string(), addr: remote, reason };
+        let refused = |reason: String| TransportError::Refused {
+            peer: identity.to_string(),
+            addr: remote,
+            reason,
+        };
         if head[..4] != HELLO_MAGIC {
-            let r = refuse(&conn, &mut send, ours, STATUS_BAD_HELLO, close_code::BAD_HELLO, "not a pdagent hello".into()).await;
+            let r = refuse(
+                &conn,
+                &mut send,
+                ours,
+                STATUS_BAD_HELLO,
+                close_code::BAD_HELLO,
+                "not a pdagent hello".into(),
+            )
+            .await;
             return Err(refused(r));
         }
         let theirs = u16::from_le_bytes([head[4], head[5]]);
@@ -314,12 +405,30 @@ impl Endpoint {
                 "protocol version mismatch: you speak {theirs}, this agent speaks {}; run the same pdagent release on every host",
                 self.version
             );
-            return Err(refused(refuse(&conn, &mut send, ours, STATUS_VERSION, close_code::VERSION_MISMATCH, reason).await));
+            return Err(refused(
+                refuse(
+                    &conn,
+                    &mut send,
+                    ours,
+                    STATUS_VERSION,
+                    close_code::VERSION_MISMATCH,
+                    reason,
+                )
+                .await,
+            ));
         }
         let hello: Hello = match codec::read_frame(&mut recv, 4096).await {
             Ok(h) => h,
             Err(e) => {
-                let r = refuse(&conn, &mut send, ours, STATUS_BAD_HELLO, close_code::BAD_HELLO, format!("bad hello: {e}")).await;
+                let r = refuse(
+                    &conn,
+                    &mut send,
+                    ours,
+                    STATUS_BAD_HELLO,
+                    close_code::BAD_HELLO,
+                    format!("bad hello: {e}"),
+                )
+                .await;
                 return Err(refused(r));
             }
         };
@@ -329,13 +438,25 @@ impl Endpoint {
                 identity.name(),
                 hello.name
             );
-            return Err(refused(refuse(&conn, &mut send, ours, STATUS_IDENTITY, close_code::IDENTITY_MISMATCH, reason).await));
+            return Err(refused(
+                refuse(
+                    &conn,
+                    &mut send,
+                    ours,
+                    STATUS_IDENTITY,
+                    close_code::IDENTITY_MISMATCH,
+                    reason,
+                )
+                .await,
+            ));
         }
         let mut ok = Vec::new();
         ok.extend_from_slice(&self.version.to_le_bytes());
         ok.push(STATUS_OK);
         ok.extend_from_slice(&0u32.to_le_bytes());
-        send.write_all(&ok).await.map_err(|e| TransportError::Stream(e.to_string()))?;
+        send.write_all(&ok)
+            .await
+            .map_err(|e| TransportError::Stream(e.to_string()))?;
         let _ = send.finish();
         debug!(%remote, peer = %identity, "connection accepted");
         Ok(Connection::new(conn, identity, self.cfg.frame_bytes_max))
@@ -353,7 +474,10 @@ impl Endpoint {
 
     /// Closes every connection and waits (bounded) for peers to be told.
     pub async fn shutdown(&self, timeout: Duration) {
-        self.inner.close(VarInt::from_u32(close_code::SHUTDOWN), b"agent shutting down");
+        self.inner.close(
+            VarInt::from_u32(close_code::SHUTDOWN),
+            b"agent shutting down",
+        );
         let _ = tokio::time::timeout(timeout, self.inner.wait_idle()).await;
     }
 }
@@ -368,7 +492,11 @@ pub struct Connection {
 
 impl Connection {
     fn new(conn: quinn::Connection, peer: PeerIdentity, frame_max: usize) -> Self {
-        Connection { conn, peer, frame_max }
+        Connection {
+            conn,
+            peer,
+            frame_max,
+        }
     }
 
     pub fn peer(&self) -> &PeerIdentity {
@@ -389,7 +517,8 @@ impl Connection {
     }
 
     pub fn close(&self, reason: &str) {
-        self.conn.close(VarInt::from_u32(close_code::NORMAL), reason.as_bytes());
+        self.conn
+            .close(VarInt::from_u32(close_code::NORMAL), reason.as_bytes());
     }
 
     /// Resolves when the connection is closed, with the reason.
@@ -398,12 +527,17 @@ impl Connection {
     }
 
     /// One request, one response.
-    pub async fn call<Req: Serialize, Resp: DeserializeOwned>(&self, req: &Req) -> Result<Resp, TransportError> {
+    pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        req: &Req,
+    ) -> Result<Resp, TransportError> {
         let frame = codec::encode_frame(req, self.frame_max)?;
         let (mut send, mut recv) = self.conn.open_bi().await?;
         // RPCs go ahead of bulk data queued on the same connection.
         let _ = send.set_priority(1);
-        send.write_all(&frame).await.map_err(|e| TransportError::Stream(e.to_string()))?;
+        send.write_all(&frame)
+            .await
+            .map_err(|e| TransportError::Stream(e.to_string()))?;
         let _ = send.finish();
         let reply: Reply<Resp> = codec::read_frame(&mut recv, self.frame_max).await?;
         reply.map_err(TransportError::Remote)
@@ -412,18 +546,28 @@ impl Connection {
     /// Sends a raw frame on a new RPC stream and reads the raw answer: for tests that must put
     /// malformed bytes on the wire.
     #[doc(hidden)]
-    pub async fn call_raw(&self, bytes: &[u8]) -> Result<Result<Vec<u8>, CodecError>, TransportError> {
+    pub async fn call_raw(
+        &self,
+        bytes: &[u8],
+    ) -> Result<Result<Vec<u8>, CodecError>, TransportError> {
         let (mut send, mut recv) = self.conn.open_bi().await?;
-        send.write_all(bytes).await.map_err(|e| TransportError::Stream(e.to_string()))?;
+        send.write_all(bytes)
+            .await
+            .map_err(|e| TransportError::Stream(e.to_string()))?;
         let _ = send.finish();
         Ok(codec::read_frame_bytes(&mut recv, self.frame_max).await)
     }
 
     /// Opens a bulk stream: the header now, the raw bytes through the returned writer.
-    pub async fn open_bulk(&self, header: &BulkHeader) -> Result<crate::bulk::BulkWriter, TransportError> {
+    pub async fn open_bulk(
+        &self,
+        header: &BulkHeader,
+    ) -> Result<crate::bulk::BulkWriter, TransportError> {
         let frame = codec::encode_frame(header, BULK_HEADER_BYTES_MAX)?;
         let mut send = self.conn.open_uni().await?;
-        send.write_all(&frame).await.map_err(|e| TransportError::Stream(e.to_string()))?;
+        send.write_all(&frame)
+            .await
+            .map_err(|e| TransportError::Stream(e.to_string()))?;
         Ok(crate::bulk::BulkWriter::new(send, header.len))
     }
 
@@ -471,7 +615,12 @@ impl Connection {
     }
 }
 
-async fn serve_rpc<S: Service>(conn: Connection, service: Arc<S>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+async fn serve_rpc<S: Service>(
+    conn: Connection,
+    service: Arc<S>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
     let max = conn.frame_max;
     let req: Result<S::Request, CodecError> = codec::read_frame(&mut recv, max).await;
     let reply: Reply<S::Response> = match req {
@@ -541,19 +690,32 @@ async fn refuse(
 fn peer_identity(conn: &quinn::Connection) -> Result<PeerIdentity, TransportError> {
     let certs = conn
         .peer_identity()
-        .and_then(|any| any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
+        .and_then(|any| {
+            any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                .ok()
+        })
         .ok_or_else(|| TransportError::Stream("peer presented no certificate".into()))?;
-    let leaf = certs.first().ok_or_else(|| TransportError::Stream("peer presented no certificate".into()))?;
-    Ok(pki::cert_info(leaf).map_err(|e| TlsError::Pki(e))?.identity)
+    let leaf = certs
+        .first()
+        .ok_or_else(|| TransportError::Stream("peer presented no certificate".into()))?;
+    Ok(pki::cert_info(leaf).map_err(TlsError::Pki)?.identity)
 }
 
 fn refused_or_lost(peer: &str, addr: SocketAddr, e: &quinn::ConnectionError) -> TransportError {
     match e {
         quinn::ConnectionError::ApplicationClosed(c) => {
             let reason = String::from_utf8_lossy(&c.reason).into_owned();
-            TransportError::Refused { peer: peer.to_string(), addr, reason }
+            TransportError::Refused {
+                peer: peer.to_string(),
+                addr,
+                reason,
+            }
         }
-        other => TransportError::Connect { peer: peer.to_string(), addr, reason: describe_connection_error(other) },
+        other => TransportError::Connect {
+            peer: peer.to_string(),
+            addr,
+            reason: describe_connection_error(other),
+        },
     }
 }
 
@@ -562,10 +724,15 @@ pub fn describe_connection_error(e: &quinn::ConnectionError) -> String {
     match e {
         quinn::ConnectionError::TransportError(t) => format!("TLS/QUIC handshake failed: {t}"),
         quinn::ConnectionError::ConnectionClosed(c) => {
-            format!("peer closed the connection: {c} (a certificate the peer does not trust is refused this way)")
+            format!(
+                "peer closed the connection: {c} (a certificate the peer does not trust is refused this way)"
+            )
         }
         quinn::ConnectionError::ApplicationClosed(c) => {
-            format!("peer closed the connection: {}", String::from_utf8_lossy(&c.reason))
+            format!(
+                "peer closed the connection: {}",
+                String::from_utf8_lossy(&c.reason)
+            )
         }
         quinn::ConnectionError::TimedOut => "no answer from peer (timed out)".to_string(),
         other => other.to_string(),
@@ -582,7 +749,11 @@ fn quic_transport_config(cfg: &TransportConfig) -> quinn::TransportConfig {
         .send_fairness(false)
         .max_concurrent_bidi_streams(VarInt::from_u32(cfg.streams_per_connection_max))
         .max_concurrent_uni_streams(VarInt::from_u32(cfg.streams_per_connection_max))
-        .max_idle_timeout(Some(VarInt::from_u64(cfg.idle_timeout_ms).unwrap_or(VarInt::MAX).into()))
+        .max_idle_timeout(Some(
+            VarInt::from_u64(cfg.idle_timeout_ms)
+                .unwrap_or(VarInt::MAX)
+                .into(),
+        ))
         .keep_alive_interval(Some(Duration::from_millis(cfg.keep_alive_ms)))
         .initial_mtu(cfg.initial_datagram_bytes)
         .min_mtu(1200)
@@ -592,9 +763,15 @@ fn quic_transport_config(cfg: &TransportConfig) -> quinn::TransportConfig {
     mtud.upper_bound(cfg.max_datagram_bytes);
     t.mtu_discovery_config(Some(mtud));
     match cfg.congestion {
-        Congestion::Cubic => t.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default())),
-        Congestion::Bbr => t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default())),
-        Congestion::NewReno => t.congestion_controller_factory(Arc::new(quinn::congestion::NewRenoConfig::default())),
+        Congestion::Cubic => {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default()))
+        }
+        Congestion::Bbr => {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()))
+        }
+        Congestion::NewReno => {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::NewRenoConfig::default()))
+        }
     };
     t
 }

@@ -50,9 +50,15 @@ pub enum PkiError {
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot write {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path} already exists; refusing to overwrite it (remove it first if you mean to)")]
     Exists { path: PathBuf },
     #[error("{what} is not valid PEM: {why}")]
@@ -63,7 +69,9 @@ pub enum PkiError {
     NoIdentity,
     #[error("join token is malformed: {0}")]
     TokenMalformed(&'static str),
-    #[error("join token expired at {expired_at} (unix seconds); create a new one with `pdctl token create`")]
+    #[error(
+        "join token expired at {expired_at} (unix seconds); create a new one with `pdctl token create`"
+    )]
     TokenExpired { expired_at: u64 },
     #[error("join token was not issued by this cluster's CA")]
     TokenForeign,
@@ -72,11 +80,19 @@ pub enum PkiError {
 /// Checks that a node name is a DNS label: 1 to 63 of `a-z`, `0-9` and `-`, starting and ending
 /// with a letter or digit.
 pub fn validate_node_name(name: &str) -> Result<(), PkiError> {
-    let bad = |why| Err(PkiError::BadNodeName { name: name.to_string(), why });
+    let bad = |why| {
+        Err(PkiError::BadNodeName {
+            name: name.to_string(),
+            why,
+        })
+    };
     if name.is_empty() || name.len() > 63 {
         return bad("must be 1 to 63 characters");
     }
-    if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
         return bad("may contain only lowercase letters, digits and '-'");
     }
     if name.starts_with('-') || name.ends_with('-') {
@@ -158,7 +174,9 @@ pub struct Issued {
 
 impl std::fmt::Debug for Issued {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Issued").field("key_pem", &"<secret>").finish_non_exhaustive()
+        f.debug_struct("Issued")
+            .field("key_pem", &"<secret>")
+            .finish_non_exhaustive()
     }
 }
 
@@ -198,9 +216,10 @@ impl CertAuthority {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.distinguished_name = DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("pdagent cluster CA {cluster_name}"));
+        params.distinguished_name.push(
+            DnType::CommonName,
+            format!("pdagent cluster CA {cluster_name}"),
+        );
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
@@ -213,19 +232,32 @@ impl CertAuthority {
         params.serial_number = Some(random_serial());
         let cert = params.self_signed(&key)?;
         let cert_pem = cert.pem();
-        Ok(CertAuthority { cert_pem, key, issuer: cert })
+        Ok(CertAuthority {
+            cert_pem,
+            key,
+            issuer: cert,
+        })
     }
 
     /// Loads a CA from its PEM certificate and key.
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
-        let key = KeyPair::from_pem(key_pem)
-            .map_err(|e| PkiError::BadPem { what: "CA key".into(), why: e.to_string() })?;
-        let params = CertificateParams::from_ca_cert_pem(cert_pem)
-            .map_err(|e| PkiError::BadPem { what: "CA certificate".into(), why: e.to_string() })?;
+        let key = KeyPair::from_pem(key_pem).map_err(|e| PkiError::BadPem {
+            what: "CA key".into(),
+            why: e.to_string(),
+        })?;
+        let params =
+            CertificateParams::from_ca_cert_pem(cert_pem).map_err(|e| PkiError::BadPem {
+                what: "CA certificate".into(),
+                why: e.to_string(),
+            })?;
         // Re-signing yields an issuer with the same subject and key, which is all that issuing
         // needs; the PEM we hand out stays the original.
         let issuer = params.self_signed(&key)?;
-        Ok(CertAuthority { cert_pem: cert_pem.to_string(), key, issuer })
+        Ok(CertAuthority {
+            cert_pem: cert_pem.to_string(),
+            key,
+            issuer,
+        })
     }
 
     /// Loads `ca.crt` and `ca.key` from a directory.
@@ -263,7 +295,10 @@ impl CertAuthority {
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = if server {
-            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth]
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ]
         } else {
             vec![ExtendedKeyUsagePurpose::ClientAuth]
         };
@@ -272,14 +307,19 @@ impl CertAuthority {
         params.serial_number = Some(random_serial());
         params.use_authority_key_identifier_extension = true;
         let cert = params.signed_by(&key, &self.issuer, &self.key)?;
-        Ok(Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
     }
 
     /// Mints a join token valid for `ttl_secs` from `now_unix`.
     pub fn join_token(&self, now_unix: u64, ttl_secs: u64) -> String {
         let expiry = now_unix.saturating_add(ttl_secs);
         let mut id = [0u8; 8];
-        ring::rand::SystemRandom::new().fill(&mut id).expect("system randomness");
+        ring::rand::SystemRandom::new()
+            .fill(&mut id)
+            .expect("system randomness");
         let id = hex(&id);
         let mac = self.token_mac(expiry, &id);
         format!("pdj1.{expiry}.{id}.{mac}.{}", self.fingerprint())
@@ -292,12 +332,17 @@ impl CertAuthority {
             return Err(PkiError::TokenForeign);
         }
         let want = self.token_mac(t.expiry_unix, &t.id);
-        let diff = want.bytes().zip(t.mac.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        let diff = want
+            .bytes()
+            .zip(t.mac.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
         if diff != 0 || want.len() != t.mac.len() {
             return Err(PkiError::TokenForeign);
         }
         if now_unix >= t.expiry_unix {
-            return Err(PkiError::TokenExpired { expired_at: t.expiry_unix });
+            return Err(PkiError::TokenExpired {
+                expired_at: t.expiry_unix,
+            });
         }
         Ok(t.id)
     }
@@ -325,17 +370,23 @@ impl JoinToken {
     pub fn parse(token: &str) -> Result<Self, PkiError> {
         let parts: Vec<&str> = token.trim().split('.').collect();
         let [tag, expiry, id, mac, fp] = parts.as_slice() else {
-            return Err(PkiError::TokenMalformed("expected pdj1.<expiry>.<id>.<mac>.<ca-sha256>"));
+            return Err(PkiError::TokenMalformed(
+                "expected pdj1.<expiry>.<id>.<mac>.<ca-sha256>",
+            ));
         };
         if *tag != "pdj1" {
-            return Err(PkiError::TokenMalformed("unknown token version (expected pdj1)"));
+            return Err(PkiError::TokenMalformed(
+                "unknown token version (expected pdj1)",
+            ));
         }
         let expiry_unix = expiry
             .parse()
             .map_err(|_| PkiError::TokenMalformed("expiry is not a number"))?;
         let is_hex = |s: &str, n| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
         if !is_hex(id, 16) || !is_hex(mac, 32) || !is_hex(fp, 64) {
-            return Err(PkiError::TokenMalformed("id, mac or CA fingerprint has the wrong length"));
+            return Err(PkiError::TokenMalformed(
+                "id, mac or CA fingerprint has the wrong length",
+            ));
         }
         Ok(JoinToken {
             expiry_unix,
@@ -349,7 +400,9 @@ impl JoinToken {
 /// SHA-256 of the first certificate in a PEM text, lowercase hex.
 pub fn fingerprint_pem(pem: &str) -> Result<String, PkiError> {
     let der = first_cert_der(pem)?;
-    Ok(hex(ring::digest::digest(&ring::digest::SHA256, &der).as_ref()))
+    Ok(hex(
+        ring::digest::digest(&ring::digest::SHA256, &der).as_ref()
+    ))
 }
 
 /// The DER bytes of the first certificate in a PEM text.
@@ -357,14 +410,22 @@ pub fn first_cert_der(pem: &str) -> Result<Vec<u8>, PkiError> {
     use rustls::pki_types::{CertificateDer, pem::PemObject};
     CertificateDer::pem_slice_iter(pem.as_bytes())
         .next()
-        .ok_or_else(|| PkiError::BadPem { what: "certificate".into(), why: "no CERTIFICATE block".into() })?
+        .ok_or_else(|| PkiError::BadPem {
+            what: "certificate".into(),
+            why: "no CERTIFICATE block".into(),
+        })?
         .map(|c| c.to_vec())
-        .map_err(|e| PkiError::BadPem { what: "certificate".into(), why: e.to_string() })
+        .map_err(|e| PkiError::BadPem {
+            what: "certificate".into(),
+            why: e.to_string(),
+        })
 }
 
 fn random_serial() -> SerialNumber {
     let mut b = [0u8; 16];
-    ring::rand::SystemRandom::new().fill(&mut b).expect("system randomness");
+    ring::rand::SystemRandom::new()
+        .fill(&mut b)
+        .expect("system randomness");
     b[0] &= 0x7f; // positive
     SerialNumber::from_slice(&b)
 }
@@ -374,7 +435,10 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 }
 
 pub(crate) fn read_text(path: &Path) -> Result<String, PkiError> {
-    fs::read_to_string(path).map_err(|source| PkiError::Read { path: path.to_path_buf(), source })
+    fs::read_to_string(path).map_err(|source| PkiError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Writes a file that must not exist yet; secrets get mode 0600, others 0644.
@@ -387,18 +451,29 @@ pub fn write_new(path: &Path, content: &str, secret: bool) -> Result<(), PkiErro
         .open(path)
         .map_err(|source| {
             if source.kind() == std::io::ErrorKind::AlreadyExists {
-                PkiError::Exists { path: path.to_path_buf() }
+                PkiError::Exists {
+                    path: path.to_path_buf(),
+                }
             } else {
-                PkiError::Write { path: path.to_path_buf(), source }
+                PkiError::Write {
+                    path: path.to_path_buf(),
+                    source,
+                }
             }
         })?;
     f.write_all(content.as_bytes())
         .and_then(|_| f.sync_all())
-        .map_err(|source| PkiError::Write { path: path.to_path_buf(), source })
+        .map_err(|source| PkiError::Write {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 fn create_dir(dir: &Path) -> Result<(), PkiError> {
-    fs::create_dir_all(dir).map_err(|source| PkiError::Write { path: dir.to_path_buf(), source })
+    fs::create_dir_all(dir).map_err(|source| PkiError::Write {
+        path: dir.to_path_buf(),
+        source,
+    })
 }
 
 /// What `pdctl cluster init` wrote.
@@ -418,7 +493,13 @@ pub fn init_cluster_dir(
     token_ttl_secs: u64,
 ) -> Result<InitOutcome, PkiError> {
     create_dir(dir)?;
-    for f in [CA_KEY_FILE, CA_CERT_FILE, ADMIN_KEY_FILE, ADMIN_CERT_FILE, JOIN_TOKEN_FILE] {
+    for f in [
+        CA_KEY_FILE,
+        CA_CERT_FILE,
+        ADMIN_KEY_FILE,
+        ADMIN_CERT_FILE,
+        JOIN_TOKEN_FILE,
+    ] {
         let p = dir.join(f);
         if p.exists() {
             return Err(PkiError::Exists { path: p });
@@ -479,8 +560,20 @@ mod tests {
         for ok in ["node-1", "a", "gpu07", &"x".repeat(63)] {
             validate_node_name(ok).unwrap();
         }
-        for bad in ["", "-a", "a-", "Node", "a.b", "a_b", &"x".repeat(64), "admin.pdctl"] {
-            assert!(validate_node_name(bad).is_err(), "{bad:?} should be refused");
+        for bad in [
+            "",
+            "-a",
+            "a-",
+            "Node",
+            "a.b",
+            "a_b",
+            &"x".repeat(64),
+            "admin.pdctl",
+        ] {
+            assert!(
+                validate_node_name(bad).is_err(),
+                "{bad:?} should be refused"
+            );
         }
     }
 
@@ -511,18 +604,30 @@ mod tests {
         let ca = CertAuthority::generate("t").unwrap();
         let other = CertAuthority::generate("u").unwrap();
         let tok = ca.join_token(1000, 60);
-        assert_eq!(JoinToken::parse(&tok).unwrap().ca_fingerprint, ca.fingerprint());
+        assert_eq!(
+            JoinToken::parse(&tok).unwrap().ca_fingerprint,
+            ca.fingerprint()
+        );
         assert!(ca.verify_join_token(&tok, 1059).is_ok());
         assert!(matches!(
             ca.verify_join_token(&tok, 1060),
             Err(PkiError::TokenExpired { expired_at: 1060 })
         ));
-        assert!(matches!(other.verify_join_token(&tok, 1000), Err(PkiError::TokenForeign)));
+        assert!(matches!(
+            other.verify_join_token(&tok, 1000),
+            Err(PkiError::TokenForeign)
+        ));
         // Moving the expiry breaks the MAC.
         let forged = tok.replacen("pdj1.1060.", "pdj1.9999.", 1);
-        assert!(matches!(ca.verify_join_token(&forged, 1000), Err(PkiError::TokenForeign)));
+        assert!(matches!(
+            ca.verify_join_token(&forged, 1000),
+            Err(PkiError::TokenForeign)
+        ));
         for bad in ["", "pdj1", "pdj2.1.2.3.4", "pdj1.x.0000000000000000.00.00"] {
-            assert!(matches!(JoinToken::parse(bad), Err(PkiError::TokenMalformed(_))));
+            assert!(matches!(
+                JoinToken::parse(bad),
+                Err(PkiError::TokenMalformed(_))
+            ));
         }
     }
 
@@ -531,17 +636,31 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let out = init_cluster_dir(d.path(), "t", 1000, 3600).unwrap();
         assert_eq!(out.files.len(), 5);
-        for (f, secret) in [("ca.key", true), ("admin.key", true), ("join-token", true), ("ca.crt", false)] {
+        for (f, secret) in [
+            ("ca.key", true),
+            ("admin.key", true),
+            ("join-token", true),
+            ("ca.crt", false),
+        ] {
             let mode = fs::metadata(d.path().join(f)).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, if secret { 0o600 } else { 0o644 }, "{f}");
         }
-        assert!(matches!(init_cluster_dir(d.path(), "t", 1000, 3600), Err(PkiError::Exists { .. })));
+        assert!(matches!(
+            init_cluster_dir(d.path(), "t", 1000, 3600),
+            Err(PkiError::Exists { .. })
+        ));
         let files = issue_node_files(d.path(), "node-2", 30).unwrap();
         assert_eq!(files.len(), 3);
         let pem = fs::read_to_string(d.path().join("nodes/node-2/node.crt")).unwrap();
         let info = cert_info(&first_cert_der(&pem).unwrap()).unwrap();
         assert_eq!(info.identity, PeerIdentity::Node("node-2".into()));
-        assert!(issue_node_files(d.path(), "node-2", 30).is_err(), "no silent overwrite");
-        assert!(matches!(issue_node_files(d.path(), "Bad_Name", 30), Err(PkiError::BadNodeName { .. })));
+        assert!(
+            issue_node_files(d.path(), "node-2", 30).is_err(),
+            "no silent overwrite"
+        );
+        assert!(matches!(
+            issue_node_files(d.path(), "Bad_Name", 30),
+            Err(PkiError::BadNodeName { .. })
+        ));
     }
 }

@@ -16,7 +16,11 @@ use socket2::{Domain, Protocol, Socket, Type};
 /// Binds a UDP socket with the requested kernel buffer sizes. Returns the socket and the
 /// receive buffer size the kernel actually granted (it may cap it at `net.core.rmem_max`).
 pub fn bind_udp(addr: SocketAddr, buffer_bytes: usize) -> io::Result<(std::net::UdpSocket, usize)> {
-    let domain = if addr.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 };
+    let domain = if addr.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    };
     let sock = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
         // Accept IPv4-mapped peers on a wildcard IPv6 bind, as most daemons do.
@@ -46,7 +50,10 @@ impl CappedGsoSocket {
         segments_max: usize,
     ) -> io::Result<Arc<dyn AsyncUdpSocket>> {
         let inner = runtime.wrap_udp_socket(socket)?;
-        Ok(Arc::new(CappedGsoSocket { inner, segments_max: segments_max.max(1) }))
+        Ok(Arc::new(CappedGsoSocket {
+            inner,
+            segments_max: segments_max.max(1),
+        }))
     }
 }
 

@@ -41,7 +41,9 @@ pub struct Identity {
 
 impl std::fmt::Debug for Identity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Identity").field("info", &self.info).finish_non_exhaustive()
+        f.debug_struct("Identity")
+            .field("info", &self.info)
+            .finish_non_exhaustive()
     }
 }
 
@@ -49,23 +51,40 @@ impl Identity {
     pub fn from_pem(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
         let pem_err = |what: &str| {
             let what = what.to_string();
-            move |e: rustls::pki_types::pem::Error| TlsError::Pem { what: what.clone(), why: e.to_string() }
+            move |e: rustls::pki_types::pem::Error| TlsError::Pem {
+                what: what.clone(),
+                why: e.to_string(),
+            }
         };
-        let ca = CertificateDer::from_pem_slice(ca_pem.as_bytes()).map_err(pem_err("CA certificate"))?;
+        let ca =
+            CertificateDer::from_pem_slice(ca_pem.as_bytes()).map_err(pem_err("CA certificate"))?;
         let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
             .collect::<Result<Vec<_>, _>>()
             .map_err(pem_err("certificate"))?;
         let Some(leaf) = chain.first() else {
-            return Err(TlsError::Pem { what: "certificate".into(), why: "no CERTIFICATE block".into() });
+            return Err(TlsError::Pem {
+                what: "certificate".into(),
+                why: "no CERTIFICATE block".into(),
+            });
         };
         let info = pki::cert_info(leaf)?;
-        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(pem_err("private key"))?;
-        Ok(Identity { ca, chain, key: Arc::new(key), info })
+        let key =
+            PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(pem_err("private key"))?;
+        Ok(Identity {
+            ca,
+            chain,
+            key: Arc::new(key),
+            info,
+        })
     }
 
     /// Reads the three PEM files.
     pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<Self, TlsError> {
-        Self::from_pem(&pki::read_text(ca)?, &pki::read_text(cert)?, &pki::read_text(key)?)
+        Self::from_pem(
+            &pki::read_text(ca)?,
+            &pki::read_text(cert)?,
+            &pki::read_text(key)?,
+        )
     }
 
     pub fn name(&self) -> &str {

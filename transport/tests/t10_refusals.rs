@@ -6,7 +6,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use pd_transport::pki::{CertAuthority, Validity};
-use pd_transport::{Endpoint, Identity, PeerIdentity, Service, TransportConfig, TransportError, codec};
+use pd_transport::{
+    Endpoint, Identity, PeerIdentity, Service, TransportConfig, TransportError, codec,
+};
 use serde::{Deserialize, Serialize};
 use time::{Duration, OffsetDateTime};
 
@@ -46,7 +48,11 @@ fn local() -> SocketAddr {
 }
 
 fn cfg() -> TransportConfig {
-    TransportConfig { handshake_timeout_ms: 3000, frame_bytes_max: 64 * 1024, ..Default::default() }
+    TransportConfig {
+        handshake_timeout_ms: 3000,
+        frame_bytes_max: 64 * 1024,
+        ..Default::default()
+    }
 }
 
 fn identity(ca: &CertAuthority, name: &str, v: Validity) -> Identity {
@@ -56,7 +62,12 @@ fn identity(ca: &CertAuthority, name: &str, v: Validity) -> Identity {
 
 fn rig() -> Rig {
     let ca = CertAuthority::generate("test").unwrap();
-    let server = Endpoint::bind(local(), &identity(&ca, "node-a", Validity::default()), &cfg()).unwrap();
+    let server = Endpoint::bind(
+        local(),
+        &identity(&ca, "node-a", Validity::default()),
+        &cfg(),
+    )
+    .unwrap();
     server.serve(Arc::new(Echo));
     let addr = server.local_addr();
     Rig { ca, server, addr }
@@ -65,12 +76,24 @@ fn rig() -> Rig {
 impl Rig {
     /// A well-behaved peer can still talk to the server.
     async fn assert_still_serving(&self) {
-        let good = Endpoint::bind(local(), &identity(&self.ca, "node-b", Validity::default()), &cfg()).unwrap();
-        let conn = good.connect(self.addr, "node-a").await.expect("good peer connects");
+        let good = Endpoint::bind(
+            local(),
+            &identity(&self.ca, "node-b", Validity::default()),
+            &cfg(),
+        )
+        .unwrap();
+        let conn = good
+            .connect(self.addr, "node-a")
+            .await
+            .expect("good peer connects");
         let r: Resp = conn.call(&Req::Echo(42)).await.unwrap();
         assert_eq!(r, Resp::Echo(42));
         let r: Resp = conn.call(&Req::Who).await.unwrap();
-        assert_eq!(r, Resp::You("node-b".into()), "server sees the name in our certificate");
+        assert_eq!(
+            r,
+            Resp::You("node-b".into()),
+            "server sees the name in our certificate"
+        );
     }
 }
 
@@ -98,7 +121,11 @@ async fn good_peers_talk() {
 async fn no_client_certificate_is_refused() {
     let r = rig();
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(rustls::pki_types::CertificateDer::from(pd_transport::pki::first_cert_der(&r.ca.cert_pem).unwrap())).unwrap();
+    roots
+        .add(rustls::pki_types::CertificateDer::from(
+            pd_transport::pki::first_cert_der(&r.ca.cert_pem).unwrap(),
+        ))
+        .unwrap();
     let mut tls = rustls::ClientConfig::builder_with_provider(pd_transport::tls::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
@@ -109,11 +136,19 @@ async fn no_client_certificate_is_refused() {
     let mut ep = quinn::Endpoint::client(local()).unwrap();
     ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(qc)));
     let outcome = async {
-        let conn = ep.connect(r.addr, "node-a").unwrap().await.map_err(|e| e.to_string())?;
+        let conn = ep
+            .connect(r.addr, "node-a")
+            .unwrap()
+            .await
+            .map_err(|e| e.to_string())?;
         let (mut s, mut rcv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-        s.write_all(b"PDAG\x01\x00").await.map_err(|e| e.to_string())?;
+        s.write_all(b"PDAG\x01\x00")
+            .await
+            .map_err(|e| e.to_string())?;
         let mut b = [0u8; 1];
-        rcv.read_exact(&mut b).await.map_err(|_| conn.closed_reason_text())?;
+        rcv.read_exact(&mut b)
+            .await
+            .map_err(|_| conn.closed_reason_text())?;
         Ok::<_, String>(())
     }
     .await;
@@ -128,7 +163,10 @@ async fn no_client_certificate_is_refused() {
 async fn self_signed_certificate_is_refused() {
     let r = rig();
     let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["node-b".to_string()]).unwrap().self_signed(&key).unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["node-b".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
     let id = Identity::from_pem(&r.ca.cert_pem, &cert.pem(), &key.serialize_pem()).unwrap();
     let ep = Endpoint::bind(local(), &id, &cfg()).unwrap();
     let e = expect_err(ep.connect(r.addr, "node-a").await, "self-signed");
@@ -153,9 +191,20 @@ async fn certificate_from_another_ca_is_refused() {
     let foreign = Identity::from_pem(&other.cert_pem, &issued.cert_pem, &issued.key_pem).unwrap();
     let fake = Endpoint::bind(local(), &foreign, &cfg()).unwrap();
     fake.serve(Arc::new(Echo));
-    let good = Endpoint::bind(local(), &identity(&r.ca, "node-c", Validity::default()), &cfg()).unwrap();
-    let e = expect_err(good.connect(fake.local_addr(), "node-b").await, "foreign server");
-    assert!(e.contains("UnknownIssuer") || e.contains("certificate"), "{e}");
+    let good = Endpoint::bind(
+        local(),
+        &identity(&r.ca, "node-c", Validity::default()),
+        &cfg(),
+    )
+    .unwrap();
+    let e = expect_err(
+        good.connect(fake.local_addr(), "node-b").await,
+        "foreign server",
+    );
+    assert!(
+        e.contains("UnknownIssuer") || e.contains("certificate"),
+        "{e}"
+    );
 }
 
 /// An expired certificate is refused, as client and as server.
@@ -163,7 +212,10 @@ async fn certificate_from_another_ca_is_refused() {
 async fn expired_certificate_is_refused() {
     let r = rig();
     let now = OffsetDateTime::now_utc();
-    let past = Validity { not_before: now - Duration::days(30), not_after: now - Duration::days(1) };
+    let past = Validity {
+        not_before: now - Duration::days(30),
+        not_after: now - Duration::days(1),
+    };
     let ep = Endpoint::bind(local(), &identity(&r.ca, "node-b", past), &cfg()).unwrap();
     let e = expect_err(ep.connect(r.addr, "node-a").await, "expired client");
     assert!(e.contains("xpired") || e.contains("certificate"), "{e}");
@@ -171,8 +223,16 @@ async fn expired_certificate_is_refused() {
 
     let stale = Endpoint::bind(local(), &identity(&r.ca, "node-s", past), &cfg()).unwrap();
     stale.serve(Arc::new(Echo));
-    let good = Endpoint::bind(local(), &identity(&r.ca, "node-c", Validity::default()), &cfg()).unwrap();
-    let e = expect_err(good.connect(stale.local_addr(), "node-s").await, "expired server");
+    let good = Endpoint::bind(
+        local(),
+        &identity(&r.ca, "node-c", Validity::default()),
+        &cfg(),
+    )
+    .unwrap();
+    let e = expect_err(
+        good.connect(stale.local_addr(), "node-s").await,
+        "expired server",
+    );
     assert!(e.contains("xpired"), "{e}");
 }
 
@@ -181,12 +241,23 @@ async fn expired_certificate_is_refused() {
 #[tokio::test]
 async fn certificate_of_another_node_is_refused() {
     let r = rig();
-    let ep = Endpoint::bind(local(), &identity(&r.ca, "node-b", Validity::default()), &cfg()).unwrap().claiming("node-c");
+    let ep = Endpoint::bind(
+        local(),
+        &identity(&r.ca, "node-b", Validity::default()),
+        &cfg(),
+    )
+    .unwrap()
+    .claiming("node-c");
     let e = expect_err(ep.connect(r.addr, "node-a").await, "impostor client");
     assert!(e.contains("node-b") && e.contains("node-c"), "{e}");
     r.assert_still_serving().await;
 
-    let good = Endpoint::bind(local(), &identity(&r.ca, "node-c", Validity::default()), &cfg()).unwrap();
+    let good = Endpoint::bind(
+        local(),
+        &identity(&r.ca, "node-c", Validity::default()),
+        &cfg(),
+    )
+    .unwrap();
     let e = expect_err(good.connect(r.addr, "node-b").await, "impostor server");
     assert!(e.contains("node-b"), "{e}");
 }
@@ -196,13 +267,16 @@ async fn certificate_of_another_node_is_refused() {
 async fn wrong_protocol_version_is_refused() {
     let r = rig();
     let id = identity(&r.ca, "node-b", Validity::default());
-    let ep = Endpoint::bind_with_version(local(), &id, &cfg(), pd_transport::PROTOCOL_VERSION + 1).unwrap();
+    let ep = Endpoint::bind_with_version(local(), &id, &cfg(), pd_transport::PROTOCOL_VERSION + 1)
+        .unwrap();
     match ep.connect(r.addr, "node-a").await {
         Err(TransportError::VersionMismatch { ours, theirs, .. }) => {
             assert_eq!(ours, pd_transport::PROTOCOL_VERSION + 1);
             assert_eq!(theirs, pd_transport::PROTOCOL_VERSION);
         }
-        Err(TransportError::Refused { reason, .. }) => assert!(reason.contains("version"), "{reason}"),
+        Err(TransportError::Refused { reason, .. }) => {
+            assert!(reason.contains("version"), "{reason}")
+        }
         other => panic!("expected a version refusal, got {:?}", other.map(|_| ())),
     }
     r.assert_still_serving().await;
@@ -213,11 +287,20 @@ async fn wrong_protocol_version_is_refused() {
 #[tokio::test]
 async fn garbage_frame_is_refused_and_connection_survives() {
     let r = rig();
-    let ep = Endpoint::bind(local(), &identity(&r.ca, "node-b", Validity::default()), &cfg()).unwrap();
+    let ep = Endpoint::bind(
+        local(),
+        &identity(&r.ca, "node-b", Validity::default()),
+        &cfg(),
+    )
+    .unwrap();
     let conn = ep.connect(r.addr, "node-a").await.unwrap();
     let mut garbage = 9u32.to_le_bytes().to_vec();
     garbage.extend_from_slice(&[0xff; 9]);
-    let answer = conn.call_raw(&garbage).await.unwrap().expect("an error reply frame");
+    let answer = conn
+        .call_raw(&garbage)
+        .await
+        .unwrap()
+        .expect("an error reply frame");
     let reply: Result<Resp, String> = codec::decode(&answer, 1 << 20).unwrap();
     let e = reply.expect_err("garbage must be refused");
     assert!(e.contains("malformed"), "{e}");
@@ -231,11 +314,20 @@ async fn garbage_frame_is_refused_and_connection_survives() {
 #[tokio::test]
 async fn oversized_frame_is_refused() {
     let r = rig();
-    let ep = Endpoint::bind(local(), &identity(&r.ca, "node-b", Validity::default()), &cfg()).unwrap();
+    let ep = Endpoint::bind(
+        local(),
+        &identity(&r.ca, "node-b", Validity::default()),
+        &cfg(),
+    )
+    .unwrap();
     let conn = ep.connect(r.addr, "node-a").await.unwrap();
     let mut big = (10u32 << 20).to_le_bytes().to_vec();
     big.extend_from_slice(&[0u8; 1024]);
-    let answer = conn.call_raw(&big).await.unwrap().expect("an error reply frame");
+    let answer = conn
+        .call_raw(&big)
+        .await
+        .unwrap()
+        .expect("an error reply frame");
     let reply: Result<Resp, String> = codec::decode(&answer, 1 << 20).unwrap();
     let e = reply.expect_err("oversized frame must be refused");
     assert!(e.contains("exceeds the limit"), "{e}");
@@ -269,6 +361,8 @@ trait CloseText {
 
 impl CloseText for quinn::Connection {
     fn closed_reason_text(&self) -> String {
-        self.close_reason().map(|e| e.to_string()).unwrap_or_else(|| "stream failed".into())
+        self.close_reason()
+            .map(|e| e.to_string())
+            .unwrap_or_else(|| "stream failed".into())
     }
 }

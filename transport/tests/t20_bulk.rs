@@ -6,12 +6,18 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use pd_transport::pki::{CertAuthority, Validity};
-use pd_transport::{BulkHeader, BulkReader, Endpoint, Identity, PeerIdentity, Service, TransportConfig, send_striped};
+use pd_transport::{
+    BulkHeader, BulkReader, Endpoint, Identity, PeerIdentity, Service, TransportConfig,
+    send_striped,
+};
 use tokio::sync::mpsc;
+
+/// (transfer_id, offset, meta, bytes) of one received part.
+type Part = (u64, u64, Vec<u8>, Vec<u8>);
 
 /// Reassembles transfers and reports (transfer_id, offset, bytes) or an error per part.
 struct Collect {
-    tx: mpsc::UnboundedSender<Result<(u64, u64, Vec<u8>, Vec<u8>), String>>,
+    tx: mpsc::UnboundedSender<Result<Part, String>>,
     total: Mutex<u64>,
 }
 
@@ -21,10 +27,17 @@ impl Service for Collect {
     async fn call(&self, _: &PeerIdentity, _: ()) -> Result<(), String> {
         Ok(())
     }
-    async fn bulk(&self, _: &PeerIdentity, h: BulkHeader, mut body: BulkReader) -> Result<(), String> {
+    async fn bulk(
+        &self,
+        _: &PeerIdentity,
+        h: BulkHeader,
+        mut body: BulkReader,
+    ) -> Result<(), String> {
         let mut buf = Vec::new();
         if h.transfer_id == ANNOUNCE {
-            let _ = self.tx.send(Ok((h.transfer_id, 0, b"started".to_vec(), vec![])));
+            let _ = self
+                .tx
+                .send(Ok((h.transfer_id, 0, b"started".to_vec(), vec![])));
         }
         loop {
             match body.chunk().await {
@@ -37,7 +50,9 @@ impl Service for Collect {
             }
         }
         *self.total.lock().unwrap() += buf.len() as u64;
-        let _ = self.tx.send(Ok((h.transfer_id, h.offset, h.meta.clone(), buf)));
+        let _ = self
+            .tx
+            .send(Ok((h.transfer_id, h.offset, h.meta.clone(), buf)));
         Ok(())
     }
 }
@@ -64,7 +79,10 @@ async fn striped_transfer_arrives_intact() {
     let (rid, sid) = ids();
     let cfg = TransportConfig::default();
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let sink = Arc::new(Collect { tx, total: Mutex::new(0) });
+    let sink = Arc::new(Collect {
+        tx,
+        total: Mutex::new(0),
+    });
     let mut lanes = Vec::new();
     let mut keep = Vec::new();
     for _ in 0..3 {
@@ -74,8 +92,12 @@ async fn striped_transfer_arrives_intact() {
         lanes.push(c.connect(s.local_addr(), "recv").await.unwrap());
         keep.push((s, c));
     }
-    let data: Vec<u8> = (0..(5 << 20) + 7).map(|i: u32| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
-    send_striped(&lanes, 99, b"layer-0", Bytes::from(data.clone())).await.unwrap();
+    let data: Vec<u8> = (0..(5 << 20) + 7)
+        .map(|i: u32| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
+    send_striped(&lanes, 99, b"layer-0", Bytes::from(data.clone()))
+        .await
+        .unwrap();
     let mut whole = vec![0u8; data.len()];
     for _ in 0..3 {
         let (id, off, meta, part) = rx.recv().await.unwrap().unwrap();
@@ -95,19 +117,34 @@ async fn aborted_transfer_is_reported_at_once() {
     let cfg = TransportConfig::default();
     let (tx, mut rx) = mpsc::unbounded_channel();
     let s = Endpoint::bind(local(), &rid, &cfg).unwrap();
-    s.serve(Arc::new(Collect { tx, total: Mutex::new(0) }));
+    s.serve(Arc::new(Collect {
+        tx,
+        total: Mutex::new(0),
+    }));
     let c = Endpoint::bind(local(), &sid, &cfg).unwrap();
     let conn = c.connect(s.local_addr(), "recv").await.unwrap();
-    let h = BulkHeader { transfer_id: 1, offset: 0, len: 1 << 20, total_len: 1 << 20, meta: vec![] };
+    let h = BulkHeader {
+        transfer_id: 1,
+        offset: 0,
+        len: 1 << 20,
+        total_len: 1 << 20,
+        meta: vec![],
+    };
     let mut w = conn.open_bulk(&h).await.unwrap();
     w.write(Bytes::from(vec![1u8; 4096])).await.unwrap();
     // Abort once the receiver is reading (before that, the peer never learns of the transfer).
     let started = rx.recv().await.unwrap().unwrap();
     assert_eq!(started.2, b"started");
     w.abort();
-    let got = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv()).await.expect("no hang").unwrap();
+    let got = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
+        .await
+        .expect("no hang")
+        .unwrap();
     let e = got.expect_err("a cut transfer must be an error");
-    assert!(e.contains("cut") || e.contains("short") || e.contains("reset"), "{e}");
+    assert!(
+        e.contains("cut") || e.contains("short") || e.contains("reset"),
+        "{e}"
+    );
     // Writing more than the header's length is refused on the sender side.
     let mut w = conn.open_bulk(&BulkHeader { len: 10, ..h }).await.unwrap();
     assert!(w.write(Bytes::from(vec![0u8; 11])).await.is_err());
