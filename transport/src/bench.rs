@@ -239,7 +239,7 @@ impl<T: AsyncWrite + Unpin + Send> AsyncWriteUnpin for T {}
 
 /// Reads `part` bytes per repetition, forever, reporting each completed part.
 async fn drain<R: AsyncRead + Unpin>(mut r: R, part: u64, done: mpsc::UnboundedSender<u64>) {
-    let mut buf = vec![0u8; TCP_WRITE_BYTES];
+    let mut buf = vec![0u8; 4 * TCP_WRITE_BYTES];
     loop {
         let mut left = part;
         while left > 0 {
