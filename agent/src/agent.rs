@@ -42,6 +42,10 @@ impl Service for AgentService {
 pub async fn run(cfg: Validated, identity: Identity, notifier: Notifier) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let discovery = cfg.gpu_discovery()?;
+    let interval = Duration::from_millis(cfg.config.gpus.sample_interval_ms);
+    // Kept for the liveness reports the control plane sends.
+    let _inventory = crate::gpus::start_sampler(discovery, interval)?;
     let endpoint = Endpoint::bind(cfg.listen, &identity, &cfg.config.transport)?;
     let service = Arc::new(AgentService {
         node: cfg.node_name.clone(),

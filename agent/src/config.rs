@@ -37,7 +37,30 @@ pub struct AgentConfig {
     pub tls: TlsSection,
     pub log: LogSection,
     pub systemd: SystemdSection,
+    pub gpus: GpusSection,
     pub transport: TransportConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GpusSection {
+    /// A fixture inventory (TOML, see nvml/FIXTURE.md) instead of NVML: for hosts and tests
+    /// without GPUs. Unset: NVML, or no GPUs when the driver is absent.
+    pub fixture: Option<PathBuf>,
+    /// How often telemetry and health are sampled.
+    pub sample_interval_ms: u64,
+    /// At or above this temperature a GPU is degraded.
+    pub temperature_degraded_c: u32,
+}
+
+impl Default for GpusSection {
+    fn default() -> Self {
+        GpusSection {
+            fixture: None,
+            sample_interval_ms: 1000,
+            temperature_degraded_c: 85,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -132,6 +155,9 @@ pub struct Overrides {
     /// Log filter (replaces log.level).
     #[arg(long)]
     pub log_level: Option<String>,
+    /// GPU fixture file (replaces gpus.fixture).
+    #[arg(long)]
+    pub gpus_fixture: Option<PathBuf>,
 }
 
 /// A configuration that passed validation, with everything derived from it.
@@ -232,6 +258,9 @@ impl AgentConfig {
         if let Some(v) = &o.log_level {
             self.log.level = v.clone();
         }
+        if let Some(v) = &o.gpus_fixture {
+            self.gpus.fixture = Some(v.clone());
+        }
     }
 
     /// Checks every value that can be checked without touching the filesystem or network.
@@ -291,6 +320,23 @@ impl AgentConfig {
 }
 
 impl Validated {
+    pub fn health_thresholds(&self) -> pd_nvml::HealthThresholds {
+        pd_nvml::HealthThresholds {
+            temperature_degraded_c: self.config.gpus.temperature_degraded_c,
+        }
+    }
+
+    /// Opens the GPU inventory this configuration asks for (the fixture was checked by
+    /// `validate`).
+    pub fn gpu_discovery(&self) -> Result<pd_nvml::GpuDiscovery, ConfigError> {
+        pd_nvml::GpuDiscovery::open(
+            self.config.gpus.fixture.as_deref(),
+            &self.node_name,
+            self.health_thresholds(),
+        )
+        .map_err(|e| ConfigError::new("gpus.fixture", e.to_string()))
+    }
+
     /// Loads the node's credentials and checks that they fit this node: readable, under the
     /// CA, naming this node, not expired.
     pub fn load_identity(&self, now_unix: i64) -> Result<Identity, ConfigError> {
@@ -339,16 +385,34 @@ impl Validated {
     }
 }
 
-/// The host name's first label, lowercased.
+/// The host name's first label as a node name: lowercased, characters a DNS label cannot hold
+/// turned into '-'.
 pub fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .or_else(|_| std::fs::read_to_string("/etc/hostname"))
-        .unwrap_or_default()
+        .unwrap_or_default();
+    node_name_from_host(&raw)
+}
+
+fn node_name_from_host(raw: &str) -> String {
+    let label = raw
         .trim()
         .split('.')
         .next()
         .unwrap_or_default()
-        .to_ascii_lowercase()
+        .to_ascii_lowercase();
+    let cleaned: String = label
+        .chars()
+        .map(|c| {
+            if c.is_ascii_lowercase() || c.is_ascii_digit() {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(63)
+        .collect();
+    cleaned.trim_matches('-').to_string()
 }
 
 #[cfg(test)]
@@ -412,6 +476,16 @@ mod tests {
             err("[node]\nname = \"n\"\n[log]\nlevel = \"[[\"\n").field,
             "log.level"
         );
+    }
+
+    #[test]
+    fn host_names_become_node_names() {
+        assert_eq!(
+            node_name_from_host("GPU_Host-01.example.com\n"),
+            "gpu-host-01"
+        );
+        assert_eq!(node_name_from_host("_x_"), "x");
+        assert_eq!(node_name_from_host(""), "");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! `pdagent`: the cluster agent, one binary on every GPU host.
 //!
 //! Owns: configuration, the agent's life cycle, systemd notification, the agent's wire
-//! messages, and (as the project grows) ingress, router, KV shipping, the engine supervisor
+//! messages, the GPU sampler, and (as the project grows) ingress, router, KV shipping, the engine supervisor
 //! and coordinator duties.
 //!
 //! Must never: hold Raft or planner logic that could be pure; those live in their own crates.
@@ -10,6 +10,7 @@
 
 pub mod agent;
 pub mod config;
+pub mod gpus;
 pub mod logging;
 pub mod notify;
 pub mod wire;

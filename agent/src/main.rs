@@ -37,6 +37,14 @@ enum Command {
     Run(ConfigArgs),
     /// Validate a configuration (and the certificates it names) without binding anything.
     CheckConfig(ConfigArgs),
+    /// Show this host's GPUs (NVML, or the configured fixture) and their health.
+    Gpus {
+        #[command(flatten)]
+        args: ConfigArgs,
+        /// Print one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Ping a peer agent over the transport with this node's certificate.
     Ping {
         #[command(flatten)]
@@ -87,6 +95,36 @@ fn main() -> ExitCode {
             }
             None => ExitCode::from(EX_USAGE),
         },
+        Command::Gpus { args, json } => {
+            let v = match load_config(&args) {
+                Ok(v) => v,
+                Err(e) => {
+                    eprintln!("pdagent: {e}");
+                    return ExitCode::from(EX_USAGE);
+                }
+            };
+            logging::init(v.config.log.format, "warn");
+            let mut discovery = match v.gpu_discovery() {
+                Ok(d) => d,
+                Err(e) => {
+                    eprintln!("pdagent: {e}");
+                    return ExitCode::from(EX_USAGE);
+                }
+            };
+            let (inv, _) = discovery.sample();
+            if let Some(m) = &inv.message {
+                eprintln!("pdagent: {m}");
+            }
+            if json {
+                match serde_json::to_string(&inv) {
+                    Ok(s) => println!("{s}"),
+                    Err(e) => return fail(e),
+                }
+            } else {
+                print!("{}", pdagent::gpus::table(&inv));
+            }
+            ExitCode::SUCCESS
+        }
         Command::Ping {
             args,
             peer,
@@ -136,14 +174,19 @@ fn runtime(v: &Validated) -> std::io::Result<tokio::runtime::Runtime> {
     b.enable_all().build()
 }
 
+/// Reads, overrides and validates the configuration (no certificates needed).
+fn load_config(args: &ConfigArgs) -> Result<Validated, ConfigError> {
+    let explicit = args.config.as_os_str() != config::DEFAULT_CONFIG_PATH;
+    let mut c = config::read_config(&args.config, explicit)?;
+    c.apply(&args.overrides);
+    c.validate()
+}
+
 /// Reads, overrides and validates the configuration and loads the node's identity; on failure
 /// prints the error (naming the field) and returns `None`.
 fn load(args: &ConfigArgs) -> Option<(Validated, pd_transport::Identity)> {
-    let explicit = args.config.as_os_str() != config::DEFAULT_CONFIG_PATH;
     let result = (|| -> Result<_, ConfigError> {
-        let mut c = config::read_config(&args.config, explicit)?;
-        c.apply(&args.overrides);
-        let v = c.validate()?;
+        let v = load_config(args)?;
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use nvml_wrapper::Nvml;
 use nvml_wrapper::bitmasks::event::EventTypes;
-use nvml_wrapper::enum_wrappers::device::{Clock, EccCounter, MemoryError, RetirementCause, TemperatureSensor};
+use nvml_wrapper::enum_wrappers::device::{
+    Clock, EccCounter, MemoryError, RetirementCause, TemperatureSensor,
+};
 use nvml_wrapper::enums::event::XidError;
 use nvml_wrapper::error::NvmlError;
 use nvml_wrapper::{Device, EventSet};
@@ -40,12 +42,23 @@ impl GpuDiscovery {
     /// Opens the fixture if one is given (an unreadable fixture is an error: it is
     /// configuration), else NVML, else nothing. `seed` (the node name) makes fixture UUIDs
     /// unique per host.
-    pub fn open(fixture: Option<&Path>, seed: &str, thresholds: HealthThresholds) -> Result<Self, FixtureError> {
+    pub fn open(
+        fixture: Option<&Path>,
+        seed: &str,
+        thresholds: HealthThresholds,
+    ) -> Result<Self, FixtureError> {
         let backend = match fixture {
-            Some(p) => Backend::Fixture { fixture: Fixture::load(p, seed)?, started: Instant::now() },
+            Some(p) => Backend::Fixture {
+                fixture: Fixture::load(p, seed)?,
+                started: Instant::now(),
+            },
             None => open_nvml(),
         };
-        Ok(GpuDiscovery { backend, thresholds, last: None })
+        Ok(GpuDiscovery {
+            backend,
+            thresholds,
+            last: None,
+        })
     }
 
     /// Where the inventory comes from.
@@ -68,7 +81,10 @@ impl GpuDiscovery {
         };
         health::assess_all(&mut inv, &self.thresholds);
         inv.sample_cost_us = start.elapsed().as_micros() as u64;
-        let empty = GpuInventory { gpus: Vec::new(), ..inv.clone() };
+        let empty = GpuInventory {
+            gpus: Vec::new(),
+            ..inv.clone()
+        };
         let events = health::changes(self.last.as_ref().unwrap_or(&empty), &inv);
         self.last = Some(inv.clone());
         (inv, events)
@@ -115,7 +131,8 @@ fn count_device_nodes() -> u32 {
                 .filter(|e| {
                     let n = e.file_name();
                     let n = n.to_string_lossy();
-                    n.strip_prefix("nvidia").is_some_and(|r| !r.is_empty() && r.bytes().all(|b| b.is_ascii_digit()))
+                    n.strip_prefix("nvidia")
+                        .is_some_and(|r| !r.is_empty() && r.bytes().all(|b| b.is_ascii_digit()))
                 })
                 .count() as u32
         })
@@ -136,7 +153,11 @@ fn permission_denied_inventory(n: u32, msg: String) -> GpuInventory {
             pcie: None,
             compute_capability: None,
             architecture: None,
-            mig: Mig { mode: MigState::Unsupported, pending: None, instances: Vec::new() },
+            mig: Mig {
+                mode: MigState::Unsupported,
+                pending: None,
+                instances: Vec::new(),
+            },
             numa_node: None,
             nvlink_peers: None,
             telemetry: Telemetry::default(),
@@ -237,7 +258,15 @@ impl NvmlBackend {
             }
             gpus.push(g);
         }
-        NvmlBackend { nvml, driver_version, nvml_version, cuda_driver_version, gpus, events, message }
+        NvmlBackend {
+            nvml,
+            driver_version,
+            nvml_version,
+            cuda_driver_version,
+            gpus,
+            events,
+            message,
+        }
     }
 
     fn sample(&mut self) -> GpuInventory {
@@ -273,7 +302,9 @@ impl NvmlBackend {
             match set.wait(0) {
                 Ok(ev) => {
                     let Ok(i) = ev.device.index() else { continue };
-                    if let (Some(g), Some(XidError::Value(x))) = (self.gpus.get_mut(i as usize), ev.event_data) {
+                    if let (Some(g), Some(XidError::Value(x))) =
+                        (self.gpus.get_mut(i as usize), ev.event_data)
+                    {
                         warn!(gpu = i, xid = x, "NVML reported a critical Xid error");
                         g.xid_errors.push(x);
                         if g.xid_errors.len() > XIDS_KEPT_MAX {
@@ -299,20 +330,47 @@ fn unreadable(index: u32, errors: Vec<String>, lost: bool) -> Gpu {
 
 fn static_facts(d: &Device<'static>, index: u32, errors: &mut Vec<String>, lost: &mut bool) -> Gpu {
     let mut q = Query { errors, lost };
-    let uuid = q.opt("uuid", d.uuid()).unwrap_or_else(|| format!("unknown-{index}"));
+    let uuid = q
+        .opt("uuid", d.uuid())
+        .unwrap_or_else(|| format!("unknown-{index}"));
     let name = q.opt("name", d.name()).unwrap_or_default();
-    let pci_bus_id = q.opt("pci info", d.pci_info()).map(|p| p.bus_id).unwrap_or_default();
-    let pcie = match (q.opt("pcie max generation", d.max_pcie_link_gen()), q.opt("pcie max width", d.max_pcie_link_width())) {
-        (Some(generation), Some(width)) => Some(Pcie { generation, width, current_generation: None, current_width: None }),
+    let pci_bus_id = q
+        .opt("pci info", d.pci_info())
+        .map(|p| p.bus_id)
+        .unwrap_or_default();
+    let pcie = match (
+        q.opt("pcie max generation", d.max_pcie_link_gen()),
+        q.opt("pcie max width", d.max_pcie_link_width()),
+    ) {
+        (Some(generation), Some(width)) => Some(Pcie {
+            generation,
+            width,
+            current_generation: None,
+            current_width: None,
+        }),
         _ => None,
     };
-    let compute_capability = q.opt("compute capability", d.cuda_compute_capability()).map(|c| format!("{}.{}", c.major, c.minor));
-    let architecture = q.opt("architecture", d.architecture()).map(|a| a.to_string());
+    let compute_capability = q
+        .opt("compute capability", d.cuda_compute_capability())
+        .map(|c| format!("{}.{}", c.major, c.minor));
+    let architecture = q
+        .opt("architecture", d.architecture())
+        .map(|a| a.to_string());
     let numa_node = q.opt("numa node", d.numa_node_id());
     let mig = match q.opt("mig mode", d.mig_mode()) {
-        None => Mig { mode: MigState::Unsupported, pending: None, instances: Vec::new() },
+        None => Mig {
+            mode: MigState::Unsupported,
+            pending: None,
+            instances: Vec::new(),
+        },
         Some(m) => {
-            let state = |v: u32| if v == 1 { MigState::Enabled } else { MigState::Disabled };
+            let state = |v: u32| {
+                if v == 1 {
+                    MigState::Enabled
+                } else {
+                    MigState::Disabled
+                }
+            };
             let mut instances = Vec::new();
             if m.current == 1 {
                 let max = q.opt("mig device count", d.mig_device_count()).unwrap_or(0);
@@ -320,7 +378,10 @@ fn static_facts(d: &Device<'static>, index: u32, errors: &mut Vec<String>, lost:
                     if let Ok(md) = d.mig_device_by_index(i) {
                         if let Ok(u) = md.uuid() {
                             let total = md.memory_info().map(|m| m.total).unwrap_or(0);
-                            instances.push(MigInstance { uuid: u, memory_total_bytes: total });
+                            instances.push(MigInstance {
+                                uuid: u,
+                                memory_total_bytes: total,
+                            });
                         }
                     }
                 }
@@ -383,10 +444,20 @@ fn nvlink_peers(d: &Device<'static>) -> Option<Vec<String>> {
 }
 
 /// The per-sample reads: a fixed set of NVML calls per GPU.
-fn telemetry(d: &Device<'static>, nvml: &'static Nvml, g: &mut Gpu, errors: &mut Vec<String>, lost: &mut bool) {
+fn telemetry(
+    d: &Device<'static>,
+    nvml: &'static Nvml,
+    g: &mut Gpu,
+    errors: &mut Vec<String>,
+    lost: &mut bool,
+) {
     let mut q = Query { errors, lost };
     if let Some(m) = q.opt("memory", d.memory_info()) {
-        g.memory = Memory { total_bytes: m.total, used_bytes: m.used, free_bytes: m.free };
+        g.memory = Memory {
+            total_bytes: m.total,
+            used_bytes: m.used,
+            free_bytes: m.free,
+        };
     }
     if let Some(p) = g.pcie.as_mut() {
         p.current_generation = q.opt("pcie generation", d.current_pcie_link_gen());
@@ -395,15 +466,25 @@ fn telemetry(d: &Device<'static>, nvml: &'static Nvml, g: &mut Gpu, errors: &mut
     let util = q.opt("utilization", d.utilization_rates());
     g.telemetry = Telemetry {
         temperature_c: q.opt("temperature", d.temperature(TemperatureSensor::Gpu)),
-        power_w: q.opt("power", d.power_usage()).map(|mw| f64::from(mw) / 1000.0),
-        power_limit_w: q.opt("power limit", d.enforced_power_limit()).map(|mw| f64::from(mw) / 1000.0),
+        power_w: q
+            .opt("power", d.power_usage())
+            .map(|mw| f64::from(mw) / 1000.0),
+        power_limit_w: q
+            .opt("power limit", d.enforced_power_limit())
+            .map(|mw| f64::from(mw) / 1000.0),
         utilization_gpu_pct: util.as_ref().map(|u| u.gpu),
         utilization_memory_pct: util.as_ref().map(|u| u.memory),
     };
     let _ = Clock::Graphics; // clocks are not part of the sample: they change too often to mean much
     g.ecc = q.opt("ecc mode", d.is_ecc_enabled()).map(|m| {
         let enabled = m.currently_enabled;
-        let mut count = |e: MemoryError, c: EccCounter| if enabled { q.opt("ecc errors", d.total_ecc_errors(e, c)) } else { None };
+        let mut count = |e: MemoryError, c: EccCounter| {
+            if enabled {
+                q.opt("ecc errors", d.total_ecc_errors(e, c))
+            } else {
+                None
+            }
+        };
         Ecc {
             enabled,
             corrected_volatile: count(MemoryError::Corrected, EccCounter::Volatile),
@@ -413,13 +494,21 @@ fn telemetry(d: &Device<'static>, nvml: &'static Nvml, g: &mut Gpu, errors: &mut
         }
     });
     g.retired_pages = match (
-        q.opt("retired pages", d.retired_pages(RetirementCause::MultipleSingleBitEccErrors)),
-        q.opt("retired pages", d.retired_pages(RetirementCause::DoubleBitEccError)),
+        q.opt(
+            "retired pages",
+            d.retired_pages(RetirementCause::MultipleSingleBitEccErrors),
+        ),
+        q.opt(
+            "retired pages",
+            d.retired_pages(RetirementCause::DoubleBitEccError),
+        ),
     ) {
         (Some(s), Some(db)) => Some(RetiredPages {
             single_bit: s.len() as u32,
             double_bit: db.len() as u32,
-            pending: q.opt("pending retirement", d.are_pages_pending_retired()).unwrap_or(false),
+            pending: q
+                .opt("pending retirement", d.are_pages_pending_retired())
+                .unwrap_or(false),
         }),
         _ => None,
     };
@@ -428,7 +517,10 @@ fn telemetry(d: &Device<'static>, nvml: &'static Nvml, g: &mut Gpu, errors: &mut
 
 /// nvml-wrapper 0.13 has no safe wrapper for nvmlDeviceGetRemappedRows (Ampere and later), so
 /// it is called through the loaded library's symbol table.
-fn remapped_rows(nvml: &'static Nvml, d: &Device<'static>) -> Option<Result<RemappedRows, NvmlError>> {
+fn remapped_rows(
+    nvml: &'static Nvml,
+    d: &Device<'static>,
+) -> Option<Result<RemappedRows, NvmlError>> {
     let f = nvml.lib().nvmlDeviceGetRemappedRows.as_ref().ok()?;
     let (mut corr, mut unc, mut pending, mut failed) = (0u32, 0u32, 0u32, 0u32);
     // SAFETY: the symbol comes from the loaded NVML library with the signature nvml-wrapper-sys

@@ -16,7 +16,10 @@ pub const FIXTURE_GPUS_MAX: u32 = 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum FixtureError {
     #[error("cannot read GPU fixture {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("GPU fixture {path}: {why}")]
     Invalid { path: String, why: String },
 }
@@ -155,23 +158,35 @@ fn fixture_uuid(seed: &str, index: u32) -> String {
 impl Fixture {
     /// Reads a fixture file. `seed` (the node name) makes the derived UUIDs unique per host.
     pub fn load(path: &Path, seed: &str) -> Result<Self, FixtureError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| FixtureError::Read { path: path.display().to_string(), source })?;
-        Self::parse(&text, seed).map_err(|why| FixtureError::Invalid { path: path.display().to_string(), why })
+        let text = std::fs::read_to_string(path).map_err(|source| FixtureError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text, seed).map_err(|why| FixtureError::Invalid {
+            path: path.display().to_string(),
+            why,
+        })
     }
 
     pub fn parse(text: &str, seed: &str) -> Result<Self, String> {
-        let f: FixtureFile = toml::from_str(text).map_err(|e| e.to_string().trim().replace('\n', " "))?;
+        let f: FixtureFile =
+            toml::from_str(text).map_err(|e| e.to_string().trim().replace('\n', " "))?;
         let mut gpus = Vec::new();
         for (gi, g) in f.gpu.iter().enumerate() {
             if g.count == 0 {
                 return Err(format!("gpu[{gi}].count must be at least 1"));
             }
             if !g.uuids.is_empty() && g.uuids.len() != g.count as usize {
-                return Err(format!("gpu[{gi}].uuids has {} entries for count {}", g.uuids.len(), g.count));
+                return Err(format!(
+                    "gpu[{gi}].uuids has {} entries for count {}",
+                    g.uuids.len(),
+                    g.count
+                ));
             }
             if g.memory_used_mib > g.memory_total_mib {
-                return Err(format!("gpu[{gi}].memory_used_mib exceeds memory_total_mib"));
+                return Err(format!(
+                    "gpu[{gi}].memory_used_mib exceeds memory_total_mib"
+                ));
             }
             if !g.mig_instances.is_empty() && g.mig != MigState::Enabled {
                 return Err(format!("gpu[{gi}].mig_instances needs mig = \"enabled\""));
@@ -183,9 +198,16 @@ impl Fixture {
             let bus = |i: u32| format!("00000000:{:02X}:00.0", 0x18 + i);
             for k in 0..g.count {
                 let index = first + k;
-                let uuid = g.uuids.get(k as usize).cloned().unwrap_or_else(|| fixture_uuid(seed, index));
+                let uuid = g
+                    .uuids
+                    .get(k as usize)
+                    .cloned()
+                    .unwrap_or_else(|| fixture_uuid(seed, index));
                 let nvlink_peers = g.nvlink.map(|spec| match spec {
-                    NvLinkSpec::All => (first..first + g.count).filter(|j| *j != index).map(bus).collect(),
+                    NvLinkSpec::All => (first..first + g.count)
+                        .filter(|j| *j != index)
+                        .map(bus)
+                        .collect(),
                     NvLinkSpec::None => Vec::new(),
                 });
                 let mig_instances = g
@@ -207,15 +229,22 @@ impl Fixture {
                         free_bytes: (g.memory_total_mib - g.memory_used_mib) * MIB,
                     },
                     pci_bus_id: bus(index),
-                    pcie: g.pcie_generation.zip(g.pcie_width).map(|(generation, width)| Pcie {
-                        generation,
-                        width,
-                        current_generation: Some(generation),
-                        current_width: Some(width),
-                    }),
+                    pcie: g
+                        .pcie_generation
+                        .zip(g.pcie_width)
+                        .map(|(generation, width)| Pcie {
+                            generation,
+                            width,
+                            current_generation: Some(generation),
+                            current_width: Some(width),
+                        }),
                     compute_capability: g.compute_capability.clone(),
                     architecture: g.architecture.clone(),
-                    mig: Mig { mode: g.mig, pending: None, instances: mig_instances },
+                    mig: Mig {
+                        mode: g.mig,
+                        pending: None,
+                        instances: mig_instances,
+                    },
                     numa_node: g.numa_node,
                     nvlink_peers,
                     telemetry: Telemetry {
@@ -232,9 +261,11 @@ impl Fixture {
                         corrected_aggregate: enabled.then_some(0),
                         uncorrected_aggregate: enabled.then_some(0),
                     }),
-                    retired_pages: g
-                        .retired_pages_supported
-                        .then_some(RetiredPages { single_bit: 0, double_bit: 0, pending: false }),
+                    retired_pages: g.retired_pages_supported.then_some(RetiredPages {
+                        single_bit: 0,
+                        double_bit: 0,
+                        pending: false,
+                    }),
                     remapped_rows: g.remapped_rows_supported.then_some(RemappedRows {
                         corrected: 0,
                         uncorrected: 0,
@@ -251,7 +282,11 @@ impl Fixture {
         }
         for (i, e) in f.event.iter().enumerate() {
             if e.gpu as usize >= gpus.len() {
-                return Err(format!("event[{i}].gpu = {} but the fixture has {} GPUs", e.gpu, gpus.len()));
+                return Err(format!(
+                    "event[{i}].gpu = {} but the fixture has {} GPUs",
+                    e.gpu,
+                    gpus.len()
+                ));
             }
         }
         let mut events = f.event;
@@ -324,19 +359,40 @@ mod tests {
         assert_eq!(fixture_uuid("node-1", 0), fixture_uuid("node-1", 0));
         assert_ne!(fixture_uuid("node-1", 0), fixture_uuid("node-2", 0));
         assert_ne!(fixture_uuid("node-1", 0), fixture_uuid("node-1", 1));
-        assert_eq!(fixture_uuid("x", 3).len(), "GPU-12345678-1234-1234-1234-123456789012".len());
+        assert_eq!(
+            fixture_uuid("x", 3).len(),
+            "GPU-12345678-1234-1234-1234-123456789012".len()
+        );
     }
 
     #[test]
     fn bad_fixtures_are_refused_with_the_reason() {
         for (text, why) in [
             ("[[gpu]]\nname = \"A\"\n", "memory_total_mib"),
-            ("[[gpu]]\nname = \"A\"\nmemory_total_mib = 1\ncount = 0\n", "count"),
-            ("[[gpu]]\nname = \"A\"\nmemory_total_mib = 1\nmemory_used_mib = 2\n", "memory_used_mib"),
-            ("[[gpu]]\nname = \"A\"\nmemory_total_mib = 1\nbogus = 1\n", "bogus"),
-            ("[[gpu]]\nname = \"A\"\nmemory_total_mib = 1\n[[event]]\ngpu = 5\n", "event[0].gpu"),
-            ("[[gpu]]\nname = \"A\"\nmemory_total_mib = 1\nmig_instances = [{ memory_mib = 1 }]\n", "mig"),
-            ("[[gpu]]\nname = \"A\"\nmemory_total_mib = 1\ncount = 2\nuuids = [\"GPU-1\"]\n", "uuids"),
+            (
+                "[[gpu]]\nname = \"A\"\nmemory_total_mib = 1\ncount = 0\n",
+                "count",
+            ),
+            (
+                "[[gpu]]\nname = \"A\"\nmemory_total_mib = 1\nmemory_used_mib = 2\n",
+                "memory_used_mib",
+            ),
+            (
+                "[[gpu]]\nname = \"A\"\nmemory_total_mib = 1\nbogus = 1\n",
+                "bogus",
+            ),
+            (
+                "[[gpu]]\nname = \"A\"\nmemory_total_mib = 1\n[[event]]\ngpu = 5\n",
+                "event[0].gpu",
+            ),
+            (
+                "[[gpu]]\nname = \"A\"\nmemory_total_mib = 1\nmig_instances = [{ memory_mib = 1 }]\n",
+                "mig",
+            ),
+            (
+                "[[gpu]]\nname = \"A\"\nmemory_total_mib = 1\ncount = 2\nuuids = [\"GPU-1\"]\n",
+                "uuids",
+            ),
         ] {
             let e = Fixture::parse(text, "n").unwrap_err();
             assert!(e.contains(why), "{text:?}: {e}");

@@ -19,7 +19,9 @@ pub struct HealthThresholds {
 
 impl Default for HealthThresholds {
     fn default() -> Self {
-        HealthThresholds { temperature_degraded_c: 85 }
+        HealthThresholds {
+            temperature_degraded_c: 85,
+        }
     }
 }
 
@@ -30,8 +32,14 @@ pub fn assess(gpu: &Gpu, t: &HealthThresholds) -> (Health, Vec<String>) {
     if gpu.lost {
         failed.push("GPU lost (fallen off the bus or not answering)".to_string());
     }
-    if let Some(n) = gpu.ecc.and_then(|e| e.uncorrected_volatile).filter(|n| *n > 0) {
-        failed.push(format!("{n} uncorrectable ECC error(s) since the driver loaded"));
+    if let Some(n) = gpu
+        .ecc
+        .and_then(|e| e.uncorrected_volatile)
+        .filter(|n| *n > 0)
+    {
+        failed.push(format!(
+            "{n} uncorrectable ECC error(s) since the driver loaded"
+        ));
     }
     if let Some(r) = gpu.remapped_rows {
         if r.failed {
@@ -51,8 +59,15 @@ pub fn assess(gpu: &Gpu, t: &HealthThresholds) -> (Health, Vec<String>) {
     if gpu.retired_pages.is_some_and(|r| r.pending) {
         degraded.push("page retirement pending: reset the GPU".to_string());
     }
-    if let Some(c) = gpu.telemetry.temperature_c.filter(|c| *c >= t.temperature_degraded_c) {
-        degraded.push(format!("temperature {c} C at or above {} C", t.temperature_degraded_c));
+    if let Some(c) = gpu
+        .telemetry
+        .temperature_c
+        .filter(|c| *c >= t.temperature_degraded_c)
+    {
+        degraded.push(format!(
+            "temperature {c} C at or above {} C",
+            t.temperature_degraded_c
+        ));
     }
     for e in &gpu.query_errors {
         degraded.push(format!("cannot read {e}"));

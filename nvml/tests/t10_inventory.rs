@@ -11,7 +11,9 @@ use pd_nvml::health::{self, HealthThresholds, assess};
 use pd_nvml::*;
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
 }
 
 fn assessed(f: &Fixture, at_ms: u64) -> GpuInventory {
@@ -53,7 +55,9 @@ fn h100_node_fields() {
         assert_eq!(g.health, Health::Healthy, "{:?}", g.health_reasons);
     }
     // Another host gets other UUIDs from the same file.
-    let other = Fixture::load(&fixture("8xh100-nvlink.toml"), "node-2").unwrap().at(Duration::ZERO);
+    let other = Fixture::load(&fixture("8xh100-nvlink.toml"), "node-2")
+        .unwrap()
+        .at(Duration::ZERO);
     assert_ne!(other.gpus[0].uuid, inv.gpus[0].uuid);
 }
 
@@ -65,7 +69,10 @@ fn mixed_fleet_and_timeline() {
     let a100 = &inv.gpus[0];
     assert_eq!(a100.mig.mode, MigState::Enabled);
     assert_eq!(a100.mig.instances.len(), 3);
-    assert_eq!(a100.mig.instances[0].memory_total_bytes, 40192 * 1024 * 1024);
+    assert_eq!(
+        a100.mig.instances[0].memory_total_bytes,
+        40192 * 1024 * 1024
+    );
     assert!(a100.mig.instances[0].uuid.starts_with("MIG-"));
     let h200 = &inv.gpus[1];
     assert_eq!(h200.numa_node, None);
@@ -76,7 +83,11 @@ fn mixed_fleet_and_timeline() {
     assert_eq!(l40s.mig.mode, MigState::Unsupported);
     assert_eq!(l40s.ecc, None);
     assert_eq!(l40s.health, Health::Degraded);
-    assert!(l40s.health_reasons[0].contains("temperature 91"), "{:?}", l40s.health_reasons);
+    assert!(
+        l40s.health_reasons[0].contains("temperature 91"),
+        "{:?}",
+        l40s.health_reasons
+    );
 
     let later = assessed(&f, 2500);
     let l40s = &later.gpus[2];
@@ -84,7 +95,11 @@ fn mixed_fleet_and_timeline() {
     assert_eq!(l40s.xid_errors, vec![79]);
     assert_eq!(l40s.health, Health::Failed);
     assert!(l40s.health_reasons.iter().any(|r| r.contains("lost")));
-    assert!(l40s.health_reasons.iter().any(|r| r.contains("critical Xid 79")));
+    assert!(
+        l40s.health_reasons
+            .iter()
+            .any(|r| r.contains("critical Xid 79"))
+    );
 
     let ev = health::changes(&inv, &later);
     assert_eq!(ev.len(), 1);
@@ -150,24 +165,42 @@ memory_used_mib = 900
     for (g, (h, why)) in inv.gpus.iter().zip(want) {
         assert_eq!(g.health, h, "gpu {}: {:?}", g.index, g.health_reasons);
         if !why.is_empty() {
-            assert!(g.health_reasons.iter().any(|r| r.contains(why)), "gpu {}: {:?}", g.index, g.health_reasons);
+            assert!(
+                g.health_reasons.iter().any(|r| r.contains(why)),
+                "gpu {}: {:?}",
+                g.index,
+                g.health_reasons
+            );
         }
     }
     assert_eq!(inv.gpus[9].memory.used_bytes, 900 * 1024 * 1024);
     assert_eq!(inv.gpus[9].memory.free_bytes, 100 * 1024 * 1024);
     assert_eq!(inv.gpus[9].ecc.unwrap().corrected_volatile, Some(1000));
     // Thresholds are configurable.
-    let (h, _) = assess(&inv.gpus[8], &HealthThresholds { temperature_degraded_c: 90 });
+    let (h, _) = assess(
+        &inv.gpus[8],
+        &HealthThresholds {
+            temperature_degraded_c: 90,
+        },
+    );
     assert_eq!(h, Health::Healthy);
 }
 
 /// Appearing and disappearing GPUs are events too; the first sample reports every GPU.
 #[test]
 fn discovery_reports_changes() {
-    let mut d = GpuDiscovery::open(Some(&fixture("8xh100-nvlink.toml")), "n", HealthThresholds::default()).unwrap();
+    let mut d = GpuDiscovery::open(
+        Some(&fixture("8xh100-nvlink.toml")),
+        "n",
+        HealthThresholds::default(),
+    )
+    .unwrap();
     let (inv, ev) = d.sample();
     assert_eq!(ev.len(), 8);
-    assert!(ev.iter().all(|e| e.from.is_none() && e.to == Some(Health::Healthy)));
+    assert!(
+        ev.iter()
+            .all(|e| e.from.is_none() && e.to == Some(Health::Healthy))
+    );
     let (_, ev) = d.sample();
     assert!(ev.is_empty());
     let mut fewer = inv.clone();
@@ -183,7 +216,12 @@ fn discovery_reports_changes() {
 /// The JSON shape `pdagent gpus --json` prints.
 #[test]
 fn inventory_serialises_with_source_and_gpus() {
-    let mut d = GpuDiscovery::open(Some(&fixture("mixed-faults.toml")), "n", HealthThresholds::default()).unwrap();
+    let mut d = GpuDiscovery::open(
+        Some(&fixture("mixed-faults.toml")),
+        "n",
+        HealthThresholds::default(),
+    )
+    .unwrap();
     let (inv, _) = d.sample();
     let v = serde_json::to_value(&inv).unwrap();
     assert_eq!(v["source"], "fixture");
@@ -217,7 +255,11 @@ fn nvml_when_present() {
                 assert!(!g.pci_bus_id.is_empty());
             }
             let per = pd_nvml::discover::measure_sample_cost(&mut d, 10);
-            let _ = writeln!(std::io::stderr(), "NVML: {} GPU(s), one sample costs {per:?}", inv.gpus.len());
+            let _ = writeln!(
+                std::io::stderr(),
+                "NVML: {} GPU(s), one sample costs {per:?}",
+                inv.gpus.len()
+            );
         }
     }
 }
@@ -225,8 +267,12 @@ fn nvml_when_present() {
 /// An unreadable fixture is an error that names the file.
 #[test]
 fn missing_fixture_is_an_error() {
-    let e = GpuDiscovery::open(Some(std::path::Path::new("/nonexistent/gpus.toml")), "n", HealthThresholds::default())
-        .err()
-        .unwrap();
+    let e = GpuDiscovery::open(
+        Some(std::path::Path::new("/nonexistent/gpus.toml")),
+        "n",
+        HealthThresholds::default(),
+    )
+    .err()
+    .unwrap();
     assert!(e.to_string().contains("/nonexistent/gpus.toml"), "{e}");
 }
