@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use nvml_wrapper::Nvml;
 use nvml_wrapper::bitmasks::event::EventTypes;
 use nvml_wrapper::enum_wrappers::device::{
-    Clock, EccCounter, MemoryError, RetirementCause, TemperatureSensor,
+    EccCounter, MemoryError, RetirementCause, TemperatureSensor,
 };
 use nvml_wrapper::enums::event::XidError;
 use nvml_wrapper::error::NvmlError;
@@ -375,15 +375,15 @@ fn static_facts(d: &Device<'static>, index: u32, errors: &mut Vec<String>, lost:
             if m.current == 1 {
                 let max = q.opt("mig device count", d.mig_device_count()).unwrap_or(0);
                 for i in 0..max {
-                    if let Ok(md) = d.mig_device_by_index(i) {
-                        if let Ok(u) = md.uuid() {
-                            let total = md.memory_info().map(|m| m.total).unwrap_or(0);
-                            instances.push(MigInstance {
-                                uuid: u,
-                                memory_total_bytes: total,
-                            });
-                        }
-                    }
+                    let Ok(md) = d.mig_device_by_index(i) else {
+                        continue;
+                    };
+                    let Ok(uuid) = md.uuid() else { continue };
+                    let total = md.memory_info().map(|m| m.total).unwrap_or(0);
+                    instances.push(MigInstance {
+                        uuid,
+                        memory_total_bytes: total,
+                    });
                 }
             }
             Mig {
@@ -426,18 +426,15 @@ fn nvlink_peers(d: &Device<'static>) -> Option<Vec<String>> {
     let mut peers = Vec::new();
     for link in 0..NVLINK_LINKS_MAX {
         let l = d.link_wrapper_for(link);
-        match l.is_active() {
-            Ok(active) => {
-                supported = true;
-                if active {
-                    if let Ok(p) = l.remote_pci_info() {
-                        if !peers.contains(&p.bus_id) {
-                            peers.push(p.bus_id);
-                        }
-                    }
-                }
-            }
-            Err(_) => continue,
+        let Ok(active) = l.is_active() else { continue };
+        supported = true;
+        let remote = if active {
+            l.remote_pci_info().ok()
+        } else {
+            None
+        };
+        if let Some(p) = remote.filter(|p| !peers.contains(&p.bus_id)) {
+            peers.push(p.bus_id);
         }
     }
     supported.then_some(peers)
@@ -475,7 +472,6 @@ fn telemetry(
         utilization_gpu_pct: util.as_ref().map(|u| u.gpu),
         utilization_memory_pct: util.as_ref().map(|u| u.memory),
     };
-    let _ = Clock::Graphics; // clocks are not part of the sample: they change too often to mean much
     g.ecc = q.opt("ecc mode", d.is_ecc_enabled()).map(|m| {
         let enabled = m.currently_enabled;
         let mut count = |e: MemoryError, c: EccCounter| {

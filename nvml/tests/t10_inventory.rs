@@ -50,8 +50,8 @@ fn h100_node_fields() {
         assert!(!peers.contains(&g.pci_bus_id));
         assert_eq!(g.telemetry.power_limit_w, Some(700.0));
         assert!(g.ecc.unwrap().enabled);
-        assert_eq!(g.retired_pages.unwrap().pending, false);
-        assert_eq!(g.remapped_rows.unwrap().failed, false);
+        assert!(!g.retired_pages.unwrap().pending);
+        assert!(!g.remapped_rows.unwrap().failed);
         assert_eq!(g.health, Health::Healthy, "{:?}", g.health_reasons);
     }
     // Another host gets other UUIDs from the same file.
