@@ -40,6 +40,8 @@ pub const PROTOCOL_VERSION: u16 = 1;
 /// First bytes on every connection.
 pub const HELLO_MAGIC: [u8; 4] = *b"PDAG";
 const HELLO_REASON_BYTES_MAX: u32 = 4096;
+/// Incoming connections in TLS or hello at once; more are refused until some finish.
+pub const HANDSHAKES_IN_FLIGHT_MAX: usize = 256;
 
 /// Connection close codes (QUIC application error codes).
 pub mod close_code {
@@ -349,22 +351,20 @@ impl Endpoint {
         ))
     }
 
-    /// Accepts the next connection that passes TLS and the hello. Refused connections are
-    /// logged and skipped. Returns `None` once the endpoint is closed.
-    pub async fn accept(&self) -> Option<Connection> {
-        loop {
-            let incoming = self.inner.accept().await?;
-            if self.inner.open_connections() >= self.cfg.connections_max {
-                warn!(remote = %incoming.remote_address(), limit = self.cfg.connections_max, "refusing connection: at the connection limit");
-                incoming.refuse();
-                continue;
+    /// Runs TLS and the hello for one incoming connection, within the handshake timeout.
+    /// Refusals are logged and give `None`.
+    async fn handshake(&self, incoming: quinn::Incoming) -> Option<Connection> {
+        let remote = incoming.remote_address();
+        let ms = self.cfg.handshake_timeout_ms;
+        match tokio::time::timeout(self.handshake_timeout(), self.accept_one(incoming)).await {
+            Ok(Ok(conn)) => Some(conn),
+            Ok(Err(e)) => {
+                warn!(%remote, error = %e, "refused incoming connection");
+                None
             }
-            let remote = incoming.remote_address();
-            let ms = self.cfg.handshake_timeout_ms;
-            match tokio::time::timeout(self.handshake_timeout(), self.accept_one(incoming)).await {
-                Ok(Ok(conn)) => return Some(conn),
-                Ok(Err(e)) => warn!(%remote, error = %e, "refused incoming connection"),
-                Err(_) => warn!(%remote, ms, "refused incoming connection: handshake timed out"),
+            Err(_) => {
+                warn!(%remote, ms, "refused incoming connection: handshake timed out");
+                None
             }
         }
     }
@@ -462,12 +462,34 @@ impl Endpoint {
         Ok(Connection::new(conn, identity, self.cfg.frame_bytes_max))
     }
 
-    /// Accepts connections and serves them with `service` until the endpoint closes.
+    /// Accepts connections and serves them with `service` until the endpoint closes. Every
+    /// handshake runs in its own task, at most `HANDSHAKES_IN_FLIGHT_MAX` at once, so a slow or
+    /// silent peer cannot hold up the others.
     pub fn serve<S: Service>(&self, service: Arc<S>) -> JoinHandle<()> {
         let ep = self.clone();
+        let permits = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_IN_FLIGHT_MAX));
         tokio::spawn(async move {
-            while let Some(conn) = ep.accept().await {
-                tokio::spawn(conn.serve(service.clone()));
+            while let Some(incoming) = ep.inner.accept().await {
+                let remote = incoming.remote_address();
+                if ep.inner.open_connections() >= ep.cfg.connections_max {
+                    warn!(%remote, limit = ep.cfg.connections_max, "refusing connection: at the connection limit");
+                    incoming.refuse();
+                    continue;
+                }
+                let Ok(permit) = permits.clone().try_acquire_owned() else {
+                    warn!(%remote, limit = HANDSHAKES_IN_FLIGHT_MAX, "refusing connection: too many handshakes in flight");
+                    incoming.refuse();
+                    continue;
+                };
+                let ep = ep.clone();
+                let service = service.clone();
+                tokio::spawn(async move {
+                    let conn = ep.handshake(incoming).await;
+                    drop(permit);
+                    if let Some(conn) = conn {
+                        conn.serve(service).await;
+                    }
+                });
             }
         })
     }

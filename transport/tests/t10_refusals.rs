@@ -366,3 +366,24 @@ impl CloseText for quinn::Connection {
             .unwrap_or_else(|| "stream failed".into())
     }
 }
+
+/// Regression: handshakes used to run one after another, so a peer that completed TLS and then
+/// stayed silent held up every other peer for the whole handshake timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_peer_does_not_hold_up_others() {
+    let r = rig();
+    let id = identity(&r.ca, "node-s", Validity::default());
+    let qc =
+        quinn::crypto::rustls::QuicClientConfig::try_from(id.client_config().unwrap()).unwrap();
+    let mut ep = quinn::Endpoint::client(local()).unwrap();
+    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(qc)));
+    // TLS completes; no hello ever follows.
+    let _silent = ep.connect(r.addr, "node-a").unwrap().await.unwrap();
+    let start = std::time::Instant::now();
+    r.assert_still_serving().await;
+    let waited = start.elapsed();
+    assert!(
+        waited.as_millis() < u128::from(cfg().handshake_timeout_ms),
+        "a good peer waited {waited:?} behind a silent one"
+    );
+}
