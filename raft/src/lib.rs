@@ -1,0 +1,19 @@
+//! `pd-raft`: the control plane's replicated state.
+//!
+//! Owns: the openraft type configuration, the `ClusterState` state machine as a pure `apply`
+//! (with a schema version), and the Raft log, vote and snapshot storage on disk (redb, fsync
+//! before acknowledging).
+//!
+//! Must never: open sockets itself or read the clock. (The Raft network adapter on
+//! `pd-transport` and the agent's coordinator duties come next.)
+
+#![forbid(unsafe_code)]
+
+pub mod state;
+pub mod store;
+pub mod types;
+
+pub use state::{
+    AdminState, Applied, ApplyError, ClusterState, Command, CommandResult, NodeHealth, NodeRecord,
+};
+pub use types::{NodeId, RaftPeer, TypeConfig};
