@@ -157,10 +157,8 @@ fn check_label(key: &str, value: Option<&str>) -> Result<(), ApplyError> {
     if key.is_empty() || key.len() > LABEL_BYTES_MAX || !key.chars().all(ok_char) {
         return bad("keys are 1 to 253 of a-z, A-Z, 0-9, '-', '_', '.', '/'");
     }
-    if let Some(v) = value {
-        if v.len() > LABEL_BYTES_MAX || !v.chars().all(ok_char) {
-            return bad("values are at most 253 of a-z, A-Z, 0-9, '-', '_', '.', '/'");
-        }
+    if value.is_some_and(|v| v.len() > LABEL_BYTES_MAX || !v.chars().all(ok_char)) {
+        return bad("values are at most 253 of a-z, A-Z, 0-9, '-', '_', '.', '/'");
     }
     Ok(())
 }
