@@ -4,11 +4,14 @@
 //! (with a schema version), and the Raft log, vote and snapshot storage on disk (redb, fsync
 //! before acknowledging).
 //!
-//! Must never: open sockets itself or read the clock. (The Raft network adapter on
-//! `pd-transport` and the agent's coordinator duties come next.)
+//! Also the Raft network adapter: what Raft RPCs carry, and a `RaftNetworkFactory` that sends
+//! them through the agent's transport (`RaftRpc`).
+//!
+//! Must never: open sockets itself or read the clock.
 
 #![forbid(unsafe_code)]
 
+pub mod network;
 pub mod state;
 pub mod store;
 pub mod types;
