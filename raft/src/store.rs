@@ -117,9 +117,9 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
     txn.commit().map_err(|e| open_err(&e))?;
     let db = Arc::new(db);
     let log = LogStore { db: db.clone() };
-    let mut sm = StateMachineStore {
+    let sm = StateMachineStore {
         db,
-        data: StateMachineData::default(),
+        data: SharedState::default(),
         snapshots_built: 0,
     };
     if let Some(stored) = sm
@@ -133,7 +133,7 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
                 found: data.state.schema_version,
             });
         }
-        sm.data = data;
+        *sm.write() = data;
     }
     Ok((log, sm))
 }
@@ -299,17 +299,34 @@ struct StoredSnapshot {
     data: Vec<u8>,
 }
 
+/// The applied state, shared between the state machine (which writes it) and readers in the
+/// agent (status, placement), who take the read lock briefly.
+pub type SharedState = Arc<std::sync::RwLock<StateMachineData>>;
+
 /// The state machine: `ClusterState` in memory, snapshots on disk.
 pub struct StateMachineStore {
     db: Arc<Database>,
-    pub(crate) data: StateMachineData,
+    data: SharedState,
     snapshots_built: u64,
 }
 
 impl StateMachineStore {
-    /// The current cluster state.
-    pub fn state(&self) -> &ClusterState {
-        &self.data.state
+    /// A copy of the current cluster state.
+    pub fn state(&self) -> ClusterState {
+        self.read().state.clone()
+    }
+
+    /// A handle on the applied state that stays valid after the store moves into Raft.
+    pub fn shared(&self) -> SharedState {
+        self.data.clone()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, StateMachineData> {
+        self.data.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, StateMachineData> {
+        self.data.write().unwrap_or_else(|p| p.into_inner())
     }
 
     fn read_snapshot(&self) -> Result<Option<StoredSnapshot>, AnyError> {
@@ -353,7 +370,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         };
         let store = StateMachineStore {
             db: self.db.clone(),
-            data: StateMachineData::default(),
+            data: SharedState::default(),
             snapshots_built: 0,
         };
         store
@@ -378,7 +395,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Option<LogId<NodeId>>,
         StoredMembership<NodeId, crate::types::RaftPeer>,
     )> {
-        Ok((self.data.last_applied, self.data.last_membership.clone()))
+        let d = self.read();
+        Ok((d.last_applied, d.last_membership.clone()))
     }
 
     async fn apply<I>(&mut self, entries: I) -> SResult<Vec<CommandResult>>
@@ -387,13 +405,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I::IntoIter: OptionalSend,
     {
         let mut out = Vec::new();
+        let mut d = self.write();
         for e in entries {
-            self.data.last_applied = Some(e.log_id);
+            d.last_applied = Some(e.log_id);
             out.push(match e.payload {
                 EntryPayload::Blank => Ok(Applied::Done),
-                EntryPayload::Normal(cmd) => self.data.state.apply(e.log_id.index, &cmd),
+                EntryPayload::Normal(cmd) => d.state.apply(e.log_id.index, &cmd),
                 EntryPayload::Membership(m) => {
-                    self.data.last_membership = StoredMembership::new(Some(e.log_id), m);
+                    d.last_membership = StoredMembership::new(Some(e.log_id), m);
                     Ok(Applied::Done)
                 }
             });
@@ -405,7 +424,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.snapshots_built += 1;
         SnapshotBuilder {
             db: self.db.clone(),
-            data: self.data.clone(),
+            data: self.read().clone(),
             seq: self.snapshots_built,
         }
     }
@@ -434,7 +453,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             data: bytes,
         })
         .map_err(|e| err::write_snapshot(Some(meta.signature()), e))?;
-        self.data = data;
+        *self.write() = data;
         Ok(())
     }
 
