@@ -1,6 +1,8 @@
-//! The agent's life cycle: bind the transport with the node certificate, serve peers, tell
-//! systemd, keep the watchdog fed, shut down cleanly on SIGTERM or SIGINT.
+//! The agent's life cycle: bind the transport with the node certificate, start the control
+//! plane (Raft), serve peers, sample GPUs, tell systemd, keep the watchdog fed, shut down
+//! cleanly on SIGTERM or SIGINT.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -8,8 +10,10 @@ use pd_transport::{Endpoint, Identity, PROTOCOL_VERSION, PeerIdentity, Service};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::info;
 
-use crate::config::Validated;
+use crate::config::{ConfigError, Validated};
+use crate::control::ControlPlane;
 use crate::notify::Notifier;
+use crate::peers::Peers;
 use crate::wire::{AgentRequest, AgentResponse};
 
 /// Bound on the graceful part of shutdown.
@@ -19,13 +23,14 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 pub struct AgentService {
     node: String,
     started: Instant,
+    control: Arc<ControlPlane>,
 }
 
 impl Service for AgentService {
     type Request = AgentRequest;
     type Response = AgentResponse;
 
-    async fn call(&self, _peer: &PeerIdentity, req: AgentRequest) -> Result<AgentResponse, String> {
+    async fn call(&self, peer: &PeerIdentity, req: AgentRequest) -> Result<AgentResponse, String> {
         match req {
             AgentRequest::Ping { nonce } => Ok(AgentResponse::Pong {
                 node: self.node.clone(),
@@ -33,13 +38,55 @@ impl Service for AgentService {
                 protocol_version: PROTOCOL_VERSION,
                 uptime_ms: self.started.elapsed().as_millis() as u64,
             }),
+            AgentRequest::Raft(r) => {
+                if !matches!(peer, PeerIdentity::Node(_)) {
+                    return Err("only agents speak Raft".into());
+                }
+                Ok(AgentResponse::Raft(
+                    pd_raft::network::handle(&self.control.raft, r).await,
+                ))
+            }
+            AgentRequest::Join { name, address } => self.control.join(peer, name, address).await,
+            AgentRequest::Propose(cmd) => Ok(self.control.propose(cmd).await),
+            AgentRequest::Status => Ok(AgentResponse::Status(self.control.status())),
         }
     }
 }
 
+/// The address peers reach this agent at: `node.advertise`, or `listen` when it is specific,
+/// or (wildcard listen, no advertise) the local address of the route to the first seed.
+fn advertise_address(cfg: &Validated, bound: SocketAddr) -> Result<SocketAddr, ConfigError> {
+    if let Some(a) = cfg.advertise {
+        return Ok(if a.port() == 0 { bound } else { a });
+    }
+    if let Some(seed) = cfg.seeds.first() {
+        // connect() on UDP sends nothing: it only asks the kernel which source address it would
+        // use for that destination.
+        let probe = std::net::UdpSocket::bind((bound.ip(), 0)).and_then(|s| {
+            s.connect(seed.address)?;
+            s.local_addr()
+        });
+        if let Ok(local) = probe {
+            return Ok(SocketAddr::new(local.ip(), bound.port()));
+        }
+    }
+    Err(ConfigError {
+        field: "node.advertise".into(),
+        why: format!(
+            "node.listen is {} (a wildcard) and no address could be derived: set node.advertise",
+            cfg.listen
+        ),
+    })
+}
+
 /// Runs the agent until a termination signal. The configuration and identity were validated
 /// by the caller before this binds anything.
-pub async fn run(cfg: Validated, identity: Identity, notifier: Notifier) -> anyhow::Result<()> {
+pub async fn run(
+    cfg: Validated,
+    identity: Identity,
+    notifier: Notifier,
+    bootstrap: bool,
+) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let discovery = cfg.gpu_discovery()?;
@@ -47,14 +94,19 @@ pub async fn run(cfg: Validated, identity: Identity, notifier: Notifier) -> anyh
     // Kept for the liveness reports the control plane sends.
     let _inventory = crate::gpus::start_sampler(discovery, interval)?;
     let endpoint = Endpoint::bind(cfg.listen, &identity, &cfg.config.transport)?;
+    let advertise = advertise_address(&cfg, endpoint.local_addr())?;
+    let peers = Arc::new(Peers::new(endpoint.clone()));
+    let control = ControlPlane::start(&cfg, advertise, peers, bootstrap).await?;
     let service = Arc::new(AgentService {
         node: cfg.node_name.clone(),
         started: Instant::now(),
+        control: control.clone(),
     });
     let server = endpoint.serve(service);
     info!(
         node = %cfg.node_name,
         listen = %endpoint.local_addr(),
+        %advertise,
         protocol = PROTOCOL_VERSION,
         "agent ready"
     );
@@ -82,19 +134,20 @@ pub async fn run(cfg: Validated, identity: Identity, notifier: Notifier) -> anyh
     if let Some(w) = watchdog {
         w.abort();
     }
+    control.shutdown().await;
     endpoint.shutdown(SHUTDOWN_GRACE).await;
     server.abort();
     info!("stopped");
     Ok(())
 }
 
-/// One ping to a peer agent using this node's identity; returns the answer and the round trip.
-pub async fn ping(
+/// One request to an agent with this node's identity, from a throwaway endpoint.
+async fn request(
     cfg: &Validated,
     identity: &Identity,
     peer: &str,
-    addr: std::net::SocketAddr,
-    nonce: u64,
+    addr: SocketAddr,
+    req: &AgentRequest,
 ) -> anyhow::Result<(AgentResponse, Duration)> {
     let local = if addr.is_ipv4() {
         "0.0.0.0:0"
@@ -104,13 +157,37 @@ pub async fn ping(
     let endpoint = Endpoint::bind(local.parse()?, identity, &cfg.config.transport)?;
     let conn = endpoint.connect(addr, peer).await?;
     let start = Instant::now();
-    let resp: AgentResponse = conn.call(&AgentRequest::Ping { nonce }).await?;
+    let resp: AgentResponse = conn.call(req).await?;
     let rtt = start.elapsed();
     conn.close("done");
     endpoint.shutdown(Duration::from_millis(200)).await;
-    let AgentResponse::Pong { nonce: n, .. } = &resp;
-    if *n != nonce {
-        anyhow::bail!("{peer} answered ping {nonce} with pong {n}");
-    }
     Ok((resp, rtt))
+}
+
+/// One ping to a peer agent using this node's identity; returns the answer and the round trip.
+pub async fn ping(
+    cfg: &Validated,
+    identity: &Identity,
+    peer: &str,
+    addr: SocketAddr,
+    nonce: u64,
+) -> anyhow::Result<(AgentResponse, Duration)> {
+    let (resp, rtt) = request(cfg, identity, peer, addr, &AgentRequest::Ping { nonce }).await?;
+    match &resp {
+        AgentResponse::Pong { nonce: n, .. } if *n == nonce => Ok((resp, rtt)),
+        other => anyhow::bail!("{peer} answered ping {nonce} with {other:?}"),
+    }
+}
+
+/// The cluster as the agent at `addr` (by default this host's own agent) sees it.
+pub async fn status(
+    cfg: &Validated,
+    identity: &Identity,
+    peer: &str,
+    addr: SocketAddr,
+) -> anyhow::Result<crate::wire::StatusReport> {
+    match request(cfg, identity, peer, addr, &AgentRequest::Status).await? {
+        (AgentResponse::Status(s), _) => Ok(s),
+        (other, _) => anyhow::bail!("{peer} answered status with {other:?}"),
+    }
 }

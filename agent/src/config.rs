@@ -38,9 +38,76 @@ pub struct AgentConfig {
     pub log: LogSection,
     pub systemd: SystemdSection,
     pub gpus: GpusSection,
+    pub cluster: ClusterSection,
+    pub raft: RaftSection,
     pub transport: TransportConfig,
 }
 
+/// How this agent finds its cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterSection {
+    /// Agents to ask when joining, as "name@ip:port". Only an agent with an empty data dir
+    /// joins; it never founds a cluster by itself (that is `pdagent run --bootstrap`).
+    pub seeds: Vec<String>,
+    /// Raft voters the coordinator keeps (1, 3 or 5); other agents are learners.
+    pub voters: u32,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        ClusterSection {
+            seeds: Vec::new(),
+            voters: 3,
+        }
+    }
+}
+
+/// Raft timings. Production defaults; tests use shorter ones.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RaftSection {
+    pub heartbeat_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// A snapshot is taken after this many log entries.
+    pub snapshot_after_entries: u64,
+    /// How often the coordinator checks the voter set.
+    pub coordinator_interval_ms: u64,
+}
+
+impl Default for RaftSection {
+    fn default() -> Self {
+        RaftSection {
+            heartbeat_ms: 250,
+            election_timeout_min_ms: 1000,
+            election_timeout_max_ms: 2000,
+            snapshot_after_entries: 5000,
+            coordinator_interval_ms: 1000,
+        }
+    }
+}
+
+/// A seed: the node name (its certificate must name it) and its transport address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seed {
+    pub name: String,
+    pub address: SocketAddr,
+}
+
+pub fn parse_seed(s: &str) -> Result<Seed, String> {
+    let (name, addr) = s
+        .split_once('@')
+        .ok_or_else(|| format!("{s:?} is not name@ip:port"))?;
+    pki::validate_node_name(name).map_err(|e| e.to_string())?;
+    let address = addr
+        .parse()
+        .map_err(|_| format!("{addr:?} is not an ip:port address"))?;
+    Ok(Seed {
+        name: name.to_string(),
+        address,
+    })
+}
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct GpusSection {
@@ -72,6 +139,9 @@ pub struct NodeSection {
     pub data_dir: PathBuf,
     /// UDP address of the agent's QUIC transport.
     pub listen: String,
+    /// Address other agents use to reach this one (IP:port). Empty: `listen`, which must then
+    /// not be a wildcard address.
+    pub advertise: String,
     /// Tokio worker threads; 0 means one per core.
     pub worker_threads: usize,
 }
@@ -82,6 +152,7 @@ impl Default for NodeSection {
             name: String::new(),
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             listen: DEFAULT_LISTEN.to_string(),
+            advertise: String::new(),
             worker_threads: 0,
         }
     }
@@ -166,6 +237,9 @@ pub struct Validated {
     pub config: AgentConfig,
     pub node_name: String,
     pub listen: SocketAddr,
+    /// Where peers reach this agent; `None` when it must be told (wildcard listen).
+    pub advertise: Option<SocketAddr>,
+    pub seeds: Vec<Seed>,
     pub ca_cert: PathBuf,
     pub node_cert: PathBuf,
     pub node_key: PathBuf,
@@ -290,6 +364,66 @@ impl AgentConfig {
                 ),
             )
         })?;
+        let advertise = if self.node.advertise.is_empty() {
+            (!listen.ip().is_unspecified()).then_some(listen)
+        } else {
+            let a: SocketAddr = self.node.advertise.parse().map_err(|_| {
+                ConfigError::new(
+                    "node.advertise",
+                    format!("{:?} is not an IP:port address", self.node.advertise),
+                )
+            })?;
+            if a.ip().is_unspecified() || a.port() == 0 {
+                return Err(ConfigError::new(
+                    "node.advertise",
+                    "must be a reachable address with a port",
+                ));
+            }
+            Some(a)
+        };
+        let seeds = self
+            .cluster
+            .seeds
+            .iter()
+            .map(|s| parse_seed(s))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ConfigError::new("cluster.seeds", e))?;
+        if ![1, 3, 5].contains(&self.cluster.voters) {
+            return Err(ConfigError::new("cluster.voters", "must be 1, 3 or 5"));
+        }
+        let r = &self.raft;
+        if !(10..=10_000).contains(&r.heartbeat_ms) {
+            return Err(ConfigError::new(
+                "raft.heartbeat_ms",
+                "must be between 10 and 10000",
+            ));
+        }
+        if r.election_timeout_min_ms < 3 * r.heartbeat_ms {
+            return Err(ConfigError::new(
+                "raft.election_timeout_min_ms",
+                "must be at least 3 heartbeats",
+            ));
+        }
+        if r.election_timeout_max_ms <= r.election_timeout_min_ms
+            || r.election_timeout_max_ms > 60_000
+        {
+            return Err(ConfigError::new(
+                "raft.election_timeout_max_ms",
+                "must be above election_timeout_min_ms and at most 60000",
+            ));
+        }
+        if r.snapshot_after_entries < 10 {
+            return Err(ConfigError::new(
+                "raft.snapshot_after_entries",
+                "must be at least 10",
+            ));
+        }
+        if !(10..=600_000).contains(&r.coordinator_interval_ms) {
+            return Err(ConfigError::new(
+                "raft.coordinator_interval_ms",
+                "must be between 10 and 600000",
+            ));
+        }
         if self.node.worker_threads > 1024 {
             return Err(ConfigError::new(
                 "node.worker_threads",
@@ -312,6 +446,8 @@ impl AgentConfig {
             config: self.clone(),
             node_name,
             listen,
+            advertise,
+            seeds,
             ca_cert: pick(&self.tls.ca_cert, pki::CA_CERT_FILE),
             node_cert: pick(&self.tls.node_cert, pki::NODE_CERT_FILE),
             node_key: pick(&self.tls.node_key, pki::NODE_KEY_FILE),
@@ -475,6 +611,36 @@ mod tests {
         assert_eq!(
             err("[node]\nname = \"n\"\n[log]\nlevel = \"[[\"\n").field,
             "log.level"
+        );
+    }
+
+    #[test]
+    fn cluster_and_raft_values_are_checked() {
+        assert_eq!(
+            err("[node]\nname = \"n\"\n[cluster]\nvoters = 2\n").field,
+            "cluster.voters"
+        );
+        assert_eq!(
+            err("[node]\nname = \"n\"\n[cluster]\nseeds = [\"x\"]\n").field,
+            "cluster.seeds"
+        );
+        assert_eq!(
+            err("[node]\nname = \"n\"\nadvertise = \"0.0.0.0:1\"\n").field,
+            "node.advertise"
+        );
+        assert_eq!(
+            err("[node]\nname = \"n\"\n[raft]\nelection_timeout_min_ms = 100\n").field,
+            "raft.election_timeout_min_ms"
+        );
+        let c = parse_config("[node]\nname = \"n\"\nlisten = \"0.0.0.0:7400\"\n[cluster]\nseeds = [\"node-1@127.0.0.1:7400\"]\n").unwrap();
+        let v = c.validate().unwrap();
+        assert_eq!(v.advertise, None);
+        assert_eq!(
+            v.seeds[0],
+            Seed {
+                name: "node-1".into(),
+                address: "127.0.0.1:7400".parse().unwrap()
+            }
         );
     }
 

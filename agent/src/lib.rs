@@ -10,7 +10,9 @@
 
 pub mod agent;
 pub mod config;
+pub mod control;
 pub mod gpus;
 pub mod logging;
 pub mod notify;
+pub mod peers;
 pub mod wire;

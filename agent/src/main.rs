@@ -34,7 +34,25 @@ struct ConfigArgs {
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent.
-    Run(ConfigArgs),
+    Run {
+        #[command(flatten)]
+        args: ConfigArgs,
+        /// Found a new cluster with this agent as its first member. Only on the first host,
+        /// once: ignored when the data dir already holds Raft state.
+        #[arg(long)]
+        bootstrap: bool,
+    },
+    /// Show the cluster as an agent sees it (by default this host's own agent).
+    Status {
+        #[command(flatten)]
+        args: ConfigArgs,
+        /// Ask this agent instead: name@ip:port.
+        #[arg(long)]
+        agent: Option<String>,
+        /// Print one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Validate a configuration (and the certificates it names) without binding anything.
     CheckConfig(ConfigArgs),
     /// Show this host's GPUs (NVML, or the configured fixture) and their health.
@@ -70,7 +88,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Run(args) => {
+        Command::Run { args, bootstrap } => {
             let Some((v, id)) = load(&args) else {
                 return ExitCode::from(EX_USAGE);
             };
@@ -80,7 +98,7 @@ fn main() -> ExitCode {
                 Ok(rt) => rt,
                 Err(e) => return fail(e),
             };
-            match rt.block_on(agent::run(v, id, notifier)) {
+            match rt.block_on(agent::run(v, id, notifier, bootstrap)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(e),
             }
@@ -95,6 +113,64 @@ fn main() -> ExitCode {
             }
             None => ExitCode::from(EX_USAGE),
         },
+        Command::Status {
+            args,
+            agent: target,
+            json,
+        } => {
+            let Some((v, id)) = load(&args) else {
+                return ExitCode::from(EX_USAGE);
+            };
+            logging::init(v.config.log.format, "warn");
+            let (name, addr) = match target.as_deref().map(config::parse_seed) {
+                Some(Ok(s)) => (s.name, s.address),
+                Some(Err(e)) => {
+                    eprintln!("pdagent: --agent: {e}");
+                    return ExitCode::from(EX_USAGE);
+                }
+                None => {
+                    let a = v.advertise.unwrap_or(v.listen);
+                    let ip = if a.ip().is_unspecified() {
+                        std::net::Ipv4Addr::LOCALHOST.into()
+                    } else {
+                        a.ip()
+                    };
+                    (v.node_name.clone(), std::net::SocketAddr::new(ip, a.port()))
+                }
+            };
+            let rt = match runtime(&v) {
+                Ok(rt) => rt,
+                Err(e) => return fail(e),
+            };
+            match rt.block_on(agent::status(&v, &id, &name, addr)) {
+                Ok(s) if json => match serde_json::to_string(&s) {
+                    Ok(j) => println!("{j}"),
+                    Err(e) => return fail(e),
+                },
+                Ok(s) => {
+                    println!(
+                        "{} sees coordinator {} (term {}), {} node(s):",
+                        s.node,
+                        s.coordinator.as_deref().unwrap_or("none"),
+                        s.term,
+                        s.nodes.len()
+                    );
+                    for n in &s.nodes {
+                        println!(
+                            "  {:<20} {:<22} {:<8} {:<8} {:<9} {} GPU(s)",
+                            n.name,
+                            n.address,
+                            n.raft_role,
+                            format!("{:?}", n.health).to_lowercase(),
+                            format!("{:?}", n.admin_state).to_lowercase(),
+                            n.gpus.len()
+                        );
+                    }
+                }
+                Err(e) => return fail(e),
+            }
+            ExitCode::SUCCESS
+        }
         Command::Gpus { args, json } => {
             let v = match load_config(&args) {
                 Ok(v) => v,
@@ -153,6 +229,7 @@ fn main() -> ExitCode {
                         "pong from {node} at {addr}: protocol {protocol_version}, up {uptime_ms} ms, rtt {:.3} ms",
                         rtt.as_secs_f64() * 1e3
                     ),
+                    Ok((other, _)) => return fail(format!("unexpected answer to ping: {other:?}")),
                     Err(e) => return fail(e),
                 }
             }

@@ -1,15 +1,28 @@
 //! The agent's messages between agents. Variants are only appended, never renumbered or
 //! changed: a new need gets a new variant (bincode encodes the variant index).
 
+use std::collections::BTreeMap;
+
+use pd_raft::network::{RaftRequest, RaftResponse};
+use pd_raft::state::GpuRecord;
+use pd_raft::{AdminState, Command, CommandResult, NodeHealth, RaftPeer};
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub enum AgentRequest {
     /// Liveness and round-trip check.
     Ping { nonce: u64 },
+    /// A Raft RPC from a peer.
+    Raft(RaftRequest),
+    /// A host asks to join the cluster (its certificate must name `name`).
+    Join { name: String, address: String },
+    /// A change to the replicated state, for the coordinator.
+    Propose(Command),
+    /// This agent's view of the cluster.
+    Status,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub enum AgentResponse {
     Pong {
         node: String,
@@ -17,4 +30,42 @@ pub enum AgentResponse {
         protocol_version: u16,
         uptime_ms: u64,
     },
+    Raft(RaftResponse),
+    Joined {
+        coordinator: String,
+    },
+    Proposed(CommandResult),
+    /// Ask the coordinator instead (if one is known).
+    NotCoordinator {
+        coordinator: Option<RaftPeer>,
+    },
+    Status(StatusReport),
+}
+
+/// What `pdagent status` shows: one agent's view of the cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// The agent that answered.
+    pub node: String,
+    /// The coordinator (Raft leader) this agent knows of.
+    pub coordinator: Option<String>,
+    pub term: u64,
+    /// This agent's Raft state: leader, follower, candidate, learner, shutdown.
+    pub raft_state: String,
+    pub last_applied: Option<u64>,
+    /// False until this agent belongs to an initialised cluster.
+    pub in_cluster: bool,
+    pub nodes: Vec<NodeStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub name: String,
+    pub address: String,
+    /// "voter", "learner", or "none" (registered but not a Raft member).
+    pub raft_role: String,
+    pub health: NodeHealth,
+    pub admin_state: AdminState,
+    pub labels: BTreeMap<String, String>,
+    pub gpus: Vec<GpuRecord>,
 }

@@ -6,11 +6,13 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
-    VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
 };
 use serde::{Deserialize, Serialize};
 
@@ -29,7 +31,9 @@ pub enum RaftRequest {
 pub enum RaftResponse {
     AppendEntries(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
     Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
-    InstallSnapshot(Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>),
+    InstallSnapshot(
+        Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>,
+    ),
 }
 
 /// Why a Raft RPC did not get an answer.
@@ -68,7 +72,11 @@ impl<T: RaftRpc> RaftNetworkFactory<TypeConfig> for NetworkFactory<T> {
     type Network = PeerClient<T>;
 
     async fn new_client(&mut self, target: NodeId, node: &RaftPeer) -> Self::Network {
-        PeerClient { target, peer: node.clone(), rpc: self.rpc.clone() }
+        PeerClient {
+            target,
+            peer: node.clone(),
+            rpc: self.rpc.clone(),
+        }
     }
 }
 
@@ -81,15 +89,32 @@ pub struct PeerClient<T> {
 type RpcErr<E = RaftError<NodeId>> = RPCError<NodeId, RaftPeer, E>;
 
 impl<T: RaftRpc> PeerClient<T> {
-    async fn send<E: std::error::Error>(&self, req: RaftRequest, opt: &RPCOption) -> Result<RaftResponse, RpcErr<E>> {
-        self.rpc.call(&self.peer, req, opt.hard_ttl()).await.map_err(|f| match f {
-            RpcFailure::Unreachable(m) => RPCError::Unreachable(Unreachable::new(&RpcFailure::Unreachable(m))),
-            RpcFailure::Network(m) => RPCError::Network(NetworkError::new(&RpcFailure::Network(m))),
-        })
+    async fn send<E: std::error::Error>(
+        &self,
+        req: RaftRequest,
+        opt: &RPCOption,
+    ) -> Result<RaftResponse, RpcErr<E>> {
+        self.rpc
+            .call(&self.peer, req, opt.hard_ttl())
+            .await
+            .map_err(|f| match f {
+                RpcFailure::Unreachable(m) => {
+                    RPCError::Unreachable(Unreachable::new(&RpcFailure::Unreachable(m)))
+                }
+                RpcFailure::Network(m) => {
+                    RPCError::Network(NetworkError::new(&RpcFailure::Network(m)))
+                }
+            })
     }
 
     fn remote<R, E: std::error::Error>(&self, r: Result<R, E>) -> Result<R, RpcErr<E>> {
-        r.map_err(|e| RPCError::RemoteError(RemoteError::new_with_node(self.target, self.peer.clone(), e)))
+        r.map_err(|e| {
+            RPCError::RemoteError(RemoteError::new_with_node(
+                self.target,
+                self.peer.clone(),
+                e,
+            ))
+        })
     }
 
     fn mismatch<E: std::error::Error>(&self) -> RpcErr<E> {
@@ -116,14 +141,22 @@ impl<T: RaftRpc> RaftNetwork<TypeConfig> for PeerClient<T> {
         &mut self,
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<InstallSnapshotResponse<NodeId>, RpcErr<RaftError<NodeId, InstallSnapshotError>>> {
-        match self.send(RaftRequest::InstallSnapshot(rpc), &option).await? {
+    ) -> Result<InstallSnapshotResponse<NodeId>, RpcErr<RaftError<NodeId, InstallSnapshotError>>>
+    {
+        match self
+            .send(RaftRequest::InstallSnapshot(rpc), &option)
+            .await?
+        {
             RaftResponse::InstallSnapshot(r) => self.remote(r),
             _ => Err(self.mismatch()),
         }
     }
 
-    async fn vote(&mut self, rpc: VoteRequest<NodeId>, option: RPCOption) -> Result<VoteResponse<NodeId>, RpcErr> {
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RpcErr> {
         match self.send(RaftRequest::Vote(rpc), &option).await? {
             RaftResponse::Vote(r) => self.remote(r),
             _ => Err(self.mismatch()),
@@ -136,7 +169,9 @@ pub async fn handle(raft: &openraft::Raft<TypeConfig>, req: RaftRequest) -> Raft
     match req {
         RaftRequest::AppendEntries(r) => RaftResponse::AppendEntries(raft.append_entries(r).await),
         RaftRequest::Vote(r) => RaftResponse::Vote(raft.vote(r).await),
-        RaftRequest::InstallSnapshot(r) => RaftResponse::InstallSnapshot(raft.install_snapshot(r).await),
+        RaftRequest::InstallSnapshot(r) => {
+            RaftResponse::InstallSnapshot(raft.install_snapshot(r).await)
+        }
     }
 }
 
@@ -158,7 +193,8 @@ mod tests {
     #[test]
     fn node_ids_are_stable_and_distinct() {
         assert_eq!(node_id("node-1"), node_id("node-1"));
-        let ids: std::collections::BTreeSet<_> = (1..=1000).map(|i| node_id(&format!("node-{i}"))).collect();
+        let ids: std::collections::BTreeSet<_> =
+            (1..=1000).map(|i| node_id(&format!("node-{i}"))).collect();
         assert_eq!(ids.len(), 1000);
         assert_ne!(node_id(""), 0);
     }
@@ -166,11 +202,15 @@ mod tests {
     #[test]
     fn raft_messages_round_trip_through_the_codec() {
         use openraft::{CommittedLeaderId, LogId, Vote};
-        let req = RaftRequest::Vote(VoteRequest::new(Vote::new(3, 7), Some(LogId::new(CommittedLeaderId::new(2, 7), 9))));
+        let req = RaftRequest::Vote(VoteRequest::new(
+            Vote::new(3, 7),
+            Some(LogId::new(CommittedLeaderId::new(2, 7), 9)),
+        ));
         let bytes = pd_transport::codec::encode(&req).unwrap();
         let back: RaftRequest = pd_transport::codec::decode(&bytes, 1 << 20).unwrap();
         assert!(matches!(back, RaftRequest::Vote(v) if v.vote == Vote::new(3, 7)));
-        let err: RaftResponse = RaftResponse::Vote(Err(RaftError::Fatal(openraft::error::Fatal::Stopped)));
+        let err: RaftResponse =
+            RaftResponse::Vote(Err(RaftError::Fatal(openraft::error::Fatal::Stopped)));
         let bytes = pd_transport::codec::encode(&err).unwrap();
         let back: RaftResponse = pd_transport::codec::decode(&bytes, 1 << 20).unwrap();
         assert!(matches!(back, RaftResponse::Vote(Err(RaftError::Fatal(_)))));

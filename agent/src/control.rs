@@ -1,0 +1,350 @@
+//! The control plane in each agent: its Raft node, joining a cluster, the coordinator's
+//! duties when this agent leads (registering itself, keeping the configured number of voters),
+//! and the cluster view for `status`.
+//!
+//! An agent with an empty data dir never founds a cluster by itself: it is either told to
+//! (`--bootstrap`, once, on the first host) or joins through its seeds.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::storage::RaftLogStorage;
+use openraft::{ChangeMembers, Raft, ServerState, SnapshotPolicy};
+use pd_raft::network::{NetworkFactory, node_id};
+use pd_raft::store::{self, SharedState};
+use pd_raft::{Command, NodeId, RaftPeer, TypeConfig};
+use pd_transport::PeerIdentity;
+use tracing::{info, warn};
+
+use crate::config::{Seed, Validated};
+use crate::peers::Peers;
+use crate::wire::{AgentRequest, AgentResponse, NodeStatus, StatusReport};
+
+/// Bound on one control-plane request to another agent.
+const CONTROL_RPC_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause between join attempts.
+const JOIN_RETRY: Duration = Duration::from_millis(500);
+
+pub struct ControlPlane {
+    pub raft: Raft<TypeConfig>,
+    pub id: NodeId,
+    pub me: RaftPeer,
+    state: SharedState,
+    peers: Arc<Peers>,
+    voters: usize,
+    interval: Duration,
+}
+
+impl ControlPlane {
+    /// Opens the Raft store under the data dir and starts the Raft node. Bootstraps a new
+    /// cluster when asked and the store is empty; joins through the seeds when the store is
+    /// empty and seeds are set; otherwise resumes from the store.
+    pub async fn start(
+        cfg: &Validated,
+        advertise: SocketAddr,
+        peers: Arc<Peers>,
+        bootstrap: bool,
+    ) -> anyhow::Result<Arc<Self>> {
+        let (mut log, sm) = store::open(&cfg.config.node.data_dir.join("raft"))?;
+        let fresh =
+            log.read_vote().await?.is_none() && log.get_log_state().await?.last_log_id.is_none();
+        let state = sm.shared();
+        let r = &cfg.config.raft;
+        let raft_cfg = openraft::Config {
+            cluster_name: "pdagent".into(),
+            heartbeat_interval: r.heartbeat_ms,
+            election_timeout_min: r.election_timeout_min_ms,
+            election_timeout_max: r.election_timeout_max_ms,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(r.snapshot_after_entries),
+            install_snapshot_timeout: r.election_timeout_max_ms.max(2000),
+            ..Default::default()
+        }
+        .validate()?;
+        let id = node_id(&cfg.node_name);
+        let me = RaftPeer {
+            name: cfg.node_name.clone(),
+            address: advertise.to_string(),
+        };
+        let raft = Raft::new(
+            id,
+            Arc::new(raft_cfg),
+            NetworkFactory::new(peers.clone()),
+            log,
+            sm,
+        )
+        .await?;
+        let cp = Arc::new(ControlPlane {
+            raft,
+            id,
+            me,
+            state,
+            peers,
+            voters: cfg.config.cluster.voters as usize,
+            interval: Duration::from_millis(r.coordinator_interval_ms),
+        });
+        if fresh && bootstrap {
+            info!(node = %cp.me, "bootstrapping a new cluster");
+            cp.raft
+                .initialize(BTreeMap::from([(id, cp.me.clone())]))
+                .await?;
+        } else if bootstrap {
+            info!(
+                "--bootstrap ignored: this agent already belongs to a cluster (its data dir has Raft state)"
+            );
+        } else if fresh && !cfg.seeds.is_empty() {
+            tokio::spawn(cp.clone().join_through(cfg.seeds.clone()));
+        } else if fresh {
+            warn!(
+                "this agent belongs to no cluster: run `pdagent run --bootstrap` once on the first host, \
+                 or set cluster.seeds to join one"
+            );
+        }
+        tokio::spawn(cp.clone().coordinator_loop());
+        Ok(cp)
+    }
+
+    /// The coordinator this agent knows of.
+    pub fn coordinator(&self) -> Option<RaftPeer> {
+        let m = self.raft.metrics().borrow().clone();
+        let leader = m.current_leader?;
+        m.membership_config.membership().get_node(&leader).cloned()
+    }
+
+    fn is_coordinator(&self) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(self.id)
+    }
+
+    /// Asks the seeds (then whoever they name as coordinator) to add this agent, until one
+    /// accepts.
+    async fn join_through(self: Arc<Self>, seeds: Vec<Seed>) {
+        let req = || AgentRequest::Join {
+            name: self.me.name.clone(),
+            address: self.me.address.clone(),
+        };
+        let mut attempt = 0u64;
+        loop {
+            for seed in &seeds {
+                let mut target = (seed.name.clone(), seed.address);
+                // Follow at most a couple of redirects to the coordinator.
+                for _ in 0..3 {
+                    match self
+                        .peers
+                        .call(&target.0, target.1, &req(), CONTROL_RPC_TIMEOUT)
+                        .await
+                    {
+                        Ok(AgentResponse::Joined { coordinator }) => {
+                            info!(%coordinator, "joined the cluster");
+                            return;
+                        }
+                        Ok(AgentResponse::NotCoordinator {
+                            coordinator: Some(c),
+                        }) => match c.address.parse() {
+                            Ok(a) => target = (c.name, a),
+                            Err(_) => break,
+                        },
+                        Ok(AgentResponse::NotCoordinator { coordinator: None }) => break,
+                        Ok(other) => {
+                            warn!(seed = %target.0, answer = ?other, "unexpected answer to join");
+                            break;
+                        }
+                        Err(e) => {
+                            if attempt % 20 == 0 {
+                                warn!(seed = %target.0, error = %e, "cannot join through this seed yet");
+                            }
+                            break;
+                        }
+                    }
+                }
+            }
+            attempt += 1;
+            tokio::time::sleep(JOIN_RETRY).await;
+        }
+    }
+
+    /// Handles a join request (coordinator only): adds the host as a learner and registers it.
+    pub async fn join(
+        &self,
+        requester: &PeerIdentity,
+        name: String,
+        address: String,
+    ) -> Result<AgentResponse, String> {
+        if *requester != PeerIdentity::Node(name.clone()) {
+            return Err(format!("{requester} may not join as {name}"));
+        }
+        if address.parse::<SocketAddr>().is_err() {
+            return Err(format!("join address {address:?} is not ip:port"));
+        }
+        if !self.is_coordinator() {
+            return Ok(AgentResponse::NotCoordinator {
+                coordinator: self.coordinator(),
+            });
+        }
+        let id = node_id(&name);
+        let known = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .cloned();
+        if known.is_none() {
+            self.raft
+                .add_learner(
+                    id,
+                    RaftPeer {
+                        name: name.clone(),
+                        address: address.clone(),
+                    },
+                    false,
+                )
+                .await
+                .map_err(|e| format!("adding {name} as a learner: {e}"))?;
+            info!(%name, %address, "added a learner");
+        }
+        let cmd = Command::RegisterNode {
+            name: name.clone(),
+            id,
+            address,
+            labels: BTreeMap::new(),
+        };
+        match self.raft.client_write(cmd).await {
+            Ok(r) => r.data.map_err(|e| e.to_string())?,
+            Err(e) => return Err(format!("registering {name}: {e}")),
+        };
+        Ok(AgentResponse::Joined {
+            coordinator: self.me.name.clone(),
+        })
+    }
+
+    /// Writes a command through Raft (coordinator only).
+    pub async fn propose(&self, cmd: Command) -> AgentResponse {
+        if !self.is_coordinator() {
+            return AgentResponse::NotCoordinator {
+                coordinator: self.coordinator(),
+            };
+        }
+        match self.raft.client_write(cmd).await {
+            Ok(r) => AgentResponse::Proposed(r.data),
+            Err(_) => AgentResponse::NotCoordinator {
+                coordinator: self.coordinator(),
+            },
+        }
+    }
+
+    /// The coordinator's duties, run on every agent and acted on only by the leader.
+    async fn coordinator_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.interval);
+        loop {
+            tick.tick().await;
+            if !self.is_coordinator() {
+                continue;
+            }
+            if let Err(e) = self.coordinate().await {
+                warn!(error = %e, "coordinator duty failed; will retry");
+            }
+        }
+    }
+
+    async fn coordinate(&self) -> Result<(), String> {
+        let registered = {
+            let s = self.state.read().unwrap_or_else(|p| p.into_inner());
+            s.state.nodes.get(&self.me.name).map(|n| n.address.clone())
+        };
+        if registered.as_deref() != Some(self.me.address.as_str()) {
+            let cmd = Command::RegisterNode {
+                name: self.me.name.clone(),
+                id: self.id,
+                address: self.me.address.clone(),
+                labels: BTreeMap::new(),
+            };
+            self.raft
+                .client_write(cmd)
+                .await
+                .map_err(|e| e.to_string())?
+                .data
+                .map_err(|e| e.to_string())?;
+        }
+        // Keep the configured number of voters, promoting learners in name order.
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        if voters.len() < self.voters {
+            let mut learners: Vec<(String, NodeId)> = membership
+                .learner_ids()
+                .filter_map(|id| membership.get_node(&id).map(|n| (n.name.clone(), id)))
+                .collect();
+            learners.sort();
+            let promote: BTreeSet<NodeId> = learners
+                .into_iter()
+                .take(self.voters - voters.len())
+                .map(|(_, id)| id)
+                .collect();
+            if !promote.is_empty() {
+                info!(count = promote.len(), "promoting learners to voters");
+                self.raft
+                    .change_membership(ChangeMembers::AddVoterIds(promote), true)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// This agent's view of the cluster.
+    pub fn status(&self) -> StatusReport {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let learners: BTreeSet<NodeId> = membership.learner_ids().collect();
+        let s = self.state.read().unwrap_or_else(|p| p.into_inner());
+        let nodes = s
+            .state
+            .nodes
+            .values()
+            .map(|n| NodeStatus {
+                name: n.name.clone(),
+                address: n.address.clone(),
+                raft_role: if voters.contains(&n.id) {
+                    "voter"
+                } else if learners.contains(&n.id) {
+                    "learner"
+                } else {
+                    "none"
+                }
+                .to_string(),
+                health: n.health,
+                admin_state: n.admin_state,
+                labels: n.labels.clone(),
+                gpus: n.gpus.clone(),
+            })
+            .collect();
+        let state = match m.state {
+            ServerState::Leader => "leader",
+            ServerState::Follower => "follower",
+            ServerState::Candidate => "candidate",
+            ServerState::Learner => "learner",
+            ServerState::Shutdown => "shutdown",
+        };
+        StatusReport {
+            node: self.me.name.clone(),
+            coordinator: m
+                .current_leader
+                .and_then(|l| membership.get_node(&l))
+                .map(|n| n.name.clone()),
+            term: m.current_term,
+            raft_state: state.to_string(),
+            last_applied: m.last_applied.map(|l| l.index),
+            in_cluster: voters.contains(&self.id) || learners.contains(&self.id),
+            nodes,
+        }
+    }
+
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.raft.shutdown().await {
+            warn!(error = %e, "Raft did not shut down cleanly");
+        }
+    }
+}

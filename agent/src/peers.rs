@@ -1,0 +1,109 @@
+//! Connections to other agents, opened on demand from the agent's one endpoint and kept. A
+//! call is bounded by its timeout, connecting included; a failed connection is dropped and
+//! reopened on the next call. Each peer has its own lock, so a dead peer never delays calls to
+//! the others.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pd_raft::RaftPeer;
+use pd_raft::network::{RaftRequest, RaftResponse, RaftRpc, RpcFailure};
+use pd_transport::{Connection, Endpoint, TransportError};
+
+use crate::wire::{AgentRequest, AgentResponse};
+
+type Slot = Arc<tokio::sync::Mutex<Option<Connection>>>;
+
+pub struct Peers {
+    endpoint: Endpoint,
+    slots: Mutex<HashMap<String, Slot>>,
+}
+
+impl Peers {
+    pub fn new(endpoint: Endpoint) -> Self {
+        Peers {
+            endpoint,
+            slots: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn slot(&self, name: &str) -> Slot {
+        let mut m = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry(name.to_string()).or_default().clone()
+    }
+
+    async fn connection(&self, name: &str, addr: SocketAddr) -> Result<Connection, TransportError> {
+        let slot = self.slot(name);
+        let mut guard = slot.lock().await;
+        if let Some(c) = guard.as_ref() {
+            if c.quic().close_reason().is_none() && c.remote_address() == addr {
+                return Ok(c.clone());
+            }
+        }
+        *guard = None;
+        let c = self.endpoint.connect(addr, name).await?;
+        *guard = Some(c.clone());
+        Ok(c)
+    }
+
+    fn forget(&self, name: &str) {
+        self.slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+    }
+
+    /// One request to agent `name` at `addr`, within `timeout` (connecting included).
+    pub async fn call(
+        &self,
+        name: &str,
+        addr: SocketAddr,
+        req: &AgentRequest,
+        timeout: Duration,
+    ) -> Result<AgentResponse, TransportError> {
+        let attempt = async {
+            let conn = self.connection(name, addr).await?;
+            conn.call(req).await
+        };
+        match tokio::time::timeout(timeout, attempt).await {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(e)) => {
+                if !matches!(e, TransportError::Remote(_)) {
+                    self.forget(name);
+                }
+                Err(e)
+            }
+            Err(_) => {
+                self.forget(name);
+                Err(TransportError::Timeout {
+                    what: format!("request to {name} at {addr}"),
+                    ms: timeout.as_millis() as u64,
+                })
+            }
+        }
+    }
+}
+
+impl RaftRpc for Peers {
+    async fn call(
+        &self,
+        peer: &RaftPeer,
+        req: RaftRequest,
+        timeout: Duration,
+    ) -> Result<RaftResponse, RpcFailure> {
+        let addr: SocketAddr = peer
+            .address
+            .parse()
+            .map_err(|_| RpcFailure::Unreachable(format!("{peer}: bad address")))?;
+        match Peers::call(self, &peer.name, addr, &AgentRequest::Raft(req), timeout).await {
+            Ok(AgentResponse::Raft(r)) => Ok(r),
+            Ok(other) => Err(RpcFailure::Network(format!(
+                "{peer} answered a Raft RPC with {other:?}"
+            ))),
+            Err(TransportError::Remote(m)) => Err(RpcFailure::Network(m)),
+            Err(e) => Err(RpcFailure::Unreachable(e.to_string())),
+        }
+    }
+}
