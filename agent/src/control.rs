@@ -150,7 +150,7 @@ impl ControlPlane {
                             break;
                         }
                         Err(e) => {
-                            if attempt % 20 == 0 {
+                            if attempt.is_multiple_of(20) {
                                 warn!(seed = %target.0, error = %e, "cannot join through this seed yet");
                             }
                             break;

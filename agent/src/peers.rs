@@ -37,10 +37,11 @@ impl Peers {
     async fn connection(&self, name: &str, addr: SocketAddr) -> Result<Connection, TransportError> {
         let slot = self.slot(name);
         let mut guard = slot.lock().await;
-        if let Some(c) = guard.as_ref() {
-            if c.quic().close_reason().is_none() && c.remote_address() == addr {
-                return Ok(c.clone());
-            }
+        let live = guard
+            .as_ref()
+            .filter(|c| c.quic().close_reason().is_none() && c.remote_address() == addr);
+        if let Some(c) = live {
+            return Ok(c.clone());
         }
         *guard = None;
         let c = self.endpoint.connect(addr, name).await?;

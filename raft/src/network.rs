@@ -2,6 +2,9 @@
 //! `RaftResponse`); the agent carries it inside its own messages through `RaftRpc`, over the
 //! mutually authenticated QUIC connections it already keeps.
 
+// The error types are openraft's, fixed by its `RaftNetwork` trait.
+#![allow(clippy::result_large_err)]
+
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;

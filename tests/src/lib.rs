@@ -137,6 +137,38 @@ impl TestPki {
     }
 }
 
+/// Raft timings for tests: fast enough to keep tests short, slow enough to hold on a loaded
+/// 2-core machine.
+pub const TEST_RAFT: &str = "[raft]\nheartbeat_ms = 150\nelection_timeout_min_ms = 1000\nelection_timeout_max_ms = 2000\ncoordinator_interval_ms = 200\n";
+
+impl TestPki {
+    /// A node config (as `node`) that joins through `seeds` ("name@ip:port") with test timings.
+    pub fn cluster_node(&self, node: &str, listen: &str, seeds: &[String]) -> PathBuf {
+        let cfg = self.node(node, listen);
+        let mut text = std::fs::read_to_string(&cfg).unwrap();
+        let seeds: Vec<String> = seeds.iter().map(|s| format!("\"{s}\"")).collect();
+        text.push_str(&format!(
+            "[cluster]\nseeds = [{}]\n{TEST_RAFT}",
+            seeds.join(", ")
+        ));
+        std::fs::write(&cfg, text).unwrap();
+        cfg
+    }
+}
+
+/// `pdagent status --json` against the agent of `config` (or `agent`, name@addr).
+pub fn status(config: &Path, agent: Option<&str>) -> Option<serde_json::Value> {
+    let mut args = vec!["status", "--json", "--config", config.to_str().unwrap()];
+    if let Some(a) = agent {
+        args.extend(["--agent", a]);
+    }
+    let out = pdagent(&args);
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_str(text(&out.stdout).trim()).ok()
+}
+
 impl Default for TestPki {
     fn default() -> Self {
         Self::new()
