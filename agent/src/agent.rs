@@ -31,6 +31,11 @@ impl Service for AgentService {
     type Response = AgentResponse;
 
     async fn call(&self, peer: &PeerIdentity, req: AgentRequest) -> Result<AgentResponse, String> {
+        if let PeerIdentity::Node(name) = peer {
+            if self.control.is_removed(name) {
+                return Err(format!("node {name} was removed from the cluster"));
+            }
+        }
         match req {
             AgentRequest::Ping { nonce } => Ok(AgentResponse::Pong {
                 node: self.node.clone(),
@@ -91,12 +96,18 @@ pub async fn run(
     let mut int = signal(SignalKind::interrupt())?;
     let discovery = cfg.gpu_discovery()?;
     let interval = Duration::from_millis(cfg.config.gpus.sample_interval_ms);
-    // Kept for the liveness reports the control plane sends.
-    let _inventory = crate::gpus::start_sampler(discovery, interval)?;
+    let inventory = crate::gpus::start_sampler(discovery, interval)?;
     let endpoint = Endpoint::bind(cfg.listen, &identity, &cfg.config.transport)?;
     let advertise = advertise_address(&cfg, endpoint.local_addr())?;
     let peers = Arc::new(Peers::new(endpoint.clone()));
-    let control = ControlPlane::start(&cfg, advertise, peers, bootstrap).await?;
+    let control =
+        ControlPlane::start(&cfg, advertise, peers.clone(), bootstrap, Some(inventory)).await?;
+    let admin = crate::admin::router(Arc::new(crate::admin::AdminCtx {
+        control: control.clone(),
+        peers,
+    }));
+    let admin_addr = crate::admin::serve_https(cfg.admin_listen, &identity, admin.clone()).await?;
+    crate::admin::serve_unix(&cfg.admin_socket, admin).await?;
     let service = Arc::new(AgentService {
         node: cfg.node_name.clone(),
         started: Instant::now(),
@@ -107,6 +118,7 @@ pub async fn run(
         node = %cfg.node_name,
         listen = %endpoint.local_addr(),
         %advertise,
+        admin = %admin_addr,
         protocol = PROTOCOL_VERSION,
         "agent ready"
     );

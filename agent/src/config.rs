@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/pdagent/pdagent.toml";
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/pdagent";
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:7400";
+pub const DEFAULT_ADMIN_LISTEN: &str = "0.0.0.0:7401";
+pub const ADMIN_SOCKET_FILE: &str = "admin.sock";
 
 /// A configuration that cannot be used: the field (dotted path) and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -40,6 +42,7 @@ pub struct AgentConfig {
     pub gpus: GpusSection,
     pub cluster: ClusterSection,
     pub raft: RaftSection,
+    pub admin: AdminSection,
     pub transport: TransportConfig,
 }
 
@@ -59,6 +62,26 @@ impl Default for ClusterSection {
         ClusterSection {
             seeds: Vec::new(),
             voters: 3,
+        }
+    }
+}
+
+/// The admin API: HTTPS with the admin credential (mutual TLS), and a local unix socket.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminSection {
+    /// TCP address of the HTTPS admin API.
+    pub listen: String,
+    /// Unix socket for local administration (mode 0600: only the agent's user). Empty:
+    /// `<data_dir>/admin.sock`.
+    pub socket: Option<PathBuf>,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        AdminSection {
+            listen: DEFAULT_ADMIN_LISTEN.to_string(),
+            socket: None,
         }
     }
 }
@@ -240,6 +263,8 @@ pub struct Validated {
     /// Where peers reach this agent; `None` when it must be told (wildcard listen).
     pub advertise: Option<SocketAddr>,
     pub seeds: Vec<Seed>,
+    pub admin_listen: SocketAddr,
+    pub admin_socket: PathBuf,
     pub ca_cert: PathBuf,
     pub node_cert: PathBuf,
     pub node_key: PathBuf,
@@ -388,6 +413,17 @@ impl AgentConfig {
             .map(|s| parse_seed(s))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| ConfigError::new("cluster.seeds", e))?;
+        let admin_listen: SocketAddr = self.admin.listen.parse().map_err(|_| {
+            ConfigError::new(
+                "admin.listen",
+                format!("{:?} is not an IP:port address", self.admin.listen),
+            )
+        })?;
+        let admin_socket = self
+            .admin
+            .socket
+            .clone()
+            .unwrap_or_else(|| self.node.data_dir.join(ADMIN_SOCKET_FILE));
         if ![1, 3, 5].contains(&self.cluster.voters) {
             return Err(ConfigError::new("cluster.voters", "must be 1, 3 or 5"));
         }
@@ -448,6 +484,8 @@ impl AgentConfig {
             listen,
             advertise,
             seeds,
+            admin_listen,
+            admin_socket,
             ca_cert: pick(&self.tls.ca_cert, pki::CA_CERT_FILE),
             node_cert: pick(&self.tls.node_cert, pki::NODE_CERT_FILE),
             node_key: pick(&self.tls.node_key, pki::NODE_KEY_FILE),

@@ -13,12 +13,14 @@ use std::time::Duration;
 use openraft::storage::RaftLogStorage;
 use openraft::{ChangeMembers, Raft, ServerState, SnapshotPolicy};
 use pd_raft::network::{NetworkFactory, node_id};
+use pd_raft::state::GpuRecord;
 use pd_raft::store::{self, SharedState};
-use pd_raft::{Command, NodeId, RaftPeer, TypeConfig};
+use pd_raft::{ApplyError, Command, CommandResult, NodeId, RaftPeer, TypeConfig};
 use pd_transport::PeerIdentity;
 use tracing::{info, warn};
 
 use crate::config::{Seed, Validated};
+use crate::gpus::SharedInventory;
 use crate::peers::Peers;
 use crate::wire::{AgentRequest, AgentResponse, NodeStatus, StatusReport};
 
@@ -26,6 +28,17 @@ use crate::wire::{AgentRequest, AgentResponse, NodeStatus, StatusReport};
 const CONTROL_RPC_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pause between join attempts.
 const JOIN_RETRY: Duration = Duration::from_millis(500);
+/// Bound on a write forwarded to the coordinator.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a write did not reach the log.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("no coordinator is elected right now; retry shortly")]
+    NoCoordinator,
+    #[error("{0}")]
+    Unreachable(String),
+}
 
 pub struct ControlPlane {
     pub raft: Raft<TypeConfig>,
@@ -35,6 +48,7 @@ pub struct ControlPlane {
     peers: Arc<Peers>,
     voters: usize,
     interval: Duration,
+    inventory: Option<SharedInventory>,
 }
 
 impl ControlPlane {
@@ -46,6 +60,7 @@ impl ControlPlane {
         advertise: SocketAddr,
         peers: Arc<Peers>,
         bootstrap: bool,
+        inventory: Option<SharedInventory>,
     ) -> anyhow::Result<Arc<Self>> {
         let (mut log, sm) = store::open(&cfg.config.node.data_dir.join("raft"))?;
         let fresh =
@@ -83,6 +98,7 @@ impl ControlPlane {
             peers,
             voters: cfg.config.cluster.voters as usize,
             interval: Duration::from_millis(r.coordinator_interval_ms),
+            inventory,
         });
         if fresh && bootstrap {
             info!(node = %cp.me, "bootstrapping a new cluster");
@@ -219,12 +235,25 @@ impl ControlPlane {
         })
     }
 
-    /// Writes a command through Raft (coordinator only).
+    /// Writes a command through Raft (coordinator only). Removing a node also takes it out of
+    /// the Raft membership first.
     pub async fn propose(&self, cmd: Command) -> AgentResponse {
         if !self.is_coordinator() {
             return AgentResponse::NotCoordinator {
                 coordinator: self.coordinator(),
             };
+        }
+        if let Command::RemoveNode { node, .. } = &cmd {
+            if *node == self.me.name {
+                return AgentResponse::Proposed(Err(ApplyError::Refused(format!(
+                    "{node} is the coordinator; stop it (another agent takes over) and remove it from there"
+                ))));
+            }
+            if let Err(e) = self.remove_member(node_id(node)).await {
+                return AgentResponse::Proposed(Err(ApplyError::Refused(format!(
+                    "removing {node} from Raft: {e}"
+                ))));
+            }
         }
         match self.raft.client_write(cmd).await {
             Ok(r) => AgentResponse::Proposed(r.data),
@@ -234,11 +263,109 @@ impl ControlPlane {
         }
     }
 
+    async fn remove_member(&self, id: NodeId) -> Result<(), String> {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let change = if membership.voter_ids().any(|v| v == id) {
+            ChangeMembers::RemoveVoters(BTreeSet::from([id]))
+        } else if membership.learner_ids().any(|l| l == id) {
+            ChangeMembers::RemoveNodes(BTreeSet::from([id]))
+        } else {
+            return Ok(());
+        };
+        self.raft
+            .change_membership(change, false)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    /// Writes a command through whichever agent is coordinator (forwarding once).
+    pub async fn submit(&self, cmd: Command) -> Result<CommandResult, SubmitError> {
+        let answer = match self.propose(cmd.clone()).await {
+            AgentResponse::NotCoordinator {
+                coordinator: Some(c),
+            } => {
+                let addr: SocketAddr = c
+                    .address
+                    .parse()
+                    .map_err(|_| SubmitError::Unreachable(format!("bad address {}", c.address)))?;
+                self.peers
+                    .call(&c.name, addr, &AgentRequest::Propose(cmd), FORWARD_TIMEOUT)
+                    .await
+                    .map_err(|e| {
+                        SubmitError::Unreachable(format!(
+                            "forwarding to coordinator {}: {e}",
+                            c.name
+                        ))
+                    })?
+            }
+            other => other,
+        };
+        match answer {
+            AgentResponse::Proposed(r) => Ok(r),
+            AgentResponse::NotCoordinator { .. } => Err(SubmitError::NoCoordinator),
+            other => Err(SubmitError::Unreachable(format!(
+                "unexpected answer {other:?}"
+            ))),
+        }
+    }
+
+    /// Whether `name` was removed from the cluster (its agent is refused from then on).
+    pub fn is_removed(&self, name: &str) -> bool {
+        self.state
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .state
+            .is_removed(node_id(name))
+    }
+
+    /// Replicates this host's GPU list when it differs from what the cluster records.
+    async fn report_gpus(&self) -> Result<(), String> {
+        let Some(inv) = &self.inventory else {
+            return Ok(());
+        };
+        let gpus: Vec<GpuRecord> = {
+            let inv = inv.lock().unwrap_or_else(|p| p.into_inner());
+            inv.gpus
+                .iter()
+                .map(|g| GpuRecord {
+                    index: g.index,
+                    uuid: g.uuid.clone(),
+                    name: g.name.clone(),
+                    memory_total_bytes: g.memory.total_bytes,
+                    health: g.health.to_string(),
+                })
+                .collect()
+        };
+        let recorded = {
+            let s = self.state.read().unwrap_or_else(|p| p.into_inner());
+            match s.state.nodes.get(&self.me.name) {
+                Some(n) => n.gpus.clone(),
+                None => return Ok(()),
+            }
+        };
+        if recorded == gpus {
+            return Ok(());
+        }
+        self.submit(Command::SetGpus {
+            node: self.me.name.clone(),
+            gpus,
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
     /// The coordinator's duties, run on every agent and acted on only by the leader.
     async fn coordinator_loop(self: Arc<Self>) {
         let mut tick = tokio::time::interval(self.interval);
         loop {
             tick.tick().await;
+            if let Err(e) = self.report_gpus().await {
+                tracing::debug!(error = %e, "GPU report not replicated yet");
+            }
             if !self.is_coordinator() {
                 continue;
             }

@@ -14,19 +14,63 @@ use pd_transport::bench::{BenchOptions, BenchReport};
 use pd_transport::config::Congestion;
 use pd_transport::{TransportConfig, pki};
 
+mod client;
 mod demo;
+mod local;
 
 const EX_USAGE: u8 = 64;
 
 #[derive(Parser)]
 #[command(name = "pdctl", version, about = "Operate a pdagent cluster")]
 struct Cli {
+    /// pdctl configuration (admin endpoints and credential). Default: $PDCTL_CONFIG, then
+    /// ./pdctl.toml, then /etc/pdagent/pdctl.toml.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Output format of read commands.
+    #[arg(long, short = 'o', global = true, value_enum, default_value = "table")]
+    output: Output,
+    /// Same as `-o json`: exactly one JSON document on stdout.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// The cluster: coordinator, term, and every node.
+    Status,
+    /// Nodes with their Raft role, health, admin state, labels and GPUs.
+    Nodes,
+    /// GPUs of every node.
+    Gpus,
+    /// Set (key=value) or remove (key-) a node label.
+    Label { node: String, assignment: String },
+    /// Stop placing new work on a node.
+    Cordon { node: String },
+    /// Allow work on a node again.
+    Uncordon { node: String },
+    /// Move work off a node.
+    Drain { node: String },
+    /// Remove a node from the cluster; its agent is refused from then on.
+    Remove { node: String },
+    /// Join tokens, minted offline from the CA folder.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// A cluster of agents on this machine (node-k on 127.0.0.k).
+    Local {
+        #[command(subcommand)]
+        command: local::LocalCommand,
+    },
     /// Show what works so far on this machine: PKI, two agents on loopback pinging each other
     /// over mutual-TLS QUIC, a refused foreign host, a short transport benchmark.
     Demo {
@@ -43,6 +87,18 @@ enum Command {
     Bench {
         #[command(subcommand)]
         command: BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Mint a join token (needs the CA key in DIR).
+    Create {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Lifetime: seconds, or with a unit (30m, 24h, 7d).
+        #[arg(long, default_value = "24h")]
+        ttl: String,
     },
 }
 
@@ -135,8 +191,193 @@ fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
+/// Parses 90, 90s, 30m, 24h, 7d into seconds.
+fn parse_ttl(s: &str) -> Result<u64> {
+    let (num, mult) = match s.chars().last() {
+        Some('s') => (&s[..s.len() - 1], 1),
+        Some('m') => (&s[..s.len() - 1], 60),
+        Some('h') => (&s[..s.len() - 1], 3600),
+        Some('d') => (&s[..s.len() - 1], 86400),
+        _ => (s, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| anyhow::anyhow!("--ttl {s:?}: expected seconds or 30m, 24h, 7d"))?;
+    if n == 0 {
+        anyhow::bail!("--ttl must be positive");
+    }
+    Ok(n * mult)
+}
+
+fn admin(cli_config: &Option<PathBuf>) -> Result<client::AdminClient> {
+    let path = cli_config
+        .clone()
+        .unwrap_or_else(client::default_config_path);
+    client::AdminClient::from_config(&path)
+}
+
+use client::segment as seg;
+
+fn block_on<F: std::future::Future>(f: F) -> Result<F::Output> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(f))
+}
+
+fn print_json(v: &serde_json::Value) -> Result<()> {
+    println!("{}", serde_json::to_string(v)?);
+    Ok(())
+}
+
+fn print_status(v: &serde_json::Value, nodes_only: bool) {
+    if !nodes_only {
+        println!(
+            "coordinator {} (term {}), answered by {}",
+            v["coordinator"].as_str().unwrap_or("none"),
+            v["term"],
+            v["node"].as_str().unwrap_or("?")
+        );
+    }
+    println!(
+        "{:<20} {:<22} {:<8} {:<8} {:<9} {:>4}  LABELS",
+        "NAME", "ADDRESS", "ROLE", "HEALTH", "STATE", "GPUS"
+    );
+    for n in v["nodes"].as_array().into_iter().flatten() {
+        let labels: Vec<String> = n["labels"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+            .collect();
+        println!(
+            "{:<20} {:<22} {:<8} {:<8} {:<9} {:>4}  {}",
+            n["name"].as_str().unwrap_or(""),
+            n["address"].as_str().unwrap_or(""),
+            n["raft_role"].as_str().unwrap_or(""),
+            n["health"].as_str().unwrap_or(""),
+            n["admin_state"].as_str().unwrap_or(""),
+            n["gpus"].as_array().map_or(0, |g| g.len()),
+            labels.join(",")
+        );
+    }
+}
+
 fn run(cli: Cli) -> Result<()> {
+    let json = cli.json || cli.output == Output::Json;
     match cli.command {
+        Command::Status | Command::Nodes | Command::Gpus => {
+            let c = admin(&cli.config)?;
+            let v = block_on(c.request("GET", "/v1/status", None))??;
+            match (&cli.command, json) {
+                (Command::Status, true) => print_json(&v)?,
+                (Command::Nodes, true) => print_json(&v["nodes"])?,
+                (Command::Gpus, true) => {
+                    let gpus: serde_json::Map<String, serde_json::Value> = v["nodes"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|n| {
+                            (
+                                n["name"].as_str().unwrap_or("").to_string(),
+                                n["gpus"].clone(),
+                            )
+                        })
+                        .collect();
+                    print_json(&serde_json::Value::Object(gpus))?
+                }
+                (Command::Status, false) => print_status(&v, false),
+                (Command::Nodes, false) => print_status(&v, true),
+                _ => {
+                    println!(
+                        "{:<20} {:>3} {:<36} {:<26} {:>9} HEALTH",
+                        "NODE", "IDX", "UUID", "NAME", "MEM GiB"
+                    );
+                    for n in v["nodes"].as_array().into_iter().flatten() {
+                        for g in n["gpus"].as_array().into_iter().flatten() {
+                            println!(
+                                "{:<20} {:>3} {:<36} {:<26} {:>9.1} {}",
+                                n["name"].as_str().unwrap_or(""),
+                                g["index"],
+                                g["uuid"].as_str().unwrap_or(""),
+                                g["name"].as_str().unwrap_or(""),
+                                g["memory_total_bytes"].as_f64().unwrap_or(0.0)
+                                    / (1u64 << 30) as f64,
+                                g["health"].as_str().unwrap_or("")
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        Command::Label { node, assignment } => {
+            let c = admin(&cli.config)?;
+            let r = if let Some(key) = assignment.strip_suffix('-') {
+                block_on(c.request(
+                    "DELETE",
+                    &format!("/v1/nodes/{}/labels/{}", seg(&node), seg(key)),
+                    None,
+                ))??
+            } else {
+                let (k, val) = assignment.split_once('=').ok_or_else(|| {
+                    anyhow::anyhow!("{assignment:?}: expected key=value, or key- to remove")
+                })?;
+                let body = serde_json::json!({ "value": val });
+                block_on(c.request(
+                    "PUT",
+                    &format!("/v1/nodes/{}/labels/{}", seg(&node), seg(k)),
+                    Some(body),
+                ))??
+            };
+            println!(
+                "{node}: {}",
+                if r["changed"] == true {
+                    "label updated"
+                } else {
+                    "unchanged"
+                }
+            );
+        }
+        Command::Cordon { ref node }
+        | Command::Uncordon { ref node }
+        | Command::Drain { ref node } => {
+            let verb = match cli.command {
+                Command::Cordon { .. } => "cordon",
+                Command::Uncordon { .. } => "uncordon",
+                _ => "drain",
+            };
+            let c = admin(&cli.config)?;
+            let r = block_on(c.request("POST", &format!("/v1/nodes/{}/{verb}", seg(node)), None))??;
+            println!(
+                "{node}: {}",
+                if r["changed"] == true {
+                    format!("{verb}ed")
+                } else {
+                    "unchanged".into()
+                }
+            );
+        }
+        Command::Remove { node } => {
+            let c = admin(&cli.config)?;
+            block_on(c.request("DELETE", &format!("/v1/nodes/{}", seg(&node)), None))??;
+            println!("{node}: removed from the cluster");
+        }
+        Command::Token {
+            command: TokenCommand::Create { dir, ttl },
+        } => {
+            let ttl = parse_ttl(&ttl)?;
+            let ca = pki::CertAuthority::load(&dir)
+                .with_context(|| format!("loading the CA from {}", dir.display()))?;
+            let now = now_unix();
+            let token = ca.join_token(now, ttl);
+            if json {
+                print_json(&serde_json::json!({ "token": token, "expires_unix": now + ttl }))?;
+            } else {
+                println!("{token}");
+                eprintln!("expires at {} (unix seconds)", now + ttl);
+            }
+        }
+        Command::Local { command } => local::run(command, json)?,
         Command::Demo { dir } => demo::run(dir)?,
         Command::Cluster { command } => match command {
             ClusterCommand::Init {

@@ -120,6 +120,9 @@ pub enum ApplyError {
     BadLabel { key: String, why: String },
     #[error("node {node:?} has {count} labels, the limit is {LABELS_PER_NODE_MAX}")]
     TooManyLabels { node: String, count: usize },
+    /// Refused by the coordinator before it reached the log.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// The response carried back to the proposer through Raft.
@@ -174,6 +177,11 @@ impl ClusterState {
         self.nodes
             .get_mut(name)
             .ok_or_else(|| ApplyError::UnknownNode(name.to_string()))
+    }
+
+    /// Whether the node with this id was removed from the cluster.
+    pub fn is_removed(&self, id: u64) -> bool {
+        self.retired_ids.contains(&id)
     }
 
     pub fn node_by_id(&self, id: u64) -> Option<&NodeRecord> {

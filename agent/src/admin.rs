@@ -1,0 +1,297 @@
+//! The admin API that `pdctl` speaks: JSON over HTTP/1.1, served on HTTPS with mutual TLS
+//! (only the admin certificate from `pdctl cluster init` is accepted) and on a local unix
+//! socket that only the agent's user can open. Any agent answers reads from its replicated
+//! state; writes go to the coordinator (forwarded over the transport when this agent is not
+//! it).
+//!
+//! Routes:
+//! - `GET /v1/status` — the cluster as this agent sees it.
+//! - `PUT /v1/nodes/{node}/labels/{key}` with `{"value": "..."}`; `DELETE` removes the label.
+//! - `POST /v1/nodes/{node}/cordon`, `/uncordon`, `/drain`.
+//! - `DELETE /v1/nodes/{node}` — remove the node from the cluster.
+//!
+//! Errors are `{"error": {"message": ..., "code": ...}}` with a 4xx or 5xx status.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path as UrlPath, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use pd_raft::{AdminState, Applied, ApplyError, Command};
+use pd_transport::{Identity, PeerIdentity};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::net::{TcpListener, UnixListener};
+use tracing::{info, warn};
+
+use crate::control::{ControlPlane, SubmitError};
+use crate::peers::Peers;
+
+/// Bound on a TLS handshake from an admin client.
+const ADMIN_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub struct AdminCtx {
+    pub control: Arc<ControlPlane>,
+    pub peers: Arc<Peers>,
+}
+
+/// An API error: status, code and message.
+pub struct ApiError(StatusCode, &'static str, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.0,
+            Json(json!({"error": {"message": self.2, "code": self.1}})),
+        )
+            .into_response()
+    }
+}
+
+fn apply_error(e: ApplyError) -> ApiError {
+    match e {
+        ApplyError::UnknownNode(_) => {
+            ApiError(StatusCode::NOT_FOUND, "unknown_node", e.to_string())
+        }
+        ApplyError::BadLabel { .. } | ApplyError::TooManyLabels { .. } => {
+            ApiError(StatusCode::BAD_REQUEST, "invalid_label", e.to_string())
+        }
+        ApplyError::NameTaken { .. } | ApplyError::IdTaken { .. } | ApplyError::Refused(_) => {
+            ApiError(StatusCode::CONFLICT, "conflict", e.to_string())
+        }
+    }
+}
+
+impl AdminCtx {
+    /// Writes `cmd` through the coordinator.
+    async fn write(&self, cmd: Command) -> Result<Applied, ApiError> {
+        match self.control.submit(cmd).await {
+            Ok(Ok(a)) => Ok(a),
+            Ok(Err(e)) => Err(apply_error(e)),
+            Err(e @ SubmitError::NoCoordinator) => Err(ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_coordinator",
+                e.to_string(),
+            )),
+            Err(e) => Err(ApiError(
+                StatusCode::BAD_GATEWAY,
+                "coordinator_unreachable",
+                e.to_string(),
+            )),
+        }
+    }
+}
+
+type Ctx = State<Arc<AdminCtx>>;
+
+async fn status(State(ctx): Ctx) -> Json<crate::wire::StatusReport> {
+    Json(ctx.control.status())
+}
+
+#[derive(Deserialize)]
+struct LabelBody {
+    value: String,
+}
+
+fn done(a: Applied) -> Json<serde_json::Value> {
+    Json(json!({"changed": a != Applied::Unchanged}))
+}
+
+async fn set_label(
+    State(ctx): Ctx,
+    UrlPath((node, key)): UrlPath<(String, String)>,
+    Json(body): Json<LabelBody>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    ctx.write(Command::SetLabel {
+        node,
+        key,
+        value: Some(body.value),
+    })
+    .await
+    .map(done)
+}
+
+async fn delete_label(
+    State(ctx): Ctx,
+    UrlPath((node, key)): UrlPath<(String, String)>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    ctx.write(Command::SetLabel {
+        node,
+        key,
+        value: None,
+    })
+    .await
+    .map(done)
+}
+
+async fn set_admin_state(
+    ctx: &AdminCtx,
+    node: String,
+    state: AdminState,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    ctx.write(Command::SetAdminState { node, state })
+        .await
+        .map(done)
+}
+
+async fn cordon(
+    State(ctx): Ctx,
+    UrlPath(node): UrlPath<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    set_admin_state(&ctx, node, AdminState::Cordoned).await
+}
+
+async fn uncordon(
+    State(ctx): Ctx,
+    UrlPath(node): UrlPath<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    set_admin_state(&ctx, node, AdminState::Active).await
+}
+
+async fn drain(
+    State(ctx): Ctx,
+    UrlPath(node): UrlPath<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    set_admin_state(&ctx, node, AdminState::Draining).await
+}
+
+async fn remove(
+    State(ctx): Ctx,
+    UrlPath(node): UrlPath<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    ctx.write(Command::RemoveNode {
+        node,
+        cert_serial: None,
+    })
+    .await
+    .map(done)
+}
+
+async fn not_found() -> ApiError {
+    ApiError(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such admin route".into(),
+    )
+}
+
+pub fn router(ctx: Arc<AdminCtx>) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route(
+            "/v1/nodes/{node}/labels/{key}",
+            put(set_label).delete(delete_label),
+        )
+        .route("/v1/nodes/{node}/cordon", post(cordon))
+        .route("/v1/nodes/{node}/uncordon", post(uncordon))
+        .route("/v1/nodes/{node}/drain", post(drain))
+        .route("/v1/nodes/{node}", axum::routing::delete(remove))
+        .fallback(not_found)
+        .with_state(ctx)
+}
+
+/// A router that refuses everything: served to TLS clients that are not the admin.
+fn forbidden(who: String) -> Router {
+    Router::new().fallback(move || {
+        let who = who.clone();
+        async move {
+            ApiError(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!("{who} may not use the admin API: it needs the admin credential"),
+            )
+        }
+    })
+}
+
+/// Serves the admin API on HTTPS at `addr`. Binds before returning, so a taken port is an
+/// error at start.
+pub async fn serve_https(
+    addr: SocketAddr,
+    identity: &Identity,
+    router: Router,
+) -> anyhow::Result<SocketAddr> {
+    let mut tls = identity.server_config()?;
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot bind the admin API on {addr}: {e}"))?;
+    let bound = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, remote)) = listener.accept().await else {
+                continue;
+            };
+            let acceptor = acceptor.clone();
+            let router = router.clone();
+            tokio::spawn(async move {
+                let tls = match tokio::time::timeout(ADMIN_HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+                    .await
+                {
+                    Ok(Ok(t)) => t,
+                    Ok(Err(e)) => {
+                        warn!(%remote, error = %e, "refused admin connection");
+                        return;
+                    }
+                    Err(_) => {
+                        warn!(%remote, "refused admin connection: TLS handshake timed out");
+                        return;
+                    }
+                };
+                let who = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(|leaf| pd_transport::pki::cert_info(leaf).ok())
+                    .map(|i| i.identity);
+                let app = match who {
+                    Some(PeerIdentity::Admin) => router,
+                    Some(other) => forbidden(other.to_string()),
+                    None => forbidden("an unidentified client".into()),
+                };
+                let svc = hyper_util::service::TowerToHyperService::new(app);
+                let io = hyper_util::rt::TokioIo::new(tls);
+                if let Err(e) = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, svc)
+                    .await
+                {
+                    tracing::debug!(%remote, error = %e, "admin connection ended");
+                }
+            });
+        }
+    });
+    Ok(bound)
+}
+
+/// Serves the admin API on a unix socket that only this user may open (mode 0600).
+pub async fn serve_unix(path: &Path, router: Router) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if path.exists() {
+        // A socket left by a previous run; refuse to remove anything else.
+        let meta = std::fs::symlink_metadata(path)?;
+        if !std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) {
+            anyhow::bail!("{} exists and is not a socket", path.display());
+        }
+        std::fs::remove_file(path)?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let listener = UnixListener::bind(path)
+        .map_err(|e| anyhow::anyhow!("cannot bind {}: {e}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    info!(socket = %path.display(), "admin API on the local socket");
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router).await {
+            warn!(error = %e, "admin socket stopped");
+        }
+    });
+    Ok(())
+}

@@ -1,0 +1,361 @@
+//! `pdctl local`: a cluster of real agents on this machine, node-k listening on 127.0.0.k
+//! (transport on the base port, admin API on the next one), each with its own data dir, log
+//! and fixture GPUs under DIR/node-k/. The agents run detached; `DIR/pdctl.toml` lets
+//! `pdctl --config DIR/pdctl.toml ...` talk to them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Subcommand;
+use pd_transport::pki;
+
+use crate::client::AdminClient;
+use crate::demo::find_pdagent;
+
+pub const DEFAULT_DIR: &str = "pdagent-local";
+pub const DEFAULT_BASE_PORT: u16 = 7400;
+const NODES_MAX: usize = 64;
+/// How long `up` and `start` wait for the cluster to be whole.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long `down` waits after SIGTERM before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+#[derive(Subcommand)]
+pub enum LocalCommand {
+    /// Start N agents and wait until the cluster is whole.
+    Up {
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// Fixture GPUs per node (H100 80GB).
+        #[arg(long, default_value_t = 2)]
+        gpus_per_node: u32,
+        /// Folder for everything the cluster writes.
+        #[arg(long, default_value = DEFAULT_DIR)]
+        dir: PathBuf,
+        /// node-k listens on 127.0.0.k:PORT (transport, UDP) and 127.0.0.k:PORT+1 (admin, TCP).
+        #[arg(long, default_value_t = DEFAULT_BASE_PORT)]
+        base_port: u16,
+    },
+    /// Stop every agent of the local cluster (SIGTERM, then SIGKILL after 10 s).
+    Down {
+        #[arg(long, default_value = DEFAULT_DIR)]
+        dir: PathBuf,
+    },
+    /// Kill a node as if it lost power (SIGKILL).
+    Kill {
+        #[arg(long, default_value = DEFAULT_DIR)]
+        dir: PathBuf,
+        node: String,
+        /// Kill only the agent (engines, once there are any, keep running).
+        #[arg(long)]
+        agent_only: bool,
+    },
+    /// Start a node of the local cluster again.
+    Start {
+        #[arg(long, default_value = DEFAULT_DIR)]
+        dir: PathBuf,
+        node: String,
+    },
+}
+
+fn node_dir(dir: &Path, node: &str) -> PathBuf {
+    dir.join(node)
+}
+
+fn pid_file(dir: &Path, node: &str) -> PathBuf {
+    node_dir(dir, node).join("agent.pid")
+}
+
+/// The pid of a node's agent if that process is alive and is a pdagent.
+fn live_pid(dir: &Path, node: &str) -> Option<u32> {
+    let pid: u32 = std::fs::read_to_string(pid_file(dir, node))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // A zombie (state Z) is dead for our purposes.
+    let state = stat.rsplit(')').next()?.split_whitespace().next()?;
+    (String::from_utf8_lossy(&cmdline).contains("pdagent") && state != "Z").then_some(pid)
+}
+
+fn signal(pid: u32, sig: &str) -> Result<()> {
+    let ok = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()?
+        .success();
+    if !ok {
+        bail!("kill -{sig} {pid} failed");
+    }
+    Ok(())
+}
+
+fn nodes_in(dir: &Path) -> Result<Vec<String>> {
+    let mut v: Vec<(usize, String)> = std::fs::read_dir(dir)
+        .with_context(|| format!("{} is not a local cluster folder", dir.display()))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            let k = n.strip_prefix("node-")?.parse().ok()?;
+            Some((k, n))
+        })
+        .collect();
+    v.sort();
+    Ok(v.into_iter().map(|x| x.1).collect())
+}
+
+fn fixture(gpus: u32) -> String {
+    format!(
+        "# {gpus} x H100 80GB on NVSwitch (fixture: nvml/FIXTURE.md)\n[[gpu]]\ncount = {gpus}\nname = \"NVIDIA H100 80GB HBM3\"\n\
+         memory_total_mib = 81559\ncompute_capability = \"9.0\"\narchitecture = \"Hopper\"\npcie_generation = 5\n\
+         pcie_width = 16\nnvlink = \"all\"\nmig = \"disabled\"\ntemperature_c = 35\npower_w = 70.0\npower_limit_w = 700.0\n\
+         utilization_gpu_pct = 0\nutilization_memory_pct = 0\necc = true\nremapped_rows_supported = true\n"
+    )
+}
+
+fn start_agent(dir: &Path, node: &str, bootstrap: bool) -> Result<u32> {
+    use std::os::unix::process::CommandExt;
+    let pdagent = find_pdagent()?;
+    let nd = node_dir(dir, node);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(nd.join("agent.log"))?;
+    let mut cmd = Command::new(pdagent);
+    cmd.arg("run").arg("--config").arg(nd.join("pdagent.toml"));
+    if bootstrap {
+        cmd.arg("--bootstrap");
+    }
+    // Its own process group: the agents outlive this command and ignore the terminal's ^C.
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting the agent of {node}"))?;
+    std::fs::write(pid_file(dir, node), format!("{}\n", child.id()))?;
+    Ok(child.id())
+}
+
+fn check_free(ip: &str, port: u16) -> Result<()> {
+    std::net::UdpSocket::bind((ip, port))
+        .with_context(|| format!("UDP {ip}:{port} is taken (try --base-port)"))?;
+    std::net::TcpListener::bind((ip, port + 1))
+        .with_context(|| format!("TCP {ip}:{} is taken (try --base-port)", port + 1))?;
+    Ok(())
+}
+
+/// Waits until the admin API reports `n` nodes, all with GPUs replicated, and a coordinator.
+fn wait_whole(client: &AdminClient, n: usize, gpus: u32, json: bool) -> Result<serde_json::Value> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let until = Instant::now() + READY_TIMEOUT;
+    let mut last = String::new();
+    loop {
+        match rt.block_on(client.request("GET", "/v1/status", None)) {
+            Ok(v) => {
+                let nodes = v["nodes"].as_array().map_or(0, |a| a.len());
+                let with_gpus = v["nodes"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|x| x["gpus"].as_array().map_or(0, |g| g.len()) == gpus as usize)
+                    .count();
+                let line = format!("{nodes}/{n} nodes registered, {with_gpus}/{n} with GPUs");
+                if line != last && !json {
+                    eprintln!("  {line}");
+                    last = line;
+                }
+                if nodes == n && with_gpus == n && v["coordinator"].is_string() {
+                    return Ok(v);
+                }
+            }
+            Err(e) => last = e.to_string(),
+        }
+        if Instant::now() > until {
+            bail!(
+                "the local cluster was not whole after {} s: {last}",
+                READY_TIMEOUT.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+pub fn run(cmd: LocalCommand, json: bool) -> Result<()> {
+    match cmd {
+        LocalCommand::Up {
+            nodes,
+            gpus_per_node,
+            dir,
+            base_port,
+        } => up(nodes, gpus_per_node, &dir, base_port, json),
+        LocalCommand::Down { dir } => down(&dir),
+        LocalCommand::Kill {
+            dir,
+            node,
+            agent_only: _,
+        } => {
+            let pid = live_pid(&dir, &node).with_context(|| format!("{node} is not running"))?;
+            signal(pid, "KILL")?;
+            println!("{node}: killed (pid {pid})");
+            Ok(())
+        }
+        LocalCommand::Start { dir, node } => {
+            if !node_dir(&dir, &node).join("pdagent.toml").exists() {
+                bail!(
+                    "{node} is not part of the local cluster in {}",
+                    dir.display()
+                );
+            }
+            if let Some(pid) = live_pid(&dir, &node) {
+                bail!("{node} is already running (pid {pid})");
+            }
+            let pid = start_agent(&dir, &node, false)?;
+            println!("{node}: started (pid {pid})");
+            Ok(())
+        }
+    }
+}
+
+fn up(n: usize, gpus: u32, dir: &Path, base_port: u16, json: bool) -> Result<()> {
+    if n == 0 || n > NODES_MAX {
+        bail!("--nodes must be between 1 and {NODES_MAX}");
+    }
+    if gpus > 64 {
+        bail!("--gpus-per-node must be at most 64");
+    }
+    if base_port == 0 || base_port == u16::MAX {
+        bail!("--base-port must leave room for the admin port");
+    }
+    if dir.join("pdctl.toml").exists() {
+        bail!(
+            "{} already holds a local cluster: `pdctl local down --dir {0}` and remove it first",
+            dir.display()
+        );
+    }
+    for k in 1..=n {
+        check_free(&format!("127.0.0.{k}"), base_port)?;
+    }
+    std::fs::create_dir_all(dir)?;
+    let dir = dir.canonicalize()?;
+    let ca = dir.join("ca");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    pki::init_cluster_dir(&ca, "local", now, 24 * 3600)?;
+    let voters = if n >= 5 {
+        5
+    } else if n >= 3 {
+        3
+    } else {
+        1
+    };
+    let seed = format!("node-1@127.0.0.1:{base_port}");
+    let mut agents = Vec::new();
+    for k in 1..=n {
+        let node = format!("node-{k}");
+        let nd = node_dir(&dir, &node);
+        std::fs::create_dir_all(nd.join("data/pki"))?;
+        pki::issue_node_files(&ca, &node, 365)?;
+        for f in [pki::NODE_CERT_FILE, pki::NODE_KEY_FILE, pki::CA_CERT_FILE] {
+            std::fs::copy(
+                ca.join("nodes").join(&node).join(f),
+                nd.join("data/pki").join(f),
+            )?;
+        }
+        std::fs::write(nd.join("gpus.toml"), fixture(gpus))?;
+        let ip = format!("127.0.0.{k}");
+        let gpu_section = if gpus > 0 {
+            format!("[gpus]\nfixture = \"{}\"\n", nd.join("gpus.toml").display())
+        } else {
+            String::new()
+        };
+        std::fs::write(
+            nd.join("pdagent.toml"),
+            format!(
+                "# node {k} of a local cluster (pdctl local up)\n[node]\nname = \"{node}\"\ndata_dir = \"{}\"\n\
+                 listen = \"{ip}:{base_port}\"\nworker_threads = 1\n[admin]\nlisten = \"{ip}:{}\"\n{gpu_section}\
+                 [cluster]\nseeds = [\"{seed}\"]\nvoters = {voters}\n\
+                 [raft]\nheartbeat_ms = 100\nelection_timeout_min_ms = 600\nelection_timeout_max_ms = 1200\n\
+                 coordinator_interval_ms = 200\n",
+                nd.join("data").display(),
+                base_port + 1
+            ),
+        )?;
+        agents.push(format!("\"{node}@{ip}:{}\"", base_port + 1));
+    }
+    std::fs::write(
+        dir.join("pdctl.toml"),
+        format!(
+            "# pdctl configuration for the local cluster in this folder (pdctl local up)\n\
+             ca_cert = \"ca/ca.crt\"\nadmin_cert = \"ca/admin.crt\"\nadmin_key = \"ca/admin.key\"\n\
+             agents = [{}]\n",
+            agents.join(", ")
+        ),
+    )?;
+    if !json {
+        eprintln!("starting {n} agent(s) in {}", dir.display());
+    }
+    for k in 1..=n {
+        start_agent(&dir, &format!("node-{k}"), k == 1)?;
+    }
+    let client = AdminClient::from_config(&dir.join("pdctl.toml"))?;
+    let status = match wait_whole(&client, n, gpus, json) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = down(&dir);
+            return Err(e.context(format!(
+                "see the logs under {}/node-*/agent.log",
+                dir.display()
+            )));
+        }
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "dir": dir, "config": dir.join("pdctl.toml"), "status": status })
+        );
+    } else {
+        println!(
+            "local cluster of {n} node(s) is up; coordinator {}",
+            status["coordinator"].as_str().unwrap_or("?")
+        );
+        println!(
+            "  pdctl --config {} status",
+            dir.join("pdctl.toml").display()
+        );
+        println!("  pdctl local down --dir {}", dir.display());
+    }
+    Ok(())
+}
+
+fn down(dir: &Path) -> Result<()> {
+    let nodes = nodes_in(dir)?;
+    let mut running = Vec::new();
+    for node in &nodes {
+        if let Some(pid) = live_pid(dir, node) {
+            signal(pid, "TERM")?;
+            running.push((node.clone(), pid));
+        }
+    }
+    let until = Instant::now() + STOP_GRACE;
+    for (node, pid) in running {
+        while live_pid(dir, &node).is_some() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if live_pid(dir, &node).is_some() {
+            signal(pid, "KILL")?;
+            println!("{node}: killed after {} s", STOP_GRACE.as_secs());
+        } else {
+            println!("{node}: stopped");
+        }
+    }
+    Ok(())
+}
