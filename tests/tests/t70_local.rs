@@ -1,0 +1,296 @@
+//! What a user tries first, through the real `pdctl`: `pdctl local up` brings up a cluster of
+//! real agents with fixture GPUs, `pdctl status -o json` shows it, writes go through the
+//! admin API (and are refused without the admin credential), the coordinator can be killed
+//! and started again, and `pdctl local down` stops everything.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use pd_tests::*;
+
+struct Local {
+    dir: tempfile::TempDir,
+}
+
+impl Local {
+    fn up(nodes: usize, port: u16) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let out = pdctl(&[
+            "local",
+            "up",
+            "--nodes",
+            &nodes.to_string(),
+            "--dir",
+            dir.path().to_str().unwrap(),
+            "--base-port",
+            &port.to_string(),
+            "--gpus-per-node",
+            "2",
+        ]);
+        assert!(
+            out.status.success(),
+            "local up: {}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        Local { dir }
+    }
+
+    fn config(&self) -> PathBuf {
+        self.dir.path().join("pdctl.toml")
+    }
+
+    fn pdctl(&self, args: &[&str]) -> std::process::Output {
+        let cfg = self.config();
+        let mut a = vec!["--config", cfg.to_str().unwrap()];
+        a.extend_from_slice(args);
+        pdctl(&a)
+    }
+
+    fn status(&self) -> Option<serde_json::Value> {
+        let out = self.pdctl(&["status", "-o", "json"]);
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).ok())
+            .flatten()
+    }
+}
+
+impl Drop for Local {
+    fn drop(&mut self) {
+        let _ = pdctl(&["local", "down", "--dir", self.dir.path().to_str().unwrap()]);
+    }
+}
+
+/// A base port free on 127.0.0.1..=127.0.0.n for UDP p and TCP p+1.
+fn free_base(n: usize) -> u16 {
+    for _ in 0..50 {
+        let p = free_udp_port("127.0.0.1");
+        if p >= 65000 {
+            continue;
+        }
+        let ok = (1..=n).all(|k| {
+            let ip = format!("127.0.0.{k}");
+            std::net::UdpSocket::bind((ip.as_str(), p)).is_ok()
+                && std::net::TcpListener::bind((ip.as_str(), p + 1)).is_ok()
+        });
+        if ok {
+            return p;
+        }
+    }
+    panic!("no free base port");
+}
+
+/// `pdctl local up --nodes 3` then `status -o json`: three ready voters with their GPUs; the
+/// JSON has the documented fields; `--config` works after the subcommand too.
+#[test]
+fn local_up_status_and_writes() {
+    let _g = serial();
+    let l = Local::up(3, free_base(3));
+    let v = l.status().expect("status");
+    assert!(v["coordinator"].is_string());
+    assert!(v["term"].as_u64().unwrap() >= 1);
+    let nodes = v["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 3);
+    for (i, n) in nodes.iter().enumerate() {
+        assert_eq!(n["name"], format!("node-{}", i + 1));
+        assert!(
+            n["address"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("127.0.0.{}:", i + 1))
+        );
+        assert_eq!(n["raft_role"], "voter");
+        assert_eq!(n["health"], "ready");
+        assert_eq!(n["admin_state"], "active");
+        assert_eq!(n["gpus"].as_array().unwrap().len(), 2);
+        assert!(n["labels"].is_object());
+    }
+    // --config after the subcommand, and --json.
+    let out = pdctl(&["nodes", "--json", "--config", l.config().to_str().unwrap()]);
+    assert!(out.status.success());
+    let nodes: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(nodes.as_array().unwrap().len(), 3);
+
+    // Writes through any agent reach the coordinator.
+    assert!(l.pdctl(&["label", "node-2", "rack=r7"]).status.success());
+    assert!(l.pdctl(&["cordon", "node-3"]).status.success());
+    assert!(l.pdctl(&["drain", "node-1"]).status.success());
+    let v = l.status().unwrap();
+    assert_eq!(v["nodes"][1]["labels"]["rack"], "r7");
+    assert_eq!(v["nodes"][2]["admin_state"], "cordoned");
+    assert_eq!(v["nodes"][0]["admin_state"], "draining");
+    assert!(l.pdctl(&["uncordon", "node-3"]).status.success());
+    assert!(l.pdctl(&["label", "node-2", "rack-"]).status.success());
+    let v = l.status().unwrap();
+    assert_eq!(v["nodes"][2]["admin_state"], "active");
+    assert!(v["nodes"][1]["labels"].as_object().unwrap().is_empty());
+    // Errors are clear and change nothing.
+    let out = l.pdctl(&["label", "node-9", "a=b"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("unknown node"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = l.pdctl(&["label", "node-2", "bad key=x"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("invalid label"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+async fn https_get(
+    addr: &str,
+    server: &str,
+    client: Option<&Path>,
+    ca: &Path,
+) -> Result<String, String> {
+    let ca_der = pd_transport::pki::first_cert_der(&std::fs::read_to_string(ca).unwrap()).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from(ca_der))
+        .unwrap();
+    let builder = rustls::ClientConfig::builder_with_provider(pd_transport::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots);
+    let cfg = match client {
+        Some(dir) => {
+            let id = pd_transport::Identity::load(
+                &dir.join("ca.crt"),
+                &dir.join("node.crt"),
+                &dir.join("node.key"),
+            )
+            .unwrap();
+            let mut c = id.client_config().unwrap();
+            c.alpn_protocols = vec![b"http/1.1".to_vec()];
+            c
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let conn = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let name = rustls::pki_types::ServerName::try_from(server.to_string()).unwrap();
+    let mut tls = conn.connect(name, tcp).await.map_err(|e| e.to_string())?;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let req = "PUT /v1/nodes/node-1/labels/x HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 13\r\nconnection: close\r\n\r\n{\"value\":\"y\"}";
+    tls.write_all(req.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    tls.read_to_end(&mut out).await.map_err(|e| e.to_string())?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// Without a client certificate the admin API refuses at the handshake; with a node's (not the
+/// admin's) certificate it answers 403; nothing is written either way.
+#[test]
+fn admin_api_refuses_unauthenticated_writes() {
+    let _g = serial();
+    let base = free_base(1);
+    let l = Local::up(1, base);
+    let addr = format!("127.0.0.1:{}", base + 1);
+    let ca = l.dir.path().join("ca/ca.crt");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    match rt.block_on(https_get(&addr, "node-1", None, &ca)) {
+        Err(_) => {}
+        Ok(resp) => assert!(
+            !resp.contains("200 OK"),
+            "served without a certificate: {resp}"
+        ),
+    }
+    let node_pki = l.dir.path().join("node-1/data/pki");
+    let resp = rt
+        .block_on(https_get(&addr, "node-1", Some(&node_pki), &ca))
+        .unwrap();
+    assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
+    assert!(resp.contains("admin credential"), "{resp}");
+    let v = l.status().unwrap();
+    assert!(v["nodes"][0]["labels"].as_object().unwrap().is_empty());
+}
+
+/// Killing the coordinator's host elects another; `local start` brings it back into the same
+/// cluster; `local down` stops every agent; a taken port is a clear error.
+#[test]
+fn local_kill_start_down() {
+    let _g = serial();
+    let base = free_base(3);
+    let l = Local::up(3, base);
+    let leader = l.status().unwrap()["coordinator"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let dir = l.dir.path().to_str().unwrap().to_string();
+    assert!(
+        pdctl(&["local", "kill", "--dir", &dir, &leader])
+            .status
+            .success()
+    );
+    let new = wait_for(
+        "a new coordinator",
+        deadline(Duration::from_secs(30)),
+        || {
+            let c = l.status()?["coordinator"].as_str()?.to_string();
+            (c != leader).then_some(c)
+        },
+    );
+    assert_ne!(new, leader);
+    assert!(
+        pdctl(&["local", "start", "--dir", &dir, &leader])
+            .status
+            .success()
+    );
+    wait_for(
+        "the restarted node to be a voter again",
+        deadline(Duration::from_secs(30)),
+        || {
+            let v = l.status()?;
+            let n = v["nodes"]
+                .as_array()?
+                .iter()
+                .find(|n| n["name"] == leader.as_str())?
+                .clone();
+            (n["raft_role"] == "voter" && v["nodes"].as_array()?.len() == 3).then_some(())
+        },
+    );
+    // Another cluster on the same ports is refused up front.
+    let other = tempfile::tempdir().unwrap();
+    let out = pdctl(&[
+        "local",
+        "up",
+        "--nodes",
+        "1",
+        "--dir",
+        other.path().to_str().unwrap(),
+        "--base-port",
+        &base.to_string(),
+    ]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("taken"), "{}", text(&out.stderr));
+
+    let out = pdctl(&["local", "down", "--dir", &dir]);
+    assert!(out.status.success());
+    assert_eq!(
+        text(&out.stdout).matches("stopped").count(),
+        3,
+        "{}",
+        text(&out.stdout)
+    );
+    for k in 1..=3 {
+        let ip = format!("127.0.0.{k}");
+        wait_for("ports released", deadline(Duration::from_secs(10)), || {
+            std::net::UdpSocket::bind((ip.as_str(), base))
+                .ok()
+                .map(|_| ())
+        });
+    }
+}
