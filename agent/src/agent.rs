@@ -31,10 +31,10 @@ impl Service for AgentService {
     type Response = AgentResponse;
 
     async fn call(&self, peer: &PeerIdentity, req: AgentRequest) -> Result<AgentResponse, String> {
-        if let PeerIdentity::Node(name) = peer {
-            if self.control.is_removed(name) {
-                return Err(format!("node {name} was removed from the cluster"));
-            }
+        if let PeerIdentity::Node(name) = peer
+            && self.control.is_removed(name)
+        {
+            return Err(format!("node {name} was removed from the cluster"));
         }
         match req {
             AgentRequest::Ping { nonce } => Ok(AgentResponse::Pong {
