@@ -49,6 +49,12 @@ pub struct ControlPlane {
     voters: usize,
     interval: Duration,
     inventory: Option<SharedInventory>,
+    /// Bound on one forwarded write. A healthy coordinator answers in milliseconds; a dead one
+    /// never does, and waiting longer only delays the retry that finds its successor. A write
+    /// that times out but did commit is harmless to repeat: every command is idempotent.
+    attempt_timeout: Duration,
+    /// Pause between write attempts while there is no reachable coordinator.
+    retry_pause: Duration,
 }
 
 impl ControlPlane {
@@ -99,6 +105,8 @@ impl ControlPlane {
             voters: cfg.config.cluster.voters as usize,
             interval: Duration::from_millis(r.coordinator_interval_ms),
             inventory,
+            attempt_timeout: Duration::from_millis((4 * r.heartbeat_ms).max(200)),
+            retry_pause: Duration::from_millis(r.heartbeat_ms),
         });
         if fresh && bootstrap {
             info!(node = %cp.me, "bootstrapping a new cluster");
@@ -280,34 +288,47 @@ impl ControlPlane {
         Ok(())
     }
 
-    /// Writes a command through whichever agent is coordinator (forwarding once).
+    /// Writes a command through whichever agent is coordinator. While a coordinator is being
+    /// elected or cannot be reached, it asks again (each attempt bounded by the election
+    /// timeout, so a dead coordinator costs one election, not a connection timeout) until
+    /// `FORWARD_TIMEOUT`.
     pub async fn submit(&self, cmd: Command) -> Result<CommandResult, SubmitError> {
-        let answer = match self.propose(cmd.clone()).await {
-            AgentResponse::NotCoordinator {
-                coordinator: Some(c),
-            } => {
-                let addr: SocketAddr = c
-                    .address
-                    .parse()
-                    .map_err(|_| SubmitError::Unreachable(format!("bad address {}", c.address)))?;
-                self.peers
-                    .call(&c.name, addr, &AgentRequest::Propose(cmd), FORWARD_TIMEOUT)
-                    .await
-                    .map_err(|e| {
-                        SubmitError::Unreachable(format!(
+        let deadline = tokio::time::Instant::now() + FORWARD_TIMEOUT;
+        loop {
+            let err = match self.propose(cmd.clone()).await {
+                AgentResponse::Proposed(r) => return Ok(r),
+                AgentResponse::NotCoordinator {
+                    coordinator: Some(c),
+                } => match c.address.parse::<SocketAddr>() {
+                    Ok(addr) => match self
+                        .peers
+                        .call(
+                            &c.name,
+                            addr,
+                            &AgentRequest::Propose(cmd.clone()),
+                            self.attempt_timeout,
+                        )
+                        .await
+                    {
+                        Ok(AgentResponse::Proposed(r)) => return Ok(r),
+                        Ok(AgentResponse::NotCoordinator { .. }) => SubmitError::NoCoordinator,
+                        Ok(other) => {
+                            SubmitError::Unreachable(format!("unexpected answer {other:?}"))
+                        }
+                        Err(e) => SubmitError::Unreachable(format!(
                             "forwarding to coordinator {}: {e}",
                             c.name
-                        ))
-                    })?
+                        )),
+                    },
+                    Err(_) => SubmitError::Unreachable(format!("bad address {}", c.address)),
+                },
+                AgentResponse::NotCoordinator { coordinator: None } => SubmitError::NoCoordinator,
+                other => SubmitError::Unreachable(format!("unexpected answer {other:?}")),
+            };
+            if tokio::time::Instant::now() + self.retry_pause > deadline {
+                return Err(err);
             }
-            other => other,
-        };
-        match answer {
-            AgentResponse::Proposed(r) => Ok(r),
-            AgentResponse::NotCoordinator { .. } => Err(SubmitError::NoCoordinator),
-            other => Err(SubmitError::Unreachable(format!(
-                "unexpected answer {other:?}"
-            ))),
+            tokio::time::sleep(self.retry_pause).await;
         }
     }
 

@@ -119,6 +119,28 @@ impl AdminClient {
         Ok(AdminClient { targets, tls })
     }
 
+    /// The same client, talking only to the agent named `name`.
+    pub fn only(&self, name: &str) -> Result<Self> {
+        let targets: Vec<Target> = self
+            .targets
+            .iter()
+            .filter_map(|t| match t {
+                Target::Tls { name: n, addr } if n == name => Some(Target::Tls {
+                    name: n.clone(),
+                    addr: *addr,
+                }),
+                _ => None,
+            })
+            .collect();
+        if targets.is_empty() {
+            bail!("no admin endpoint for {name}");
+        }
+        Ok(AdminClient {
+            targets,
+            tls: self.tls.clone(),
+        })
+    }
+
     /// Sends one request; returns the JSON answer, or the API's error message.
     pub async fn request(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value> {
         // Refuse a malformed request here rather than blame the network for it.

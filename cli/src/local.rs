@@ -17,6 +17,10 @@ use crate::demo::find_pdagent;
 pub const DEFAULT_DIR: &str = "pdagent-local";
 pub const DEFAULT_BASE_PORT: u16 = 7400;
 const NODES_MAX: usize = 64;
+/// Raft timings of local clusters: quick failover on one machine.
+pub const LOCAL_HEARTBEAT_MS: u64 = 50;
+pub const LOCAL_ELECTION_MIN_MS: u64 = 200;
+pub const LOCAL_ELECTION_MAX_MS: u64 = 400;
 /// How long `up` and `start` wait for the cluster to be whole.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long `down` waits after SIGTERM before SIGKILL.
@@ -142,6 +146,21 @@ fn start_agent(dir: &Path, node: &str, bootstrap: bool) -> Result<u32> {
     Ok(child.id())
 }
 
+/// SIGKILLs a node's agent, as if the host lost power; returns its pid.
+pub fn kill(dir: &Path, node: &str) -> Result<u32> {
+    let pid = live_pid(dir, node).with_context(|| format!("{node} is not running"))?;
+    signal(pid, "KILL")?;
+    Ok(pid)
+}
+
+/// Starts a stopped node's agent again (never with --bootstrap).
+pub fn start(dir: &Path, node: &str) -> Result<u32> {
+    if let Some(pid) = live_pid(dir, node) {
+        bail!("{node} is already running (pid {pid})");
+    }
+    start_agent(dir, node, false)
+}
+
 fn check_free(ip: &str, port: u16) -> Result<()> {
     std::net::UdpSocket::bind((ip, port))
         .with_context(|| format!("UDP {ip}:{port} is taken (try --base-port)"))?;
@@ -150,8 +169,20 @@ fn check_free(ip: &str, port: u16) -> Result<()> {
     Ok(())
 }
 
-/// Waits until the admin API reports `n` nodes, all with GPUs replicated, and a coordinator.
-fn wait_whole(client: &AdminClient, n: usize, gpus: u32, json: bool) -> Result<serde_json::Value> {
+/// Voters a local cluster of `n` nodes keeps.
+fn voters_for(n: usize) -> usize {
+    if n >= 5 {
+        5
+    } else if n >= 3 {
+        3
+    } else {
+        1
+    }
+}
+
+/// Waits until the admin API reports `n` nodes, all with their GPUs replicated, the configured
+/// number of voters, and a coordinator.
+fn wait_whole(client: &AdminClient, n: usize, gpus: u32, quiet: bool) -> Result<serde_json::Value> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -160,19 +191,26 @@ fn wait_whole(client: &AdminClient, n: usize, gpus: u32, json: bool) -> Result<s
     loop {
         match rt.block_on(client.request("GET", "/v1/status", None)) {
             Ok(v) => {
-                let nodes = v["nodes"].as_array().map_or(0, |a| a.len());
-                let with_gpus = v["nodes"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
+                let list = v["nodes"].as_array().cloned().unwrap_or_default();
+                let with_gpus = list
+                    .iter()
                     .filter(|x| x["gpus"].as_array().map_or(0, |g| g.len()) == gpus as usize)
                     .count();
-                let line = format!("{nodes}/{n} nodes registered, {with_gpus}/{n} with GPUs");
-                if line != last && !json {
+                let voters = list.iter().filter(|x| x["raft_role"] == "voter").count();
+                let line = format!(
+                    "{}/{n} nodes registered, {with_gpus}/{n} with GPUs, {voters}/{} voters",
+                    list.len(),
+                    voters_for(n)
+                );
+                if line != last && !quiet {
                     eprintln!("  {line}");
-                    last = line;
                 }
-                if nodes == n && with_gpus == n && v["coordinator"].is_string() {
+                last = line;
+                if list.len() == n
+                    && with_gpus == n
+                    && voters == voters_for(n)
+                    && v["coordinator"].is_string()
+                {
                     return Ok(v);
                 }
             }
@@ -196,14 +234,13 @@ pub fn run(cmd: LocalCommand, json: bool) -> Result<()> {
             dir,
             base_port,
         } => up(nodes, gpus_per_node, &dir, base_port, json),
-        LocalCommand::Down { dir } => down(&dir),
+        LocalCommand::Down { dir } => down(&dir, false),
         LocalCommand::Kill {
             dir,
             node,
             agent_only: _,
         } => {
-            let pid = live_pid(&dir, &node).with_context(|| format!("{node} is not running"))?;
-            signal(pid, "KILL")?;
+            let pid = kill(&dir, &node)?;
             println!("{node}: killed (pid {pid})");
             Ok(())
         }
@@ -214,10 +251,7 @@ pub fn run(cmd: LocalCommand, json: bool) -> Result<()> {
                     dir.display()
                 );
             }
-            if let Some(pid) = live_pid(&dir, &node) {
-                bail!("{node} is already running (pid {pid})");
-            }
-            let pid = start_agent(&dir, &node, false)?;
+            let pid = start(&dir, &node)?;
             println!("{node}: started (pid {pid})");
             Ok(())
         }
@@ -225,6 +259,50 @@ pub fn run(cmd: LocalCommand, json: bool) -> Result<()> {
 }
 
 fn up(n: usize, gpus: u32, dir: &Path, base_port: u16, json: bool) -> Result<()> {
+    let (dir, status) = create(n, gpus, dir, base_port, json)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "dir": dir, "config": dir.join("pdctl.toml"), "status": status })
+        );
+    } else {
+        println!(
+            "local cluster of {n} node(s) is up; coordinator {}",
+            status["coordinator"].as_str().unwrap_or("?")
+        );
+        println!(
+            "  pdctl --config {} status",
+            dir.join("pdctl.toml").display()
+        );
+        println!("  pdctl local down --dir {}", dir.display());
+    }
+    Ok(())
+}
+
+/// A base port free for UDP p and TCP p+1 on 127.0.0.1..=127.0.0.n, for clusters that must not
+/// collide with a user's (benchmarks).
+pub fn free_base_port(n: usize) -> Result<u16> {
+    for _ in 0..100 {
+        let p = std::net::UdpSocket::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        if p < 65000 && (1..=n).all(|k| check_free(&format!("127.0.0.{k}"), p).is_ok()) {
+            return Ok(p);
+        }
+    }
+    bail!("no free base port found on 127.0.0.1..{n}")
+}
+
+/// Creates the local cluster's files, starts its agents and waits until it is whole. Returns
+/// the (canonical) folder and the cluster status.
+pub fn create(
+    n: usize,
+    gpus: u32,
+    dir: &Path,
+    base_port: u16,
+    quiet: bool,
+) -> Result<(PathBuf, serde_json::Value)> {
+    let json = quiet;
     if n == 0 || n > NODES_MAX {
         bail!("--nodes must be between 1 and {NODES_MAX}");
     }
@@ -283,7 +361,7 @@ fn up(n: usize, gpus: u32, dir: &Path, base_port: u16, json: bool) -> Result<()>
                 "# node {k} of a local cluster (pdctl local up)\n[node]\nname = \"{node}\"\ndata_dir = \"{}\"\n\
                  listen = \"{ip}:{base_port}\"\nworker_threads = 1\n[admin]\nlisten = \"{ip}:{}\"\n{gpu_section}\
                  [cluster]\nseeds = [\"{seed}\"]\nvoters = {voters}\n\
-                 [raft]\nheartbeat_ms = 100\nelection_timeout_min_ms = 600\nelection_timeout_max_ms = 1200\n\
+                 [raft]\nheartbeat_ms = {LOCAL_HEARTBEAT_MS}\nelection_timeout_min_ms = {LOCAL_ELECTION_MIN_MS}\nelection_timeout_max_ms = {LOCAL_ELECTION_MAX_MS}\n\
                  coordinator_interval_ms = 200\n",
                 nd.join("data").display(),
                 base_port + 1
@@ -310,33 +388,17 @@ fn up(n: usize, gpus: u32, dir: &Path, base_port: u16, json: bool) -> Result<()>
     let status = match wait_whole(&client, n, gpus, json) {
         Ok(s) => s,
         Err(e) => {
-            let _ = down(&dir);
+            let _ = down(&dir, true);
             return Err(e.context(format!(
                 "see the logs under {}/node-*/agent.log",
                 dir.display()
             )));
         }
     };
-    if json {
-        println!(
-            "{}",
-            serde_json::json!({ "dir": dir, "config": dir.join("pdctl.toml"), "status": status })
-        );
-    } else {
-        println!(
-            "local cluster of {n} node(s) is up; coordinator {}",
-            status["coordinator"].as_str().unwrap_or("?")
-        );
-        println!(
-            "  pdctl --config {} status",
-            dir.join("pdctl.toml").display()
-        );
-        println!("  pdctl local down --dir {}", dir.display());
-    }
-    Ok(())
+    Ok((dir, status))
 }
 
-fn down(dir: &Path) -> Result<()> {
+pub fn down(dir: &Path, quiet: bool) -> Result<()> {
     let nodes = nodes_in(dir)?;
     let mut running = Vec::new();
     for node in &nodes {
@@ -352,8 +414,10 @@ fn down(dir: &Path) -> Result<()> {
         }
         if live_pid(dir, &node).is_some() {
             signal(pid, "KILL")?;
-            println!("{node}: killed after {} s", STOP_GRACE.as_secs());
-        } else {
+            if !quiet {
+                println!("{node}: killed after {} s", STOP_GRACE.as_secs());
+            }
+        } else if !quiet {
             println!("{node}: stopped");
         }
     }

@@ -14,6 +14,7 @@ use pd_transport::bench::{BenchOptions, BenchReport};
 use pd_transport::config::Congestion;
 use pd_transport::{TransportConfig, pki};
 
+mod bench_failover;
 mod client;
 mod demo;
 mod local;
@@ -130,6 +131,14 @@ enum ClusterCommand {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// SIGKILL the coordinator of a local cluster, repeatedly; time until a write is
+    /// acknowledged again.
+    Failover {
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
     /// QUIC (the production transport) against TLS over TCP and plain TCP on loopback.
     Transport {
         /// Bytes per repetition.
@@ -418,6 +427,25 @@ fn run(cli: Cli) -> Result<()> {
             }
         },
         Command::Bench { command } => match command {
+            BenchCommand::Failover { nodes, rounds } => {
+                let r = bench_failover::run(nodes, rounds, json)?;
+                if json {
+                    println!("{}", serde_json::to_string(&r)?);
+                } else {
+                    println!(
+                        "failover over {} rounds on {} local agents (heartbeat {} ms, election timeout {}-{} ms):",
+                        r.rounds,
+                        r.nodes,
+                        r.heartbeat_ms,
+                        r.election_timeout_ms[0],
+                        r.election_timeout_ms[1]
+                    );
+                    println!(
+                        "  kill of the coordinator -> first acknowledged write: p50 {:.0} ms, max {:.0} ms",
+                        r.failover_ms_p50, r.failover_ms_max
+                    );
+                }
+            }
             BenchCommand::Transport {
                 bytes,
                 streams,

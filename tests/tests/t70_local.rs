@@ -294,3 +294,20 @@ fn local_kill_start_down() {
         });
     }
 }
+
+/// `pdctl bench failover --json` runs on its own cluster (free ports, temp dir) and prints one
+/// JSON object with the documented keys.
+#[test]
+fn bench_failover_json() {
+    let _g = serial();
+    let out = pdctl(&["bench", "failover", "--rounds", "2", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert_eq!(stdout.trim().lines().count(), 1, "{stdout}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["rounds"], 2);
+    assert_eq!(v["samples_ms"].as_array().unwrap().len(), 2);
+    let p50 = v["failover_ms_p50"].as_f64().unwrap();
+    let max = v["failover_ms_max"].as_f64().unwrap();
+    assert!(p50 > 0.0 && max >= p50, "{v}");
+}
