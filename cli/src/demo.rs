@@ -1,11 +1,10 @@
-//! `pdctl demo`: what works so far, on one machine, with real processes. It creates a cluster
-//! PKI, issues two node certificates, starts two `pdagent` processes on loopback (node-1 on
-//! 127.0.0.1, node-2 on 127.0.0.2), has each ping the other over QUIC with mutual TLS, shows
-//! that a host from another cluster is refused, runs a short transport benchmark, and stops the
-//! agents with SIGTERM.
+//! `pdctl demo`: what works so far, on one machine, with real processes: a local cluster of
+//! three agents (offline PKI, Raft over mutual-TLS QUIC, fixture GPUs), a write through the
+//! admin API, the coordinator killed and replaced, a foreign host refused, a short transport
+//! benchmark, and a clean stop.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -26,22 +25,6 @@ pub fn find_pdagent() -> Result<PathBuf> {
         .context(
             "pdagent not found next to pdctl or on PATH (build it: cargo build --release --bins)",
         )
-}
-
-struct Running {
-    name: String,
-    child: Child,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_udp_port(ip: &str) -> Result<u16> {
-    Ok(std::net::UdpSocket::bind((ip, 0))?.local_addr()?.port())
 }
 
 fn write_node(dir: &Path, ca_dir: &Path, node: &str, listen: &str) -> Result<PathBuf> {
@@ -88,98 +71,145 @@ fn ping(pdagent: &Path, from_cfg: &Path, peer: &str, addr: &str) -> Result<Strin
 
 pub fn run(dir: Option<PathBuf>) -> Result<()> {
     let pdagent = find_pdagent()?;
-    let tmp;
     let dir = match dir {
         Some(d) => {
-            if d.join("ca").exists() {
-                bail!(
-                    "{} already holds a demo; pass another --dir or remove it",
-                    d.display()
-                );
+            if d.exists() && std::fs::read_dir(&d)?.next().is_some() {
+                bail!("{} is not empty; pass another --dir", d.display());
             }
-            std::fs::create_dir_all(&d)?;
             d
         }
-        None => {
-            tmp = std::env::temp_dir().join(format!("pdctl-demo-{}", std::process::id()));
-            std::fs::create_dir_all(&tmp)?;
-            tmp
-        }
+        None => std::env::temp_dir().join(format!("pdctl-demo-{}", std::process::id())),
     };
     println!("pdagent demo in {}", dir.display());
-    println!("\n1. cluster PKI, offline");
-    let ca_dir = dir.join("ca");
+
+    println!(
+        "\n1. a cluster of three agents on this machine (pdctl local up): offline PKI, node-k on"
+    );
+    println!("   127.0.0.k, two fixture GPUs each, Raft over mutual-TLS QUIC");
+    let base = crate::local::free_base_port(3)?;
+    let (dir, status) = crate::local::create(3, 2, &dir, base, true)?;
+    let result = tour(&dir, &pdagent, status);
+    let _ = crate::local::down(&dir, true);
+    println!(
+        "\n7. all agents stopped (SIGTERM); files kept in {}",
+        dir.display()
+    );
+    result?;
+    println!(
+        "\nWorks so far: PKI, mutual-TLS QUIC transport, GPU inventory, the Raft control plane,"
+    );
+    println!(
+        "the admin API and pdctl. Not yet: engines, the OpenAI API, KV shipping (see README, Status)."
+    );
+    Ok(())
+}
+
+fn print_nodes(v: &serde_json::Value) {
+    println!(
+        "   coordinator {} (term {})",
+        v["coordinator"].as_str().unwrap_or("none"),
+        v["term"]
+    );
+    for n in v["nodes"].as_array().into_iter().flatten() {
+        let labels: Vec<String> = n["labels"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+            .collect();
+        println!(
+            "   {:<7} {:<18} {:<8} {:<6} {:<9} {} GPUs {}",
+            n["name"].as_str().unwrap_or(""),
+            n["address"].as_str().unwrap_or(""),
+            n["raft_role"].as_str().unwrap_or(""),
+            n["health"].as_str().unwrap_or(""),
+            n["admin_state"].as_str().unwrap_or(""),
+            n["gpus"].as_array().map_or(0, |g| g.len()),
+            labels.join(",")
+        );
+    }
+}
+
+fn tour(dir: &Path, pdagent: &Path, status: serde_json::Value) -> Result<()> {
+    let client = crate::client::AdminClient::from_config(&dir.join("pdctl.toml"))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    print_nodes(&status);
+
+    println!("\n2. a write through the admin API (pdctl label node-2 rack=r1), replicated by Raft");
+    rt.block_on(client.request(
+        "PUT",
+        "/v1/nodes/node-2/labels/rack",
+        Some(serde_json::json!({"value": "r1"})),
+    ))?;
+    print_nodes(&rt.block_on(client.request("GET", "/v1/status", None))?);
+
+    println!("\n3. the coordinator's host loses power (SIGKILL)");
+    let leader = status["coordinator"]
+        .as_str()
+        .unwrap_or("node-1")
+        .to_string();
+    let killed = Instant::now();
+    crate::local::kill(dir, &leader)?;
+    let deadline = killed + Duration::from_secs(30);
+    let after = loop {
+        if let Ok(v) = rt.block_on(client.request("GET", "/v1/status", None))
+            && v["coordinator"].is_string()
+            && v["coordinator"] != leader.as_str()
+        {
+            break v;
+        }
+        if Instant::now() > deadline {
+            bail!("no new coordinator within 30 s of killing {leader}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    println!(
+        "   {leader} killed; new coordinator after {} ms",
+        killed.elapsed().as_millis()
+    );
+    print_nodes(&after);
+    crate::local::start(dir, &leader)?;
+    println!("   {leader} started again: it rejoins from its data dir");
+
+    println!("\n4. a host from another cluster is refused at the TLS handshake");
+    let foreign = dir.join("foreign");
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs();
-    let init = pki::init_cluster_dir(&ca_dir, "demo", now, 3600)?;
-    println!("   CA fingerprint {}", init.ca_fingerprint);
-    let nodes = [("node-1", "127.0.0.1"), ("node-2", "127.0.0.2")];
-    let mut cfgs = Vec::new();
-    for (node, ip) in nodes {
-        let listen = format!("{ip}:{}", free_udp_port(ip)?);
-        let cfg = write_node(&dir, &ca_dir, node, &listen)?;
-        println!("   issued {node}, listening on {listen}");
-        cfgs.push((node, listen, cfg));
-    }
-
-    println!("\n2. two agents, real processes");
-    let mut running = Vec::new();
-    for (node, _, cfg) in &cfgs {
-        let log = std::fs::File::create(dir.join(format!("{node}.log")))?;
-        let child = Command::new(&pdagent)
-            .args(["run", "--config"])
-            .arg(cfg)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", pdagent.display()))?;
-        println!(
-            "   started {node} (pid {}), log {}",
-            child.id(),
-            dir.join(format!("{node}.log")).display()
-        );
-        running.push(Running {
-            name: node.to_string(),
-            child,
-        });
-    }
-
-    println!("\n3. each agent pings the other over QUIC with mutual TLS");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    for (i, (from, _, from_cfg)) in cfgs.iter().enumerate() {
-        let (to, to_addr, _) = &cfgs[1 - i];
-        let answer = loop {
-            match ping(&pdagent, from_cfg, to, to_addr) {
-                Ok(a) => break a,
-                Err(e) if Instant::now() > deadline => bail!("{from} could not reach {to}: {e}"),
-                Err(_) => std::thread::sleep(Duration::from_millis(100)),
-            }
-        };
-        println!("   {from} -> {answer}");
-    }
-
-    println!("\n4. a host from another cluster is refused");
-    let foreign_dir = dir.join("foreign");
-    pki::init_cluster_dir(&foreign_dir.join("ca"), "foreign", now, 3600)?;
-    let foreign_cfg = write_node(
-        &foreign_dir,
-        &foreign_dir.join("ca"),
-        "node-9",
-        "127.0.0.9:0",
-    )?;
-    match ping(&pdagent, &foreign_cfg, "node-1", &cfgs[0].1) {
+    pki::init_cluster_dir(&foreign.join("ca"), "foreign", now, 3600)?;
+    let foreign_cfg = write_node(&foreign, &foreign.join("ca"), "node-9", "127.0.0.9:0")?;
+    let node2 = format!(
+        "127.0.0.2:{}",
+        status["nodes"][1]["address"]
+            .as_str()
+            .unwrap_or(":0")
+            .rsplit(':')
+            .next()
+            .unwrap_or("0")
+    );
+    match ping(pdagent, &foreign_cfg, "node-2", &node2) {
         Ok(a) => bail!("a foreign host was answered: {a}"),
-        Err(e) => println!("   refused: {e}"),
+        Err(e) => println!("   refused: {}", e.trim_start_matches("pdagent: error: ")),
     }
-    match ping(&pdagent, &cfgs[1].2, "node-1", &cfgs[0].1) {
-        Ok(a) => println!("   node-1 still serves: {a}"),
-        Err(e) => bail!("node-1 stopped serving after the refusal: {e}"),
+
+    println!("\n5. GPUs in the cluster (fixtures here; NVML on GPU hosts)");
+    let v = rt.block_on(client.request("GET", "/v1/status", None))?;
+    for n in v["nodes"].as_array().into_iter().flatten() {
+        for g in n["gpus"].as_array().into_iter().flatten() {
+            println!(
+                "   {} GPU {} {} {}",
+                n["name"].as_str().unwrap_or(""),
+                g["index"],
+                g["name"].as_str().unwrap_or(""),
+                g["health"].as_str().unwrap_or("")
+            );
+        }
     }
 
     println!(
-        "\n5. transport benchmark (256 MiB x 3, loopback; `pdctl bench transport` for the full run)"
+        "\n6. transport benchmark (256 MiB x 3, loopback; `pdctl bench transport` for the full run)"
     );
     let transport = pd_transport::TransportConfig {
         initial_datagram_bytes: 8952,
@@ -191,32 +221,13 @@ pub fn run(dir: Option<PathBuf>) -> Result<()> {
         reps: 3,
         transport,
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    let mrt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let r = rt.block_on(pd_transport::bench::run(&opts))?;
+    let r = mrt.block_on(pd_transport::bench::run(&opts))?;
     println!(
         "   QUIC {:.2} GB/s, TLS/TCP {:.2} GB/s, TCP {:.2} GB/s, ratio {:.2} (datagram {} bytes)",
         r.quic_gbps, r.tls_tcp_gbps, r.tcp_gbps, r.ratio, r.datagram_bytes
     );
-
-    println!("\n6. SIGTERM: clean shutdown");
-    for mut a in running {
-        let pid = a.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status()?;
-        let until = Instant::now() + Duration::from_secs(10);
-        let status = loop {
-            if let Some(s) = a.child.try_wait()? {
-                break s;
-            }
-            if Instant::now() > until {
-                bail!("{} did not stop within 10 s of SIGTERM", a.name);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        println!("   {} exited with {status}", a.name);
-    }
-    println!("\nWorks so far: PKI, mutual-TLS QUIC transport, agent life cycle. Not yet: the Raft");
-    println!("control plane, GPU discovery, engines and the OpenAI API (see README, Status).");
     Ok(())
 }
