@@ -100,6 +100,11 @@ fn main() -> ExitCode {
             };
             match rt.block_on(agent::run(v, id, notifier, bootstrap)) {
                 Ok(()) => ExitCode::SUCCESS,
+                // A configuration problem found at start (e.g. no address to advertise).
+                Err(e) if e.downcast_ref::<ConfigError>().is_some() => {
+                    eprintln!("pdagent: {e}");
+                    ExitCode::from(EX_USAGE)
+                }
                 Err(e) => fail(e),
             }
         }

@@ -128,8 +128,10 @@ impl TestPki {
         std::fs::write(
             &cfg,
             format!(
-                "[node]\nname = \"{node}\"\ndata_dir = \"{}\"\nlisten = \"{listen}\"\nworker_threads = 1\n",
-                data.display()
+                "[node]\nname = \"{node}\"\ndata_dir = \"{}\"\nlisten = \"{listen}\"\nworker_threads = 1\n\
+                 [admin]\nlisten = \"{}:0\"\n",
+                data.display(),
+                listen.rsplit_once(':').map_or("127.0.0.1", |(ip, _)| ip)
             ),
         )
         .unwrap();

@@ -29,9 +29,13 @@ fn bad_configurations_exit_64_naming_the_field() {
         (
             "unknown field",
             format!("{base}colour = \"blue\"\n"),
-            "node.colour",
+            "admin.colour",
         ),
-        ("unknown section", format!("{base}[raft]\nx = 1\n"), "raft"),
+        (
+            "unknown section",
+            format!("{base}[rafts]\nx = 1\n"),
+            "rafts",
+        ),
         (
             "bad listen",
             base.replace("127.0.0.1:0", "localhost"),
