@@ -104,38 +104,12 @@ pub fn run(dir: Option<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-fn print_nodes(v: &serde_json::Value) {
-    println!(
-        "   coordinator {} (term {})",
-        v["coordinator"].as_str().unwrap_or("none"),
-        v["term"]
-    );
-    for n in v["nodes"].as_array().into_iter().flatten() {
-        let labels: Vec<String> = n["labels"]
-            .as_object()
-            .into_iter()
-            .flatten()
-            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
-            .collect();
-        println!(
-            "   {:<7} {:<18} {:<8} {:<6} {:<9} {} GPUs {}",
-            n["name"].as_str().unwrap_or(""),
-            n["address"].as_str().unwrap_or(""),
-            n["raft_role"].as_str().unwrap_or(""),
-            n["health"].as_str().unwrap_or(""),
-            n["admin_state"].as_str().unwrap_or(""),
-            n["gpus"].as_array().map_or(0, |g| g.len()),
-            labels.join(",")
-        );
-    }
-}
-
 fn tour(dir: &Path, pdagent: &Path, status: serde_json::Value) -> Result<()> {
     let client = crate::client::AdminClient::from_config(&dir.join("pdctl.toml"))?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    print_nodes(&status);
+    crate::print_status(&status, false);
 
     println!("\n2. a write through the admin API (pdctl label node-2 rack=r1), replicated by Raft");
     rt.block_on(client.request(
@@ -143,7 +117,10 @@ fn tour(dir: &Path, pdagent: &Path, status: serde_json::Value) -> Result<()> {
         "/v1/nodes/node-2/labels/rack",
         Some(serde_json::json!({"value": "r1"})),
     ))?;
-    print_nodes(&rt.block_on(client.request("GET", "/v1/status", None))?);
+    crate::print_status(
+        &rt.block_on(client.request("GET", "/v1/status", None))?,
+        false,
+    );
 
     println!("\n3. the coordinator's host loses power (SIGKILL)");
     let leader = status["coordinator"]
@@ -169,7 +146,7 @@ fn tour(dir: &Path, pdagent: &Path, status: serde_json::Value) -> Result<()> {
         "   {leader} killed; new coordinator after {} ms",
         killed.elapsed().as_millis()
     );
-    print_nodes(&after);
+    crate::print_status(&after, false);
     crate::local::start(dir, &leader)?;
     println!("   {leader} started again: it rejoins from its data dir");
 
