@@ -54,6 +54,7 @@ impl Service for AgentService {
             AgentRequest::Join { name, address } => self.control.join(peer, name, address).await,
             AgentRequest::Propose(cmd) => Ok(self.control.propose(cmd).await),
             AgentRequest::Status => Ok(AgentResponse::Status(self.control.status())),
+            AgentRequest::Heartbeat { node } => self.control.heartbeat(peer, &node),
         }
     }
 }

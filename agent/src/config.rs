@@ -55,6 +55,12 @@ pub struct ClusterSection {
     pub seeds: Vec<String>,
     /// Raft voters the coordinator keeps (1, 3 or 5); other agents are learners.
     pub voters: u32,
+    /// How often each agent reports to the coordinator (outside the Raft log).
+    pub heartbeat_ms: u64,
+    /// Silent this long: the coordinator records the node as suspect.
+    pub suspect_after_ms: u64,
+    /// Silent this long: down (and a down voter is replaced by a healthy learner).
+    pub down_after_ms: u64,
 }
 
 impl Default for ClusterSection {
@@ -62,6 +68,9 @@ impl Default for ClusterSection {
         ClusterSection {
             seeds: Vec::new(),
             voters: 3,
+            heartbeat_ms: 250,
+            suspect_after_ms: 2_000,
+            down_after_ms: 10_000,
         }
     }
 }
@@ -426,6 +435,25 @@ impl AgentConfig {
             .unwrap_or_else(|| self.node.data_dir.join(ADMIN_SOCKET_FILE));
         if ![1, 3, 5].contains(&self.cluster.voters) {
             return Err(ConfigError::new("cluster.voters", "must be 1, 3 or 5"));
+        }
+        let c = &self.cluster;
+        if !(10..=60_000).contains(&c.heartbeat_ms) {
+            return Err(ConfigError::new(
+                "cluster.heartbeat_ms",
+                "must be between 10 and 60000",
+            ));
+        }
+        if c.suspect_after_ms < 2 * c.heartbeat_ms {
+            return Err(ConfigError::new(
+                "cluster.suspect_after_ms",
+                "must be at least two heartbeats",
+            ));
+        }
+        if c.down_after_ms <= c.suspect_after_ms {
+            return Err(ConfigError::new(
+                "cluster.down_after_ms",
+                "must be above suspect_after_ms",
+            ));
         }
         let r = &self.raft;
         if !(10..=10_000).contains(&r.heartbeat_ms) {

@@ -5,17 +5,17 @@
 //! An agent with an empty data dir never founds a cluster by itself: it is either told to
 //! (`--bootstrap`, once, on the first host) or joins through its seeds.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use openraft::storage::RaftLogStorage;
 use openraft::{ChangeMembers, Raft, ServerState, SnapshotPolicy};
 use pd_raft::network::{NetworkFactory, node_id};
 use pd_raft::state::GpuRecord;
 use pd_raft::store::{self, SharedState};
-use pd_raft::{ApplyError, Command, CommandResult, NodeId, RaftPeer, TypeConfig};
+use pd_raft::{ApplyError, Command, CommandResult, NodeHealth, NodeId, RaftPeer, TypeConfig};
 use pd_transport::PeerIdentity;
 use tracing::{info, warn};
 
@@ -55,6 +55,17 @@ pub struct ControlPlane {
     attempt_timeout: Duration,
     /// Pause between write attempts while there is no reachable coordinator.
     retry_pause: Duration,
+    liveness: Liveness,
+    /// When each node last reported (coordinator only; not replicated).
+    last_seen: std::sync::Mutex<HashMap<String, Instant>>,
+}
+
+/// Liveness timings from `[cluster]`.
+#[derive(Debug, Clone, Copy)]
+struct Liveness {
+    heartbeat: Duration,
+    suspect_after: Duration,
+    down_after: Duration,
 }
 
 impl ControlPlane {
@@ -107,6 +118,12 @@ impl ControlPlane {
             inventory,
             attempt_timeout: Duration::from_millis((4 * r.heartbeat_ms).max(200)),
             retry_pause: Duration::from_millis(r.heartbeat_ms),
+            liveness: Liveness {
+                heartbeat: Duration::from_millis(cfg.config.cluster.heartbeat_ms),
+                suspect_after: Duration::from_millis(cfg.config.cluster.suspect_after_ms),
+                down_after: Duration::from_millis(cfg.config.cluster.down_after_ms),
+            },
+            last_seen: std::sync::Mutex::new(HashMap::new()),
         });
         if fresh && bootstrap {
             info!(node = %cp.me, "bootstrapping a new cluster");
@@ -126,6 +143,7 @@ impl ControlPlane {
             );
         }
         tokio::spawn(cp.clone().coordinator_loop());
+        tokio::spawn(cp.clone().liveness_loop());
         Ok(cp)
     }
 
@@ -415,28 +433,166 @@ impl ControlPlane {
                 .data
                 .map_err(|e| e.to_string())?;
         }
-        // Keep the configured number of voters, promoting learners in name order.
+        self.keep_voters().await
+    }
+
+    /// Keeps `cluster.voters` voters: a voter recorded down is replaced by a ready learner, and
+    /// missing voters are filled from ready learners, preferring racks (the `rack` label) that
+    /// hold no voter yet, then names. The voter set never shrinks for want of a replacement.
+    async fn keep_voters(&self) -> Result<(), String> {
         let m = self.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
-        if voters.len() < self.voters {
-            let mut learners: Vec<(String, NodeId)> = membership
-                .learner_ids()
-                .filter_map(|id| membership.get_node(&id).map(|n| (n.name.clone(), id)))
-                .collect();
-            learners.sort();
-            let promote: BTreeSet<NodeId> = learners
-                .into_iter()
-                .take(self.voters - voters.len())
-                .map(|(_, id)| id)
-                .collect();
-            if !promote.is_empty() {
-                info!(count = promote.len(), "promoting learners to voters");
-                self.raft
-                    .change_membership(ChangeMembers::AddVoterIds(promote), true)
-                    .await
-                    .map_err(|e| e.to_string())?;
+        let (health, rack): (
+            BTreeMap<NodeId, NodeHealth>,
+            BTreeMap<NodeId, Option<String>>,
+        ) = {
+            let s = self.state.read().unwrap_or_else(|p| p.into_inner());
+            let nodes = s.state.nodes.values();
+            (
+                nodes.clone().map(|n| (n.id, n.health)).collect(),
+                nodes
+                    .map(|n| (n.id, n.labels.get("rack").cloned()))
+                    .collect(),
+            )
+        };
+        let ready = |id: &NodeId| *id == self.id || health.get(id) == Some(&NodeHealth::Ready);
+        let mut keep: Vec<NodeId> = voters
+            .iter()
+            .copied()
+            .filter(|v| *v == self.id || health.get(v) != Some(&NodeHealth::Down))
+            .collect();
+        let mut racks: BTreeSet<Option<String>> = keep
+            .iter()
+            .map(|v| rack.get(v).cloned().flatten())
+            .collect();
+        let mut candidates: Vec<(String, NodeId)> = membership
+            .learner_ids()
+            .filter(|id| ready(id))
+            .filter_map(|id| membership.get_node(&id).map(|n| (n.name.clone(), id)))
+            .collect();
+        candidates.sort();
+        while keep.len() < self.voters && !candidates.is_empty() {
+            // Prefer a learner on a rack with no voter yet.
+            let i = candidates
+                .iter()
+                .position(|(_, id)| !racks.contains(&rack.get(id).cloned().flatten()))
+                .unwrap_or(0);
+            let (name, id) = candidates.remove(i);
+            racks.insert(rack.get(&id).cloned().flatten());
+            info!(node = %name, "promoting a learner to voter");
+            keep.push(id);
+        }
+        let next: BTreeSet<NodeId> = keep.into_iter().collect();
+        if next == voters || next.len() < voters.len().min(self.voters) {
+            return Ok(());
+        }
+        for gone in voters.difference(&next) {
+            let name = membership
+                .get_node(gone)
+                .map_or("?".to_string(), |n| n.name.clone());
+            warn!(node = %name, "replacing a voter that is down");
+        }
+        self.raft
+            .change_membership(ChangeMembers::ReplaceAllVoters(next), true)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    /// Records a liveness report (coordinator only; the log is not touched).
+    pub fn heartbeat(&self, requester: &PeerIdentity, node: &str) -> Result<AgentResponse, String> {
+        if *requester != PeerIdentity::Node(node.to_string()) {
+            return Err(format!("{requester} may not report for {node}"));
+        }
+        if !self.is_coordinator() {
+            return Ok(AgentResponse::NotCoordinator {
+                coordinator: self.coordinator(),
+            });
+        }
+        self.last_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(node.to_string(), Instant::now());
+        Ok(AgentResponse::HeartbeatAck)
+    }
+
+    /// Every agent reports to the coordinator; the coordinator turns silence into suspect and
+    /// down (and reports back into ready) through the log, only when a node's health changes.
+    async fn liveness_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.liveness.heartbeat);
+        let mut leader_since: Option<Instant> = None;
+        loop {
+            tick.tick().await;
+            if self.is_coordinator() {
+                let since = *leader_since.get_or_insert_with(Instant::now);
+                if let Err(e) = self.judge_liveness(since).await {
+                    tracing::debug!(error = %e, "health change not written yet");
+                }
+                continue;
             }
+            leader_since = None;
+            let Some(c) = self.coordinator() else {
+                continue;
+            };
+            let Ok(addr) = c.address.parse::<SocketAddr>() else {
+                continue;
+            };
+            let req = AgentRequest::Heartbeat {
+                node: self.me.name.clone(),
+            };
+            let _ = self
+                .peers
+                .call(&c.name, addr, &req, 2 * self.liveness.heartbeat)
+                .await;
+        }
+    }
+
+    async fn judge_liveness(&self, leader_since: Instant) -> Result<(), String> {
+        let now = Instant::now();
+        let nodes: Vec<(String, NodeHealth)> = {
+            let s = self.state.read().unwrap_or_else(|p| p.into_inner());
+            s.state
+                .nodes
+                .values()
+                .map(|n| (n.name.clone(), n.health))
+                .collect()
+        };
+        let changes: Vec<(String, NodeHealth)> = {
+            let seen = self.last_seen.lock().unwrap_or_else(|p| p.into_inner());
+            nodes
+                .into_iter()
+                .filter_map(|(name, health)| {
+                    let want = if name == self.me.name {
+                        NodeHealth::Ready
+                    } else {
+                        // A new coordinator gives everyone a full period from its election.
+                        let last = seen
+                            .get(&name)
+                            .copied()
+                            .unwrap_or(leader_since)
+                            .max(leader_since);
+                        let silent = now.saturating_duration_since(last);
+                        if silent >= self.liveness.down_after {
+                            NodeHealth::Down
+                        } else if silent >= self.liveness.suspect_after {
+                            NodeHealth::Suspect
+                        } else {
+                            NodeHealth::Ready
+                        }
+                    };
+                    (want != health).then_some((name, want))
+                })
+                .collect()
+        };
+        for (node, health) in changes {
+            info!(%node, ?health, "node health changed");
+            let r = self
+                .raft
+                .client_write(Command::SetHealth { node, health })
+                .await
+                .map_err(|e| e.to_string())?;
+            r.data.map_err(|e| e.to_string())?;
         }
         Ok(())
     }

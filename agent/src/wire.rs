@@ -20,6 +20,8 @@ pub enum AgentRequest {
     Propose(Command),
     /// This agent's view of the cluster.
     Status,
+    /// Liveness report to the coordinator (never written to the log).
+    Heartbeat { node: String },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -40,6 +42,7 @@ pub enum AgentResponse {
         coordinator: Option<RaftPeer>,
     },
     Status(StatusReport),
+    HeartbeatAck,
 }
 
 /// What `pdagent status` shows: one agent's view of the cluster.

@@ -360,7 +360,7 @@ pub fn create(
             format!(
                 "# node {k} of a local cluster (pdctl local up)\n[node]\nname = \"{node}\"\ndata_dir = \"{}\"\n\
                  listen = \"{ip}:{base_port}\"\nworker_threads = 1\n[admin]\nlisten = \"{ip}:{}\"\n{gpu_section}\
-                 [cluster]\nseeds = [\"{seed}\"]\nvoters = {voters}\n\
+                 [cluster]\nseeds = [\"{seed}\"]\nvoters = {voters}\nheartbeat_ms = 100\nsuspect_after_ms = 600\ndown_after_ms = 1500\n\
                  [raft]\nheartbeat_ms = {LOCAL_HEARTBEAT_MS}\nelection_timeout_min_ms = {LOCAL_ELECTION_MIN_MS}\nelection_timeout_max_ms = {LOCAL_ELECTION_MAX_MS}\n\
                  coordinator_interval_ms = 200\n",
                 nd.join("data").display(),

@@ -150,7 +150,7 @@ impl TestPki {
         let mut text = std::fs::read_to_string(&cfg).unwrap();
         let seeds: Vec<String> = seeds.iter().map(|s| format!("\"{s}\"")).collect();
         text.push_str(&format!(
-            "[cluster]\nseeds = [{}]\n{TEST_RAFT}",
+            "[cluster]\nseeds = [{}]\nheartbeat_ms = 100\nsuspect_after_ms = 1000\ndown_after_ms = 3000\n{TEST_RAFT}",
             seeds.join(", ")
         ));
         std::fs::write(&cfg, text).unwrap();

@@ -199,3 +199,64 @@ fn no_accidental_clusters_and_no_foreign_joins() {
     );
     drop(c.pki);
 }
+
+/// Four agents, three voters: killing a voter's host gets it recorded suspect then down, and a
+/// ready learner takes its place; started again, it is ready (as a learner).
+#[test]
+fn a_dead_voter_is_marked_down_and_replaced() {
+    let _g = serial();
+    let mut c = Cluster::start(4);
+    let leader = wait_for(
+        "3 voters and a learner",
+        deadline(Duration::from_secs(40)),
+        || {
+            let s = c.status(0)?;
+            let nodes = s["nodes"].as_array()?;
+            let voters = nodes.iter().filter(|n| n["raft_role"] == "voter").count();
+            let learners = nodes.iter().filter(|n| n["raft_role"] == "learner").count();
+            (nodes.len() == 4 && voters == 3 && learners == 1)
+                .then(|| s["coordinator"].as_str().map(str::to_string))?
+        },
+    );
+    let s = c.status(0).unwrap();
+    let victim = s["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["raft_role"] == "voter" && n["name"] != leader.as_str())
+        .map(|n| n["name"].as_str().unwrap().to_string())
+        .unwrap();
+    let vi = c.index_of(&victim);
+    c.kill(vi);
+    let observer = c.index_of(&leader);
+    wait_for(
+        "the dead voter to be down and replaced",
+        deadline(Duration::from_secs(40)),
+        || {
+            let s = c.status(observer)?;
+            let nodes = s["nodes"].as_array()?;
+            let dead = nodes.iter().find(|n| n["name"] == victim.as_str())?;
+            let voters: Vec<&str> = nodes
+                .iter()
+                .filter(|n| n["raft_role"] == "voter")
+                .filter_map(|n| n["name"].as_str())
+                .collect();
+            (dead["health"] == "down" && dead["raft_role"] == "learner" && voters.len() == 3)
+                .then_some(())
+        },
+    );
+    c.start_node(vi, false);
+    wait_for(
+        "the restarted node to be ready again",
+        deadline(Duration::from_secs(40)),
+        || {
+            let s = c.status(observer)?;
+            let n = s["nodes"]
+                .as_array()?
+                .iter()
+                .find(|n| n["name"] == victim.as_str())?
+                .clone();
+            (n["health"] == "ready").then_some(())
+        },
+    );
+}
