@@ -260,3 +260,65 @@ fn a_dead_voter_is_marked_down_and_replaced() {
         },
     );
 }
+
+/// A follower paused with SIGSTOP for longer than the election timeout and then resumed costs
+/// at most one election. openraft 0.9 has no PreVote: the resumed node campaigns at once with a
+/// higher term, which the others refuse (their leader lease is fresh), but the leader, seeing
+/// that term, steps down and is elected again: one failed campaign and one election, so the term
+/// rises by at most two and at most one leader is established.
+#[test]
+fn a_paused_follower_coming_back_costs_at_most_one_election() {
+    let _g = serial();
+    let c = Cluster::start(3);
+    let leader = c.wait_formed(0, 3, 3, None);
+    let li = c.index_of(&leader);
+    let fi = (li + 1) % 3;
+    let term_before = c.status(li).unwrap()["term"].as_u64().unwrap();
+    let leaders_established = |c: &Cluster| -> usize {
+        c.agents
+            .iter()
+            .flatten()
+            .map(|a| a.log_text().matches("become leader").count())
+            .sum()
+    };
+    let established_before = leaders_established(&c);
+    let follower = c.agents[fi].as_ref().unwrap();
+    follower.signal("STOP");
+    // Longer than the test election timeout (1-2 s): on resuming, it has timed out.
+    let resume_at = std::time::Instant::now() + Duration::from_secs(4);
+    let other = 3 - li - fi;
+    wait_for(
+        "the pause to last past the election timeout",
+        deadline(Duration::from_secs(10)),
+        || {
+            // The cluster keeps its coordinator while the follower is paused.
+            let s = c.status(other)?;
+            assert!(s["coordinator"].is_string());
+            (std::time::Instant::now() >= resume_at).then_some(())
+        },
+    );
+    follower.signal("CONT");
+    // Let it come back and settle: every agent agrees on one coordinator again.
+    let after = wait_for(
+        "agreement after the resume",
+        deadline(Duration::from_secs(30)),
+        || {
+            let terms: Vec<(String, u64)> = (0..3)
+                .map(|i| {
+                    let s = c.status(i)?;
+                    Some((s["coordinator"].as_str()?.to_string(), s["term"].as_u64()?))
+                })
+                .collect::<Option<_>>()?;
+            terms.windows(2).all(|w| w[0] == w[1]).then(|| terms[0].1)
+        },
+    );
+    let established = leaders_established(&c) - established_before;
+    assert!(
+        established <= 1,
+        "{established} leaders were established after the pause"
+    );
+    assert!(
+        after <= term_before + 2,
+        "term went from {term_before} to {after}: more than one campaign and one election"
+    );
+}
