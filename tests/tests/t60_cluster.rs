@@ -18,6 +18,10 @@ struct Cluster {
 impl Cluster {
     /// n agents: node-1 bootstraps, the others join through node-1.
     fn start(n: usize) -> Self {
+        Self::start_with_voters(n, 3)
+    }
+
+    fn start_with_voters(n: usize, voters: u32) -> Self {
         let pki = TestPki::new();
         let addrs: Vec<String> = (1..=n)
             .map(|i| format!("127.0.0.{i}:{}", free_udp_port(&format!("127.0.0.{i}"))))
@@ -32,6 +36,11 @@ impl Cluster {
                 )
             })
             .collect();
+        for cfg in &configs {
+            let text = std::fs::read_to_string(cfg).unwrap();
+            let text = text.replace("[cluster]\n", &format!("[cluster]\nvoters = {voters}\n"));
+            std::fs::write(cfg, text).unwrap();
+        }
         let mut c = Cluster {
             pki,
             configs,
@@ -321,4 +330,51 @@ fn a_paused_follower_coming_back_costs_at_most_one_election() {
         after <= term_before + 2,
         "term went from {term_before} to {after}: more than one campaign and one election"
     );
+}
+
+/// Five agents with `cluster.voters = 5` form a cluster of five voters, and survive losing the
+/// coordinator.
+#[test]
+fn five_voters_form_and_fail_over() {
+    let _g = serial();
+    let mut c = Cluster::start_with_voters(5, 5);
+    let leader = c.wait_formed(0, 5, 5, None);
+    for i in 1..5 {
+        assert_eq!(c.wait_formed(i, 5, 5, None), leader);
+    }
+    let li = c.index_of(&leader);
+    c.kill(li);
+    let other = (li + 1) % 5;
+    let new = wait_for(
+        "a new coordinator among five",
+        deadline(Duration::from_secs(30)),
+        || {
+            let l = c.status(other)?["coordinator"].as_str()?.to_string();
+            (l != leader).then_some(l)
+        },
+    );
+    assert_ne!(new, leader);
+}
+
+/// Twenty agents on one machine form a cluster of 5 voters and 15 learners.
+#[test]
+fn twenty_agents_five_voters_fifteen_learners() {
+    let _g = serial();
+    let c = Cluster::start_with_voters(20, 5);
+    wait_for(
+        "20 nodes: 5 voters, 15 learners",
+        deadline(Duration::from_secs(90)),
+        || {
+            let s = c.status(0)?;
+            let nodes = s["nodes"].as_array()?;
+            let voters = nodes.iter().filter(|n| n["raft_role"] == "voter").count();
+            let learners = nodes.iter().filter(|n| n["raft_role"] == "learner").count();
+            let ready = nodes.iter().filter(|n| n["health"] == "ready").count();
+            (nodes.len() == 20 && voters == 5 && learners == 15 && ready == 20).then_some(())
+        },
+    );
+    // A learner sees the same cluster.
+    let s = c.status(19).unwrap();
+    assert_eq!(s["nodes"].as_array().unwrap().len(), 20);
+    assert_eq!(s["raft_state"], "learner");
 }
