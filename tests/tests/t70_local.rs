@@ -311,3 +311,53 @@ fn bench_failover_json() {
     let max = v["failover_ms_max"].as_f64().unwrap();
     assert!(p50 > 0.0 && max >= p50, "{v}");
 }
+
+/// `pdctl remove` takes a node out of Raft and the cluster state; from then on its agent is
+/// refused by the others, even with its still-valid certificate.
+#[test]
+fn a_removed_node_cannot_come_back() {
+    let _g = serial();
+    let base = free_base(3);
+    let l = Local::up(3, base);
+    let v = l.status().unwrap();
+    let leader = v["coordinator"].as_str().unwrap().to_string();
+    let victim = (1..=3)
+        .map(|k| format!("node-{k}"))
+        .find(|n| *n != leader)
+        .unwrap();
+    let out = l.pdctl(&["remove", &victim]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v = l.status().unwrap();
+    let names: Vec<&str> = v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n["name"].as_str())
+        .collect();
+    assert!(!names.contains(&victim.as_str()), "{names:?}");
+    // The removed agent, with its own certificate, asks the coordinator for status: refused.
+    let k: usize = leader.trim_start_matches("node-").parse().unwrap();
+    let cfg = l.dir.path().join(&victim).join("pdagent.toml");
+    let target = format!("{leader}@127.0.0.{k}:{base}");
+    let out = pdagent(&[
+        "status",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--agent",
+        &target,
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("was removed"),
+        "{}",
+        text(&out.stderr)
+    );
+    // Removing the coordinator itself is refused with advice.
+    let out = l.pdctl(&["remove", &leader]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("coordinator"),
+        "{}",
+        text(&out.stderr)
+    );
+}
