@@ -381,74 +381,45 @@ impl Endpoint {
         recv.read_exact(&mut head)
             .await
             .map_err(|e| TransportError::Stream(format!("hello: {e}")))?;
-        let ours = self.version;
-        let refused = |reason: String| TransportError::Refused {
-            peer: identity.to_string(),
-            addr: remote,
-            reason,
-        };
-        if head[..4] != HELLO_MAGIC {
-            let r = refuse(
-                &conn,
-                &mut send,
-                ours,
+        // Every refusal answers the hello in words and closes the connection with its code.
+        let verdict: Result<(), (u8, u32, String)> = if head[..4] != HELLO_MAGIC {
+            Err((
                 STATUS_BAD_HELLO,
                 close_code::BAD_HELLO,
                 "not a pdagent hello".into(),
-            )
-            .await;
-            return Err(refused(r));
-        }
-        let theirs = u16::from_le_bytes([head[4], head[5]]);
-        if theirs != self.version {
+            ))
+        } else if u16::from_le_bytes([head[4], head[5]]) != self.version {
+            let theirs = u16::from_le_bytes([head[4], head[5]]);
             let reason = format!(
                 "protocol version mismatch: you speak {theirs}, this agent speaks {}; run the same pdagent release on every host",
                 self.version
             );
-            return Err(refused(
-                refuse(
-                    &conn,
-                    &mut send,
-                    ours,
-                    STATUS_VERSION,
-                    close_code::VERSION_MISMATCH,
-                    reason,
-                )
-                .await,
-            ));
-        }
-        let hello: Hello = match codec::read_frame(&mut recv, 4096).await {
-            Ok(h) => h,
-            Err(e) => {
-                let r = refuse(
-                    &conn,
-                    &mut send,
-                    ours,
+            Err((STATUS_VERSION, close_code::VERSION_MISMATCH, reason))
+        } else {
+            match codec::read_frame::<_, Hello>(&mut recv, 4096).await {
+                Err(e) => Err((
                     STATUS_BAD_HELLO,
                     close_code::BAD_HELLO,
                     format!("bad hello: {e}"),
-                )
-                .await;
-                return Err(refused(r));
+                )),
+                Ok(h) if h.name != identity.name() => {
+                    let reason = format!(
+                        "certificate names {:?} but the peer claims to be {:?}",
+                        identity.name(),
+                        h.name
+                    );
+                    Err((STATUS_IDENTITY, close_code::IDENTITY_MISMATCH, reason))
+                }
+                Ok(_) => Ok(()),
             }
         };
-        if hello.name != identity.name() {
-            let reason = format!(
-                "certificate names {:?} but the peer claims to be {:?}",
-                identity.name(),
-                hello.name
-            );
-            return Err(refused(
-                refuse(
-                    &conn,
-                    &mut send,
-                    ours,
-                    STATUS_IDENTITY,
-                    close_code::IDENTITY_MISMATCH,
-                    reason,
-                )
-                .await,
-            ));
+        if let Err((status, code, reason)) = verdict {
+            let reason = refuse(&conn, &mut send, self.version, status, code, reason).await;
+            return Err(TransportError::Refused {
+                peer: identity.to_string(),
+                addr: remote,
+                reason,
+            });
         }
         let mut ok = Vec::new();
         ok.extend_from_slice(&self.version.to_le_bytes());

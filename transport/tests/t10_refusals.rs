@@ -282,58 +282,41 @@ async fn wrong_protocol_version_is_refused() {
     r.assert_still_serving().await;
 }
 
-/// A garbage request frame closes that stream with an error; the connection and the endpoint
-/// stay usable.
-#[tokio::test]
-async fn garbage_frame_is_refused_and_connection_survives() {
+/// Sends `frame` as a request on a new stream of a good connection; the answer must be an
+/// error reply containing `expect`, and the same connection and the endpoint must keep serving.
+async fn raw_request_is_refused(frame: &[u8], expect: &str) {
     let r = rig();
-    let ep = Endpoint::bind(
-        local(),
-        &identity(&r.ca, "node-b", Validity::default()),
-        &cfg(),
-    )
-    .unwrap();
+    let id = identity(&r.ca, "node-b", Validity::default());
+    let ep = Endpoint::bind(local(), &id, &cfg()).unwrap();
     let conn = ep.connect(r.addr, "node-a").await.unwrap();
-    let mut garbage = 9u32.to_le_bytes().to_vec();
-    garbage.extend_from_slice(&[0xff; 9]);
     let answer = conn
-        .call_raw(&garbage)
+        .call_raw(frame)
         .await
         .unwrap()
         .expect("an error reply frame");
     let reply: Result<Resp, String> = codec::decode(&answer, 1 << 20).unwrap();
-    let e = reply.expect_err("garbage must be refused");
-    assert!(e.contains("malformed"), "{e}");
-    // Same connection still works.
+    let e = reply.expect_err("the request must be refused");
+    assert!(e.contains(expect), "{e}");
     let ok: Resp = conn.call(&Req::Echo(7)).await.unwrap();
-    assert_eq!(ok, Resp::Echo(7));
+    assert_eq!(ok, Resp::Echo(7), "the same connection still works");
     r.assert_still_serving().await;
+}
+
+/// A garbage request frame closes that stream with an error; the connection and the endpoint
+/// stay usable.
+#[tokio::test]
+async fn garbage_frame_is_refused_and_connection_survives() {
+    let mut garbage = 9u32.to_le_bytes().to_vec();
+    garbage.extend_from_slice(&[0xff; 9]);
+    raw_request_is_refused(&garbage, "malformed").await;
 }
 
 /// A frame above the size limit is refused from its length alone.
 #[tokio::test]
 async fn oversized_frame_is_refused() {
-    let r = rig();
-    let ep = Endpoint::bind(
-        local(),
-        &identity(&r.ca, "node-b", Validity::default()),
-        &cfg(),
-    )
-    .unwrap();
-    let conn = ep.connect(r.addr, "node-a").await.unwrap();
     let mut big = (10u32 << 20).to_le_bytes().to_vec();
     big.extend_from_slice(&[0u8; 1024]);
-    let answer = conn
-        .call_raw(&big)
-        .await
-        .unwrap()
-        .expect("an error reply frame");
-    let reply: Result<Resp, String> = codec::decode(&answer, 1 << 20).unwrap();
-    let e = reply.expect_err("oversized frame must be refused");
-    assert!(e.contains("exceeds the limit"), "{e}");
-    let ok: Resp = conn.call(&Req::Echo(8)).await.unwrap();
-    assert_eq!(ok, Resp::Echo(8));
-    r.assert_still_serving().await;
+    raw_request_is_refused(&big, "exceeds the limit").await;
 }
 
 /// Garbage instead of a hello closes that connection with a reason.
