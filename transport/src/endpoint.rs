@@ -51,6 +51,7 @@ pub mod close_code {
     pub const BAD_HELLO: u32 = 0x12;
     pub const OVERLOADED: u32 = 0x13;
     pub const SHUTDOWN: u32 = 0x14;
+    pub const REVOKED: u32 = 0x15;
 }
 /// Stream reset/stop codes.
 pub mod stream_code {
@@ -63,6 +64,47 @@ const STATUS_OK: u8 = 0;
 const STATUS_VERSION: u8 = 1;
 const STATUS_IDENTITY: u8 = 2;
 const STATUS_BAD_HELLO: u8 = 3;
+const STATUS_REVOKED: u8 = 4;
+
+/// Serials (lowercase hex) of revoked certificates. The cluster replicates the list; the agent
+/// copies it here, and both ends of every new connection check the other's certificate
+/// against it. Cheap to clone; clones share the list.
+#[derive(Clone, Default)]
+pub struct RevocationList(Arc<std::sync::RwLock<std::collections::HashSet<String>>>);
+
+impl RevocationList {
+    /// Replaces the list; returns whether it changed.
+    pub fn replace(&self, serials: impl IntoIterator<Item = String>) -> bool {
+        let next: std::collections::HashSet<String> = serials.into_iter().collect();
+        let mut cur = self.0.write().unwrap_or_else(|p| p.into_inner());
+        if *cur == next {
+            return false;
+        }
+        *cur = next;
+        true
+    }
+
+    pub fn contains(&self, serial_hex: &str) -> bool {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(serial_hex)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What the endpoint presents and trusts; replaced as a whole when the certificate renews.
+struct Credentials {
+    identity: Identity,
+    client_cfg: quinn::ClientConfig,
+}
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Hello {
@@ -144,9 +186,10 @@ type Reply<R> = Result<R, String>;
 #[derive(Clone)]
 pub struct Endpoint {
     inner: quinn::Endpoint,
-    identity: Identity,
+    creds: Arc<std::sync::RwLock<Credentials>>,
+    transport: Arc<quinn::TransportConfig>,
+    revoked: RevocationList,
     cfg: Arc<TransportConfig>,
-    client_cfg: quinn::ClientConfig,
     version: u16,
     claim: Option<String>,
     /// Receive buffer the kernel granted the UDP socket.
@@ -173,14 +216,7 @@ impl Endpoint {
         version: u16,
     ) -> Result<Self, TransportError> {
         let transport = Arc::new(quic_transport_config(cfg));
-        let server_crypto = QuicServerConfig::try_from(identity.server_config()?)
-            .map_err(|e| TlsError::Verifier(e.to_string()))?;
-        let mut server_cfg = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
-        server_cfg.transport_config(transport.clone());
-        let client_crypto = QuicClientConfig::try_from(identity.client_config()?)
-            .map_err(|e| TlsError::Verifier(e.to_string()))?;
-        let mut client_cfg = quinn::ClientConfig::new(Arc::new(client_crypto));
-        client_cfg.transport_config(transport);
+        let (server_cfg, client_cfg) = quic_configs(identity, &transport)?;
 
         let mut endpoint_cfg = quinn::EndpointConfig::default();
         endpoint_cfg
@@ -215,9 +251,13 @@ impl Endpoint {
         .map_err(|source| TransportError::Bind { addr, source })?;
         Ok(Endpoint {
             inner,
-            identity: identity.clone(),
+            creds: Arc::new(std::sync::RwLock::new(Credentials {
+                identity: identity.clone(),
+                client_cfg,
+            })),
+            transport,
+            revoked: RevocationList::default(),
             cfg: Arc::new(cfg.clone()),
-            client_cfg,
             version,
             claim: None,
             udp_buffer_granted: granted,
@@ -237,8 +277,31 @@ impl Endpoint {
             .expect("bound endpoint has an address")
     }
 
-    pub fn identity(&self) -> &Identity {
-        &self.identity
+    /// The identity this endpoint presents now.
+    pub fn identity(&self) -> Identity {
+        self.creds
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .identity
+            .clone()
+    }
+
+    /// Presents `identity` from now on (a renewed certificate): new connections in both
+    /// directions use it; established ones keep theirs until they close.
+    pub fn reload(&self, identity: &Identity) -> Result<(), TransportError> {
+        let (server_cfg, client_cfg) = quic_configs(identity, &self.transport)?;
+        self.inner.set_server_config(Some(server_cfg));
+        *self.creds.write().unwrap_or_else(|p| p.into_inner()) = Credentials {
+            identity: identity.clone(),
+            client_cfg,
+        };
+        info!(serial = %identity.info.serial_hex, "now presenting a new certificate");
+        Ok(())
+    }
+
+    /// The revocation list both ends of every new connection are checked against.
+    pub fn revocations(&self) -> &RevocationList {
+        &self.revoked
     }
 
     pub fn config(&self) -> &TransportConfig {
@@ -273,12 +336,31 @@ impl Endpoint {
             addr,
             reason,
         };
+        let (client_cfg, my_name) = {
+            let c = self.creds.read().unwrap_or_else(|p| p.into_inner());
+            (c.client_cfg.clone(), c.identity.name().to_string())
+        };
         let conn = self
             .inner
-            .connect_with(self.client_cfg.clone(), addr, peer)
+            .connect_with(client_cfg, addr, peer)
             .map_err(|e| connect_err(e.to_string()))?
             .await
             .map_err(|e| connect_err(describe_connection_error(&e)))?;
+        let theirs = peer_certificate(&conn)?;
+        if self.revoked.contains(&theirs.serial_hex) {
+            conn.close(
+                VarInt::from_u32(close_code::REVOKED),
+                b"your certificate is revoked",
+            );
+            return Err(TransportError::Refused {
+                peer: peer.to_string(),
+                addr,
+                reason: format!(
+                    "its certificate (serial {}) is revoked: the node was removed",
+                    theirs.serial_hex
+                ),
+            });
+        }
         let hello_err = |e: String| connect_err(format!("during hello: {e}"));
         let (mut send, mut recv) = conn
             .open_bi()
@@ -289,10 +371,7 @@ impl Endpoint {
         msg.extend_from_slice(&self.version.to_le_bytes());
         msg.extend_from_slice(&codec::encode_frame(
             &Hello {
-                name: self
-                    .claim
-                    .clone()
-                    .unwrap_or_else(|| self.identity.name().to_string()),
+                name: self.claim.clone().unwrap_or(my_name),
             },
             4096,
         )?);
@@ -375,14 +454,24 @@ impl Endpoint {
             addr: remote,
             reason: describe_connection_error(&e),
         })?;
-        let identity = peer_identity(&conn)?;
+        let cert = peer_certificate(&conn)?;
+        let identity = cert.identity.clone();
         let (mut send, mut recv) = conn.accept_bi().await?;
         let mut head = [0u8; 6];
         recv.read_exact(&mut head)
             .await
             .map_err(|e| TransportError::Stream(format!("hello: {e}")))?;
         // Every refusal answers the hello in words and closes the connection with its code.
-        let verdict: Result<(), (u8, u32, String)> = if head[..4] != HELLO_MAGIC {
+        let verdict: Result<(), (u8, u32, String)> = if self.revoked.contains(&cert.serial_hex) {
+            Err((
+                STATUS_REVOKED,
+                close_code::REVOKED,
+                format!(
+                    "certificate serial {} is revoked: this node was removed from the cluster",
+                    cert.serial_hex
+                ),
+            ))
+        } else if head[..4] != HELLO_MAGIC {
             Err((
                 STATUS_BAD_HELLO,
                 close_code::BAD_HELLO,
@@ -680,7 +769,7 @@ async fn refuse(
     reason
 }
 
-fn peer_identity(conn: &quinn::Connection) -> Result<PeerIdentity, TransportError> {
+fn peer_certificate(conn: &quinn::Connection) -> Result<pki::CertInfo, TransportError> {
     let certs = conn
         .peer_identity()
         .and_then(|any| {
@@ -691,7 +780,23 @@ fn peer_identity(conn: &quinn::Connection) -> Result<PeerIdentity, TransportErro
     let leaf = certs
         .first()
         .ok_or_else(|| TransportError::Stream("peer presented no certificate".into()))?;
-    Ok(pki::cert_info(leaf).map_err(TlsError::Pki)?.identity)
+    Ok(pki::cert_info(leaf).map_err(TlsError::Pki)?)
+}
+
+/// The QUIC server and client configurations for one identity.
+fn quic_configs(
+    identity: &Identity,
+    transport: &Arc<quinn::TransportConfig>,
+) -> Result<(quinn::ServerConfig, quinn::ClientConfig), TransportError> {
+    let server_crypto = QuicServerConfig::try_from(identity.server_config()?)
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let mut server_cfg = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
+    server_cfg.transport_config(transport.clone());
+    let client_crypto = QuicClientConfig::try_from(identity.client_config()?)
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let mut client_cfg = quinn::ClientConfig::new(Arc::new(client_crypto));
+    client_cfg.transport_config(transport.clone());
+    Ok((server_cfg, client_cfg))
 }
 
 fn refused_or_lost(peer: &str, addr: SocketAddr, e: &quinn::ConnectionError) -> TransportError {

@@ -15,12 +15,15 @@ pub mod bulk;
 pub mod codec;
 pub mod config;
 pub mod endpoint;
+pub mod enroll;
 pub mod pki;
 pub mod socket;
 pub mod tls;
 
 pub use bulk::{BulkHeader, BulkReader, BulkWriter, send_striped};
 pub use config::{FieldError, TransportConfig};
-pub use endpoint::{Connection, Endpoint, PROTOCOL_VERSION, Service, TransportError};
+pub use endpoint::{
+    Connection, Endpoint, PROTOCOL_VERSION, RevocationList, Service, TransportError,
+};
 pub use pki::PeerIdentity;
 pub use tls::Identity;

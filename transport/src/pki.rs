@@ -75,6 +75,8 @@ pub enum PkiError {
     TokenExpired { expired_at: u64 },
     #[error("join token was not issued by this cluster's CA")]
     TokenForeign,
+    #[error("certificate request refused: {0}")]
+    BadCsr(String),
 }
 
 /// Checks that a node name is a DNS label: 1 to 63 of `a-z`, `0-9` and `-`, starting and ending
@@ -188,6 +190,15 @@ pub struct Validity {
 }
 
 impl Validity {
+    /// A short lifetime, for tests of renewal and expiry.
+    pub fn seconds_from_now(secs: i64) -> Self {
+        let now = OffsetDateTime::now_utc();
+        Validity {
+            not_before: now - Duration::minutes(BACKDATE_MINUTES),
+            not_after: now + Duration::seconds(secs),
+        }
+    }
+
     pub fn days_from_now(days: i64) -> Self {
         let now = OffsetDateTime::now_utc();
         Validity {
@@ -289,28 +300,41 @@ impl CertAuthority {
 
     fn issue(&self, name: &str, validity: Validity, server: bool) -> Result<Issued, PkiError> {
         let key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(vec![name.to_string()])?;
-        params.distinguished_name = DistinguishedName::new();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = if server {
-            vec![
-                ExtendedKeyUsagePurpose::ServerAuth,
-                ExtendedKeyUsagePurpose::ClientAuth,
-            ]
-        } else {
-            vec![ExtendedKeyUsagePurpose::ClientAuth]
-        };
-        params.not_before = validity.not_before;
-        params.not_after = validity.not_after;
-        params.serial_number = Some(random_serial());
-        params.use_authority_key_identifier_extension = true;
-        let cert = params.signed_by(&key, &self.issuer, &self.key)?;
+        let cert = leaf_params(name, validity, server)?.signed_by(&key, &self.issuer, &self.key)?;
         Ok(Issued {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
         })
+    }
+
+    /// Signs a node's certificate request. The request must be signed by its own key and name
+    /// exactly `node`; everything else in it (extensions, validity, key usages) is ignored and
+    /// replaced by what this CA issues to every node, so a request cannot ask for more.
+    pub fn sign_node_csr(
+        &self,
+        csr_pem: &str,
+        node: &str,
+        validity: Validity,
+    ) -> Result<String, PkiError> {
+        validate_node_name(node)?;
+        let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| PkiError::BadCsr(e.to_string()))?;
+        let names: Vec<String> = csr
+            .params
+            .subject_alt_names
+            .iter()
+            .map(|san| match san {
+                rcgen::SanType::DnsName(n) => n.as_str().to_string(),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        if names != [node] {
+            return Err(PkiError::BadCsr(format!(
+                "the request names {names:?}; it must name exactly {node:?}"
+            )));
+        }
+        csr.params = leaf_params(node, validity, true)?;
+        Ok(csr.signed_by(&self.issuer, &self.key)?.pem())
     }
 
     /// Mints a join token valid for `ttl_secs` from `now_unix`.
@@ -419,6 +443,45 @@ pub fn first_cert_der(pem: &str) -> Result<Vec<u8>, PkiError> {
             what: "certificate".into(),
             why: e.to_string(),
         })
+}
+
+/// What this CA puts in every leaf certificate.
+fn leaf_params(
+    name: &str,
+    validity: Validity,
+    server: bool,
+) -> Result<CertificateParams, PkiError> {
+    let mut params = CertificateParams::new(vec![name.to_string()])?;
+    params.distinguished_name = DistinguishedName::new();
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = if server {
+        vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ]
+    } else {
+        vec![ExtendedKeyUsagePurpose::ClientAuth]
+    };
+    params.not_before = validity.not_before;
+    params.not_after = validity.not_after;
+    params.serial_number = Some(random_serial());
+    params.use_authority_key_identifier_extension = true;
+    Ok(params)
+}
+
+/// A fresh key pair and a certificate request naming `node`, for a host that joins with a
+/// token: the private key never leaves the host. Returns (request PEM, key PEM).
+pub fn node_csr(node: &str) -> Result<(String, String), PkiError> {
+    validate_node_name(node)?;
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(vec![node.to_string()])?;
+    params.distinguished_name = DistinguishedName::new();
+    params.distinguished_name.push(DnType::CommonName, node);
+    let csr = params.serialize_request(&key)?;
+    let pem = csr.pem().map_err(|e| PkiError::BadCsr(e.to_string()))?;
+    Ok((pem, key.serialize_pem()))
 }
 
 fn random_serial() -> SerialNumber {

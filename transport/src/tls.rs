@@ -123,6 +123,27 @@ impl Identity {
     }
 }
 
+impl Identity {
+    /// The CA certificate this identity trusts, DER.
+    pub fn ca_der(&self) -> &CertificateDer<'static> {
+        &self.ca
+    }
+
+    /// Server side of enrollment (TLS over TCP): no client certificate (the joining host has
+    /// none yet; its join token authenticates it), and the chain carries the CA certificate so
+    /// the host can check it against the fingerprint its token pins.
+    pub fn enroll_server_config(&self) -> Result<rustls::ServerConfig, TlsError> {
+        let mut chain = self.chain.clone();
+        chain.push(self.ca.clone());
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_no_client_auth()
+            .with_single_cert(chain, self.key.clone_key())?;
+        cfg.alpn_protocols = vec![crate::enroll::ENROLL_ALPN.to_vec()];
+        Ok(cfg)
+    }
+}
+
 /// ring, with the cipher suite pinned to TLS_AES_128_GCM_SHA256 (the suite QUIC's initial
 /// packets use anyway, and the fastest on CPUs with AES instructions).
 pub fn provider() -> Arc<CryptoProvider> {
