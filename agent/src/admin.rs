@@ -23,7 +23,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use pd_raft::{AdminState, Applied, ApplyError, Command};
-use pd_transport::{Identity, PeerIdentity};
+use pd_transport::{Endpoint, PeerIdentity};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::net::{TcpListener, UnixListener};
@@ -213,12 +213,20 @@ fn forbidden(who: String) -> Router {
 /// error at start.
 pub async fn serve_https(
     addr: SocketAddr,
-    identity: &Identity,
+    endpoint: &Endpoint,
     router: Router,
 ) -> anyhow::Result<SocketAddr> {
-    let mut tls = identity.server_config()?;
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    // Built per connection from the endpoint's current identity, so a renewed certificate is
+    // served without a restart (an admin connection is rare; building a config is cheap).
+    let acceptor_now = {
+        let endpoint = endpoint.clone();
+        move || -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+            let mut tls = endpoint.identity().server_config()?;
+            tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+            Ok(tokio_rustls::TlsAcceptor::from(Arc::new(tls)))
+        }
+    };
+    acceptor_now()?;
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot bind the admin API on {addr}: {e}"))?;
@@ -228,7 +236,13 @@ pub async fn serve_https(
             let Ok((tcp, remote)) = listener.accept().await else {
                 continue;
             };
-            let acceptor = acceptor.clone();
+            let acceptor = match acceptor_now() {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!(error = %e, "admin API: no usable certificate");
+                    continue;
+                }
+            };
             let router = router.clone();
             tokio::spawn(async move {
                 let tls = match tokio::time::timeout(ADMIN_HANDSHAKE_TIMEOUT, acceptor.accept(tcp))

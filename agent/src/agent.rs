@@ -12,6 +12,7 @@ use tracing::info;
 
 use crate::config::{ConfigError, Validated};
 use crate::control::ControlPlane;
+use crate::custody::CaCustody;
 use crate::notify::Notifier;
 use crate::peers::Peers;
 use crate::wire::{AgentRequest, AgentResponse};
@@ -55,6 +56,13 @@ impl Service for AgentService {
             AgentRequest::Propose(cmd) => Ok(self.control.propose(cmd).await),
             AgentRequest::Status => Ok(AgentResponse::Status(self.control.status())),
             AgentRequest::Heartbeat { node } => self.control.heartbeat(peer, &node),
+            AgentRequest::Enroll {
+                token,
+                node,
+                csr_pem,
+            } => Ok(self.control.enroll_forwarded(token, node, csr_pem).await),
+            AgentRequest::Renew { csr_pem } => self.control.renew(peer, &csr_pem).await,
+            AgentRequest::FetchCaKey => self.control.ca_key_for(peer),
         }
     }
 }
@@ -85,13 +93,22 @@ fn advertise_address(cfg: &Validated, bound: SocketAddr) -> Result<SocketAddr, C
     })
 }
 
+/// How `pdagent run` was asked to start.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Found a new cluster (only when the data dir holds no Raft state).
+    pub bootstrap: bool,
+    /// Take custody of this CA key (copied to `<data_dir>/ca.key`, mode 0600).
+    pub ca_key: Option<std::path::PathBuf>,
+}
+
 /// Runs the agent until a termination signal. The configuration and identity were validated
 /// by the caller before this binds anything.
 pub async fn run(
     cfg: Validated,
     identity: Identity,
     notifier: Notifier,
-    bootstrap: bool,
+    opts: RunOptions,
 ) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -100,14 +117,62 @@ pub async fn run(
     let inventory = crate::gpus::start_sampler(discovery, interval)?;
     let endpoint = Endpoint::bind(cfg.listen, &identity, &cfg.config.transport)?;
     let advertise = advertise_address(&cfg, endpoint.local_addr())?;
+    let ca_pem = std::fs::read_to_string(&cfg.ca_cert)?;
+    let custody = Arc::new(
+        CaCustody::open(&cfg.config.node.data_dir, &ca_pem).map_err(|e| ConfigError {
+            field: "node.data_dir".into(),
+            why: e,
+        })?,
+    );
+    if let Some(path) = &opts.ca_key {
+        let key = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            field: "--ca-key".into(),
+            why: format!("cannot read {}: {e}", path.display()),
+        })?;
+        custody.store(&key).map_err(|why| ConfigError {
+            field: "--ca-key".into(),
+            why,
+        })?;
+        info!(path = %custody.path().display(), "took custody of the CA key");
+    }
+    // Enrollment shares the transport's port number, on TCP.
+    let enroll_listener = tokio::net::TcpListener::bind(endpoint.local_addr())
+        .await
+        .map_err(|e| ConfigError {
+            field: "node.listen".into(),
+            why: format!(
+                "cannot bind TCP {} for enrollment (the same port as the QUIC transport): {e}",
+                endpoint.local_addr()
+            ),
+        })?;
     let peers = Arc::new(Peers::new(endpoint.clone()));
-    let control =
-        ControlPlane::start(&cfg, advertise, peers.clone(), bootstrap, Some(inventory)).await?;
+    let control = ControlPlane::start(
+        &cfg,
+        advertise,
+        peers.clone(),
+        opts.bootstrap,
+        Some(inventory),
+        custody,
+        ca_pem,
+    )
+    .await?;
+    let enroll = pd_transport::enroll::serve_enrollment(
+        enroll_listener,
+        endpoint.clone(),
+        Arc::new(crate::enrollment::Enroller {
+            control: control.clone(),
+        }),
+    );
+    let renewal = tokio::spawn(crate::enrollment::renewal_loop(
+        control.clone(),
+        cfg.clone(),
+        Duration::from_millis(cfg.config.raft.coordinator_interval_ms),
+    ));
     let admin = crate::admin::router(Arc::new(crate::admin::AdminCtx {
         control: control.clone(),
         peers,
     }));
-    let admin_addr = crate::admin::serve_https(cfg.admin_listen, &identity, admin.clone()).await?;
+    let admin_addr = crate::admin::serve_https(cfg.admin_listen, &endpoint, admin.clone()).await?;
     crate::admin::serve_unix(&cfg.admin_socket, admin).await?;
     let service = Arc::new(AgentService {
         node: cfg.node_name.clone(),
@@ -147,6 +212,8 @@ pub async fn run(
     if let Some(w) = watchdog {
         w.abort();
     }
+    enroll.abort();
+    renewal.abort();
     control.shutdown().await;
     endpoint.shutdown(SHUTDOWN_GRACE).await;
     server.abort();

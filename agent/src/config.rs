@@ -61,6 +61,10 @@ pub struct ClusterSection {
     pub suspect_after_ms: u64,
     /// Silent this long: down (and a down voter is replaced by a healthy learner).
     pub down_after_ms: u64,
+    /// A join token (`pdctl token create`): a host without credentials uses it once to get
+    /// its node certificate from the cluster through its seeds. Empty: no enrollment (the
+    /// certificate was issued offline with `pdctl cluster cert`).
+    pub join_token: String,
 }
 
 impl Default for ClusterSection {
@@ -71,6 +75,7 @@ impl Default for ClusterSection {
             heartbeat_ms: 250,
             suspect_after_ms: 2_000,
             down_after_ms: 10_000,
+            join_token: String::new(),
         }
     }
 }
@@ -261,6 +266,9 @@ pub struct Overrides {
     /// GPU fixture file (replaces gpus.fixture).
     #[arg(long)]
     pub gpus_fixture: Option<PathBuf>,
+    /// Join token (replaces cluster.join_token).
+    #[arg(long, env = "PDAGENT_JOIN_TOKEN", hide_env_values = true)]
+    pub join_token: Option<String>,
 }
 
 /// A configuration that passed validation, with everything derived from it.
@@ -369,6 +377,9 @@ impl AgentConfig {
         if let Some(v) = &o.gpus_fixture {
             self.gpus.fixture = Some(v.clone());
         }
+        if let Some(v) = &o.join_token {
+            self.cluster.join_token = v.clone();
+        }
     }
 
     /// Checks every value that can be checked without touching the filesystem or network.
@@ -422,6 +433,16 @@ impl AgentConfig {
             .map(|s| parse_seed(s))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| ConfigError::new("cluster.seeds", e))?;
+        if !self.cluster.join_token.is_empty() {
+            pki::JoinToken::parse(&self.cluster.join_token)
+                .map_err(|e| ConfigError::new("cluster.join_token", e.to_string()))?;
+            if seeds.is_empty() {
+                return Err(ConfigError::new(
+                    "cluster.join_token",
+                    "a join token needs cluster.seeds: the agents to enroll through",
+                ));
+            }
+        }
         let admin_listen: SocketAddr = self.admin.listen.parse().map_err(|_| {
             ConfigError::new(
                 "admin.listen",

@@ -16,8 +16,13 @@ use pd_raft::network::{NetworkFactory, node_id};
 use pd_raft::state::GpuRecord;
 use pd_raft::store::{self, SharedState};
 use pd_raft::{ApplyError, Command, CommandResult, NodeHealth, NodeId, RaftPeer, TypeConfig};
-use pd_transport::PeerIdentity;
+use pd_transport::enroll::{Enrolled, Refusal};
+use pd_transport::pki::{self, Validity};
+use pd_transport::{Endpoint, PeerIdentity};
 use tracing::{info, warn};
+
+use crate::custody::CaCustody;
+use crate::enrollment::now_unix;
 
 use crate::config::{Seed, Validated};
 use crate::gpus::SharedInventory;
@@ -58,6 +63,10 @@ pub struct ControlPlane {
     liveness: Liveness,
     /// When each node last reported (coordinator only; not replicated).
     last_seen: std::sync::Mutex<HashMap<String, Instant>>,
+    /// The CA key, while this agent is a voter and has it.
+    custody: Arc<CaCustody>,
+    /// The cluster CA certificate (PEM), handed to enrolling hosts.
+    ca_pem: String,
 }
 
 /// Liveness timings from `[cluster]`.
@@ -78,6 +87,8 @@ impl ControlPlane {
         peers: Arc<Peers>,
         bootstrap: bool,
         inventory: Option<SharedInventory>,
+        custody: Arc<CaCustody>,
+        ca_pem: String,
     ) -> anyhow::Result<Arc<Self>> {
         let (mut log, sm) = store::open(&cfg.config.node.data_dir.join("raft"))?;
         let fresh =
@@ -124,6 +135,8 @@ impl ControlPlane {
                 down_after: Duration::from_millis(cfg.config.cluster.down_after_ms),
             },
             last_seen: std::sync::Mutex::new(HashMap::new()),
+            custody,
+            ca_pem,
         });
         if fresh && bootstrap {
             info!(node = %cp.me, "bootstrapping a new cluster");
@@ -152,6 +165,15 @@ impl ControlPlane {
         let m = self.raft.metrics().borrow().clone();
         let leader = m.current_leader?;
         m.membership_config.membership().get_node(&leader).cloned()
+    }
+
+    /// The agent's transport endpoint.
+    pub fn endpoint(&self) -> &Endpoint {
+        self.peers.endpoint()
+    }
+
+    pub fn custody(&self) -> &CaCustody {
+        &self.custody
     }
 
     fn is_coordinator(&self) -> bool {
@@ -405,6 +427,13 @@ impl ControlPlane {
             if let Err(e) = self.report_gpus().await {
                 tracing::debug!(error = %e, "GPU report not replicated yet");
             }
+            self.sync_revocations();
+            if let Err(e) = self.record_certificate().await {
+                tracing::debug!(error = %e, "certificate not recorded yet");
+            }
+            if let Err(e) = self.keep_custody().await {
+                tracing::debug!(error = %e, "CA key custody not settled yet");
+            }
             if !self.is_coordinator() {
                 continue;
             }
@@ -595,6 +624,305 @@ impl ControlPlane {
             r.data.map_err(|e| e.to_string())?;
         }
         Ok(())
+    }
+
+    /// Copies the replicated revocation list into the transport, which checks it on every new
+    /// connection.
+    fn sync_revocations(&self) {
+        let revoked: Vec<String> = {
+            let s = self.state.read().unwrap_or_else(|p| p.into_inner());
+            s.state.revoked_serials.iter().cloned().collect()
+        };
+        if self.endpoint().revocations().replace(revoked) {
+            info!(
+                revoked = self.endpoint().revocations().len(),
+                "revocation list updated"
+            );
+        }
+    }
+
+    /// Makes sure the cluster knows this node's certificate, so that removing the node revokes
+    /// it (certificates issued offline are learnt this way).
+    async fn record_certificate(&self) -> Result<(), String> {
+        let info = self.endpoint().identity().info;
+        let known = {
+            let s = self.state.read().unwrap_or_else(|p| p.into_inner());
+            if !s.state.nodes.contains_key(&self.me.name) {
+                return Ok(());
+            }
+            s.state
+                .certificates
+                .get(&self.me.name)
+                .is_some_and(|c| c.contains_key(&info.serial_hex))
+        };
+        if known {
+            return Ok(());
+        }
+        self.submit(Command::RecordCertificate {
+            node: self.me.name.clone(),
+            cert_serial: info.serial_hex,
+            not_after_unix: info.not_after_unix,
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    /// CA key custody follows the voter set: a voter without the key fetches it from the
+    /// coordinator; a learner that still holds it deletes it.
+    async fn keep_custody(&self) -> Result<(), String> {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voter = membership.voter_ids().any(|v| v == self.id);
+        let learner = membership.learner_ids().any(|l| l == self.id);
+        if learner && self.custody.holds_key() {
+            self.custody.discard()?;
+            info!("this agent is no longer a voter: deleted its copy of the CA key");
+            return Ok(());
+        }
+        if !voter || self.custody.holds_key() {
+            return Ok(());
+        }
+        let Some(c) = self.coordinator().filter(|c| c.name != self.me.name) else {
+            return Ok(());
+        };
+        let addr: SocketAddr = c.address.parse().map_err(|_| "bad coordinator address")?;
+        match self
+            .peers
+            .call(
+                &c.name,
+                addr,
+                &AgentRequest::FetchCaKey,
+                CONTROL_RPC_TIMEOUT,
+            )
+            .await
+        {
+            Ok(AgentResponse::CaKey { key_pem }) => {
+                self.custody.store(&key_pem)?;
+                info!(from = %c.name, path = %self.custody.path().display(), "this voter now holds the CA key");
+                Ok(())
+            }
+            Ok(other) => Err(format!("unexpected answer {other:?}")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Hands the CA key to a voter that asks (coordinator only).
+    pub fn ca_key_for(&self, requester: &PeerIdentity) -> Result<AgentResponse, String> {
+        let PeerIdentity::Node(name) = requester else {
+            return Err("only agents hold the CA key".into());
+        };
+        if !self.is_coordinator() {
+            return Ok(AgentResponse::NotCoordinator {
+                coordinator: self.coordinator(),
+            });
+        }
+        let voter = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == node_id(name));
+        if !voter {
+            return Err(format!(
+                "{name} is not a voter; only voters hold the CA key"
+            ));
+        }
+        let ca = self
+            .custody
+            .authority()
+            .ok_or("the coordinator does not hold the CA key either")?;
+        info!(node = %name, "handing the CA key to a voter");
+        Ok(AgentResponse::CaKey {
+            key_pem: ca.key_pem(),
+        })
+    }
+
+    /// Enrolls a host that presented a join token: signed here when this agent is the
+    /// coordinator, otherwise forwarded to it.
+    pub async fn enroll(
+        &self,
+        token: String,
+        node: String,
+        csr_pem: String,
+    ) -> Result<Enrolled, Refusal> {
+        if self.is_coordinator() {
+            return self.enroll_here(&token, &node, &csr_pem).await;
+        }
+        let Some(c) = self.coordinator() else {
+            return Err(Refusal::retry("no coordinator is elected right now"));
+        };
+        let addr: SocketAddr = c
+            .address
+            .parse()
+            .map_err(|_| Refusal::retry("bad coordinator address"))?;
+        let req = AgentRequest::Enroll {
+            token,
+            node,
+            csr_pem,
+        };
+        match self.peers.call(&c.name, addr, &req, FORWARD_TIMEOUT).await {
+            Ok(AgentResponse::Certificate { cert_pem, ca_pem }) => {
+                Ok(Enrolled { cert_pem, ca_pem })
+            }
+            Ok(AgentResponse::EnrollRefused { reason, retryable }) => {
+                Err(Refusal { reason, retryable })
+            }
+            Ok(AgentResponse::NotCoordinator { .. }) => {
+                Err(Refusal::retry("the coordinator changed; retry"))
+            }
+            Ok(other) => Err(Refusal::retry(format!("unexpected answer {other:?}"))),
+            Err(e) => Err(Refusal::retry(format!(
+                "cannot reach the coordinator {}: {e}",
+                c.name
+            ))),
+        }
+    }
+
+    /// The coordinator's side of an enrollment forwarded by another agent.
+    pub async fn enroll_forwarded(
+        &self,
+        token: String,
+        node: String,
+        csr_pem: String,
+    ) -> AgentResponse {
+        if !self.is_coordinator() {
+            return AgentResponse::NotCoordinator {
+                coordinator: self.coordinator(),
+            };
+        }
+        match self.enroll_here(&token, &node, &csr_pem).await {
+            Ok(e) => AgentResponse::Certificate {
+                cert_pem: e.cert_pem,
+                ca_pem: e.ca_pem,
+            },
+            Err(r) => AgentResponse::EnrollRefused {
+                reason: r.reason,
+                retryable: r.retryable,
+            },
+        }
+    }
+
+    async fn enroll_here(
+        &self,
+        token: &str,
+        node: &str,
+        csr_pem: &str,
+    ) -> Result<Enrolled, Refusal> {
+        let ca = self.custody.authority().ok_or_else(|| {
+            Refusal::retry(format!(
+                "the coordinator {} does not hold the CA key (start the first host with                  `pdagent run --bootstrap --ca-key ca.key`)",
+                self.me.name
+            ))
+        })?;
+        let token_id = ca
+            .verify_join_token(token, now_unix().max(0) as u64)
+            .map_err(|e| Refusal::fatal(e.to_string()))?;
+        pki::validate_node_name(node).map_err(|e| Refusal::fatal(e.to_string()))?;
+        let taken = {
+            let s = self.state.read().unwrap_or_else(|p| p.into_inner());
+            s.state.nodes.contains_key(node)
+        };
+        if taken {
+            return Err(Refusal::fatal(format!(
+                "a node named {node} is already in the cluster; pick another node.name, or                  `pdctl remove {node}` first if that host is gone"
+            )));
+        }
+        let cert_pem = ca
+            .sign_node_csr(csr_pem, node, Validity::default())
+            .map_err(|e| Refusal::fatal(e.to_string()))?;
+        let info = pki::first_cert_der(&cert_pem)
+            .and_then(|d| pki::cert_info(&d))
+            .map_err(|e| Refusal::fatal(e.to_string()))?;
+        let cmd = Command::EnrollNode {
+            node: node.to_string(),
+            id: node_id(node),
+            cert_serial: info.serial_hex,
+            not_after_unix: info.not_after_unix,
+        };
+        match self.raft.client_write(cmd).await {
+            Ok(r) => r.data.map_err(|e| Refusal::fatal(e.to_string()))?,
+            Err(e) => return Err(Refusal::retry(format!("recording the enrollment: {e}"))),
+        };
+        info!(%node, token = %token_id, "enrolled a host with a join token");
+        Ok(Enrolled {
+            cert_pem,
+            ca_pem: self.ca_pem.clone(),
+        })
+    }
+
+    /// Renews a node's certificate for its own name (coordinator only): signs the request and
+    /// records the new serial.
+    pub async fn renew(
+        &self,
+        requester: &PeerIdentity,
+        csr_pem: &str,
+    ) -> Result<AgentResponse, String> {
+        let PeerIdentity::Node(node) = requester else {
+            return Err("only agents renew node certificates".into());
+        };
+        if !self.is_coordinator() {
+            return Ok(AgentResponse::NotCoordinator {
+                coordinator: self.coordinator(),
+            });
+        }
+        if self.is_removed(node) {
+            return Err(format!("{node} was removed from the cluster"));
+        }
+        let ca = self
+            .custody
+            .authority()
+            .ok_or("the coordinator does not hold the CA key")?;
+        let cert_pem = ca
+            .sign_node_csr(csr_pem, node, Validity::default())
+            .map_err(|e| e.to_string())?;
+        let info = pki::first_cert_der(&cert_pem)
+            .and_then(|d| pki::cert_info(&d))
+            .map_err(|e| e.to_string())?;
+        self.raft
+            .client_write(Command::RecordCertificate {
+                node: node.clone(),
+                cert_serial: info.serial_hex,
+                not_after_unix: info.not_after_unix,
+            })
+            .await
+            .map_err(|e| format!("recording the renewal: {e}"))?
+            .data
+            .map_err(|e| e.to_string())?;
+        info!(%node, "renewed a node's certificate");
+        Ok(AgentResponse::Certificate {
+            cert_pem,
+            ca_pem: self.ca_pem.clone(),
+        })
+    }
+
+    /// Asks the coordinator (possibly this agent) to renew this node's certificate.
+    pub async fn request_renewal(&self, csr_pem: String) -> Result<(String, String), String> {
+        let me = PeerIdentity::Node(self.me.name.clone());
+        let answer = if self.is_coordinator() {
+            self.renew(&me, &csr_pem).await?
+        } else {
+            let c = self
+                .coordinator()
+                .ok_or("no coordinator is elected right now")?;
+            let addr: SocketAddr = c.address.parse().map_err(|_| "bad coordinator address")?;
+            self.peers
+                .call(
+                    &c.name,
+                    addr,
+                    &AgentRequest::Renew { csr_pem },
+                    FORWARD_TIMEOUT,
+                )
+                .await
+                .map_err(|e| e.to_string())?
+        };
+        match answer {
+            AgentResponse::Certificate { cert_pem, ca_pem } => Ok((cert_pem, ca_pem)),
+            other => Err(format!("unexpected answer {other:?}")),
+        }
     }
 
     /// This agent's view of the cluster.

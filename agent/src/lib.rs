@@ -12,6 +12,8 @@ pub mod admin;
 pub mod agent;
 pub mod config;
 pub mod control;
+pub mod custody;
+pub mod enrollment;
 pub mod gpus;
 pub mod logging;
 pub mod notify;

@@ -41,6 +41,11 @@ enum Command {
         /// once: ignored when the data dir already holds Raft state.
         #[arg(long)]
         bootstrap: bool,
+        /// Take custody of the cluster CA key from this file (copied to <data_dir>/ca.key,
+        /// mode 0600): on the first host, so that it can enroll hosts with join tokens and
+        /// renew certificates. Voters receive it from the coordinator afterwards.
+        #[arg(long, value_name = "FILE")]
+        ca_key: Option<PathBuf>,
     },
     /// Show the cluster as an agent sees it (by default this host's own agent).
     Status {
@@ -88,9 +93,17 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Run { args, bootstrap } => {
-            let Some((v, id)) = load(&args) else {
-                return ExitCode::from(EX_USAGE);
+        Command::Run {
+            args,
+            bootstrap,
+            ca_key,
+        } => {
+            let v = match load_config(&args) {
+                Ok(v) => v,
+                Err(e) => {
+                    eprintln!("pdagent: {e}");
+                    return ExitCode::from(EX_USAGE);
+                }
             };
             logging::init(v.config.log.format, &v.config.log.level);
             let notifier = Notifier::from_env(v.config.systemd.notify);
@@ -98,7 +111,24 @@ fn main() -> ExitCode {
                 Ok(rt) => rt,
                 Err(e) => return fail(e),
             };
-            match rt.block_on(agent::run(v, id, notifier, bootstrap)) {
+            // A host with a join token and no credentials yet enrolls first.
+            let token = v.config.cluster.join_token.clone();
+            if !token.is_empty() && pdagent::enrollment::credentials_absent(&v) {
+                notifier.status("enrolling with the join token");
+                if let Err(e) = rt.block_on(pdagent::enrollment::enroll_at_start(&v, &token)) {
+                    eprintln!("pdagent: cluster.join_token: enrollment failed: {e}");
+                    return ExitCode::from(EX_USAGE);
+                }
+            }
+            let id = match v.load_identity(now_unix()) {
+                Ok(id) => id,
+                Err(e) => {
+                    eprintln!("pdagent: {e}");
+                    return ExitCode::from(EX_USAGE);
+                }
+            };
+            let opts = agent::RunOptions { bootstrap, ca_key };
+            match rt.block_on(agent::run(v, id, notifier, opts)) {
                 Ok(()) => ExitCode::SUCCESS,
                 // A configuration problem found at start (e.g. no address to advertise).
                 Err(e) if e.downcast_ref::<ConfigError>().is_some() => {
@@ -257,6 +287,13 @@ fn runtime(v: &Validated) -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 /// Reads, overrides and validates the configuration (no certificates needed).
+fn now_unix() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
 fn load_config(args: &ConfigArgs) -> Result<Validated, ConfigError> {
     let explicit = args.config.as_os_str() != config::DEFAULT_CONFIG_PATH;
     let mut c = config::read_config(&args.config, explicit)?;
@@ -269,11 +306,7 @@ fn load_config(args: &ConfigArgs) -> Result<Validated, ConfigError> {
 fn load(args: &ConfigArgs) -> Option<(Validated, pd_transport::Identity)> {
     let result = (|| -> Result<_, ConfigError> {
         let v = load_config(args)?;
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
-        let id = v.load_identity(now)?;
+        let id = v.load_identity(now_unix())?;
         Ok((v, id))
     })();
     match result {

@@ -50,6 +50,11 @@ impl Notifier {
         ));
     }
 
+    /// A progress line for `systemctl status` before READY=1.
+    pub fn status(&self, status: &str) {
+        self.send(&format!("STATUS={status}\n"));
+    }
+
     pub fn watchdog(&self) {
         self.send("WATCHDOG=1\n");
     }

@@ -29,6 +29,10 @@ impl Peers {
         }
     }
 
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
     fn slot(&self, name: &str) -> Slot {
         let mut m = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         m.entry(name.to_string()).or_default().clone()

@@ -22,6 +22,17 @@ pub enum AgentRequest {
     Status,
     /// Liveness report to the coordinator (never written to the log).
     Heartbeat { node: String },
+    /// A host's enrollment with a join token, forwarded by the agent it reached to the
+    /// coordinator (which holds the CA key).
+    Enroll {
+        token: String,
+        node: String,
+        csr_pem: String,
+    },
+    /// A node asks for a renewed certificate for its own name (a new key pair's request).
+    Renew { csr_pem: String },
+    /// A voter without the CA key asks the coordinator for it (see `custody`).
+    FetchCaKey,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -43,6 +54,17 @@ pub enum AgentResponse {
     },
     Status(StatusReport),
     HeartbeatAck,
+    Certificate {
+        cert_pem: String,
+        ca_pem: String,
+    },
+    CaKey {
+        key_pem: String,
+    },
+    EnrollRefused {
+        reason: String,
+        retryable: bool,
+    },
 }
 
 /// What `pdagent status` shows: one agent's view of the cluster.

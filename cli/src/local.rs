@@ -132,7 +132,11 @@ fn start_agent(dir: &Path, node: &str, bootstrap: bool) -> Result<u32> {
     let mut cmd = Command::new(pdagent);
     cmd.arg("run").arg("--config").arg(nd.join("pdagent.toml"));
     if bootstrap {
-        cmd.arg("--bootstrap");
+        // The first host founds the cluster and holds the CA key, so the cluster can enroll
+        // hosts with join tokens and renew certificates; voters get the key from it.
+        cmd.arg("--bootstrap")
+            .arg("--ca-key")
+            .arg(dir.join("ca").join(pki::CA_KEY_FILE));
     }
     // Its own process group: the agents outlive this command and ignore the terminal's ^C.
     let child = cmd
@@ -164,6 +168,9 @@ pub fn start(dir: &Path, node: &str) -> Result<u32> {
 fn check_free(ip: &str, port: u16) -> Result<()> {
     std::net::UdpSocket::bind((ip, port))
         .with_context(|| format!("UDP {ip}:{port} is taken (try --base-port)"))?;
+    // Enrollment listens on TCP at the transport's port number.
+    std::net::TcpListener::bind((ip, port))
+        .with_context(|| format!("TCP {ip}:{port} is taken (try --base-port)"))?;
     std::net::TcpListener::bind((ip, port + 1))
         .with_context(|| format!("TCP {ip}:{} is taken (try --base-port)", port + 1))?;
     Ok(())
@@ -279,7 +286,7 @@ fn up(n: usize, gpus: u32, dir: &Path, base_port: u16, json: bool) -> Result<()>
     Ok(())
 }
 
-/// A base port free for UDP p and TCP p+1 on 127.0.0.1..=127.0.0.n, for clusters that must not
+/// A base port free for UDP and TCP p and TCP p+1 on 127.0.0.1..=127.0.0.n, for clusters that must not
 /// collide with a user's (benchmarks).
 pub fn free_base_port(n: usize) -> Result<u16> {
     for _ in 0..100 {

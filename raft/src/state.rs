@@ -14,6 +14,9 @@ pub const SCHEMA_VERSION: u32 = 1;
 /// Bounds on what one command may carry.
 pub const LABELS_PER_NODE_MAX: usize = 64;
 pub const LABEL_BYTES_MAX: usize = 253;
+/// Certificates remembered per node (for revocation on removal); the oldest are forgotten
+/// first. A node renews at two thirds of a lifetime, so it never holds more than two live ones.
+pub const CERTIFICATES_PER_NODE_MAX: usize = 8;
 
 /// Liveness as the coordinator judges it from heartbeats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,6 +93,21 @@ pub enum Command {
         node: String,
         cert_serial: Option<String>,
     },
+    /// A host enrolled with a join token under a name no registered node holds: its first
+    /// certificate. A removed node's name becomes usable again this way.
+    EnrollNode {
+        node: String,
+        id: u64,
+        cert_serial: String,
+        not_after_unix: i64,
+    },
+    /// A registered node's certificate (renewed, or issued offline and reported by the node),
+    /// remembered so that removing the node revokes it.
+    RecordCertificate {
+        node: String,
+        cert_serial: String,
+        not_after_unix: i64,
+    },
 }
 
 /// What an applied command did.
@@ -134,8 +152,11 @@ pub struct ClusterState {
     pub nodes: BTreeMap<String, NodeRecord>,
     /// Serials of revoked certificates (hex).
     pub revoked_serials: BTreeSet<String>,
-    /// Ids ever given out, so a removed node's id is never reused.
+    /// Ids of removed nodes: refused until the name enrolls again with a join token.
     pub retired_ids: BTreeSet<u64>,
+    /// Known certificates per node name: serial (hex) -> expiry (unix seconds).
+    #[serde(default)]
+    pub certificates: BTreeMap<String, BTreeMap<String, i64>>,
 }
 
 impl Default for ClusterState {
@@ -145,6 +166,7 @@ impl Default for ClusterState {
             nodes: BTreeMap::new(),
             revoked_serials: BTreeSet::new(),
             retired_ids: BTreeSet::new(),
+            certificates: BTreeMap::new(),
         }
     }
 }
@@ -186,6 +208,26 @@ impl ClusterState {
 
     pub fn node_by_id(&self, id: u64) -> Option<&NodeRecord> {
         self.nodes.values().find(|n| n.id == id)
+    }
+
+    fn remember_certificate(&mut self, node: &str, serial: &str, not_after_unix: i64) {
+        let certs = self.certificates.entry(node.to_string()).or_default();
+        certs.insert(serial.to_ascii_lowercase(), not_after_unix);
+        while certs.len() > CERTIFICATES_PER_NODE_MAX {
+            let oldest = certs
+                .iter()
+                .min_by_key(|(serial, exp)| (**exp, (*serial).clone()))
+                .map(|(s, _)| s.clone());
+            if let Some(s) = oldest {
+                certs.remove(&s);
+            }
+        }
+    }
+
+    /// Whether a certificate serial (hex) was revoked.
+    pub fn is_revoked(&self, serial_hex: &str) -> bool {
+        self.revoked_serials
+            .contains(&serial_hex.to_ascii_lowercase())
     }
 
     /// Applies one command at log index `index`. Pure: no IO, no clock.
@@ -304,7 +346,42 @@ impl ClusterState {
                 if let Some(s) = cert_serial {
                     self.revoked_serials.insert(s.to_ascii_lowercase());
                 }
+                if let Some(certs) = self.certificates.remove(node) {
+                    self.revoked_serials.extend(certs.into_keys());
+                }
                 Ok(Applied::Removed { id: n.id })
+            }
+            Command::EnrollNode {
+                node,
+                id,
+                cert_serial,
+                not_after_unix,
+            } => {
+                if let Some(n) = self.nodes.get(node) {
+                    return Err(ApplyError::NameTaken {
+                        name: node.clone(),
+                        id: n.id,
+                    });
+                }
+                self.retired_ids.remove(id);
+                self.remember_certificate(node, cert_serial, *not_after_unix);
+                Ok(Applied::Done)
+            }
+            Command::RecordCertificate {
+                node,
+                cert_serial,
+                not_after_unix,
+            } => {
+                self.node(node)?;
+                if self
+                    .certificates
+                    .get(node)
+                    .is_some_and(|c| c.contains_key(&cert_serial.to_ascii_lowercase()))
+                {
+                    return Ok(Applied::Unchanged);
+                }
+                self.remember_certificate(node, cert_serial, *not_after_unix);
+                Ok(Applied::Done)
             }
         }
     }
@@ -448,5 +525,77 @@ mod tests {
             (s, out)
         };
         assert_eq!(run(), run());
+    }
+
+    /// Removing a node revokes every certificate the cluster knows it by; enrolling the name
+    /// again with a token lifts the refusal of the name but not of the old certificates.
+    #[test]
+    fn enroll_record_remove_revokes_and_reenroll() {
+        let mut s = ClusterState::default();
+        let enroll = |serial: &str| Command::EnrollNode {
+            node: "node-2".into(),
+            id: 2,
+            cert_serial: serial.into(),
+            not_after_unix: 100,
+        };
+        assert_eq!(s.apply(1, &enroll("AA")), Ok(Applied::Done));
+        s.apply(2, &reg("node-2", 2)).unwrap();
+        // A registered name cannot be enrolled again (a token is no licence to impersonate).
+        assert!(matches!(
+            s.apply(3, &enroll("bb")),
+            Err(ApplyError::NameTaken { .. })
+        ));
+        let record = |serial: &str, exp| Command::RecordCertificate {
+            node: "node-2".into(),
+            cert_serial: serial.into(),
+            not_after_unix: exp,
+        };
+        assert_eq!(s.apply(4, &record("cc", 200)), Ok(Applied::Done));
+        assert_eq!(s.apply(5, &record("CC", 200)), Ok(Applied::Unchanged));
+        assert!(matches!(
+            s.apply(
+                6,
+                &Command::RecordCertificate {
+                    node: "ghost".into(),
+                    cert_serial: "dd".into(),
+                    not_after_unix: 1
+                }
+            ),
+            Err(ApplyError::UnknownNode(_))
+        ));
+        s.apply(
+            7,
+            &Command::RemoveNode {
+                node: "node-2".into(),
+                cert_serial: None,
+            },
+        )
+        .unwrap();
+        assert!(s.is_revoked("aa") && s.is_revoked("cc"));
+        assert!(s.is_removed(2));
+        assert_eq!(s.apply(8, &enroll("ee")), Ok(Applied::Done));
+        assert!(!s.is_removed(2));
+        assert!(s.is_revoked("aa") && !s.is_revoked("ee"));
+    }
+
+    /// The certificates remembered per node are bounded; the oldest go first.
+    #[test]
+    fn certificates_per_node_are_bounded() {
+        let mut s = ClusterState::default();
+        s.apply(1, &reg("n", 1)).unwrap();
+        for i in 0..(CERTIFICATES_PER_NODE_MAX as i64 + 3) {
+            s.apply(
+                2 + i as u64,
+                &Command::RecordCertificate {
+                    node: "n".into(),
+                    cert_serial: format!("{i:02x}"),
+                    not_after_unix: 1000 + i,
+                },
+            )
+            .unwrap();
+        }
+        let certs = &s.certificates["n"];
+        assert_eq!(certs.len(), CERTIFICATES_PER_NODE_MAX);
+        assert!(!certs.contains_key("00") && certs.contains_key("0a"));
     }
 }

@@ -352,6 +352,22 @@ fn a_removed_node_cannot_come_back() {
         "{}",
         text(&out.stderr)
     );
+    // Its certificate is revoked (the list is replicated): refused at the handshake, before
+    // any request is read.
+    wait_for(
+        "the removed node's certificate to be refused as revoked",
+        deadline(Duration::from_secs(20)),
+        || {
+            let out = pdagent(&[
+                "status",
+                "--config",
+                cfg.to_str().unwrap(),
+                "--agent",
+                &target,
+            ]);
+            (!out.status.success() && text(&out.stderr).contains("revoked")).then_some(())
+        },
+    );
     // Removing the coordinator itself is refused with advice.
     let out = l.pdctl(&["remove", &leader]);
     assert!(!out.status.success());

@@ -61,6 +61,30 @@ pub struct Enrolled {
     pub ca_pem: String,
 }
 
+/// Why an enrollment was refused, and whether asking again later may succeed (no coordinator
+/// yet) or not (expired token, name taken).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Refusal {
+    pub reason: String,
+    pub retryable: bool,
+}
+
+impl Refusal {
+    pub fn fatal(reason: impl Into<String>) -> Self {
+        Refusal {
+            reason: reason.into(),
+            retryable: false,
+        }
+    }
+
+    pub fn retry(reason: impl Into<String>) -> Self {
+        Refusal {
+            reason: reason.into(),
+            retryable: true,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum EnrollError {
     #[error(transparent)]
@@ -75,15 +99,36 @@ pub enum EnrollError {
         seed: String,
         addr: SocketAddr,
         reason: String,
+        /// The seed does not hold the CA the token pins (another cluster, or an impostor).
+        pin_mismatch: bool,
     },
     #[error("enrolling through {seed} timed out after {ms} ms")]
     Timeout { seed: String, ms: u64 },
     #[error("{seed} refused the enrollment: {reason}")]
-    Refused { seed: String, reason: String },
+    Refused {
+        seed: String,
+        reason: String,
+        retryable: bool,
+    },
     #[error("enrollment exchange with {seed} failed: {source}")]
     Exchange { seed: String, source: CodecError },
     #[error("{seed} answered with something unusable: {why}")]
     BadAnswer { seed: String, why: String },
+}
+
+impl EnrollError {
+    /// Whether trying again (the same or another seed, later) may succeed. A token the cluster
+    /// refuses, or a seed that does not hold the CA the token pins, will not get better.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            EnrollError::Token(_) | EnrollError::BadAnswer { .. } => false,
+            EnrollError::Refused { retryable, .. } => *retryable,
+            EnrollError::Tls { pin_mismatch, .. } => !pin_mismatch,
+            EnrollError::Connect { .. }
+            | EnrollError::Timeout { .. }
+            | EnrollError::Exchange { .. } => true,
+        }
+    }
 }
 
 /// Decides enrollments. Implemented by the agent (which knows the cluster and may hold the CA
@@ -93,7 +138,7 @@ pub trait EnrollHandler: Send + Sync + 'static {
         &self,
         remote: SocketAddr,
         req: EnrollRequest,
-    ) -> impl Future<Output = Result<Enrolled, String>> + Send;
+    ) -> impl Future<Output = Result<Enrolled, Refusal>> + Send;
 }
 
 /// Serves enrollment on `listener` with the endpoint's current identity, until aborted.
@@ -154,22 +199,22 @@ async fn serve_one<H: EnrollHandler>(
     tls.read_exact(&mut head)
         .await
         .map_err(|e| format!("reading the request: {e}"))?;
-    let answer: Result<Enrolled, String> = if head[..4] != ENROLL_MAGIC {
-        Err("not a pdagent enrollment request".into())
+    let answer: Result<Enrolled, Refusal> = if head[..4] != ENROLL_MAGIC {
+        Err(Refusal::fatal("not a pdagent enrollment request"))
     } else if u16::from_le_bytes([head[4], head[5]]) != PROTOCOL_VERSION {
-        Err(format!(
+        Err(Refusal::fatal(format!(
             "protocol version mismatch: you speak {}, this agent speaks {PROTOCOL_VERSION}; run the same pdagent release on every host",
             u16::from_le_bytes([head[4], head[5]])
-        ))
+        )))
     } else {
         match codec::read_frame::<_, EnrollRequest>(&mut tls, ENROLL_FRAME_BYTES_MAX).await {
-            Err(e) => Err(format!("bad enrollment request: {e}")),
+            Err(e) => Err(Refusal::fatal(format!("bad enrollment request: {e}"))),
             Ok(req) => {
                 let node = req.node.clone();
                 let r = handler.enroll(remote, req).await;
                 match &r {
                     Ok(_) => info!(%remote, %node, "enrolled a new host"),
-                    Err(why) => warn!(%remote, %node, %why, "refused an enrollment"),
+                    Err(why) => warn!(%remote, %node, why = %why.reason, "refused an enrollment"),
                 }
                 r
             }
@@ -213,6 +258,7 @@ async fn exchange(
     let tls_err = |reason: String| EnrollError::Tls {
         seed: seed.to_string(),
         addr,
+        pin_mismatch: reason.contains(PIN_MISMATCH),
         reason,
     };
     let xerr = |source: CodecError| EnrollError::Exchange {
@@ -257,12 +303,13 @@ async fn exchange(
         .await
         .map_err(|e| xerr(CodecError::Io(e)))?;
     tls.flush().await.map_err(|e| xerr(CodecError::Io(e)))?;
-    let answer: Result<Enrolled, String> = codec::read_frame(&mut tls, ENROLL_FRAME_BYTES_MAX)
+    let answer: Result<Enrolled, Refusal> = codec::read_frame(&mut tls, ENROLL_FRAME_BYTES_MAX)
         .await
         .map_err(xerr)?;
-    let enrolled = answer.map_err(|reason| EnrollError::Refused {
+    let enrolled = answer.map_err(|r| EnrollError::Refused {
         seed: seed.to_string(),
-        reason,
+        reason: r.reason,
+        retryable: r.retryable,
     })?;
     let bad = |why: String| EnrollError::BadAnswer {
         seed: seed.to_string(),
@@ -283,6 +330,8 @@ async fn exchange(
     }
     Ok(enrolled)
 }
+
+const PIN_MISMATCH: &str = "the server did not present the CA certificate the join token pins";
 
 /// Trusts a server only if it presents, after its own certificate, the CA certificate whose
 /// SHA-256 the join token pins, and its certificate verifies under that CA for the name
@@ -309,9 +358,9 @@ impl ServerCertVerifier for PinnedCa {
                     == self.fingerprint
             })
             .ok_or_else(|| {
-                rustls::Error::General(
-                    "the server did not present the CA certificate the join token pins (wrong cluster, or a man in the middle)".into(),
-                )
+                rustls::Error::General(format!(
+                    "{PIN_MISMATCH} (wrong cluster, or a man in the middle)"
+                ))
             })?;
         let mut roots = RootCertStore::empty();
         roots.add(ca.clone().into_owned())?;

@@ -133,6 +133,7 @@ impl std::fmt::Display for PeerIdentity {
 #[derive(Debug, Clone)]
 pub struct CertInfo {
     pub identity: PeerIdentity,
+    pub not_before_unix: i64,
     pub not_after_unix: i64,
     pub serial_hex: String,
 }
@@ -162,6 +163,7 @@ pub fn cert_info(der: &[u8]) -> Result<CertInfo, PkiError> {
     };
     Ok(CertInfo {
         identity,
+        not_before_unix: cert.validity().not_before.timestamp(),
         not_after_unix: cert.validity().not_after.timestamp(),
         serial_hex: hex(cert.raw_serial()),
     })
@@ -261,6 +263,16 @@ impl CertAuthority {
                 what: "CA certificate".into(),
                 why: e.to_string(),
             })?;
+        // A key of another CA would issue certificates nobody trusts: refuse it here.
+        let der = first_cert_der(cert_pem)?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&der)
+            .map_err(|e| PkiError::BadCertificate(e.to_string()))?;
+        if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            return Err(PkiError::BadPem {
+                what: "CA key".into(),
+                why: "it is not the key of this CA certificate".into(),
+            });
+        }
         // Re-signing yields an issuer with the same subject and key, which is all that issuing
         // needs; the PEM we hand out stays the original.
         let issuer = params.self_signed(&key)?;
@@ -725,5 +737,35 @@ mod tests {
             issue_node_files(d.path(), "Bad_Name", 30),
             Err(PkiError::BadNodeName { .. })
         ));
+    }
+
+    #[test]
+    fn a_ca_key_must_match_its_certificate() {
+        let a = CertAuthority::generate("a").unwrap();
+        let b = CertAuthority::generate("b").unwrap();
+        assert!(CertAuthority::from_pem(&a.cert_pem, &a.key_pem()).is_ok());
+        let e = CertAuthority::from_pem(&a.cert_pem, &b.key_pem())
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("not the key"), "{e}");
+    }
+
+    #[test]
+    fn csr_signing_issues_only_what_the_ca_issues() {
+        let ca = CertAuthority::generate("a").unwrap();
+        let (csr, _key) = node_csr("node-7").unwrap();
+        let pem = ca
+            .sign_node_csr(&csr, "node-7", Validity::default())
+            .unwrap();
+        let info = cert_info(&first_cert_der(&pem).unwrap()).unwrap();
+        assert_eq!(info.identity, PeerIdentity::Node("node-7".into()));
+        assert!(
+            ca.sign_node_csr(&csr, "node-8", Validity::default())
+                .is_err()
+        );
+        assert!(
+            ca.sign_node_csr("garbage", "node-7", Validity::default())
+                .is_err()
+        );
     }
 }

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pd_transport::enroll::{
-    EnrollError, EnrollHandler, EnrollRequest, Enrolled, request_certificate, serve_enrollment,
+    EnrollError, EnrollHandler, EnrollRequest, Enrolled, Refusal, request_certificate,
+    serve_enrollment,
 };
 use pd_transport::pki::{self, CertAuthority, Validity};
 use pd_transport::{Endpoint, Identity, PeerIdentity, Service, TransportConfig, TransportError};
@@ -17,14 +18,14 @@ struct Signer {
 }
 
 impl EnrollHandler for Signer {
-    async fn enroll(&self, _remote: SocketAddr, req: EnrollRequest) -> Result<Enrolled, String> {
+    async fn enroll(&self, _remote: SocketAddr, req: EnrollRequest) -> Result<Enrolled, Refusal> {
         self.ca
             .verify_join_token(&req.token, now())
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| Refusal::fatal(e.to_string()))?;
         let cert_pem = self
             .ca
             .sign_node_csr(&req.csr_pem, &req.node, Validity::default())
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| Refusal::fatal(e.to_string()))?;
         Ok(Enrolled {
             cert_pem,
             ca_pem: self.ca.cert_pem.clone(),
@@ -107,6 +108,7 @@ async fn bad_tokens_and_requests_are_refused() {
     let e = enroll(addr, &expired, "late").await.unwrap_err();
     assert!(matches!(e, EnrollError::Refused { .. }), "{e}");
     assert!(e.to_string().contains("expired"), "{e}");
+    assert!(!e.is_retryable());
 
     // A token of another cluster pins another CA: the host refuses the seed during TLS and
     // never sends its token there.
@@ -115,6 +117,10 @@ async fn bad_tokens_and_requests_are_refused() {
     let e = enroll(addr, &foreign, "lost").await.unwrap_err();
     assert!(matches!(e, EnrollError::Tls { .. }), "{e}");
     assert!(e.to_string().contains("pins"), "{e}");
+    assert!(
+        !e.is_retryable(),
+        "a seed of another cluster never becomes right"
+    );
 
     // Right CA pin, forged MAC.
     let good = ca.join_token(now(), 600);
