@@ -1,0 +1,365 @@
+//! Tokenizers and the incremental detokenizer.
+//!
+//! Presets use a byte tokenizer: ids 0..=255 are the bytes, 256 is BOS, 257 is EOS; a prompt
+//! is BOS followed by its UTF-8 bytes. Checkpoints use their `tokenizer.json` through the
+//! `tokenizers` crate built without its C/C++ parts (fancy-regex instead of onig).
+//!
+//! **Text output is always valid UTF-8.** A model (above all a byte model on random weights)
+//! can emit a token stream that stops inside a multi-byte character or is not UTF-8 at all. The
+//! [`Detokenizer`] therefore:
+//! - holds back the bytes of an incomplete UTF-8 sequence until the tokens that complete it
+//!   arrive (for `tokenizer.json` models: holds back text that ends in U+FFFD, for at most
+//!   [`HOLD_BACK_TOKENS_MAX`] tokens, since a character spans at most 4 byte tokens);
+//! - replaces each invalid byte sequence with U+FFFD (the same maximal-subpart rule as
+//!   `String::from_utf8_lossy`);
+//! - at the end of the request ([`Detokenizer::finish`]) emits U+FFFD for bytes still held.
+//!
+//! The concatenation of all pieces equals `String::from_utf8_lossy` of the whole byte stream.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::error::EngineError;
+use crate::model::{BYTE_BOS, BYTE_EOS};
+
+/// Tokens a `tokenizer.json` detokenizer waits for a character to complete before it gives
+/// up and emits U+FFFD.
+pub const HOLD_BACK_TOKENS_MAX: usize = 4;
+
+/// Text to token ids and back.
+#[derive(Clone)]
+pub enum Tokenizer {
+    Bytes,
+    Hf {
+        inner: Arc<tokenizers::Tokenizer>,
+        chat_template: Option<String>,
+        eos_token_id: Option<u32>,
+    },
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Tokenizer::Bytes => f.write_str("Tokenizer::Bytes"),
+            Tokenizer::Hf { .. } => f.write_str("Tokenizer::Hf"),
+        }
+    }
+}
+
+impl Tokenizer {
+    /// Loads `tokenizer.json` (and the chat template and EOS of `tokenizer_config.json` when
+    /// present) from a checkpoint directory.
+    pub fn from_dir(dir: &Path) -> Result<Tokenizer, EngineError> {
+        let path = dir.join("tokenizer.json");
+        let inner = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| EngineError::Tokenizer(format!("cannot load {}: {e}", path.display())))?;
+        let mut chat_template = None;
+        let mut eos_token_id = None;
+        let cfg_path = dir.join("tokenizer_config.json");
+        if let Ok(text) = std::fs::read_to_string(&cfg_path) {
+            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+                EngineError::Tokenizer(format!("cannot parse {}: {e}", cfg_path.display()))
+            })?;
+            chat_template = match v.get("chat_template") {
+                Some(serde_json::Value::String(s)) => Some(s.clone()),
+                // The list form: [{"name": "default", "template": "..."}, ...].
+                Some(serde_json::Value::Array(a)) => a
+                    .iter()
+                    .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                    .or_else(|| a.first())
+                    .and_then(|t| t.get("template"))
+                    .and_then(|t| t.as_str())
+                    .map(str::to_string),
+                _ => None,
+            };
+            let eos = match v.get("eos_token") {
+                Some(serde_json::Value::String(s)) => Some(s.clone()),
+                Some(o) => o
+                    .get("content")
+                    .and_then(|c| c.as_str())
+                    .map(str::to_string),
+                None => None,
+            };
+            eos_token_id = eos.and_then(|e| inner.token_to_id(&e));
+        }
+        Ok(Tokenizer::Hf {
+            inner: Arc::new(inner),
+            chat_template,
+            eos_token_id,
+        })
+    }
+
+    /// Token ids of a prompt, with the BOS (or whatever the tokenizer's post-processor adds).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, EngineError> {
+        match self {
+            Tokenizer::Bytes => {
+                let mut ids = Vec::with_capacity(text.len() + 1);
+                ids.push(BYTE_BOS);
+                ids.extend(text.bytes().map(u32::from));
+                Ok(ids)
+            }
+            Tokenizer::Hf { inner, .. } => inner
+                .encode(text, true)
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| EngineError::Tokenizer(format!("cannot encode prompt: {e}"))),
+        }
+    }
+
+    /// The whole text of `ids`, invalid UTF-8 replaced by U+FFFD, special tokens skipped.
+    pub fn decode(&self, ids: &[u32]) -> String {
+        let mut d = self.detokenizer();
+        let mut s: String = ids.iter().map(|&t| d.push(t)).collect();
+        s.push_str(&d.finish());
+        s
+    }
+
+    /// A fresh incremental detokenizer for one request's output.
+    pub fn detokenizer(&self) -> Detokenizer {
+        match self {
+            Tokenizer::Bytes => Detokenizer::Bytes {
+                pending: Vec::new(),
+            },
+            Tokenizer::Hf { inner, .. } => Detokenizer::Hf {
+                inner: inner.clone(),
+                ids: Vec::new(),
+                prefix: 0,
+                read: 0,
+            },
+        }
+    }
+
+    /// The raw Jinja chat template from `tokenizer_config.json`, if any (rendering it is the
+    /// caller's business).
+    pub fn chat_template(&self) -> Option<&str> {
+        match self {
+            Tokenizer::Bytes => None,
+            Tokenizer::Hf { chat_template, .. } => chat_template.as_deref(),
+        }
+    }
+
+    /// The EOS id named by `tokenizer_config.json`, if any.
+    pub(crate) fn eos_token_id(&self) -> Option<u32> {
+        match self {
+            Tokenizer::Bytes => Some(BYTE_EOS),
+            Tokenizer::Hf { eos_token_id, .. } => *eos_token_id,
+        }
+    }
+}
+
+/// Turns one request's token stream into text pieces that are always valid UTF-8 (see the
+/// module doc for the hold-back and replacement rules).
+pub enum Detokenizer {
+    Bytes {
+        pending: Vec<u8>,
+    },
+    Hf {
+        inner: Arc<tokenizers::Tokenizer>,
+        ids: Vec<u32>,
+        /// Start of the window decoded for context (tokenizers merge spaces across tokens).
+        prefix: usize,
+        /// End of the text already emitted.
+        read: usize,
+    },
+}
+
+impl Detokenizer {
+    /// Adds one token; returns the text that became final (possibly empty).
+    pub fn push(&mut self, id: u32) -> String {
+        match self {
+            Detokenizer::Bytes { pending } => {
+                if let Ok(b) = u8::try_from(id) {
+                    pending.push(b);
+                }
+                drain_utf8(pending, false)
+            }
+            Detokenizer::Hf {
+                inner,
+                ids,
+                prefix,
+                read,
+            } => {
+                ids.push(id);
+                let before = inner.decode(&ids[*prefix..*read], true).unwrap_or_default();
+                let now = inner.decode(&ids[*prefix..], true).unwrap_or_default();
+                let held = ids.len() - *read;
+                let complete = !now.ends_with('\u{FFFD}') || held >= HOLD_BACK_TOKENS_MAX;
+                if complete
+                    && now.len() > before.len()
+                    && let Some(delta) = now.get(before.len()..)
+                {
+                    let delta = delta.to_string();
+                    *prefix = *read;
+                    *read = ids.len();
+                    return delta;
+                }
+                String::new()
+            }
+        }
+    }
+
+    /// Ends the stream: emits what is still held, with U+FFFD for incomplete characters.
+    pub fn finish(&mut self) -> String {
+        match self {
+            Detokenizer::Bytes { pending } => drain_utf8(pending, true),
+            Detokenizer::Hf {
+                inner,
+                ids,
+                prefix,
+                read,
+            } => {
+                let before = inner.decode(&ids[*prefix..*read], true).unwrap_or_default();
+                let now = inner.decode(&ids[*prefix..], true).unwrap_or_default();
+                *prefix = ids.len();
+                *read = ids.len();
+                now.get(before.len()..).unwrap_or_default().to_string()
+            }
+        }
+    }
+}
+
+/// Takes the longest valid prefix of `pending`, replacing invalid sequences with U+FFFD; an
+/// incomplete sequence at the end stays in `pending` unless `end`.
+fn drain_utf8(pending: &mut Vec<u8>, end: bool) -> String {
+    let mut out = String::new();
+    loop {
+        match std::str::from_utf8(pending) {
+            Ok(s) => {
+                out.push_str(s);
+                pending.clear();
+                return out;
+            }
+            Err(e) => {
+                let valid = e.valid_up_to();
+                out.push_str(std::str::from_utf8(&pending[..valid]).unwrap_or_default());
+                match e.error_len() {
+                    Some(n) => {
+                        out.push('\u{FFFD}');
+                        pending.drain(..valid + n);
+                    }
+                    None => {
+                        pending.drain(..valid);
+                        if end {
+                            out.push('\u{FFFD}');
+                            pending.clear();
+                        }
+                        return out;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Writes a `tokenizer.json` that encodes exactly like [`Tokenizer::Bytes`] (a BPE with no
+/// merges whose vocabulary is the 256 byte-fallback tokens, `<s>` = 256, `</s>` = 257, and a
+/// post-processor that puts `<s>` in front), plus a `tokenizer_config.json` with a minimal
+/// chat template.
+pub(crate) fn write_byte_tokenizer(dir: &Path) -> Result<(), EngineError> {
+    use tokenizers::decoders::byte_fallback::ByteFallback;
+    use tokenizers::decoders::fuse::Fuse;
+    use tokenizers::decoders::sequence::Sequence;
+    use tokenizers::models::bpe::BPE;
+    use tokenizers::processors::template::TemplateProcessing;
+    use tokenizers::{AddedToken, DecoderWrapper};
+
+    let err = |e: String| EngineError::Tokenizer(format!("cannot write byte tokenizer: {e}"));
+    let mut vocab = tokenizers::models::bpe::Vocab::default();
+    for b in 0..=255u32 {
+        vocab.insert(format!("<0x{b:02X}>"), b);
+    }
+    vocab.insert("<s>".to_string(), BYTE_BOS);
+    vocab.insert("</s>".to_string(), BYTE_EOS);
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, Vec::new())
+        .byte_fallback(true)
+        .build()
+        .map_err(|e| err(e.to_string()))?;
+    let mut tok = tokenizers::Tokenizer::new(bpe);
+    tok.add_special_tokens(&[
+        AddedToken::from("<s>", true),
+        AddedToken::from("</s>", true),
+    ]);
+    let decoder = Sequence::new(vec![
+        DecoderWrapper::ByteFallback(ByteFallback::new()),
+        DecoderWrapper::Fuse(Fuse::new()),
+    ]);
+    tok.with_decoder(Some(decoder));
+    let post = TemplateProcessing::builder()
+        .try_single("<s> $A")
+        .map_err(|e| err(e.to_string()))?
+        .special_tokens(vec![("<s>", BYTE_BOS)])
+        .build()
+        .map_err(|e| err(e.to_string()))?;
+    tok.with_post_processor(Some(post));
+    tok.save(dir.join("tokenizer.json"), true)
+        .map_err(|e| err(e.to_string()))?;
+    let cfg = serde_json::json!({
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "chat_template": "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}",
+    });
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        serde_json::to_string_pretty(&cfg).map_err(|e| err(e.to_string()))?,
+    )
+    .map_err(|e| err(e.to_string()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pieces(ids: &[u32]) -> Vec<String> {
+        let mut d = Tokenizer::Bytes.detokenizer();
+        let mut out: Vec<String> = ids.iter().map(|&t| d.push(t)).collect();
+        out.push(d.finish());
+        out
+    }
+
+    #[test]
+    fn byte_detokenizer_holds_back_incomplete_characters() {
+        // "é" is C3 A9: nothing is emitted until the second byte arrives.
+        assert_eq!(
+            pieces(&[0x61, 0xC3, 0xA9, 0x62]),
+            vec!["a", "", "é", "b", ""]
+        );
+    }
+
+    #[test]
+    fn byte_detokenizer_replaces_invalid_and_truncated_sequences() {
+        // A lone continuation byte, a lead byte followed by ASCII, and a truncated tail.
+        let ids = [0x80, 0x41, 0xE2, 0x42, 0xF0, 0x9F];
+        let out = pieces(&ids);
+        let joined: String = out.concat();
+        let bytes: Vec<u8> = ids.iter().map(|&b| b as u8).collect();
+        assert_eq!(joined, String::from_utf8_lossy(&bytes));
+        assert_eq!(out.last().unwrap(), "\u{FFFD}");
+        // Special tokens produce no text.
+        assert_eq!(pieces(&[BYTE_BOS, 0x41, BYTE_EOS]).concat(), "A");
+    }
+
+    #[test]
+    fn written_byte_tokenizer_matches_the_builtin_one() {
+        let dir = tempfile::tempdir().unwrap();
+        write_byte_tokenizer(dir.path()).unwrap();
+        let hf = Tokenizer::from_dir(dir.path()).unwrap();
+        let text = "héllo wörld ✓";
+        assert_eq!(
+            hf.encode(text).unwrap(),
+            Tokenizer::Bytes.encode(text).unwrap()
+        );
+        assert!(hf.chat_template().is_some());
+        assert_eq!(hf.eos_token_id(), Some(BYTE_EOS));
+        let ids = Tokenizer::Bytes.encode(text).unwrap();
+        assert_eq!(hf.decode(&ids), text);
+        // Incremental: the pieces concatenate to the text and none holds a partial character.
+        let mut d = hf.detokenizer();
+        let mut s = String::new();
+        for &t in &ids {
+            s.push_str(&d.push(t));
+        }
+        s.push_str(&d.finish());
+        assert_eq!(s, text);
+    }
+}
