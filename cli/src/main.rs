@@ -18,6 +18,7 @@ mod bench_failover;
 mod client;
 mod demo;
 mod local;
+mod plan;
 
 const EX_USAGE: u8 = 64;
 
@@ -84,6 +85,9 @@ enum Command {
         #[command(subcommand)]
         command: ClusterCommand,
     },
+    /// Plan a deployment offline: the best disaggregated (xPyD) and colocated layouts for a
+    /// model, GPUs, a workload and TTFT/TPOT targets, and the `pdctl deploy` command for it.
+    Plan(plan::PlanArgs),
     /// Benchmarks that print figures and a ratio against a baseline measured in the same run.
     Bench {
         #[command(subcommand)]
@@ -388,6 +392,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Local { command } => local::run(command, json)?,
         Command::Demo { dir } => demo::run(dir)?,
+        Command::Plan(args) => plan::run(args, json)?,
         Command::Cluster { command } => match command {
             ClusterCommand::Init {
                 dir,

@@ -2,5 +2,33 @@
 //!
 //! Owns: model and system catalogs, the roofline performance model, the serving simulator and
 //! the layout search. Must never: do IO, read the clock or spawn threads.
+//!
+//! The parts, bottom up: [`model`] and [`system`] (catalogs, Hugging Face `config.json`,
+//! NVML names), [`perf`] (step times, memory fit, KV transfer, calibration from measured step
+//! times), [`workload`] (arrivals and latency targets), [`sim`] (a discrete-event simulator of
+//! one layout) and [`search`] (xPyD and parallelism, disaggregated and colocated, over one or
+//! several GPU types). The CLI (`pdctl plan`) reads files and prints; this crate only
+//! computes, deterministically.
 
 #![forbid(unsafe_code)]
+
+mod dtype;
+mod error;
+pub mod model;
+pub mod perf;
+mod rng;
+pub mod search;
+pub mod sim;
+pub mod system;
+pub mod workload;
+
+pub use dtype::{Dtype, Dtypes};
+pub use error::PlanError;
+pub use model::{ModelSpec, find_model, parse_hf_config};
+pub use perf::{
+    Calibration, DecodeSample, Efficiency, PerfModel, PrefillSample, StepCost, StepLoad,
+};
+pub use search::{Candidate, FrontierPoint, GpuPool, Plan, PlanRequest, plan};
+pub use sim::{Layout, Role, SimReport, Summary, WorkerGroup, simulate};
+pub use system::{SystemSpec, find_system, system_for_nvml_name};
+pub use workload::{LengthDist, Request, SLO_ATTAINMENT_TARGET, Slo, Workload};

@@ -1,0 +1,879 @@
+//! The layout search: tensor parallelism per phase, prefill and decode engine counts (xPyD)
+//! and batch limits, disaggregated and colocated, over one or several GPU types.
+//!
+//! Two stages. The analytic stage rates every engine shape on its own — a prefill engine's
+//! request rate at which the TTFT target still holds at p90 (an M/D/1 queue in front of its
+//! step), a decode engine's rate at the largest batch whose step meets the TPOT target —
+//! and enumerates every split of every GPU pool between the phases, which costs a few
+//! multiplications each. The simulation stage takes the best few layouts of each mode and
+//! finds by bisection the highest Poisson arrival rate at which 90% of requests meet both
+//! targets (the goodput); the best simulated layout wins. The frontier comes from the
+//! analytic stage: for each decode batch limit, the best layout, as tokens/s/GPU against
+//! tokens/s/user.
+
+use crate::sim::{Layout, Role, WorkerGroup, simulate};
+use crate::{
+    Dtypes, LengthDist, ModelSpec, PerfModel, PlanError, SimReport, Slo, StepCost, StepLoad,
+    Summary, SystemSpec, Workload,
+};
+
+/// GPUs of one type that the plan may use.
+#[derive(Debug, Clone)]
+pub struct GpuPool {
+    pub system: SystemSpec,
+    pub gpus: u32,
+    /// Roofline with efficiency factors, or measured step times (then only TP 1, as measured).
+    pub cost: StepCost,
+}
+
+/// What to plan for.
+#[derive(Debug, Clone)]
+pub struct PlanRequest {
+    pub model: ModelSpec,
+    pub pools: Vec<GpuPool>,
+    pub dtypes: Dtypes,
+    pub isl: u32,
+    pub osl: u32,
+    pub slo: Slo,
+    /// Seed of the simulated arrivals.
+    pub seed: u64,
+}
+
+/// One evaluated layout.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    pub layout: Layout,
+    /// GPUs the layout uses.
+    pub gpus: u32,
+    /// GPUs of the pools that can hold the model at all: the denominator of the per-GPU
+    /// figures, so that GPUs a layout leaves idle count against it.
+    pub fleet_gpus: u32,
+    /// The goodput: the highest request rate at which 90% of requests met both targets.
+    pub request_rate_per_s: f64,
+    pub output_tokens_per_s_per_gpu: f64,
+    /// 1 / mean TPOT at that rate.
+    pub output_tokens_per_s_per_user: f64,
+    pub ttft_s: Summary,
+    pub tpot_s: Summary,
+    pub slo_attainment: f64,
+    /// What the analytic stage expected, for comparison.
+    pub analytic_output_tokens_per_s_per_gpu: f64,
+}
+
+impl Candidate {
+    fn groups(&self, role: Role) -> impl Iterator<Item = &WorkerGroup> {
+        self.layout.groups.iter().filter(move |g| g.role == role)
+    }
+
+    pub fn prefill_workers(&self) -> u32 {
+        self.groups(Role::Prefill).map(|g| g.workers).sum()
+    }
+
+    pub fn decode_workers(&self) -> u32 {
+        self.groups(Role::Decode).map(|g| g.workers).sum()
+    }
+
+    pub fn colocated_workers(&self) -> u32 {
+        self.groups(Role::Colocated).map(|g| g.workers).sum()
+    }
+
+    /// The largest TP of a role (groups of one role share it unless the pools differ).
+    pub fn tp(&self, role: Role) -> u32 {
+        self.groups(role).map(|g| g.perf.tp).max().unwrap_or(0)
+    }
+
+    /// "2P6D", "8 colocated", with the GPU types where several pools are in use.
+    pub fn describe(&self) -> String {
+        describe(&self.layout)
+    }
+}
+
+/// A point on the throughput–interactivity frontier.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FrontierPoint {
+    pub colocated: bool,
+    pub layout: String,
+    pub decode_batch: u32,
+    pub output_tokens_per_s_per_gpu: f64,
+    pub output_tokens_per_s_per_user: f64,
+    /// Whether the point meets the TPOT target (every point meets the TTFT target).
+    pub meets_tpot: bool,
+}
+
+/// The search's answer.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub disaggregated: Option<Candidate>,
+    pub colocated: Option<Candidate>,
+    /// Disaggregated over colocated output tokens/s/GPU, where both exist.
+    pub ratio: Option<f64>,
+    pub frontier: Vec<FrontierPoint>,
+    /// Layouts the analytic stage rated, and simulations run.
+    pub layouts_rated: u64,
+    pub simulations: u32,
+    /// Why a mode or a pool found nothing (model too large, targets out of reach).
+    pub notes: Vec<String>,
+}
+
+/// Analytic targets sit below the real ones: p90s and admission waits add to the means.
+const TARGET_MARGIN: f64 = 0.9;
+/// Average decode occupancy the analytic stage assumes of a batch limit.
+const DECODE_OCCUPANCY: f64 = 0.85;
+/// p90 of an exponential-tailed wait over its mean (ln 10).
+const P90_OVER_MEAN: f64 = 2.3;
+const TP_SIZES: [u32; 4] = [1, 2, 4, 8];
+const MAX_BATCH_LIMIT: u32 = 1024;
+const COLOCATED_STEP_TOKENS: [u32; 5] = [1024, 2048, 4096, 8192, 16384];
+/// Layouts per mode that the simulator checks.
+const SIMULATED_PER_MODE: usize = 5;
+const SIM_REQUESTS_MIN: f64 = 400.0;
+const SIM_REQUESTS_MAX: f64 = 12_000.0;
+
+/// An engine shape on one pool, rated on its own.
+#[derive(Debug, Clone)]
+struct Shape {
+    pool: usize,
+    role: Role,
+    tp: u32,
+    max_batch: u32,
+    max_step_tokens: u32,
+    /// Requests per second one engine sustains within the targets.
+    rate_per_worker: f64,
+    /// Predicted mean step (decode) or TPOT (colocated).
+    tpot_s: f64,
+}
+
+struct Ctx<'a> {
+    req: &'a PlanRequest,
+    perfs: Vec<Vec<Option<PerfModel>>>,
+    /// GPUs of the pools where the model fits at some TP.
+    fleet_gpus: u32,
+}
+
+impl Ctx<'_> {
+    fn perf(&self, pool: usize, tp: u32) -> Option<&PerfModel> {
+        let i = TP_SIZES.iter().position(|&t| t == tp)?;
+        self.perfs[pool][i].as_ref()
+    }
+}
+
+/// Searches layouts for `req` and simulates the best few of each mode.
+pub fn plan(req: &PlanRequest) -> Result<Plan, PlanError> {
+    validate(req)?;
+    let mut notes = Vec::new();
+    let longest = (req.isl + req.osl) as f64;
+    let mut perfs = Vec::new();
+    for (i, pool) in req.pools.iter().enumerate() {
+        let mut row = Vec::new();
+        for tp in TP_SIZES {
+            let allowed = tp <= pool.gpus
+                && tp <= pool.system.gpus_per_node
+                && (tp == 1 || matches!(pool.cost, StepCost::Roofline(_)));
+            let perf = if allowed {
+                let p = PerfModel::new(&req.model, &pool.system, req.dtypes, tp, pool.cost)?;
+                (p.max_sequences(&req.model, longest) > 0).then_some(p)
+            } else {
+                None
+            };
+            row.push(perf);
+        }
+        if row.iter().all(Option::is_none) {
+            notes.push(format!(
+                "{} ({} GPUs): {} in {} does not fit with a {}-token sequence at any TP up to {}",
+                pool.system.name,
+                req.pools[i].gpus,
+                req.model.name,
+                req.dtypes.weights,
+                longest,
+                pool.system.gpus_per_node.min(pool.gpus)
+            ));
+        }
+        perfs.push(row);
+    }
+    let fleet_gpus = req
+        .pools
+        .iter()
+        .zip(&perfs)
+        .filter(|(_, row)| row.iter().any(Option::is_some))
+        .map(|(p, _)| p.gpus)
+        .sum();
+    let ctx = Ctx {
+        req,
+        perfs,
+        fleet_gpus,
+    };
+    let mut rated = 0u64;
+    let mut sims = 0u32;
+
+    // Disaggregated.
+    let prefill = prefill_shapes(&ctx);
+    let decode_best: Vec<Vec<Shape>> = (0..req.pools.len())
+        .map(|p| decode_shapes(&ctx, p, None))
+        .collect();
+    let disagg_layouts = enumerate_disaggregated(&ctx, &prefill, &decode_best, &mut rated);
+    let mut best_disagg = None;
+    for (shapes, analytic) in disagg_layouts.iter().take(SIMULATED_PER_MODE) {
+        if let Some(c) = evaluate(&ctx, shapes, *analytic, &mut sims)?
+            && best_disagg
+                .as_ref()
+                .is_none_or(|b: &Candidate| better(&c, b))
+        {
+            best_disagg = Some(c);
+        }
+    }
+    if best_disagg.is_none() {
+        notes.push(if disagg_layouts.is_empty() {
+            "disaggregated: no prefill and decode engine shapes meet the targets".into()
+        } else {
+            "disaggregated: no simulated layout met the targets for 90% of requests".into()
+        });
+    }
+
+    // Colocated.
+    let coloc: Vec<Vec<Shape>> = (0..req.pools.len())
+        .map(|p| colocated_shapes(&ctx, p, true))
+        .collect();
+    let coloc_layouts = enumerate_colocated(&ctx, &coloc, &mut rated);
+    let mut best_coloc = None;
+    for (shapes, analytic) in coloc_layouts.iter().take(SIMULATED_PER_MODE) {
+        if let Some(c) = evaluate(&ctx, shapes, *analytic, &mut sims)?
+            && best_coloc
+                .as_ref()
+                .is_none_or(|b: &Candidate| better(&c, b))
+        {
+            best_coloc = Some(c);
+        }
+    }
+    if best_coloc.is_none() {
+        notes.push(if coloc_layouts.is_empty() {
+            "colocated: no engine shape meets both targets at once".into()
+        } else {
+            "colocated: no simulated layout met the targets for 90% of requests".into()
+        });
+    }
+
+    let frontier = frontier(&ctx, &prefill, &mut rated);
+    let ratio = match (&best_disagg, &best_coloc) {
+        (Some(d), Some(c)) if c.output_tokens_per_s_per_gpu > 0.0 => {
+            Some(d.output_tokens_per_s_per_gpu / c.output_tokens_per_s_per_gpu)
+        }
+        _ => None,
+    };
+    Ok(Plan {
+        disaggregated: best_disagg,
+        colocated: best_coloc,
+        ratio,
+        frontier,
+        layouts_rated: rated,
+        simulations: sims,
+        notes,
+    })
+}
+
+fn validate(req: &PlanRequest) -> Result<(), PlanError> {
+    if req.pools.is_empty() || req.pools.iter().all(|p| p.gpus == 0) {
+        return Err(PlanError::invalid(
+            "GPUs",
+            "the plan needs at least one GPU",
+        ));
+    }
+    if req.pools.iter().map(|p| p.gpus as u64).sum::<u64>() > 100_000 {
+        return Err(PlanError::invalid("GPUs", "more than 100000 GPUs"));
+    }
+    if req.isl == 0 || req.osl == 0 {
+        return Err(PlanError::invalid("ISL/OSL", "lengths must be ≥ 1 token"));
+    }
+    let ok = |v: f64| v > 0.0 && v.is_finite();
+    if !ok(req.slo.ttft_s) || !ok(req.slo.tpot_s) {
+        return Err(PlanError::invalid(
+            "targets",
+            format!(
+                "TTFT {} s and TPOT {} s must be positive",
+                req.slo.ttft_s, req.slo.tpot_s
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn better(a: &Candidate, b: &Candidate) -> bool {
+    (a.output_tokens_per_s_per_gpu, a.request_rate_per_s)
+        > (b.output_tokens_per_s_per_gpu, b.request_rate_per_s)
+}
+
+/// The best prefill engine per (pool, TP): the prompts-per-step limit that gives the highest
+/// rate within the TTFT target. TTFT ≈ step + exposed KV transfer + p90 wait, the wait of an
+/// M/D/1 queue of batches: mean ρ·S/(2(1−ρ)).
+fn prefill_shapes(ctx: &Ctx) -> Vec<Vec<Shape>> {
+    let req = ctx.req;
+    let isl = req.isl;
+    let ttft = req.slo.ttft_s * TARGET_MARGIN;
+    (0..req.pools.len())
+        .map(|pool| {
+            let mut out = Vec::new();
+            for tp in TP_SIZES {
+                let Some(perf) = ctx.perf(pool, tp) else {
+                    continue;
+                };
+                let transfer = perf.kv_transfer_s(perf, &req.model, isl as f64);
+                let mut best: Option<Shape> = None;
+                let mut prompts = 1u32;
+                loop {
+                    let step = perf.step_s(&StepLoad::prompts(&vec![isl; prompts as usize]));
+                    let exposed = (transfer - step).max(transfer / req.model.layers as f64);
+                    let slack = ttft - step - exposed;
+                    if slack <= 0.0 {
+                        break;
+                    }
+                    let rho = (slack / (slack + P90_OVER_MEAN / 2.0 * step)).min(0.9);
+                    let rate = rho * prompts as f64 / step;
+                    if best.as_ref().is_none_or(|b| rate > b.rate_per_worker) {
+                        best = Some(Shape {
+                            pool,
+                            role: Role::Prefill,
+                            tp,
+                            max_batch: 0,
+                            max_step_tokens: prompts * isl,
+                            rate_per_worker: rate,
+                            tpot_s: 0.0,
+                        });
+                    }
+                    prompts *= 2;
+                    if prompts * isl > 32_768 {
+                        break;
+                    }
+                }
+                out.extend(best);
+            }
+            out
+        })
+        .collect()
+}
+
+/// Decode engines per TP on one pool. `batch: None`: the largest batch whose step meets the
+/// TPOT target (the most throughput within it); `Some(b)`: exactly batch b, target ignored
+/// (for the frontier).
+fn decode_shapes(ctx: &Ctx, pool: usize, batch: Option<u32>) -> Vec<Shape> {
+    let req = ctx.req;
+    let context = req.isl as f64 + req.osl as f64 / 2.0;
+    let longest = (req.isl + req.osl) as f64;
+    let steps = (req.osl.max(2) - 1) as f64;
+    let mut out = Vec::new();
+    for tp in TP_SIZES {
+        let Some(perf) = ctx.perf(pool, tp) else {
+            continue;
+        };
+        let mem = perf.max_sequences(&req.model, longest).min(MAX_BATCH_LIMIT);
+        let b = match batch {
+            Some(b) if b <= mem => b,
+            Some(_) => continue,
+            None => {
+                let target = req.slo.tpot_s * TARGET_MARGIN;
+                if perf.decode_s(1.0, context) > target {
+                    continue;
+                }
+                // Step time grows with the batch: bisect for the largest that meets it.
+                let (mut lo, mut hi) = (1u32, mem);
+                while lo < hi {
+                    let mid = (lo + hi).div_ceil(2);
+                    if perf.decode_s(mid as f64, context) <= target {
+                        lo = mid;
+                    } else {
+                        hi = mid - 1;
+                    }
+                }
+                lo
+            }
+        };
+        let mean_batch = (b as f64 * DECODE_OCCUPANCY).max(1.0);
+        let step = perf.decode_s(mean_batch, context);
+        out.push(Shape {
+            pool,
+            role: Role::Decode,
+            tp,
+            max_batch: b,
+            max_step_tokens: 0,
+            rate_per_worker: mean_batch / (steps * step),
+            tpot_s: perf.decode_s(b as f64, context),
+        });
+    }
+    out
+}
+
+/// Colocated engines on one pool: for each TP, batch limit and step budget, the steady state
+/// where a share φ = B·ISL/(OSL·chunk) of the steps carries a prompt chunk. TPOT is the mean
+/// step; TTFT the chunks a prompt needs plus an M/D/1-style wait with utilization φ.
+/// `best_only`: per TP the highest-rate shape that meets both targets; otherwise every shape
+/// that meets the TTFT target (for the frontier).
+fn colocated_shapes(ctx: &Ctx, pool: usize, best_only: bool) -> Vec<Shape> {
+    let req = ctx.req;
+    let (isl, osl) = (req.isl as f64, req.osl as f64);
+    let context = isl + osl / 2.0;
+    let longest = isl + osl;
+    let mut out = Vec::new();
+    for tp in TP_SIZES {
+        let Some(perf) = ctx.perf(pool, tp) else {
+            continue;
+        };
+        let mem = perf.max_sequences(&req.model, longest).min(MAX_BATCH_LIMIT);
+        let mut best: Option<Shape> = None;
+        let mut b = 1u32;
+        while b <= mem {
+            for budget in COLOCATED_STEP_TOKENS {
+                if budget <= b {
+                    continue;
+                }
+                let chunk = (budget - b) as f64;
+                let phi = b as f64 * isl / (osl * chunk);
+                if phi >= 0.95 {
+                    continue;
+                }
+                let decode = perf.decode_s(b as f64, context);
+                let mut mixed_load = StepLoad::decode(b as f64, b as f64 * context);
+                mixed_load.prefill_tokens = chunk;
+                mixed_load.prefill_square_tokens = chunk * isl;
+                mixed_load.prefill_logits = chunk / isl;
+                let mixed = perf.step_s(&mixed_load);
+                let tpot = (1.0 - phi) * decode + phi * mixed;
+                let service = (isl / chunk).ceil() * mixed;
+                let ttft =
+                    service + mixed / 2.0 + P90_OVER_MEAN / 2.0 * service * phi / (1.0 - phi);
+                if ttft > req.slo.ttft_s * TARGET_MARGIN {
+                    continue;
+                }
+                let meets_tpot = tpot <= req.slo.tpot_s * TARGET_MARGIN;
+                if best_only && !meets_tpot {
+                    continue;
+                }
+                let shape = Shape {
+                    pool,
+                    role: Role::Colocated,
+                    tp,
+                    max_batch: b,
+                    max_step_tokens: budget,
+                    rate_per_worker: b as f64 * DECODE_OCCUPANCY / ((osl - 1.0).max(1.0) * tpot),
+                    tpot_s: tpot,
+                };
+                if !best_only {
+                    out.push(shape);
+                } else if best
+                    .as_ref()
+                    .is_none_or(|s| shape.rate_per_worker > s.rate_per_worker)
+                {
+                    best = Some(shape);
+                }
+            }
+            b = if b < 8 { b * 2 } else { b + b / 2 };
+        }
+        out.extend(best);
+    }
+    out
+}
+
+/// One pool's share of a disaggregated layout.
+#[derive(Debug, Clone)]
+struct Split {
+    prefill_rate: f64,
+    decode_rate: f64,
+    gpus: u32,
+    groups: Vec<(Shape, u32)>,
+}
+
+/// Every way to split one pool between prefill and decode engines (as many engines as fit),
+/// without the dominated ones.
+fn pool_splits(gpus: u32, prefill: &[Shape], decode: &[Shape]) -> Vec<Split> {
+    let mut out = vec![Split {
+        prefill_rate: 0.0,
+        decode_rate: 0.0,
+        gpus: 0,
+        groups: Vec::new(),
+    }];
+    let none: [Option<&Shape>; 1] = [None];
+    for p in prefill.iter().map(Some).chain(none) {
+        for d in decode.iter().map(Some).chain(none) {
+            let x_range = match (p, d) {
+                (None, None) => continue,
+                (Some(p), None) => gpus / p.tp..=gpus / p.tp,
+                (None, Some(_)) => 0..=0,
+                (Some(p), Some(_)) => 1..=gpus / p.tp,
+            };
+            for x in x_range {
+                let left = gpus - x * p.map_or(0, |p| p.tp);
+                let y = d.map_or(0, |d| left / d.tp);
+                if x + y == 0 || (d.is_some() && y == 0) {
+                    continue;
+                }
+                let mut groups = Vec::new();
+                if let Some(p) = p {
+                    groups.push((p.clone(), x));
+                }
+                if let Some(d) = d {
+                    groups.push((d.clone(), y));
+                }
+                out.push(Split {
+                    prefill_rate: p.map_or(0.0, |p| p.rate_per_worker * x as f64),
+                    decode_rate: d.map_or(0.0, |d| d.rate_per_worker * y as f64),
+                    gpus: x * p.map_or(0, |p| p.tp) + y * d.map_or(0, |d| d.tp),
+                    groups,
+                });
+            }
+        }
+    }
+    // Drop a split when another gives at least both rates on no more GPUs.
+    let mut keep = Vec::new();
+    for (i, s) in out.iter().enumerate() {
+        let dominated = out.iter().enumerate().any(|(j, o)| {
+            j != i
+                && o.prefill_rate >= s.prefill_rate
+                && o.decode_rate >= s.decode_rate
+                && o.gpus <= s.gpus
+                && (o.prefill_rate > s.prefill_rate
+                    || o.decode_rate > s.decode_rate
+                    || o.gpus < s.gpus
+                    || j < i)
+        });
+        if !dominated {
+            keep.push(s.clone());
+        }
+    }
+    keep
+}
+
+type Rated = (Vec<(Shape, u32)>, f64);
+
+/// Keeps the `n` best layouts by analytic output tokens/s/GPU, one per distinct shape list.
+struct TopN {
+    n: usize,
+    items: Vec<(f64, f64, Vec<(Shape, u32)>)>,
+}
+
+impl TopN {
+    fn offer(&mut self, score: f64, rate: f64, groups: impl FnOnce() -> Vec<(Shape, u32)>) {
+        if self.items.len() >= self.n
+            && self
+                .items
+                .last()
+                .is_some_and(|l| (score, rate) <= (l.0, l.1))
+        {
+            return;
+        }
+        self.items.push((score, rate, groups()));
+        self.items
+            .sort_by(|a, b| (b.0, b.1).partial_cmp(&(a.0, a.1)).expect("finite scores"));
+        self.items.truncate(self.n);
+    }
+
+    fn into_rated(self) -> Vec<Rated> {
+        self.items.into_iter().map(|(s, _, g)| (g, s)).collect()
+    }
+}
+
+fn enumerate_disaggregated(
+    ctx: &Ctx,
+    prefill: &[Vec<Shape>],
+    decode: &[Vec<Shape>],
+    rated: &mut u64,
+) -> Vec<Rated> {
+    let osl = ctx.req.osl as f64;
+    let splits: Vec<Vec<Split>> = ctx
+        .req
+        .pools
+        .iter()
+        .enumerate()
+        .map(|(i, p)| pool_splits(p.gpus, &prefill[i], &decode[i]))
+        .collect();
+    let mut top = TopN {
+        n: SIMULATED_PER_MODE,
+        items: Vec::new(),
+    };
+    let mut chosen: Vec<&Split> = Vec::new();
+    combine(&splits, &mut chosen, &mut |c: &[&Split]| {
+        *rated += 1;
+        let p: f64 = c.iter().map(|s| s.prefill_rate).sum();
+        let d: f64 = c.iter().map(|s| s.decode_rate).sum();
+        let gpus: u32 = c.iter().map(|s| s.gpus).sum();
+        if p <= 0.0 || d <= 0.0 || gpus == 0 {
+            return;
+        }
+        let rate = p.min(d);
+        top.offer(rate * osl / ctx.fleet_gpus as f64, rate, || {
+            c.iter().flat_map(|s| s.groups.iter().cloned()).collect()
+        });
+    });
+    top.into_rated()
+}
+
+/// Calls `f` with every choice of one split per pool.
+fn combine<'a>(
+    splits: &'a [Vec<Split>],
+    chosen: &mut Vec<&'a Split>,
+    f: &mut dyn FnMut(&[&Split]),
+) {
+    if chosen.len() == splits.len() {
+        f(chosen);
+        return;
+    }
+    for s in &splits[chosen.len()] {
+        chosen.push(s);
+        combine(splits, chosen, f);
+        chosen.pop();
+    }
+}
+
+/// Colocated layouts: every pool runs as many engines of one shape as fit (or none).
+fn enumerate_colocated(ctx: &Ctx, shapes: &[Vec<Shape>], rated: &mut u64) -> Vec<Rated> {
+    let osl = ctx.req.osl as f64;
+    let splits: Vec<Vec<Split>> = ctx
+        .req
+        .pools
+        .iter()
+        .enumerate()
+        .map(|(i, pool)| {
+            let mut v = vec![Split {
+                prefill_rate: 0.0,
+                decode_rate: 0.0,
+                gpus: 0,
+                groups: Vec::new(),
+            }];
+            for s in &shapes[i] {
+                let n = pool.gpus / s.tp;
+                if n > 0 {
+                    v.push(Split {
+                        prefill_rate: 0.0,
+                        decode_rate: s.rate_per_worker * n as f64,
+                        gpus: n * s.tp,
+                        groups: vec![(s.clone(), n)],
+                    });
+                }
+            }
+            v
+        })
+        .collect();
+    let mut top = TopN {
+        n: SIMULATED_PER_MODE,
+        items: Vec::new(),
+    };
+    let mut chosen = Vec::new();
+    combine(&splits, &mut chosen, &mut |c: &[&Split]| {
+        *rated += 1;
+        let rate: f64 = c.iter().map(|s| s.decode_rate).sum();
+        let gpus: u32 = c.iter().map(|s| s.gpus).sum();
+        if rate <= 0.0 || gpus == 0 {
+            return;
+        }
+        top.offer(rate * osl / ctx.fleet_gpus as f64, rate, || {
+            c.iter().flat_map(|s| s.groups.iter().cloned()).collect()
+        });
+    });
+    top.into_rated()
+}
+
+fn layout_of(ctx: &Ctx, groups: &[(Shape, u32)]) -> Layout {
+    Layout {
+        groups: groups
+            .iter()
+            .map(|(s, n)| WorkerGroup {
+                system: ctx.req.pools[s.pool].system.name.clone(),
+                role: s.role,
+                workers: *n,
+                perf: ctx.perf(s.pool, s.tp).expect("rated shapes exist").clone(),
+                max_batch: s.max_batch,
+                max_step_tokens: s.max_step_tokens,
+            })
+            .collect(),
+    }
+}
+
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+/// Simulates a layout at rising and falling rates around the analytic estimate and keeps the
+/// highest rate at which 90% of requests meet both targets.
+///
+/// Identical engines behind a balancing router behave like independent slices, so the layout
+/// is divided by the greatest common divisor of its engine counts (8P24D runs as 1P3D at an
+/// eighth of the rate): the per-GPU figures stay, the simulation shrinks. A slice's queues
+/// see less pooling than the whole, so this errs on the pessimistic side.
+fn evaluate(
+    ctx: &Ctx,
+    groups: &[(Shape, u32)],
+    analytic_per_gpu: f64,
+    sims: &mut u32,
+) -> Result<Option<Candidate>, PlanError> {
+    let req = ctx.req;
+    let full = layout_of(ctx, groups);
+    let g = full.groups.iter().fold(0, |a, w| gcd(a, w.workers)).max(1);
+    let mut slice = full.clone();
+    for w in &mut slice.groups {
+        w.workers /= g;
+    }
+    let gpus = full.gpus();
+    let fleet = ctx.fleet_gpus as f64;
+    let osl = req.osl as f64;
+    let lifetime = req.slo.ttft_s + osl * req.slo.tpot_s;
+    let run = |rate: f64, sims: &mut u32| -> Result<SimReport, PlanError> {
+        *sims += 1;
+        let n = (10.0 * rate * lifetime).clamp(SIM_REQUESTS_MIN, SIM_REQUESTS_MAX) as u32;
+        let requests = Workload::Poisson {
+            rate_per_s: rate,
+            isl: LengthDist::Fixed(req.isl),
+            osl: LengthDist::Fixed(req.osl),
+            requests: n,
+            seed: req.seed,
+        }
+        .requests()?;
+        simulate(&req.model, &slice, &requests, &req.slo)
+    };
+    let start = analytic_per_gpu * fleet / osl / g as f64;
+    let mut good: Option<(f64, SimReport)> = None;
+    let mut bad: Option<f64> = None;
+    let mut rate = start;
+    for _ in 0..6 {
+        let rep = run(rate, sims)?;
+        if rep.meets_target() {
+            good = Some((rate, rep));
+            if bad.is_some() {
+                break;
+            }
+            rate *= 1.4;
+        } else {
+            bad = Some(rate);
+            if good.is_some() {
+                break;
+            }
+            rate *= 0.6;
+        }
+    }
+    let Some(mut good) = good else {
+        return Ok(None);
+    };
+    if let Some(mut hi) = bad {
+        for _ in 0..4 {
+            let mid = (good.0 * hi).sqrt();
+            let rep = run(mid, sims)?;
+            if rep.meets_target() {
+                good = (mid, rep);
+            } else {
+                hi = mid;
+            }
+        }
+    }
+    let (rate, rep) = good;
+    Ok(Some(Candidate {
+        request_rate_per_s: rate * g as f64,
+        output_tokens_per_s_per_gpu: rate * g as f64 * osl / fleet,
+        output_tokens_per_s_per_user: if rep.tpot_s.mean > 0.0 {
+            1.0 / rep.tpot_s.mean
+        } else {
+            0.0
+        },
+        ttft_s: rep.ttft_s,
+        tpot_s: rep.tpot_s,
+        slo_attainment: rep.slo_attainment,
+        analytic_output_tokens_per_s_per_gpu: analytic_per_gpu,
+        gpus,
+        fleet_gpus: ctx.fleet_gpus,
+        layout: full,
+    }))
+}
+
+fn describe(layout: &Layout) -> String {
+    let systems: Vec<&str> = {
+        let mut v: Vec<&str> = layout.groups.iter().map(|g| g.system.as_str()).collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    };
+    let parts: Vec<String> = layout
+        .groups
+        .iter()
+        .map(|g| {
+            let role = match g.role {
+                Role::Prefill => "P",
+                Role::Decode => "D",
+                Role::Colocated => " colocated",
+            };
+            let on = if systems.len() > 1 {
+                format!(" on {}", g.system)
+            } else {
+                String::new()
+            };
+            format!("{}{role} (TP{}){on}", g.workers, g.perf.tp)
+        })
+        .collect();
+    parts.join(" + ")
+}
+
+/// Output tokens/s/GPU against tokens/s/user as the decode batch limit varies, from the
+/// analytic stage; only the points no other point beats on both axes.
+fn frontier(ctx: &Ctx, prefill: &[Vec<Shape>], rated: &mut u64) -> Vec<FrontierPoint> {
+    let req = ctx.req;
+    let mut points = Vec::new();
+    let mut batches = vec![1u32];
+    while *batches.last().expect("non-empty") < MAX_BATCH_LIMIT {
+        let b = *batches.last().expect("non-empty");
+        batches.push(if b < 8 { b * 2 } else { b + b / 2 }.min(MAX_BATCH_LIMIT));
+    }
+    for &b in &batches {
+        let decode: Vec<Vec<Shape>> = (0..req.pools.len())
+            .map(|p| decode_shapes(ctx, p, Some(b)))
+            .collect();
+        if let Some((groups, per_gpu)) = enumerate_disaggregated(ctx, prefill, &decode, rated)
+            .into_iter()
+            .next()
+        {
+            let tpot = groups
+                .iter()
+                .filter(|(s, _)| s.role == Role::Decode)
+                .map(|(s, _)| s.tpot_s)
+                .fold(0.0, f64::max);
+            points.push(FrontierPoint {
+                colocated: false,
+                layout: describe(&layout_of(ctx, &groups)),
+                decode_batch: b,
+                output_tokens_per_s_per_gpu: per_gpu,
+                output_tokens_per_s_per_user: 1.0 / tpot,
+                meets_tpot: tpot <= req.slo.tpot_s,
+            });
+        }
+    }
+    let coloc: Vec<Vec<Shape>> = (0..req.pools.len())
+        .map(|p| colocated_shapes(ctx, p, false))
+        .collect();
+    for &b in &batches {
+        let at_b: Vec<Vec<Shape>> = coloc
+            .iter()
+            .map(|v| v.iter().filter(|s| s.max_batch == b).cloned().collect())
+            .collect();
+        if let Some((groups, per_gpu)) = enumerate_colocated(ctx, &at_b, rated).into_iter().next() {
+            let tpot = groups.iter().map(|(s, _)| s.tpot_s).fold(0.0, f64::max);
+            points.push(FrontierPoint {
+                colocated: true,
+                layout: describe(&layout_of(ctx, &groups)),
+                decode_batch: b,
+                output_tokens_per_s_per_gpu: per_gpu,
+                output_tokens_per_s_per_user: 1.0 / tpot,
+                meets_tpot: tpot <= req.slo.tpot_s,
+            });
+        }
+    }
+    let mut front: Vec<FrontierPoint> = points
+        .iter()
+        .filter(|p| {
+            !points.iter().any(|o| {
+                o.output_tokens_per_s_per_gpu >= p.output_tokens_per_s_per_gpu
+                    && o.output_tokens_per_s_per_user >= p.output_tokens_per_s_per_user
+                    && (o.output_tokens_per_s_per_gpu > p.output_tokens_per_s_per_gpu
+                        || o.output_tokens_per_s_per_user > p.output_tokens_per_s_per_user)
+            })
+        })
+        .cloned()
+        .collect();
+    front.sort_by(|a, b| {
+        a.output_tokens_per_s_per_user
+            .total_cmp(&b.output_tokens_per_s_per_user)
+    });
+    front.dedup();
+    front
+}
