@@ -154,6 +154,21 @@ pub struct Engine {
     counters: EngineStats,
 }
 
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("model", &self.model.info.name)
+            .field(
+                "fingerprint",
+                &format_args!("{:016x}", self.model.info.fingerprint),
+            )
+            .field("waiting", &self.waiting.len())
+            .field("running", &self.running.len())
+            .field("importing", &self.imports.len())
+            .finish()
+    }
+}
+
 impl Engine {
     /// Loads the model and sizes the KV cache. Model loading reads only local files.
     pub fn new(cfg: EngineConfig) -> Result<Engine, EngineError> {

@@ -321,7 +321,7 @@ pub(crate) fn preset_weights(
         let (scale, offset) = if name.ends_with("norm.weight") {
             (0.1f32, 1.0f32)
         } else if name.contains("embed_tokens") {
-            (0.5 * 3f32.sqrt(), 0.0)
+            (0.1 * 3f32.sqrt(), 0.0)
         } else {
             let fan_in = shape[1] as f32;
             (3f32.sqrt() / fan_in.sqrt(), 0.0)

@@ -14,7 +14,10 @@
 //!   `String::from_utf8_lossy`);
 //! - at the end of the request ([`Detokenizer::finish`]) emits U+FFFD for bytes still held.
 //!
-//! The concatenation of all pieces equals `String::from_utf8_lossy` of the whole byte stream.
+//! For the byte tokenizer the concatenation of all pieces equals `String::from_utf8_lossy` of
+//! the whole byte stream. For `tokenizer.json` models the text is what the tokenizer's own
+//! decoder makes of the tokens (its `ByteFallback`, for one, turns a whole run of byte tokens
+//! that holds an invalid sequence into U+FFFDs), still always valid UTF-8.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -183,11 +186,14 @@ impl Detokenizer {
                 let now = inner.decode(&ids[*prefix..], true).unwrap_or_default();
                 let held = ids.len() - *read;
                 let complete = !now.ends_with('\u{FFFD}') || held >= HOLD_BACK_TOKENS_MAX;
-                if complete
-                    && now.len() > before.len()
-                    && let Some(delta) = now.get(before.len()..)
-                {
-                    let delta = delta.to_string();
+                if complete && now.len() > before.len() {
+                    // Normally `now` extends `before`. When a new token changes how earlier
+                    // ones render (a decoder that replaces a whole run of byte tokens), the
+                    // earlier text is already out: emit only the new tokens' own text.
+                    let delta = match now.strip_prefix(before.as_str()) {
+                        Some(d) => d.to_string(),
+                        None => inner.decode(&ids[*read..], true).unwrap_or_default(),
+                    };
                     *prefix = *read;
                     *read = ids.len();
                     return delta;
@@ -209,9 +215,13 @@ impl Detokenizer {
             } => {
                 let before = inner.decode(&ids[*prefix..*read], true).unwrap_or_default();
                 let now = inner.decode(&ids[*prefix..], true).unwrap_or_default();
+                let rest = match now.strip_prefix(before.as_str()) {
+                    Some(d) => d.to_string(),
+                    None => inner.decode(&ids[*read..], true).unwrap_or_default(),
+                };
                 *prefix = ids.len();
                 *read = ids.len();
-                now.get(before.len()..).unwrap_or_default().to_string()
+                rest
             }
         }
     }
