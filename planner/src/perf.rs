@@ -282,11 +282,12 @@ fn solve(mut a: Vec<Vec<f64>>) -> Option<Vec<f64>> {
             return None;
         }
         a.swap(col, pivot);
-        for row in 0..n {
-            if row != col {
-                let f = a[row][col] / a[col][col];
-                for k in col..=n {
-                    a[row][k] -= f * a[col][k];
+        let pivot_row = a[col].clone();
+        for (r, row) in a.iter_mut().enumerate() {
+            if r != col {
+                let f = row[col] / pivot_row[col];
+                for (x, p) in row.iter_mut().zip(&pivot_row).skip(col) {
+                    *x -= f * p;
                 }
             }
         }
@@ -355,6 +356,25 @@ impl PerfModel {
                     system.name, system.gpus_per_node
                 ),
             ));
+        }
+        if let StepCost::Measured(c) = &cost {
+            let coefficients = [
+                c.prefill_base_s,
+                c.prefill_per_token_s,
+                c.prefill_per_square_token_s,
+                c.decode_base_s,
+                c.decode_per_seq_s,
+                c.decode_per_context_token_s,
+            ];
+            let usable = coefficients.iter().all(|v| v.is_finite() && *v >= 0.0)
+                && c.prefill_base_s + c.prefill_per_token_s > 0.0
+                && c.decode_base_s + c.decode_per_seq_s > 0.0;
+            if !usable {
+                return Err(PlanError::Calibration {
+                    needed: "finite, non-negative coefficients and steps that take time",
+                    got: format!("{c:?}"),
+                });
+            }
         }
         if matches!(cost, StepCost::Roofline(_)) && !system.has_peaks() {
             return Err(PlanError::invalid(

@@ -122,6 +122,8 @@ const DECODE_OCCUPANCY: f64 = 0.85;
 /// p90 of an exponential-tailed wait over its mean (ln 10).
 const P90_OVER_MEAN: f64 = 2.3;
 const TP_SIZES: [u32; 4] = [1, 2, 4, 8];
+/// Longest prompt + output the planner accepts (beyond any served context length today).
+const MAX_SEQUENCE_TOKENS: u64 = 1 << 20;
 const MAX_BATCH_LIMIT: u32 = 1024;
 const COLOCATED_STEP_TOKENS: [u32; 5] = [1024, 2048, 4096, 8192, 16384];
 /// Layouts per mode that the simulator checks.
@@ -280,8 +282,14 @@ fn validate(req: &PlanRequest) -> Result<(), PlanError> {
     if req.pools.iter().map(|p| p.gpus as u64).sum::<u64>() > 100_000 {
         return Err(PlanError::invalid("GPUs", "more than 100000 GPUs"));
     }
-    if req.isl == 0 || req.osl == 0 {
-        return Err(PlanError::invalid("ISL/OSL", "lengths must be ≥ 1 token"));
+    if req.isl == 0 || req.osl == 0 || req.isl as u64 + req.osl as u64 > MAX_SEQUENCE_TOKENS {
+        return Err(PlanError::invalid(
+            "ISL/OSL",
+            format!(
+                "ISL {} + OSL {}: each must be ≥ 1 token, together at most {MAX_SEQUENCE_TOKENS}",
+                req.isl, req.osl
+            ),
+        ));
     }
     let ok = |v: f64| v > 0.0 && v.is_finite();
     if !ok(req.slo.ttft_s) || !ok(req.slo.tpot_s) {
@@ -541,10 +549,13 @@ fn pool_splits(gpus: u32, prefill: &[Shape], decode: &[Shape]) -> Vec<Split> {
 
 type Rated = (Vec<(Shape, u32)>, f64);
 
-/// Keeps the `n` best layouts by analytic output tokens/s/GPU, one per distinct shape list.
+/// (analytic output tokens/s/GPU, request rate, engine groups)
+type Scored = (f64, f64, Vec<(Shape, u32)>);
+
+/// Keeps the `n` best layouts by analytic output tokens/s/GPU, then request rate.
 struct TopN {
     n: usize,
-    items: Vec<(f64, f64, Vec<(Shape, u32)>)>,
+    items: Vec<Scored>,
 }
 
 impl TopN {
@@ -559,7 +570,7 @@ impl TopN {
         }
         self.items.push((score, rate, groups()));
         self.items
-            .sort_by(|a, b| (b.0, b.1).partial_cmp(&(a.0, a.1)).expect("finite scores"));
+            .sort_by(|a, b| b.0.total_cmp(&a.0).then(b.1.total_cmp(&a.1)));
         self.items.truncate(self.n);
     }
 
@@ -876,4 +887,225 @@ fn frontier(ctx: &Ctx, prefill: &[Vec<Shape>], rated: &mut u64) -> Vec<FrontierP
     });
     front.dedup();
     front
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Calibration, Dtype, Efficiency, find_model, find_system};
+
+    fn pool(name: &str, gpus: u32) -> GpuPool {
+        GpuPool {
+            system: find_system(name).unwrap(),
+            gpus,
+            cost: StepCost::Roofline(Efficiency::default()),
+        }
+    }
+
+    fn request(
+        model: &str,
+        pools: Vec<GpuPool>,
+        isl: u32,
+        osl: u32,
+        ttft_ms: f64,
+        tpot_ms: f64,
+    ) -> PlanRequest {
+        let model = find_model(model).unwrap();
+        PlanRequest {
+            dtypes: Dtypes::new(model.native_weights, Dtype::Bf16).unwrap(),
+            model,
+            pools,
+            isl,
+            osl,
+            slo: Slo {
+                ttft_s: ttft_ms / 1e3,
+                tpot_s: tpot_ms / 1e3,
+            },
+            seed: 1,
+        }
+    }
+
+    fn check_meets(c: &Candidate, slo: &Slo) {
+        assert!(c.slo_attainment >= 0.9, "{}", c.slo_attainment);
+        assert!(
+            c.ttft_s.p90 <= slo.ttft_s && c.tpot_s.p90 <= slo.tpot_s,
+            "{c:?}"
+        );
+        assert!(c.gpus <= c.fleet_gpus && c.output_tokens_per_s_per_gpu > 0.0);
+    }
+
+    #[test]
+    fn plans_both_modes_within_the_targets_with_a_pareto_frontier() {
+        let req = request(
+            "Llama-3.1-8B",
+            vec![pool("h100_sxm", 8)],
+            2048,
+            256,
+            1000.0,
+            50.0,
+        );
+        let plan = plan(&req).unwrap();
+        let d = plan.disaggregated.as_ref().expect("a disaggregated layout");
+        let c = plan.colocated.as_ref().expect("a colocated layout");
+        check_meets(d, &req.slo);
+        check_meets(c, &req.slo);
+        assert!(d.prefill_workers() >= 1 && d.decode_workers() >= 1);
+        assert_eq!(c.prefill_workers() + c.decode_workers(), 0);
+        let ratio = d.output_tokens_per_s_per_gpu / c.output_tokens_per_s_per_gpu;
+        assert_eq!(plan.ratio, Some(ratio));
+        // The per-GPU figure is the goodput: rate × OSL over the fleet.
+        assert!((d.output_tokens_per_s_per_gpu - d.request_rate_per_s * 256.0 / 8.0).abs() < 1e-6);
+        // An H100 serves a Llama-8B at thousands of output tokens/s, not tens or millions.
+        assert!(
+            (500.0..20_000.0).contains(&d.output_tokens_per_s_per_gpu),
+            "{d:?}"
+        );
+        // Frontier: faster per user means fewer tokens/s/GPU.
+        assert!(plan.frontier.len() >= 3);
+        for w in plan.frontier.windows(2) {
+            assert!(w[0].output_tokens_per_s_per_user < w[1].output_tokens_per_s_per_user);
+            assert!(w[0].output_tokens_per_s_per_gpu > w[1].output_tokens_per_s_per_gpu);
+        }
+    }
+
+    #[test]
+    fn a_mixed_fleet_gives_both_types_work() {
+        let req = request(
+            "Llama-3.1-70B",
+            vec![pool("h100_sxm", 16), pool("a100_sxm", 16)],
+            2048,
+            512,
+            1500.0,
+            60.0,
+        );
+        let plan = plan(&req).unwrap();
+        let d = plan.disaggregated.expect("a disaggregated layout");
+        check_meets(&d, &req.slo);
+        assert_eq!(d.fleet_gpus, 32);
+        let systems: Vec<&str> = d.layout.groups.iter().map(|g| g.system.as_str()).collect();
+        assert!(
+            systems.contains(&"h100_sxm") && systems.contains(&"a100_sxm"),
+            "{systems:?}"
+        );
+    }
+
+    #[test]
+    fn a_pool_too_small_for_the_model_is_left_out_with_a_note() {
+        // DeepSeek-V3 in fp8 is 671 GB: 8 A100s (640 GB) cannot hold it at any TP.
+        let req = request(
+            "DeepSeek-V3",
+            vec![pool("h200_sxm", 16), pool("a100_sxm", 8)],
+            2048,
+            256,
+            3000.0,
+            100.0,
+        );
+        let plan = plan(&req).unwrap();
+        assert!(
+            plan.notes.iter().any(|n| n.starts_with("a100_sxm")),
+            "{:?}",
+            plan.notes
+        );
+        let best = plan
+            .disaggregated
+            .or(plan.colocated)
+            .expect("a layout on the H200s");
+        assert_eq!(best.fleet_gpus, 16);
+        assert!(best.layout.groups.iter().all(|g| g.system == "h200_sxm"));
+    }
+
+    #[test]
+    fn targets_out_of_reach_give_no_layout_and_say_why() {
+        let req = request(
+            "Llama-3.1-70B",
+            vec![pool("h100_sxm", 8)],
+            4096,
+            256,
+            1000.0,
+            0.5,
+        );
+        let plan = plan(&req).unwrap();
+        assert!(plan.disaggregated.is_none() && plan.colocated.is_none());
+        assert_eq!(plan.ratio, None);
+        assert_eq!(plan.notes.len(), 2, "{:?}", plan.notes);
+        let mut bad = req.clone();
+        bad.pools[0].gpus = 0;
+        assert!(matches!(
+            plan_err(&bad),
+            PlanError::Invalid { field: "GPUs", .. }
+        ));
+    }
+
+    fn plan_err(req: &PlanRequest) -> PlanError {
+        plan(req).unwrap_err()
+    }
+
+    #[test]
+    fn the_search_is_deterministic_and_fast_at_64_gpus() {
+        let req = request(
+            "Llama-3.1-8B",
+            vec![pool("h100_sxm", 64)],
+            4096,
+            512,
+            1000.0,
+            40.0,
+        );
+        let started = std::time::Instant::now();
+        let a = plan(&req).unwrap();
+        let elapsed = started.elapsed();
+        let b = plan(&req).unwrap();
+        let key = |p: &Plan| {
+            (
+                p.disaggregated
+                    .as_ref()
+                    .map(|c| (c.describe(), c.output_tokens_per_s_per_gpu)),
+                p.colocated
+                    .as_ref()
+                    .map(|c| (c.describe(), c.output_tokens_per_s_per_gpu)),
+                p.frontier.clone(),
+            )
+        };
+        assert_eq!(key(&a), key(&b));
+        assert!(elapsed.as_secs_f64() < 5.0, "{elapsed:?}");
+    }
+
+    #[test]
+    fn plans_for_a_host_known_only_by_its_calibration() {
+        // The reference engine on a CPU: no peak figures, step times from measurements.
+        let model = crate::parse_hf_config(
+            "tiny-llama",
+            r#"{"hidden_size":512,"num_hidden_layers":8,"num_attention_heads":8,
+                "num_key_value_heads":4,"intermediate_size":1408,"vocab_size":32000}"#,
+        )
+        .unwrap();
+        let cal = Calibration {
+            prefill_base_s: 2e-3,
+            prefill_per_token_s: 1e-4,
+            prefill_per_square_token_s: 1e-8,
+            decode_base_s: 8e-3,
+            decode_per_seq_s: 5e-4,
+            decode_per_context_token_s: 1e-6,
+        };
+        let req = PlanRequest {
+            model,
+            pools: vec![GpuPool {
+                system: SystemSpec::measured_host("this-cpu", 2e9, 1e9),
+                gpus: 4,
+                cost: StepCost::Measured(cal),
+            }],
+            dtypes: Dtypes::bf16(),
+            isl: 256,
+            osl: 64,
+            slo: Slo {
+                ttft_s: 1.0,
+                tpot_s: 0.05,
+            },
+            seed: 3,
+        };
+        let plan = plan(&req).unwrap();
+        let d = plan.disaggregated.expect("a disaggregated layout");
+        check_meets(&d, &req.slo);
+        assert!(d.layout.groups.iter().all(|g| g.perf.tp == 1));
+        assert!(plan.colocated.is_some());
+    }
 }

@@ -702,3 +702,252 @@ impl Sim<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Calibration, Dtypes, LengthDist, StepCost, SystemSpec, Workload};
+
+    fn tiny() -> ModelSpec {
+        crate::parse_hf_config(
+            "tiny",
+            r#"{"hidden_size":256,"num_hidden_layers":4,"num_attention_heads":4,
+                "num_key_value_heads":2,"intermediate_size":512,"vocab_size":1024}"#,
+        )
+        .unwrap()
+    }
+
+    /// A host whose step times are exactly the given calibration, with a fast network.
+    fn measured(model: &ModelSpec, cal: Calibration, memory_bytes: f64) -> PerfModel {
+        let host = SystemSpec::measured_host("host", memory_bytes, 1e12);
+        PerfModel::new(model, &host, Dtypes::bf16(), 1, StepCost::Measured(cal)).unwrap()
+    }
+
+    fn cal(prefill_base_s: f64, decode_base_s: f64) -> Calibration {
+        Calibration {
+            prefill_base_s,
+            prefill_per_token_s: 0.0,
+            prefill_per_square_token_s: 0.0,
+            decode_base_s,
+            decode_per_seq_s: 0.0,
+            decode_per_context_token_s: 0.0,
+        }
+    }
+
+    fn group(role: Role, perf: PerfModel, max_batch: u32, max_step_tokens: u32) -> WorkerGroup {
+        WorkerGroup {
+            system: "host".into(),
+            role,
+            workers: 1,
+            perf,
+            max_batch,
+            max_step_tokens,
+        }
+    }
+
+    fn poisson(rate: f64, isl: u32, osl: u32, n: u32) -> Vec<Request> {
+        Workload::Poisson {
+            rate_per_s: rate,
+            isl: LengthDist::Fixed(isl),
+            osl: LengthDist::Fixed(osl),
+            requests: n,
+            seed: 42,
+        }
+        .requests()
+        .unwrap()
+    }
+
+    const LOOSE: Slo = Slo {
+        ttft_s: 1e9,
+        tpot_s: 1e9,
+    };
+
+    /// One prefill engine with a deterministic 10 ms step, one prompt per step, Poisson
+    /// arrivals: an M/D/1 queue, whose mean wait is ρ/(2μ(1−ρ)).
+    #[test]
+    fn prefill_queue_matches_md1() {
+        let m = tiny();
+        for (rho, tolerance) in [(0.5, 0.04), (0.8, 0.06)] {
+            let service = 0.010;
+            let mu = 1.0 / service;
+            let prefill = measured(&m, cal(service, 1e-4), 1e9);
+            let decode = measured(&m, cal(service, 1e-4), 1e9);
+            let transfer = prefill.kv_transfer_s(&decode, &m, 100.0);
+            let layout = Layout {
+                groups: vec![
+                    group(Role::Prefill, prefill, 0, 100),
+                    group(Role::Decode, decode, 64, 0),
+                ],
+            };
+            let reqs = poisson(rho * mu, 100, 2, 200_000);
+            let r = simulate(&m, &layout, &reqs, &LOOSE).unwrap();
+            let wait = r.ttft_s.mean - service - transfer / m.layers as f64;
+            let want = rho / (2.0 * mu * (1.0 - rho));
+            assert!(
+                ((wait - want) / want).abs() < tolerance,
+                "ρ={rho}: wait {wait} vs M/D/1 {want}"
+            );
+        }
+    }
+
+    /// Decode at a constant 10 ms step with room for everyone: each sequence is in the batch
+    /// for exactly OSL−1 steps, so by Little's law the mean batch is λ·(OSL−1)·T; a sequence
+    /// joins at the next step boundary, on average T/2 after its KV arrives.
+    #[test]
+    fn decode_batch_in_steady_state_obeys_littles_law() {
+        let m = tiny();
+        let step = 0.010;
+        let (rate, osl) = (100.0, 51u32);
+        let layout = Layout {
+            groups: vec![
+                group(Role::Prefill, measured(&m, cal(1e-4, step), 1e9), 0, 100),
+                group(Role::Decode, measured(&m, cal(1e-4, step), 1e9), 10_000, 0),
+            ],
+        };
+        let r = simulate(&m, &layout, &poisson(rate, 100, osl, 40_000), &LOOSE).unwrap();
+        let little = rate * (osl - 1) as f64 * step;
+        assert!(
+            ((r.mean_decode_batch - little) / little).abs() < 0.02,
+            "{} vs {little}",
+            r.mean_decode_batch
+        );
+        let tpot = step * (1.0 + 0.5 / (osl - 1) as f64);
+        assert!(
+            ((r.tpot_s.mean - tpot) / tpot).abs() < 0.005,
+            "{:?}",
+            r.tpot_s
+        );
+        // Every step is exactly 10 ms, so no request's TPOT is below it.
+        assert!(r.tpot_s.p50 >= step);
+    }
+
+    /// Overloaded decode with a batch limit K completes K sequences every (OSL−1) steps.
+    #[test]
+    fn saturated_decode_runs_at_the_batch_limit() {
+        let m = tiny();
+        let step = 0.010;
+        let (k, osl) = (16u32, 51u32);
+        let layout = Layout {
+            groups: vec![
+                group(Role::Prefill, measured(&m, cal(1e-4, step), 1e9), 0, 100),
+                group(Role::Decode, measured(&m, cal(1e-4, step), 1e9), k, 0),
+            ],
+        };
+        let capacity = k as f64 / ((osl - 1) as f64 * step);
+        let r = simulate(
+            &m,
+            &layout,
+            &poisson(2.0 * capacity, 100, osl, 4000),
+            &LOOSE,
+        )
+        .unwrap();
+        let tokens = capacity * osl as f64;
+        assert!(
+            ((r.output_tokens_per_s - tokens) / tokens).abs() < 0.02,
+            "{} vs {tokens}",
+            r.output_tokens_per_s
+        );
+        assert!(
+            (r.mean_decode_batch - k as f64).abs() < 0.3,
+            "{}",
+            r.mean_decode_batch
+        );
+        // Queueing for the batch shows in TPOT of later requests, never below the step.
+        assert!(r.tpot_s.p90 > step);
+    }
+
+    /// KV memory, not the batch limit, bounds the batch: only 3 sequences fit.
+    #[test]
+    fn kv_memory_limits_the_decode_batch() {
+        let m = tiny();
+        let weights = m.weight_bytes(crate::Dtype::Bf16);
+        let per_seq = m.kv_bytes_for_context(151.0, crate::Dtype::Bf16);
+        let decode = measured(&m, cal(1e-4, 0.01), weights + 3.5 * per_seq);
+        assert_eq!(decode.max_sequences(&m, 151.0), 3);
+        let layout = Layout {
+            groups: vec![
+                group(Role::Prefill, measured(&m, cal(1e-4, 0.01), 1e9), 0, 100),
+                group(Role::Decode, decode, 1000, 0),
+            ],
+        };
+        let r = simulate(&m, &layout, &poisson(50.0, 100, 51, 2000), &LOOSE).unwrap();
+        assert!(
+            r.mean_decode_batch <= 3.0 && r.mean_decode_batch > 2.8,
+            "{}",
+            r.mean_decode_batch
+        );
+        // Waiting for memory delays the first token: the KV stays on the prefill engine.
+        assert!(r.ttft_s.p50 > 1.0, "{:?}", r.ttft_s);
+    }
+
+    /// A lone request on a colocated engine: its prompt goes in chunks of the step budget,
+    /// then each step emits one token.
+    #[test]
+    fn colocated_lone_request_takes_its_chunks_then_decode_steps() {
+        let m = tiny();
+        let c = Calibration {
+            prefill_base_s: 1e-3,
+            prefill_per_token_s: 1e-5,
+            prefill_per_square_token_s: 1e-9,
+            decode_base_s: 4e-3,
+            decode_per_seq_s: 1e-4,
+            decode_per_context_token_s: 1e-6,
+        };
+        let perf = measured(&m, c, 1e9);
+        let layout = Layout {
+            groups: vec![group(Role::Colocated, perf, 8, 256)],
+        };
+        let reqs = vec![Request {
+            arrival_s: 0.0,
+            isl: 1000,
+            osl: 11,
+        }];
+        let r = simulate(&m, &layout, &reqs, &LOOSE).unwrap();
+        // Chunks of 256, 256, 256, 232 tokens after 0, 256, 512, 768 cached.
+        let mut ttft = 0.0;
+        for (new, prefix) in [(256.0, 0.0), (256.0, 256.0), (256.0, 512.0), (232.0, 768.0)] {
+            ttft += 1e-3 + 1e-5 * new + 1e-9 * new * (2.0 * prefix + new);
+        }
+        assert!(
+            (r.ttft_s.mean - ttft).abs() < 1e-12,
+            "{} vs {ttft}",
+            r.ttft_s.mean
+        );
+        // 10 decode steps at contexts 1001..=1010.
+        let decode: f64 = (1001..=1010)
+            .map(|ctx| 4e-3 + 1e-4 + 1e-6 * ctx as f64)
+            .sum();
+        assert!((r.tpot_s.mean - decode / 10.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn same_inputs_same_report_and_bad_layouts_are_refused() {
+        let m = tiny();
+        let layout = Layout {
+            groups: vec![
+                group(Role::Prefill, measured(&m, cal(1e-3, 1e-2), 1e9), 0, 400),
+                group(Role::Decode, measured(&m, cal(1e-3, 1e-2), 1e9), 32, 0),
+            ],
+        };
+        let w = Workload::Poisson {
+            rate_per_s: 30.0,
+            isl: LengthDist::Uniform { min: 50, max: 400 },
+            osl: LengthDist::Uniform { min: 1, max: 60 },
+            requests: 3000,
+            seed: 9,
+        };
+        let reqs = w.requests().unwrap();
+        let slo = Slo {
+            ttft_s: 0.05,
+            tpot_s: 0.02,
+        };
+        let a = simulate(&m, &layout, &reqs, &slo).unwrap();
+        assert_eq!(a, simulate(&m, &layout, &reqs, &slo).unwrap());
+        assert!(a.slo_attainment > 0.0 && a.slo_attainment <= 1.0);
+        let only_prefill = Layout {
+            groups: vec![layout.groups[0].clone()],
+        };
+        assert!(simulate(&m, &only_prefill, &reqs, &slo).is_err());
+        assert!(simulate(&m, &layout, &[], &slo).is_err());
+    }
+}
