@@ -581,6 +581,17 @@ impl Validated {
         }
         let id = Identity::load(&self.ca_cert, &self.node_cert, &self.node_key)
             .map_err(|e| ConfigError::new("tls.node_cert", e.to_string()))?;
+        // rustls checks that the key belongs to the certificate when it builds a config.
+        id.server_config().map_err(|e| {
+            ConfigError::new(
+                "tls.node_key",
+                format!(
+                    "{} does not fit {}: {e}",
+                    self.node_key.display(),
+                    self.node_cert.display()
+                ),
+            )
+        })?;
         match &id.info.identity {
             PeerIdentity::Node(n) if *n == self.node_name => {}
             other => {

@@ -24,6 +24,10 @@ fn bad_configurations_exit_64_naming_the_field() {
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("configuration is valid"), "{out}");
     let base = std::fs::read_to_string(&good).unwrap();
+    pki.node("node-2", "127.0.0.1:0");
+    let other_key = pki.root.path().join("node-2/pki/node.key");
+    let token = std::fs::read_to_string(pki.ca_dir().join("join-token")).unwrap();
+    let token = token.trim();
 
     let cases: Vec<(&str, String, &str)> = vec![
         (
@@ -75,6 +79,16 @@ fn bad_configurations_exit_64_naming_the_field() {
             "certificate of another node",
             base.replace("name = \"node-1\"", "name = \"node-9\""),
             "tls.node_cert",
+        ),
+        (
+            "key of another certificate",
+            format!("{base}[tls]\nnode_key = \"{}\"\n", other_key.display()),
+            "tls.node_key",
+        ),
+        (
+            "join token without seeds",
+            format!("{base}[cluster]\njoin_token = \"{token}\"\n"),
+            "cluster.join_token",
         ),
         ("not TOML", "[node\nname=".to_string(), "line 1"),
     ];
