@@ -603,6 +603,7 @@ impl Engine {
     }
 
     fn step_inner(&mut self, sink: &mut (dyn FnMut(EngineEvent) + Send)) {
+        self.counters.compute_threads = rayon::current_num_threads();
         for e in self.pending.drain(..) {
             sink(e);
         }

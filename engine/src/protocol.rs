@@ -34,25 +34,25 @@ pub enum EngineRole {
 /// Agent to engine.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum AgentMessage {
-    /// 0. First message on a connection.
+    /// [0] First message on a connection.
     Hello {
         protocol_version: u32,
         agent: String,
     },
-    /// 1. Prefill and decode here; replies: `Accepted`, `Token`s, `Finished` (or `Error`).
+    /// [1] Prefill and decode here; replies: `Accepted`, `Token`s, `Finished` (or `Error`).
     Generate {
         id: RequestId,
         prompt: Prompt,
         sampling: SamplingParams,
     },
-    /// 2. Prefill only; replies: `Accepted`, `KvStart`, `KvLayer`s (each followed by raw
+    /// [2] Prefill only; replies: `Accepted`, `KvStart`, `KvLayer`s (each followed by raw
     /// bytes), `Token` index 0, `Finished { reason: PrefillDone }`.
     Prefill {
         id: RequestId,
         prompt: Prompt,
         sampling: SamplingParams,
     },
-    /// 3. Decode from imported KV: reserves the blocks; `ImportKv` pieces follow. Replies:
+    /// [3] Decode from imported KV: reserves the blocks; `ImportKv` pieces follow. Replies:
     /// `Accepted`, then once every piece arrived `Token`s from index 0 (the prefill engine's
     /// first token, re-sent) and `Finished`.
     Decode {
@@ -62,7 +62,7 @@ pub enum AgentMessage {
         first_token: u32,
         sampling: SamplingParams,
     },
-    /// 4. One KV piece of a `Decode`; exactly `payload_bytes` raw bytes follow this frame.
+    /// [4] One KV piece of a `Decode`; exactly `payload_bytes` raw bytes follow this frame.
     ImportKv {
         id: RequestId,
         layer: u32,
@@ -70,30 +70,30 @@ pub enum AgentMessage {
         token_count: u32,
         payload_bytes: u64,
     },
-    /// 5. Cancel a request in any state; its KV blocks are freed at once.
+    /// [5] Cancel a request in any state; its KV blocks are freed at once.
     Cancel { id: RequestId },
-    /// 6. Reply: `Stats`.
+    /// [6] Reply: `Stats`.
     Stats,
-    /// 7. Drain the KV events; reply: `KvEvents`.
+    /// [7] Drain the KV events; reply: `KvEvents`.
     KvEvents,
-    /// 8. Finish nothing more, exit.
+    /// [8] Finish nothing more, exit.
     Shutdown,
 }
 
 /// Engine to agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum EngineMessage {
-    /// 0. Reply to `Hello`.
+    /// [0] Reply to `Hello`.
     Hello(EngineHello),
-    /// 1. A request was queued (or an import begun).
+    /// [1] A request was queued (or an import begun).
     Accepted { id: RequestId },
-    /// 2. A prefill's KV begins; the header goes in front of the pieces when shipped.
+    /// [2] A prefill's KV begins; the header goes in front of the pieces when shipped.
     KvStart {
         id: RequestId,
         header: KvHeader,
         prompt_tokens: Vec<u32>,
     },
-    /// 3. One layer's KV for a token range; exactly `payload_bytes` raw bytes follow.
+    /// [3] One layer's KV for a token range; exactly `payload_bytes` raw bytes follow.
     KvLayer {
         id: RequestId,
         layer: u32,
@@ -101,14 +101,14 @@ pub enum EngineMessage {
         token_count: u32,
         payload_bytes: u64,
     },
-    /// 4. An output token and the text it made final.
+    /// [4] An output token and the text it made final.
     Token {
         id: RequestId,
         index: u32,
         token: u32,
         text: String,
     },
-    /// 5. The request's terminal event.
+    /// [5] The request's terminal event.
     Finished {
         id: RequestId,
         reason: FinishReason,
@@ -119,15 +119,15 @@ pub enum EngineMessage {
         output_tokens: u32,
         text: String,
     },
-    /// 6. A refusal or failure; with `id` it is the request's terminal event.
+    /// [6] A refusal or failure; with `id` it is the request's terminal event.
     Error {
         id: Option<RequestId>,
         kind: ErrorKind,
         message: String,
     },
-    /// 7. Reply to `Stats`.
+    /// [7] Reply to `Stats`.
     Stats(EngineStats),
-    /// 8. Reply to `KvEvents`.
+    /// [8] Reply to `KvEvents`.
     KvEvents { events: Vec<KvEvent> },
 }
 

@@ -33,6 +33,9 @@ pub struct EngineStats {
     pub steps_total: u64,
     pub preemptions_total: u64,
     pub kv_events_dropped_total: u64,
+    /// Threads of the pool the last step ran on (observed inside it, not copied from the
+    /// config).
+    pub compute_threads: usize,
     /// Steps that only prefilled, bucketed by tokens in the step.
     pub prefill_timings: Vec<PrefillTiming>,
     /// Steps that only decoded, bucketed by batch size and mean context.

@@ -434,6 +434,27 @@ fn kv_layers_stream_during_the_step() {
     assert_eq!(e.stats().kv_blocks_used, 0);
 }
 
+/// Steps run on a pool of `compute_threads` threads (1 by default), and the engine can move
+/// to the server loop's thread.
+#[test]
+fn steps_run_on_the_configured_threads() {
+    fn assert_send<T: Send>() {}
+    assert_send::<Engine>();
+    for threads in [1, 2] {
+        let mut e = tiny(EngineConfig {
+            compute_threads: threads,
+            ..EngineConfig::default()
+        });
+        generate(
+            &mut e,
+            1,
+            Prompt::Text("threads".into()),
+            SamplingParams::greedy(2),
+        );
+        assert_eq!(e.stats().compute_threads, threads);
+    }
+}
+
 /// The bench runs and reports positive rates for every batch size.
 #[test]
 fn bench_reports_rates() {
