@@ -236,6 +236,9 @@ struct ReqState {
     /// KV bytes per rank it holds on its decode (or colocated) engine.
     kv_bytes: f64,
     prefill_worker: u32,
+    /// When its prefill step began (the KV streams from then on) and ended.
+    prefill_start_s: f64,
+    prefill_end_s: f64,
 }
 
 struct Sim<'a> {
@@ -308,6 +311,8 @@ pub fn simulate(
                 done_s: f64::NAN,
                 kv_bytes: 0.0,
                 prefill_worker: 0,
+                prefill_start_s: 0.0,
+                prefill_end_s: 0.0,
             })
             .collect(),
         workers,
@@ -462,6 +467,8 @@ impl Sim<'_> {
             let s = &mut self.state[req as usize];
             s.kv_bytes = need;
             s.prefill_worker = w as u32;
+            s.prefill_start_s = self.workers[w].step_start_s;
+            s.prefill_end_s = now;
             self.workers[d].pending.push_back(req);
             self.workers[d].pending_bytes += need;
             self.start_transfers(d, now);
@@ -484,18 +491,23 @@ impl Sim<'_> {
             self.workers[d].pending.pop_front();
             self.workers[d].pending_bytes -= need;
             self.workers[d].reserved_bytes += need;
-            let p = self.state[req as usize].prefill_worker as usize;
+            let s = &self.state[req as usize];
+            let p = s.prefill_worker as usize;
             let isl = self.reqs[req as usize].isl as f64;
             let transfer = self
                 .group(p)
                 .perf
                 .kv_transfer_s(&self.group(d).perf, self.model, isl);
-            // The KV streams layer by layer while the prefill step runs: it cannot arrive
-            // before the last layer is computed and sent, nor before the NIC has moved it all.
-            let start = self.workers[p]
-                .step_start_s
-                .max(self.workers[p].link_free_s);
-            let arrive = (start + transfer).max(now + transfer / self.layers);
+            // Memory free at once: the KV streams layer by layer while the prefill step runs,
+            // and cannot arrive before the last layer is computed and sent, nor before the
+            // NIC has moved it all. Memory freed later: the whole KV moves from now.
+            let (ready, last_layer) = if now > s.prefill_end_s {
+                (now, now)
+            } else {
+                (s.prefill_start_s, s.prefill_end_s + transfer / self.layers)
+            };
+            let start = ready.max(self.workers[p].link_free_s);
+            let arrive = (start + transfer).max(last_layer);
             self.workers[p].link_free_s = arrive;
             self.push(
                 arrive,
@@ -878,6 +890,51 @@ mod tests {
         );
         // Waiting for memory delays the first token: the KV stays on the prefill engine.
         assert!(r.ttft_s.p50 > 1.0, "{:?}", r.ttft_s);
+    }
+
+    /// KV that waited on the prefill engine for decode memory moves only once memory is
+    /// free: it cannot have streamed during a prefill step long past.
+    #[test]
+    fn kv_waiting_for_decode_memory_moves_after_memory_frees() {
+        let m = tiny();
+        let weights = m.weight_bytes(crate::Dtype::Bf16);
+        let one_seq = m.kv_bytes_for_context(111.0, crate::Dtype::Bf16);
+        let host = |memory: f64| SystemSpec::measured_host("host", memory, 2e6);
+        let perf = |memory: f64| {
+            PerfModel::new(
+                &m,
+                &host(memory),
+                Dtypes::bf16(),
+                1,
+                StepCost::Measured(cal(1e-3, 0.01)),
+            )
+            .unwrap()
+        };
+        let (prefill, decode) = (perf(1e9), perf(weights + 1.5 * one_seq));
+        let transfer = prefill.kv_transfer_s(&decode, &m, 100.0);
+        assert!(transfer > 0.01, "{transfer}");
+        let layout = Layout {
+            groups: vec![
+                group(Role::Prefill, prefill, 0, 100),
+                group(Role::Decode, decode, 8, 0),
+            ],
+        };
+        let two = |_| Request {
+            arrival_s: 0.0,
+            isl: 100,
+            osl: 11,
+        };
+        let reqs: Vec<Request> = (0..2).map(two).collect();
+        let r = simulate(&m, &layout, &reqs, &LOOSE).unwrap();
+        // The first KV arrives after one transfer and decodes 10 steps of 10 ms; only then
+        // does the second one's transfer begin.
+        let first_done = transfer + 10.0 * 0.01;
+        assert!((r.ttft_s.p50 - transfer).abs() < 1e-9, "{:?}", r.ttft_s);
+        assert!(
+            (r.ttft_s.p99 - (first_done + transfer)).abs() < 1e-9,
+            "{:?}",
+            r.ttft_s
+        );
     }
 
     /// A lone request on a colocated engine: its prompt goes in chunks of the step budget,
