@@ -83,9 +83,15 @@ pub fn run(dir: Option<PathBuf>) -> Result<()> {
     println!("pdagent demo in {}", dir.display());
 
     println!(
-        "\n1. a cluster of three agents on this machine (pdctl local up): offline PKI, node-k on"
+        "\n1. a cluster of three agents on this machine (pdctl local up): node-1 founds it with an"
     );
-    println!("   127.0.0.k, two fixture GPUs each, Raft over mutual-TLS QUIC");
+    println!(
+        "   offline certificate and the CA key; node-2 and node-3 join with the join token (their own"
+    );
+    println!(
+        "   key pairs, certificates signed by the coordinator); node-k on 127.0.0.k, two fixture GPUs"
+    );
+    println!("   each, Raft over mutual-TLS QUIC");
     let base = crate::local::free_base_port(3)?;
     let (dir, status) = crate::local::create(3, 2, &dir, base, true)?;
     let result = tour(&dir, &pdagent, status);
@@ -96,7 +102,7 @@ pub fn run(dir: Option<PathBuf>) -> Result<()> {
     );
     result?;
     println!(
-        "\nWorks so far: PKI, mutual-TLS QUIC transport, GPU inventory, the Raft control plane,"
+        "\nWorks so far: PKI and joining with tokens, mutual-TLS QUIC transport, GPU inventory, the Raft control plane,"
     );
     println!(
         "the admin API and pdctl. Not yet: engines, the OpenAI API, KV shipping (see README, Status)."

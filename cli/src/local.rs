@@ -343,18 +343,26 @@ pub fn create(
         1
     };
     let seed = format!("node-1@127.0.0.1:{base_port}");
+    // As on real hosts: the first host gets an offline certificate and the CA key, the others
+    // enroll with the join token (their own key pairs, certificates signed by the coordinator).
+    let token = std::fs::read_to_string(ca.join(pki::JOIN_TOKEN_FILE))?;
     let mut agents = Vec::new();
     for k in 1..=n {
         let node = format!("node-{k}");
         let nd = node_dir(&dir, &node);
         std::fs::create_dir_all(nd.join("data/pki"))?;
-        pki::issue_node_files(&ca, &node, 365)?;
-        for f in [pki::NODE_CERT_FILE, pki::NODE_KEY_FILE, pki::CA_CERT_FILE] {
-            std::fs::copy(
-                ca.join("nodes").join(&node).join(f),
-                nd.join("data/pki").join(f),
-            )?;
-        }
+        let join = if k == 1 {
+            pki::issue_node_files(&ca, &node, 365)?;
+            for f in [pki::NODE_CERT_FILE, pki::NODE_KEY_FILE, pki::CA_CERT_FILE] {
+                std::fs::copy(
+                    ca.join("nodes").join(&node).join(f),
+                    nd.join("data/pki").join(f),
+                )?;
+            }
+            String::new()
+        } else {
+            format!("join_token = \"{}\"\n", token.trim())
+        };
         std::fs::write(nd.join("gpus.toml"), fixture(gpus))?;
         let ip = format!("127.0.0.{k}");
         let gpu_section = if gpus > 0 {
@@ -367,7 +375,7 @@ pub fn create(
             format!(
                 "# node {k} of a local cluster (pdctl local up)\n[node]\nname = \"{node}\"\ndata_dir = \"{}\"\n\
                  listen = \"{ip}:{base_port}\"\nworker_threads = 1\n[admin]\nlisten = \"{ip}:{}\"\n{gpu_section}\
-                 [cluster]\nseeds = [\"{seed}\"]\nvoters = {voters}\nheartbeat_ms = 100\nsuspect_after_ms = 600\ndown_after_ms = 1500\n\
+                 [cluster]\nseeds = [\"{seed}\"]\n{join}voters = {voters}\nheartbeat_ms = 100\nsuspect_after_ms = 600\ndown_after_ms = 1500\n\
                  [raft]\nheartbeat_ms = {LOCAL_HEARTBEAT_MS}\nelection_timeout_min_ms = {LOCAL_ELECTION_MIN_MS}\nelection_timeout_max_ms = {LOCAL_ELECTION_MAX_MS}\n\
                  coordinator_interval_ms = 200\n",
                 nd.join("data").display(),
