@@ -1,5 +1,6 @@
 //! Runs the engine benchmark until `pdagent engine bench` exists:
-//! `cargo run --release -p pd-engine --example bench -- tiny|small|DIR [--json]`.
+//! `cargo run --release -p pd-engine --example bench -- tiny|small|DIR [--json]
+//! [--prefill-tokens=N]`.
 
 use pd_engine::{BenchOptions, EngineConfig, ModelSpec, bench};
 
@@ -14,7 +15,20 @@ fn main() {
         model: ModelSpec::parse(model),
         ..EngineConfig::default()
     };
-    match bench(&cfg, &BenchOptions::default()) {
+    let mut opts = BenchOptions::default();
+    if let Some(n) = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--prefill-tokens="))
+    {
+        match n.parse() {
+            Ok(n) => opts.prefill_tokens = n,
+            Err(e) => {
+                eprintln!("--prefill-tokens={n}: {e}");
+                std::process::exit(64);
+            }
+        }
+    }
+    match bench(&cfg, &opts) {
         Ok(r) if args.iter().any(|a| a == "--json") => {
             println!(
                 "{}",
