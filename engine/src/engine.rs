@@ -55,7 +55,8 @@ pub enum RequestKind {
 pub enum FinishReason {
     /// An EOS or stop token was generated (it is included in the output).
     Stop,
-    /// `max_tokens` were generated, or the context limit was reached.
+    /// `max_tokens` were generated, the context limit was reached, or the sequence outgrew
+    /// the whole KV cache.
     Length,
     /// A `Prefill` request produced its KV and first token.
     PrefillDone,
@@ -513,6 +514,11 @@ impl Engine {
             done = self.import_piece(id, &piece)?;
             rest = &rest[used..];
             if done && !rest.is_empty() {
+                // The request already moved to running: take it back out, silently.
+                if let Some(ix) = self.running.iter().position(|s| s.id == id) {
+                    let seq = self.running.remove(ix);
+                    self.drop_seq(seq);
+                }
                 return Err(EngineError::ImportIncomplete {
                     id,
                     reason: format!("{} bytes follow the complete KV", rest.len()),
@@ -767,6 +773,12 @@ impl Engine {
             let s = &self.running[i];
             if s.tokens.len() - s.computed == 1 {
                 if s.computed == s.blocks.len() * bs {
+                    if s.blocks.len() + 1 > self.pool.total() {
+                        // Longer than the whole cache: it can never continue, so it ends
+                        // here instead of waiting for room forever.
+                        self.finish(i, FinishReason::Length, sink);
+                        continue;
+                    }
                     if !self.make_room(i) {
                         // This sequence itself was preempted.
                         continue;

@@ -245,6 +245,33 @@ fn corrupted_kv_changes_the_output_or_is_refused() {
         ),
         "{e}"
     );
+    // Trailing bytes after a complete blob are refused and leave nothing behind.
+    let mut trailing = blob(&p);
+    trailing.extend_from_slice(b"extra");
+    assert!(matches!(
+        dec.import_kv(
+            8,
+            &trailing,
+            p.prompt_tokens.clone(),
+            p.first_token,
+            s.clone()
+        ),
+        Err(EngineError::ImportIncomplete { .. })
+    ));
+    assert_eq!((dec.stats().running, dec.stats().kv_blocks_used), (0, 0));
+    // A blob cut short is refused too.
+    let cut = blob(&p);
+    assert!(
+        dec.import_kv(
+            9,
+            &cut[..cut.len() - 100],
+            p.prompt_tokens.clone(),
+            p.first_token,
+            s.clone()
+        )
+        .is_err()
+    );
+    assert_eq!((dec.stats().importing, dec.stats().kv_blocks_used), (0, 0));
     // The engine still serves.
     let again = decode(&mut dec, 7, &p, s);
     assert_eq!(again.tokens, clean.tokens);

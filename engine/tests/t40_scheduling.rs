@@ -325,6 +325,30 @@ fn bad_requests_get_clear_errors() {
     ));
 }
 
+/// A sequence that outgrows the whole KV cache ends with `Length` instead of waiting for
+/// room forever.
+#[test]
+fn sequence_longer_than_the_cache_ends() {
+    let mut e = tiny(EngineConfig {
+        kv_blocks: 4,
+        block_size_tokens: 4,
+        ..EngineConfig::default()
+    });
+    let s = SamplingParams {
+        ignore_eos: true,
+        ..SamplingParams::greedy(100)
+    };
+    let o = generate(&mut e, 1, Prompt::Text("abcd".into()), s);
+    assert_eq!(o.reason, FinishReason::Length);
+    assert_eq!(
+        o.prompt_tokens as usize + o.tokens.len(),
+        17,
+        "16 cached positions plus the last token"
+    );
+    assert!(!e.has_work());
+    assert_eq!(e.stats().kv_blocks_used, 0);
+}
+
 /// Stop tokens end generation and are included; max_tokens bounds it.
 #[test]
 fn stop_tokens_and_max_tokens() {
