@@ -89,8 +89,22 @@ impl AdminCtx {
 
 type Ctx = State<Arc<AdminCtx>>;
 
-async fn status(State(ctx): Ctx) -> Json<crate::wire::StatusReport> {
-    Json(ctx.control.status())
+/// The status, with each node's latest GPU telemetry (`telemetry`: `age_ms` and `gpus`, or
+/// null when the coordinator has not heard from the node).
+async fn status(State(ctx): Ctx) -> Json<serde_json::Value> {
+    let report = ctx.control.status();
+    let telemetry = ctx.control.cluster_telemetry().await;
+    let mut v = serde_json::to_value(&report).unwrap_or_else(|_| json!({}));
+    if let Some(nodes) = v["nodes"].as_array_mut() {
+        for n in nodes {
+            let t = telemetry
+                .iter()
+                .find(|t| n["name"] == t.node.as_str())
+                .map(|t| json!({"age_ms": t.age_ms, "gpus": t.gpus}));
+            n["telemetry"] = t.unwrap_or(serde_json::Value::Null);
+        }
+    }
+    Json(v)
 }
 
 #[derive(Deserialize)]

@@ -63,6 +63,8 @@ impl Service for AgentService {
             } => Ok(self.control.enroll_forwarded(token, node, csr_pem).await),
             AgentRequest::Renew { csr_pem } => self.control.renew(peer, &csr_pem).await,
             AgentRequest::FetchCaKey => self.control.ca_key_for(peer),
+            AgentRequest::Report { node, gpus } => self.control.report(peer, &node, gpus),
+            AgentRequest::Telemetry => Ok(AgentResponse::Telemetry(self.control.telemetry())),
         }
     }
 }

@@ -27,7 +27,9 @@ use crate::enrollment::now_unix;
 use crate::config::{Seed, Validated};
 use crate::gpus::SharedInventory;
 use crate::peers::Peers;
-use crate::wire::{AgentRequest, AgentResponse, NodeStatus, StatusReport};
+use crate::wire::{
+    AgentRequest, AgentResponse, GpuTelemetry, NodeStatus, NodeTelemetry, StatusReport,
+};
 
 /// Bound on one control-plane request to another agent.
 const CONTROL_RPC_TIMEOUT: Duration = Duration::from_secs(5);
@@ -63,6 +65,8 @@ pub struct ControlPlane {
     liveness: Liveness,
     /// When each node last reported (coordinator only; not replicated).
     last_seen: std::sync::Mutex<HashMap<String, Instant>>,
+    /// Each node's latest GPU telemetry and when it came (coordinator only; not replicated).
+    telemetry: std::sync::Mutex<HashMap<String, (Instant, Vec<GpuTelemetry>)>>,
     /// The CA key, while this agent is a voter and has it.
     custody: Arc<CaCustody>,
     /// The cluster CA certificate (PEM), handed to enrolling hosts.
@@ -135,6 +139,7 @@ impl ControlPlane {
                 down_after: Duration::from_millis(cfg.config.cluster.down_after_ms),
             },
             last_seen: std::sync::Mutex::new(HashMap::new()),
+            telemetry: std::sync::Mutex::new(HashMap::new()),
             custody,
             ca_pem,
         });
@@ -546,6 +551,91 @@ impl ControlPlane {
         Ok(AgentResponse::HeartbeatAck)
     }
 
+    /// A liveness report with telemetry (coordinator only; the log is not touched).
+    pub fn report(
+        &self,
+        requester: &PeerIdentity,
+        node: &str,
+        gpus: Vec<GpuTelemetry>,
+    ) -> Result<AgentResponse, String> {
+        let ack = self.heartbeat(requester, node)?;
+        if matches!(ack, AgentResponse::HeartbeatAck) {
+            self.telemetry
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(node.to_string(), (Instant::now(), gpus));
+        }
+        Ok(ack)
+    }
+
+    /// This node's GPU readings now.
+    fn local_telemetry(&self) -> Vec<GpuTelemetry> {
+        let Some(inv) = &self.inventory else {
+            return Vec::new();
+        };
+        let inv = inv.lock().unwrap_or_else(|p| p.into_inner());
+        inv.gpus
+            .iter()
+            .map(|g| GpuTelemetry {
+                index: g.index,
+                temperature_c: g.telemetry.temperature_c,
+                power_w: g.telemetry.power_w,
+                utilization_gpu_pct: g.telemetry.utilization_gpu_pct,
+                memory_used_bytes: g.memory.used_bytes,
+                health: g.health.to_string(),
+            })
+            .collect()
+    }
+
+    /// The latest telemetry of every node this coordinator heard from (its own read now).
+    pub fn telemetry(&self) -> Vec<NodeTelemetry> {
+        let mut out = vec![NodeTelemetry {
+            node: self.me.name.clone(),
+            age_ms: 0,
+            gpus: self.local_telemetry(),
+        }];
+        if !self.is_coordinator() {
+            return out;
+        }
+        let t = self.telemetry.lock().unwrap_or_else(|p| p.into_inner());
+        out.extend(
+            t.iter()
+                .filter(|(n, _)| **n != self.me.name)
+                .map(|(n, (at, gpus))| NodeTelemetry {
+                    node: n.clone(),
+                    age_ms: at.elapsed().as_millis() as u64,
+                    gpus: gpus.clone(),
+                }),
+        );
+        out
+    }
+
+    /// The cluster's telemetry: from this agent when it coordinates, else from the coordinator
+    /// (this node's own readings at least, when the coordinator cannot be asked).
+    pub async fn cluster_telemetry(&self) -> Vec<NodeTelemetry> {
+        if self.is_coordinator() {
+            return self.telemetry();
+        }
+        let ask = async {
+            let c = self.coordinator()?;
+            let addr: SocketAddr = c.address.parse().ok()?;
+            match self
+                .peers
+                .call(
+                    &c.name,
+                    addr,
+                    &AgentRequest::Telemetry,
+                    self.attempt_timeout,
+                )
+                .await
+            {
+                Ok(AgentResponse::Telemetry(t)) => Some(t),
+                _ => None,
+            }
+        };
+        ask.await.unwrap_or_else(|| self.telemetry())
+    }
+
     /// Every agent reports to the coordinator; the coordinator turns silence into suspect and
     /// down (and reports back into ready) through the log, only when a node's health changes.
     async fn liveness_loop(self: Arc<Self>) {
@@ -567,8 +657,9 @@ impl ControlPlane {
             let Ok(addr) = c.address.parse::<SocketAddr>() else {
                 continue;
             };
-            let req = AgentRequest::Heartbeat {
+            let req = AgentRequest::Report {
                 node: self.me.name.clone(),
+                gpus: self.local_telemetry(),
             };
             let _ = self
                 .peers

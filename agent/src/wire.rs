@@ -33,6 +33,14 @@ pub enum AgentRequest {
     Renew { csr_pem: String },
     /// A voter without the CA key asks the coordinator for it (see `custody`).
     FetchCaKey,
+    /// Liveness report with the node's GPU telemetry (replaces `Heartbeat`; never written to
+    /// the log).
+    Report {
+        node: String,
+        gpus: Vec<GpuTelemetry>,
+    },
+    /// The latest telemetry the coordinator received from every node.
+    Telemetry,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -65,6 +73,28 @@ pub enum AgentResponse {
         reason: String,
         retryable: bool,
     },
+    Telemetry(Vec<NodeTelemetry>),
+}
+
+/// One GPU's live readings, sent with every liveness report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GpuTelemetry {
+    pub index: u32,
+    pub temperature_c: Option<u32>,
+    pub power_w: Option<f64>,
+    pub utilization_gpu_pct: Option<u32>,
+    pub memory_used_bytes: u64,
+    /// "healthy", "degraded" or "failed", as the node judges it now.
+    pub health: String,
+}
+
+/// A node's latest report as the coordinator holds it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeTelemetry {
+    pub node: String,
+    /// How long ago the coordinator received it.
+    pub age_ms: u64,
+    pub gpus: Vec<GpuTelemetry>,
 }
 
 /// What `pdagent status` shows: one agent's view of the cluster.

@@ -61,7 +61,8 @@ enum Command {
     Uncordon { node: String },
     /// Move work off a node.
     Drain { node: String },
-    /// Remove a node from the cluster; its agent is refused from then on.
+    /// Remove a node from the cluster and revoke its certificates; its agent is refused from
+    /// then on.
     Remove { node: String },
     /// Join tokens, minted offline from the CA folder.
     Token {
@@ -73,8 +74,9 @@ enum Command {
         #[command(subcommand)]
         command: local::LocalCommand,
     },
-    /// Show what works so far on this machine: PKI, two agents on loopback pinging each other
-    /// over mutual-TLS QUIC, a refused foreign host, a short transport benchmark.
+    /// Show what works so far on this machine: a three-agent cluster (two join with a token),
+    /// a replicated write, coordinator failover, a refused foreign host, GPUs, a short
+    /// transport benchmark.
     Demo {
         /// Where to put the demo's files (default: a new folder under the temp dir).
         #[arg(long)]
@@ -291,10 +293,13 @@ fn run(cli: Cli) -> Result<()> {
                         .into_iter()
                         .flatten()
                         .map(|n| {
-                            (
-                                n["name"].as_str().unwrap_or("").to_string(),
-                                n["gpus"].clone(),
-                            )
+                            let list: Vec<serde_json::Value> = n["gpus"]
+                                .as_array()
+                                .into_iter()
+                                .flatten()
+                                .map(|g| with_telemetry(g, n))
+                                .collect();
+                            (n["name"].as_str().unwrap_or("").to_string(), list.into())
                         })
                         .collect();
                     print_json(&serde_json::Value::Object(gpus))?
@@ -303,19 +308,39 @@ fn run(cli: Cli) -> Result<()> {
                 (Command::Nodes, false) => print_status(&v, true),
                 _ => {
                     println!(
-                        "{:<20} {:>3} {:<36} {:<26} {:>9} HEALTH",
-                        "NODE", "IDX", "UUID", "NAME", "MEM GiB"
+                        "{:<20} {:>3} {:<36} {:<26} {:>9} {:>9} {:>5} {:>5} {:>7} HEALTH",
+                        "NODE",
+                        "IDX",
+                        "UUID",
+                        "NAME",
+                        "MEM GiB",
+                        "USED GiB",
+                        "UTIL%",
+                        "TEMP",
+                        "POWER W"
                     );
                     for n in v["nodes"].as_array().into_iter().flatten() {
                         for g in n["gpus"].as_array().into_iter().flatten() {
+                            let g = with_telemetry(g, n);
+                            let opt = |k: &str, digits: usize| match g[k].as_f64() {
+                                Some(x) => format!("{x:.digits$}"),
+                                None => "-".to_string(),
+                            };
+                            let gib = |k: &str| match g[k].as_f64() {
+                                Some(x) => format!("{:.1}", x / (1u64 << 30) as f64),
+                                None => "-".to_string(),
+                            };
                             println!(
-                                "{:<20} {:>3} {:<36} {:<26} {:>9.1} {}",
+                                "{:<20} {:>3} {:<36} {:<26} {:>9} {:>9} {:>5} {:>5} {:>7} {}",
                                 n["name"].as_str().unwrap_or(""),
                                 g["index"],
                                 g["uuid"].as_str().unwrap_or(""),
                                 g["name"].as_str().unwrap_or(""),
-                                g["memory_total_bytes"].as_f64().unwrap_or(0.0)
-                                    / (1u64 << 30) as f64,
+                                gib("memory_total_bytes"),
+                                gib("memory_used_bytes"),
+                                opt("utilization_gpu_pct", 0),
+                                opt("temperature_c", 0),
+                                opt("power_w", 0),
                                 g["health"].as_str().unwrap_or("")
                             );
                         }
@@ -540,4 +565,29 @@ fn print_bench(r: &BenchReport) {
         r.congestion,
         r.quic_lost_packets
     );
+}
+
+/// A GPU record with the node's latest telemetry for it merged in (health from the telemetry
+/// when newer; `telemetry_age_ms` says how old).
+fn with_telemetry(gpu: &serde_json::Value, node: &serde_json::Value) -> serde_json::Value {
+    let mut g = gpu.clone();
+    let t = &node["telemetry"];
+    let live = t["gpus"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|x| x["index"] == gpu["index"]);
+    if let (Some(live), Some(obj)) = (live, g.as_object_mut()) {
+        for k in [
+            "temperature_c",
+            "power_w",
+            "utilization_gpu_pct",
+            "memory_used_bytes",
+            "health",
+        ] {
+            obj.insert(k.to_string(), live[k].clone());
+        }
+        obj.insert("telemetry_age_ms".to_string(), t["age_ms"].clone());
+    }
+    g
 }

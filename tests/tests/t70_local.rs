@@ -113,6 +113,35 @@ fn local_up_status_and_writes() {
     let nodes: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(nodes.as_array().unwrap().len(), 3);
 
+    // Liveness reports carry GPU telemetry to the coordinator (outside the log): every node's
+    // fixture readings (35 C) are in the status and in `pdctl gpus`, fresh.
+    wait_for(
+        "every node's telemetry at the coordinator",
+        deadline(Duration::from_secs(20)),
+        || {
+            let out = pdctl(&[
+                "gpus",
+                "-o",
+                "json",
+                "--config",
+                l.config().to_str().unwrap(),
+            ]);
+            let g: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            (1..=3)
+                .all(|k| {
+                    let list = g[format!("node-{k}")].as_array();
+                    list.is_some_and(|l| {
+                        l.len() == 2
+                            && l.iter().all(|x| {
+                                x["temperature_c"] == 35
+                                    && x["telemetry_age_ms"].as_u64().is_some_and(|a| a < 5000)
+                            })
+                    })
+                })
+                .then_some(())
+        },
+    );
+
     // Writes through any agent reach the coordinator.
     assert!(l.pdctl(&["label", "node-2", "rack=r7"]).status.success());
     assert!(l.pdctl(&["cordon", "node-3"]).status.success());
