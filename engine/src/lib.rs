@@ -33,4 +33,4 @@ pub use kv_format::{KV_HEADER_BYTES, KvFormatError, KvGeometry, KvHeader, KvPiec
 pub use model::{ModelConfig, ModelInfo, RopeScaling, save_preset_checkpoint};
 pub use sampling::SamplingParams;
 pub use stats::{DecodeTiming, EngineStats, PrefillTiming, StepSample};
-pub use tokenizer::{Detokenizer, Tokenizer};
+pub use tokenizer::{ChatMessage, DEFAULT_CHAT_TEMPLATE, Detokenizer, Tokenizer};

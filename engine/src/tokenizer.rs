@@ -29,6 +29,17 @@ use crate::model::{BYTE_BOS, BYTE_EOS};
 /// up and emits U+FFFD.
 pub const HOLD_BACK_TOKENS_MAX: usize = 4;
 
+/// One chat message for [`Tokenizer::encode_chat`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+/// The template of models without one (the presets): `<|role|>content` lines, then
+/// `<|assistant|>`.
+pub const DEFAULT_CHAT_TEMPLATE: &str = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}";
+
 /// Text to token ids and back.
 #[derive(Clone)]
 pub enum Tokenizer {
@@ -140,6 +151,43 @@ impl Tokenizer {
         }
     }
 
+    /// Renders `messages` with the model's chat template (or [`DEFAULT_CHAT_TEMPLATE`]) and
+    /// tokenizes the result. A template that writes the BOS itself does not get a second one.
+    pub fn encode_chat(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>, EngineError> {
+        let (bos, eos) = match self {
+            Tokenizer::Bytes => (String::new(), String::new()),
+            Tokenizer::Hf {
+                inner,
+                eos_token_id,
+                ..
+            } => (
+                // The BOS is whatever the post-processor puts in front of an empty text.
+                inner
+                    .encode("", true)
+                    .ok()
+                    .and_then(|e| e.get_ids().first().copied())
+                    .and_then(|id| inner.id_to_token(id))
+                    .unwrap_or_default(),
+                eos_token_id
+                    .and_then(|e| inner.id_to_token(e))
+                    .unwrap_or_default(),
+            ),
+        };
+        let template = self.chat_template().unwrap_or(DEFAULT_CHAT_TEMPLATE);
+        let text = render_chat(template, messages, add_generation_prompt, &bos, &eos)?;
+        match self {
+            Tokenizer::Hf { inner, .. } if !bos.is_empty() && text.starts_with(&bos) => inner
+                .encode(text.as_str(), false)
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| EngineError::Tokenizer(format!("cannot encode chat: {e}"))),
+            _ => self.encode(&text),
+        }
+    }
+
     /// The EOS id named by `tokenizer_config.json`, if any.
     pub(crate) fn eos_token_id(&self) -> Option<u32> {
         match self {
@@ -147,6 +195,44 @@ impl Tokenizer {
             Tokenizer::Hf { eos_token_id, .. } => *eos_token_id,
         }
     }
+}
+
+/// Renders an HF chat template (Jinja) with `messages`, `add_generation_prompt`, `bos_token`,
+/// `eos_token` and `raise_exception`.
+fn render_chat(
+    template: &str,
+    messages: &[ChatMessage],
+    add_generation_prompt: bool,
+    bos: &str,
+    eos: &str,
+) -> Result<String, EngineError> {
+    use minijinja::{Environment, Error, ErrorKind, Value};
+    use std::collections::BTreeMap;
+    let err = |e: Error| EngineError::Tokenizer(format!("chat template: {e:#}"));
+    let mut env = Environment::new();
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function("raise_exception", |msg: String| -> Result<Value, Error> {
+        Err(Error::new(ErrorKind::InvalidOperation, msg))
+    });
+    let tmpl = env.template_from_str(template).map_err(err)?;
+    let msgs: Vec<Value> = messages
+        .iter()
+        .map(|m| {
+            let mut o = BTreeMap::new();
+            o.insert("role".to_string(), Value::from(m.role.as_str()));
+            o.insert("content".to_string(), Value::from(m.content.as_str()));
+            Value::from(o)
+        })
+        .collect();
+    let mut ctx = BTreeMap::new();
+    ctx.insert("messages".to_string(), Value::from(msgs));
+    ctx.insert(
+        "add_generation_prompt".to_string(),
+        Value::from(add_generation_prompt),
+    );
+    ctx.insert("bos_token".to_string(), Value::from(bos));
+    ctx.insert("eos_token".to_string(), Value::from(eos));
+    tmpl.render(Value::from(ctx)).map_err(err)
 }
 
 /// Turns one request's token stream into text pieces that are always valid UTF-8 (see the
@@ -306,7 +392,7 @@ pub(crate) fn write_byte_tokenizer(dir: &Path) -> Result<(), EngineError> {
     let cfg = serde_json::json!({
         "bos_token": "<s>",
         "eos_token": "</s>",
-        "chat_template": "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}",
+        "chat_template": DEFAULT_CHAT_TEMPLATE,
     });
     std::fs::write(
         dir.join("tokenizer_config.json"),
@@ -349,11 +435,66 @@ mod tests {
         assert_eq!(pieces(&[BYTE_BOS, 0x41, BYTE_EOS]).concat(), "A");
     }
 
+    /// A Llama-2 style template that writes the BOS itself, uses Python string methods and
+    /// raises on bad input.
+    #[test]
+    fn hf_chat_templates_render() {
+        let dir = tempfile::tempdir().unwrap();
+        write_byte_tokenizer(dir.path()).unwrap();
+        let template = "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'].strip() }} [/INST]{% elif m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}{% else %}{{ raise_exception('unknown role ' + m['role']) }}{% endif %}{% endfor %}";
+        let cfg = serde_json::json!({"eos_token": "</s>", "chat_template": template});
+        std::fs::write(dir.path().join("tokenizer_config.json"), cfg.to_string()).unwrap();
+        let hf = Tokenizer::from_dir(dir.path()).unwrap();
+        let msg = |r: &str, c: &str| ChatMessage {
+            role: r.into(),
+            content: c.into(),
+        };
+        let ids = hf
+            .encode_chat(
+                &[
+                    msg("user", "  hi  "),
+                    msg("assistant", "yo"),
+                    msg("user", "q"),
+                ],
+                true,
+            )
+            .unwrap();
+        let mut want = vec![BYTE_BOS];
+        want.extend("[INST] hi [/INST]yo".bytes().map(u32::from));
+        want.push(BYTE_EOS);
+        want.extend("[INST] q [/INST]".bytes().map(u32::from));
+        assert_eq!(
+            ids, want,
+            "one BOS, stripped content, EOS after the assistant turn"
+        );
+        let e = hf.encode_chat(&[msg("tool", "x")], true).unwrap_err();
+        assert!(e.to_string().contains("unknown role tool"), "{e}");
+    }
+
     #[test]
     fn written_byte_tokenizer_matches_the_builtin_one() {
         let dir = tempfile::tempdir().unwrap();
         write_byte_tokenizer(dir.path()).unwrap();
         let hf = Tokenizer::from_dir(dir.path()).unwrap();
+        let chat = [
+            ChatMessage {
+                role: "system".into(),
+                content: "be brief".into(),
+            },
+            ChatMessage {
+                role: "user".into(),
+                content: "hi ✓".into(),
+            },
+        ];
+        let want = "<|system|>be brief\n<|user|>hi ✓\n<|assistant|>";
+        assert_eq!(
+            hf.encode_chat(&chat, true).unwrap(),
+            Tokenizer::Bytes.encode(want).unwrap()
+        );
+        assert_eq!(
+            Tokenizer::Bytes.encode_chat(&chat, true).unwrap(),
+            Tokenizer::Bytes.encode(want).unwrap()
+        );
         let text = "héllo wörld ✓";
         assert_eq!(
             hf.encode(text).unwrap(),
