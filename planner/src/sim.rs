@@ -121,8 +121,9 @@ impl Summary {
     }
 }
 
-/// What one simulation measured. Requests in the first and last tenth of the arrivals are
-/// simulated but not measured: the system is filling up and draining then.
+/// What one simulation measured. Requests in the first and last tenth of the arrivals (and
+/// before the warm-up time of `simulate_after`) are simulated but not measured: the system is
+/// filling up and draining then.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SimReport {
     pub measured_requests: u32,
@@ -252,6 +253,12 @@ struct Sim<'a> {
     /// Prefill seconds per prompt token of each group at the mean ISL, for routing.
     prefill_s_per_token: Vec<f64>,
     layers: f64,
+    /// Engines that take new requests (prefill or colocated), and decode engines.
+    entries: Vec<usize>,
+    decoders: Vec<usize>,
+    /// Per group: scratch for one request's KV bytes per rank; 1 / KV budget.
+    need_bytes: Vec<f64>,
+    inverse_budget: Vec<f64>,
 }
 
 /// Simulates `requests` on `layout` and measures them against `slo`. Deterministic: the same
@@ -261,6 +268,19 @@ pub fn simulate(
     layout: &Layout,
     requests: &[Request],
     slo: &Slo,
+) -> Result<SimReport, PlanError> {
+    simulate_after(model, layout, requests, slo, 0.0)
+}
+
+/// Like `simulate`, but measures only requests that arrive at `warmup_s` or later: a decode
+/// batch takes about a request's lifetime to fill, and requests before that see a system
+/// emptier than it will be.
+pub fn simulate_after(
+    model: &ModelSpec,
+    layout: &Layout,
+    requests: &[Request],
+    slo: &Slo,
+    warmup_s: f64,
 ) -> Result<SimReport, PlanError> {
     if requests.is_empty() {
         return Err(PlanError::invalid("workload", "no requests"));
@@ -320,10 +340,24 @@ pub fn simulate(
         seq: 0,
         prefill_s_per_token,
         layers: model.layers as f64,
+        entries: Vec::new(),
+        decoders: Vec::new(),
+        need_bytes: vec![0.0; layout.groups.len()],
+        inverse_budget: layout
+            .groups
+            .iter()
+            .map(|g| 1.0 / g.perf.kv_budget_bytes())
+            .collect(),
     };
+    for w in 0..sim.workers.len() {
+        match sim.group(w).role {
+            Role::Decode => sim.decoders.push(w),
+            Role::Prefill | Role::Colocated => sim.entries.push(w),
+        }
+    }
 
     sim.run();
-    Ok(sim.report(slo))
+    Ok(sim.report(slo, warmup_s))
 }
 
 impl Sim<'_> {
@@ -369,7 +403,8 @@ impl Sim<'_> {
         let colocated = self.layout.is_colocated();
         // Prefill: the earliest expected finish. Colocated: the fewest outstanding requests.
         let mut best = (f64::INFINITY, usize::MAX);
-        for (i, w) in self.workers.iter().enumerate() {
+        for &i in &self.entries {
+            let w = &self.workers[i];
             let g = &self.layout.groups[w.group];
             let score = match (colocated, g.role) {
                 (false, Role::Prefill) => {
@@ -449,21 +484,21 @@ impl Sim<'_> {
         for &req in &done {
             let r = self.reqs[req as usize];
             let context = (r.isl + r.osl) as f64;
+            for (need, g) in self.need_bytes.iter_mut().zip(&self.layout.groups) {
+                *need = g.perf.kv_bytes_per_rank(self.model, context);
+            }
             // The decode engine with the least KV committed, relative to its memory.
             let mut best = (f64::INFINITY, usize::MAX);
-            for (i, d) in self.workers.iter().enumerate() {
-                let g = &self.layout.groups[d.group];
-                if g.role != Role::Decode {
-                    continue;
-                }
-                let need = g.perf.kv_bytes_per_rank(self.model, context);
-                let score = (d.reserved_bytes + d.pending_bytes + need) / g.perf.kv_budget_bytes();
+            for &i in &self.decoders {
+                let d = &self.workers[i];
+                let score = (d.reserved_bytes + d.pending_bytes + self.need_bytes[d.group])
+                    * self.inverse_budget[d.group];
                 if score < best.0 {
                     best = (score, i);
                 }
             }
             let d = best.1;
-            let need = self.group(d).perf.kv_bytes_per_rank(self.model, context);
+            let need = self.need_bytes[self.workers[d].group];
             let s = &mut self.state[req as usize];
             s.kv_bytes = need;
             s.prefill_worker = w as u32;
@@ -655,9 +690,10 @@ impl Sim<'_> {
         self.start_colocated(w, now);
     }
 
-    fn report(&self, slo: &Slo) -> SimReport {
+    fn report(&self, slo: &Slo, warmup_s: f64) -> SimReport {
         let n = self.reqs.len();
-        let lo = (n as f64 * UNMEASURED_HEAD) as usize;
+        let warm = self.reqs.partition_point(|r| r.arrival_s < warmup_s);
+        let lo = ((n as f64 * UNMEASURED_HEAD) as usize).max(warm);
         let hi = (n - (n as f64 * UNMEASURED_TAIL) as usize)
             .max(lo + 1)
             .min(n);
