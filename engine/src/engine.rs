@@ -31,6 +31,10 @@ use crate::tokenizer::{Detokenizer, Tokenizer};
 /// A request's id, chosen by the caller and unique among the engine's live requests.
 pub type RequestId = u64;
 
+/// The context of a model whose config allows more, unless `context_tokens_max` says
+/// otherwise.
+pub const CONTEXT_TOKENS_DEFAULT_MAX: usize = 32_768;
+
 /// KV events kept until the caller drains them; older ones are dropped (and counted).
 const KV_EVENTS_MAX: usize = 65_536;
 
@@ -174,16 +178,22 @@ impl Engine {
     /// Loads the model and sizes the KV cache. Model loading reads only local files.
     pub fn new(cfg: EngineConfig) -> Result<Engine, EngineError> {
         cfg.validate()?;
+        // Without an explicit limit, a checkpoint's context (often 128k) is capped: the
+        // rotary tables and any one sequence's attention scale with it, on a CPU.
+        let positions_max = if cfg.context_tokens_max == 0 {
+            CONTEXT_TOKENS_DEFAULT_MAX
+        } else {
+            cfg.context_tokens_max
+        };
         let (model, tokenizer) = match &cfg.model {
-            ModelSpec::Preset(p) => (Model::from_preset(*p, cfg.weights_seed)?, Tokenizer::Bytes),
-            ModelSpec::Dir(d) => (Model::from_dir(d)?, Tokenizer::from_dir(d)?),
+            ModelSpec::Preset(p) => (
+                Model::from_preset(*p, cfg.weights_seed, positions_max)?,
+                Tokenizer::Bytes,
+            ),
+            ModelSpec::Dir(d) => (Model::from_dir(d, positions_max)?, Tokenizer::from_dir(d)?),
         };
         let mc = &model.info.config;
-        let context_max = if cfg.context_tokens_max == 0 {
-            mc.context_tokens_max
-        } else {
-            cfg.context_tokens_max.min(mc.context_tokens_max)
-        };
+        let context_max = positions_max.min(mc.context_tokens_max);
         let mut eos = mc.eos_token_ids.clone();
         if let Some(e) = tokenizer.eos_token_id()
             && !eos.contains(&e)
@@ -397,6 +407,12 @@ impl Engine {
                 id,
                 token: first_token,
                 vocab_size,
+            });
+        }
+        if self.running.len() + self.imports.len() >= self.cfg.running_max {
+            return Err(EngineError::DecodeSlotsFull {
+                id,
+                running_max: self.cfg.running_max,
             });
         }
         let needed_blocks = prompt_tokens.len().div_ceil(self.cfg.block_size_tokens);
@@ -772,6 +788,11 @@ impl Engine {
         while i < self.running.len() {
             let s = &self.running[i];
             if s.tokens.len() - s.computed == 1 {
+                if budget == 0 {
+                    // Cannot happen while running_max <= step_tokens_max (validated); kept so
+                    // that a bug here delays a token instead of wrapping the budget.
+                    break;
+                }
                 if s.computed == s.blocks.len() * bs {
                     if s.blocks.len() + 1 > self.pool.total() {
                         // Longer than the whole cache: it can never continue, so it ends

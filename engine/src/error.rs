@@ -42,6 +42,10 @@ pub enum EngineError {
         "request {id}: the engine's queue holds {queue_max} waiting requests already; retry later or on another engine"
     )]
     QueueFull { id: u64, queue_max: usize },
+    #[error(
+        "request {id}: this engine already runs {running_max} requests (running_max); decode it on another engine or retry later"
+    )]
+    DecodeSlotsFull { id: u64, running_max: usize },
     #[error("request {id} already exists in this engine; use a fresh request id")]
     DuplicateRequest { id: u64 },
     #[error("request {id} is not known to this engine (finished, cancelled or never added)")]

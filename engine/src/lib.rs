@@ -26,7 +26,9 @@ mod tokenizer;
 
 pub use bench::{BenchOptions, BenchReport, DecodeBench, bench};
 pub use config::{EngineConfig, ModelSpec, Preset};
-pub use engine::{Engine, EngineEvent, FinishReason, Prompt, RequestId, RequestKind};
+pub use engine::{
+    CONTEXT_TOKENS_DEFAULT_MAX, Engine, EngineEvent, FinishReason, Prompt, RequestId, RequestKind,
+};
 pub use error::EngineError;
 pub use kv_cache::KvEvent;
 pub use kv_format::{KV_HEADER_BYTES, KvFormatError, KvGeometry, KvHeader, KvPiece};

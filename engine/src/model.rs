@@ -483,13 +483,19 @@ pub(crate) struct Model {
 }
 
 impl Model {
-    pub fn from_preset(preset: Preset, seed: u64) -> Result<Model, EngineError> {
+    /// `positions_max` bounds the positions the model will ever compute (the engine's
+    /// context), which sizes the rotary tables.
+    pub fn from_preset(
+        preset: Preset,
+        seed: u64,
+        positions_max: usize,
+    ) -> Result<Model, EngineError> {
         let cfg = ModelConfig::preset(preset);
         let weights = preset_weights(&cfg, seed)?;
-        Model::build(preset.name().to_string(), cfg, weights)
+        Model::build(preset.name().to_string(), cfg, weights, positions_max)
     }
 
-    pub fn from_dir(dir: &Path) -> Result<Model, EngineError> {
+    pub fn from_dir(dir: &Path, positions_max: usize) -> Result<Model, EngineError> {
         let text = std::fs::read_to_string(dir.join("config.json")).map_err(|e| {
             EngineError::Checkpoint {
                 path: dir.to_path_buf(),
@@ -501,13 +507,14 @@ impl Model {
             reason,
         })?;
         let weights = load_checkpoint_weights(dir, &cfg)?;
-        Model::build(dir.display().to_string(), cfg, weights)
+        Model::build(dir.display().to_string(), cfg, weights, positions_max)
     }
 
     fn build(
         name: String,
         cfg: ModelConfig,
         mut w: BTreeMap<String, Tensor>,
+        positions_max: usize,
     ) -> Result<Model, EngineError> {
         let fingerprint = fingerprint(&cfg, &w)?;
         let mut take = |n: &str| {
@@ -541,7 +548,7 @@ impl Model {
                 wdown: t(take(&format!("{p}.mlp.down_proj.weight"))?)?,
             });
         }
-        let (rope_cos, rope_sin) = rope_tables(&cfg)?;
+        let (rope_cos, rope_sin) = rope_tables(&cfg, positions_max.min(cfg.context_tokens_max))?;
         Ok(Model {
             info: ModelInfo {
                 name,
@@ -698,7 +705,7 @@ impl Model {
 
 /// cos/sin tables computed the way candle-transformers' Llama does (positions × inverse
 /// frequencies as one matmul), so the cross-check compares like with like.
-fn rope_tables(cfg: &ModelConfig) -> Result<(Tensor, Tensor), EngineError> {
+fn rope_tables(cfg: &ModelConfig, ctx: usize) -> Result<(Tensor, Tensor), EngineError> {
     let hd = cfg.head_dim;
     let base: Vec<f32> = (0..hd)
         .step_by(2)
@@ -729,7 +736,6 @@ fn rope_tables(cfg: &ModelConfig) -> Result<(Tensor, Tensor), EngineError> {
     let dev = Device::Cpu;
     let n = inv_freq.len();
     let inv_freq = Tensor::from_vec(inv_freq, (1, n), &dev)?;
-    let ctx = cfg.context_tokens_max;
     let idx = Tensor::arange(0, ctx as u32, &dev)?
         .to_dtype(DType::F32)?
         .reshape((ctx, 1))?

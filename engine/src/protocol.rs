@@ -182,7 +182,9 @@ impl From<&EngineError> for ErrorKind {
         match e {
             EngineError::PromptTooLong { .. } => ErrorKind::PromptTooLong,
             EngineError::Kv { .. } | EngineError::ImportIncomplete { .. } => ErrorKind::KvRefused,
-            EngineError::KvCacheFull { .. } | EngineError::QueueFull { .. } => ErrorKind::Busy,
+            EngineError::KvCacheFull { .. }
+            | EngineError::QueueFull { .. }
+            | EngineError::DecodeSlotsFull { .. } => ErrorKind::Busy,
             EngineError::UnknownRequest { .. } => ErrorKind::UnknownRequest,
             EngineError::EmptyPrompt { .. }
             | EngineError::TokenOutOfRange { .. }

@@ -352,6 +352,48 @@ fn foreign_kv_is_refused() {
     assert_eq!(dec.stats().kv_blocks_used, 0);
 }
 
+/// A decode engine with every slot taken refuses a new import as busy (retryable elsewhere).
+#[test]
+fn full_decode_engine_refuses_imports() {
+    let s = SamplingParams::greedy(4);
+    let mut pre = engine(Preset::Tiny);
+    let p = prefill(&mut pre, 1, Prompt::Text("slots".into()), s.clone());
+    let mut dec = Engine::new(EngineConfig {
+        running_max: 1,
+        ..EngineConfig::preset(Preset::Tiny)
+    })
+    .unwrap();
+    dec.import_begin(
+        1,
+        &p.header,
+        p.prompt_tokens.clone(),
+        p.first_token,
+        s.clone(),
+    )
+    .unwrap();
+    let e = dec
+        .import_begin(
+            2,
+            &p.header,
+            p.prompt_tokens.clone(),
+            p.first_token,
+            s.clone(),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(e, EngineError::DecodeSlotsFull { running_max: 1, .. }),
+        "{e}"
+    );
+    assert!(pd_engine::protocol::ErrorKind::from(&e).retryable());
+    for piece in &p.pieces {
+        dec.import_piece(1, piece).unwrap();
+    }
+    run(&mut dec, 1);
+    // Free again once the first is done.
+    dec.import_begin(2, &p.header, p.prompt_tokens.clone(), p.first_token, s)
+        .unwrap();
+}
+
 /// A decode that is cancelled mid-import or mid-decode frees its blocks and reports one
 /// terminal event.
 #[test]
