@@ -126,6 +126,8 @@ const MAX_BATCH_LIMIT: u32 = 1024;
 const COLOCATED_STEP_TOKENS: [u32; 5] = [1024, 2048, 4096, 8192, 16384];
 /// Layouts per mode that the simulator checks.
 const SIMULATED_PER_MODE: usize = 5;
+/// Engine-shape mixes per decode batch limit that the frontier considers.
+const FRONTIER_MIXES: usize = 16;
 /// Rounds of moving engines between the phases of the best disaggregated layout.
 const REFINE_ROUNDS_MAX: usize = 4;
 const SIM_REQUESTS_MIN: f64 = 400.0;
@@ -286,7 +288,8 @@ pub fn plan(req: &PlanRequest) -> Result<Plan, PlanError> {
     let decode_best: Vec<Vec<Shape>> = (0..req.pools.len())
         .map(|p| decode_shapes(&ctx, p, None))
         .collect();
-    let disagg_layouts = enumerate_disaggregated(&ctx, &prefill, &decode_best, &mut rated);
+    let disagg_layouts =
+        enumerate_disaggregated(&ctx, &prefill, &decode_best, SIMULATED_PER_MODE, &mut rated);
     let best_disagg = simulate_best(&ctx, &disagg_layouts, &mut sims)?;
     if best_disagg.is_none() {
         notes.push(if disagg_layouts.is_empty() {
@@ -300,7 +303,7 @@ pub fn plan(req: &PlanRequest) -> Result<Plan, PlanError> {
     let coloc: Vec<Vec<Shape>> = (0..req.pools.len())
         .map(|p| colocated_shapes(&ctx, p, true))
         .collect();
-    let coloc_layouts = enumerate_colocated(&ctx, &coloc, &mut rated);
+    let coloc_layouts = enumerate_colocated(&ctx, &coloc, SIMULATED_PER_MODE, &mut rated);
     let best_coloc = simulate_best(&ctx, &coloc_layouts, &mut sims)?;
     if best_coloc.is_none() {
         notes.push(if coloc_layouts.is_empty() {
@@ -719,6 +722,7 @@ fn enumerate_disaggregated(
     ctx: &Ctx,
     prefill: &[Vec<Shape>],
     decode: &[Vec<Shape>],
+    mixes: usize,
     rated: &mut u64,
 ) -> Vec<Rated> {
     let osl = ctx.req.osl as f64;
@@ -730,7 +734,7 @@ fn enumerate_disaggregated(
         .map(|(i, p)| pool_splits(p.gpus, &prefill[i], &decode[i]))
         .collect();
     let mut top = TopN {
-        n: SIMULATED_PER_MODE,
+        n: mixes,
         items: Vec::new(),
     };
     let mut chosen: Vec<&Split> = Vec::new();
@@ -768,7 +772,12 @@ fn combine<'a>(
 }
 
 /// Colocated layouts: every pool runs as many engines of one shape as fit (or none).
-fn enumerate_colocated(ctx: &Ctx, shapes: &[Vec<Shape>], rated: &mut u64) -> Vec<Rated> {
+fn enumerate_colocated(
+    ctx: &Ctx,
+    shapes: &[Vec<Shape>],
+    mixes: usize,
+    rated: &mut u64,
+) -> Vec<Rated> {
     let osl = ctx.req.osl as f64;
     let splits: Vec<Vec<Split>> = ctx
         .req
@@ -797,7 +806,7 @@ fn enumerate_colocated(ctx: &Ctx, shapes: &[Vec<Shape>], rated: &mut u64) -> Vec
         })
         .collect();
     let mut top = TopN {
-        n: SIMULATED_PER_MODE,
+        n: mixes,
         items: Vec::new(),
     };
     let mut chosen = Vec::new();
@@ -1061,9 +1070,10 @@ fn frontier(ctx: &Ctx, prefill: &[Vec<Shape>], rated: &mut u64) -> Vec<FrontierP
         let decode: Vec<Vec<Shape>> = (0..req.pools.len())
             .map(|p| decode_shapes(ctx, p, Some(b)))
             .collect();
-        if let Some((groups, per_gpu)) = enumerate_disaggregated(ctx, prefill, &decode, rated)
-            .into_iter()
-            .next()
+        // Every engine-shape mix gives a point: a wider decode TP is slower per GPU but
+        // faster per user.
+        for (groups, per_gpu) in
+            enumerate_disaggregated(ctx, prefill, &decode, FRONTIER_MIXES, rated)
         {
             let tpot = groups
                 .iter()
@@ -1088,7 +1098,7 @@ fn frontier(ctx: &Ctx, prefill: &[Vec<Shape>], rated: &mut u64) -> Vec<FrontierP
             .iter()
             .map(|v| v.iter().filter(|s| s.max_batch == b).cloned().collect())
             .collect();
-        if let Some((groups, per_gpu)) = enumerate_colocated(ctx, &at_b, rated).into_iter().next() {
+        for (groups, per_gpu) in enumerate_colocated(ctx, &at_b, FRONTIER_MIXES, rated) {
             let tpot = groups.iter().map(|(s, _)| s.tpot_s).fold(0.0, f64::max);
             points.push(FrontierPoint {
                 colocated: true,
