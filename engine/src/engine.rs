@@ -821,10 +821,7 @@ impl Engine {
             }
         }
         while budget > 0 && self.running.len() < self.cfg.running_max {
-            let Some(front) = self.waiting.front() else {
-                break;
-            };
-            let Some(seq) = self.admit(front.id) else {
+            let Some(seq) = self.admit() else {
                 break;
             };
             if seq.kind == RequestKind::Prefill {
@@ -876,10 +873,9 @@ impl Engine {
 
     /// Takes the front waiting request if the KV blocks for all its tokens can be had, after
     /// prefix-cache hits.
-    fn admit(&mut self, id: RequestId) -> Option<Seq> {
+    fn admit(&mut self) -> Option<Seq> {
         let bs = self.cfg.block_size_tokens;
         let front = self.waiting.front()?;
-        debug_assert_eq!(front.id, id);
         let total_blocks = front.tokens.len().div_ceil(bs);
         let hashes = if self.cfg.prefix_caching {
             // At least one token must be computed to get logits, so a prompt that is all
