@@ -319,7 +319,7 @@ fn deploy_command(args: &PlanArgs, req: &PlanRequest, plan: &Plan) -> Option<Str
 
 fn print_candidate(title: &str, c: Option<&Candidate>) {
     let Some(c) = c else {
-        println!("{title}: none meets the targets");
+        println!("{title}: none (see the notes below)");
         return;
     };
     println!(
@@ -397,11 +397,15 @@ fn print_human(
         println!("note: {n}");
     }
     println!();
-    println!("frontier (analytic; TTFT target met; * also meets the TPOT target):");
-    println!(
-        "  {:<13} {:>6} {:>11} {:>10}  layout",
-        "mode", "batch", "tok/s/user", "tok/s/GPU"
-    );
+    if plan.frontier.is_empty() {
+        println!("frontier: no layout meets the TTFT target");
+    } else {
+        println!("frontier (analytic; TTFT target met; * also meets the TPOT target):");
+        println!(
+            "  {:<13} {:>6} {:>11} {:>10}  layout",
+            "mode", "batch", "tok/s/user", "tok/s/GPU"
+        );
+    }
     for p in &plan.frontier {
         println!(
             "  {:<13} {:>6} {:>11.1} {:>10.0}{} {}",
@@ -431,6 +435,6 @@ fn print_human(
             }
             println!("{cmd}");
         }
-        None => println!("# no layout to deploy: relax the targets or add GPUs"),
+        None => println!("# no layout to deploy: see the notes above"),
     }
 }

@@ -84,7 +84,15 @@ impl Candidate {
 
     /// "2P6D", "8 colocated", with the GPU types where several pools are in use.
     pub fn describe(&self) -> String {
-        describe(&self.layout)
+        let mut systems: Vec<&str> = self
+            .layout
+            .groups
+            .iter()
+            .map(|g| g.system.as_str())
+            .collect();
+        systems.sort_unstable();
+        systems.dedup();
+        describe(&self.layout, systems.len() > 1)
     }
 }
 
@@ -93,6 +101,8 @@ impl Candidate {
 pub struct FrontierPoint {
     pub colocated: bool,
     pub layout: String,
+    /// GPUs the layout uses.
+    pub gpus: u32,
     pub decode_batch: u32,
     pub output_tokens_per_s_per_gpu: f64,
     pub output_tokens_per_s_per_user: f64,
@@ -1029,13 +1039,8 @@ fn evaluate(
     }))
 }
 
-fn describe(layout: &Layout) -> String {
-    let systems: Vec<&str> = {
-        let mut v: Vec<&str> = layout.groups.iter().map(|g| g.system.as_str()).collect();
-        v.sort_unstable();
-        v.dedup();
-        v
-    };
+/// "22P (TP2) + 5D (TP4)"; with `systems` (a mixed fleet) each group says its GPU type.
+fn describe(layout: &Layout, systems: bool) -> String {
     let parts: Vec<String> = layout
         .groups
         .iter()
@@ -1045,7 +1050,7 @@ fn describe(layout: &Layout) -> String {
                 Role::Decode => "D",
                 Role::Colocated => " colocated",
             };
-            let on = if systems.len() > 1 {
+            let on = if systems {
                 format!(" on {}", g.system)
             } else {
                 String::new()
@@ -1075,6 +1080,7 @@ fn frontier(ctx: &Ctx, prefill: &[Vec<Shape>], rated: &mut u64) -> Vec<FrontierP
         for (groups, per_gpu) in
             enumerate_disaggregated(ctx, prefill, &decode, FRONTIER_MIXES, rated)
         {
+            let layout = layout_of(ctx, &groups);
             let tpot = groups
                 .iter()
                 .filter(|(s, _)| s.role == Role::Decode)
@@ -1082,7 +1088,8 @@ fn frontier(ctx: &Ctx, prefill: &[Vec<Shape>], rated: &mut u64) -> Vec<FrontierP
                 .fold(0.0, f64::max);
             points.push(FrontierPoint {
                 colocated: false,
-                layout: describe(&layout_of(ctx, &groups)),
+                layout: describe(&layout, ctx.req.pools.len() > 1),
+                gpus: layout.gpus(),
                 decode_batch: b,
                 output_tokens_per_s_per_gpu: per_gpu,
                 output_tokens_per_s_per_user: 1.0 / tpot,
@@ -1099,10 +1106,12 @@ fn frontier(ctx: &Ctx, prefill: &[Vec<Shape>], rated: &mut u64) -> Vec<FrontierP
             .map(|v| v.iter().filter(|s| s.max_batch == b).cloned().collect())
             .collect();
         for (groups, per_gpu) in enumerate_colocated(ctx, &at_b, FRONTIER_MIXES, rated) {
+            let layout = layout_of(ctx, &groups);
             let tpot = groups.iter().map(|(s, _)| s.tpot_s).fold(0.0, f64::max);
             points.push(FrontierPoint {
                 colocated: true,
-                layout: describe(&layout_of(ctx, &groups)),
+                layout: describe(&layout, ctx.req.pools.len() > 1),
+                gpus: layout.gpus(),
                 decode_batch: b,
                 output_tokens_per_s_per_gpu: per_gpu,
                 output_tokens_per_s_per_user: 1.0 / tpot,
@@ -1122,11 +1131,17 @@ fn frontier(ctx: &Ctx, prefill: &[Vec<Shape>], rated: &mut u64) -> Vec<FrontierP
         })
         .cloned()
         .collect();
+    // Equal points differ only in engines that add nothing (a pool's prefill engines behind a
+    // decode bottleneck): keep the one on fewest GPUs.
     front.sort_by(|a, b| {
         a.output_tokens_per_s_per_user
             .total_cmp(&b.output_tokens_per_s_per_user)
+            .then(a.gpus.cmp(&b.gpus))
     });
-    front.dedup();
+    front.dedup_by(|later, earlier| {
+        later.output_tokens_per_s_per_user == earlier.output_tokens_per_s_per_user
+            && later.output_tokens_per_s_per_gpu == earlier.output_tokens_per_s_per_gpu
+    });
     front
 }
 
