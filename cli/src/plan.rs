@@ -3,6 +3,8 @@
 //! deploy` command that applies the plan. Everything but the file read and the timing is in
 //! `pd-planner`.
 
+use std::fmt::Write as _;
+use std::io::Write as _;
 use std::path::Path;
 use std::time::Instant;
 
@@ -58,6 +60,16 @@ pub struct PlanArgs {
 }
 
 const EX_USAGE: i32 = 64;
+
+/// `writeln!` into the output String, which cannot fail.
+macro_rules! put {
+    ($out:expr) => {{
+        let _ = writeln!($out);
+    }};
+    ($out:expr, $($arg:tt)*) => {{
+        let _ = writeln!($out, $($arg)*);
+    }};
+}
 
 /// Bad input is the operator's to fix: say what, exit 64 (EX_USAGE).
 fn usage(msg: impl std::fmt::Display) -> ! {
@@ -214,7 +226,10 @@ pub fn run(args: PlanArgs, json_out: bool) -> Result<()> {
         println!("{}", serde_json::to_string(&v)?);
         return Ok(());
     }
-    print_human(&args, &req, &plan, deploy.as_deref(), search_ms);
+    let mut out = String::new();
+    print_human(&mut out, &args, &req, &plan, deploy.as_deref(), search_ms);
+    // One write, and a closed pipe (`| head`) is not an error worth a panic.
+    let _ = std::io::stdout().write_all(out.as_bytes());
     Ok(())
 }
 
@@ -317,12 +332,13 @@ fn deploy_command(args: &PlanArgs, req: &PlanRequest, plan: &Plan) -> Option<Str
     Some(cmd)
 }
 
-fn print_candidate(title: &str, c: Option<&Candidate>) {
+fn print_candidate(out: &mut String, title: &str, c: Option<&Candidate>) {
     let Some(c) = c else {
-        println!("{title}: none (see the notes below)");
+        put!(out, "{title}: none (see the notes below)");
         return;
     };
-    println!(
+    put!(
+        out,
         "{title}: {} on {} of {} GPUs",
         c.describe(),
         c.gpus,
@@ -342,19 +358,24 @@ fn print_candidate(title: &str, c: Option<&Candidate>) {
             Role::Decode => "decode",
             Role::Colocated => "colocated",
         };
-        println!(
+        put!(
+            out,
             "  {role:<9} {} × TP{} on {} ({limits})",
-            g.workers, g.perf.tp, g.system
+            g.workers,
+            g.perf.tp,
+            g.system
         );
     }
-    println!(
+    put!(
+        out,
         "  output {:.0} tok/s/GPU, {:.1} tok/s/user, {:.2} req/s ({:.0}% of requests within both targets)",
         c.output_tokens_per_s_per_gpu,
         c.output_tokens_per_s_per_user,
         c.request_rate_per_s,
         c.slo_attainment * 100.0
     );
-    println!(
+    put!(
+        out,
         "  TTFT p50 {:.0} ms, p90 {:.0} ms; TPOT p50 {:.1} ms, p90 {:.1} ms (analytic estimate {:.0} tok/s/GPU)",
         ms(c.ttft_s.p50),
         ms(c.ttft_s.p90),
@@ -365,6 +386,7 @@ fn print_candidate(title: &str, c: Option<&Candidate>) {
 }
 
 fn print_human(
+    out: &mut String,
     args: &PlanArgs,
     req: &PlanRequest,
     plan: &Plan,
@@ -376,7 +398,8 @@ fn print_human(
         .iter()
         .map(|p| format!("{} × {}", p.gpus, p.system.name))
         .collect();
-    println!(
+    put!(
+        out,
         "{} ({} weights, {} KV) on {}; ISL {}, OSL {}; targets for 90% of requests: TTFT ≤ {} ms, TPOT ≤ {} ms",
         req.model.name,
         req.dtypes.weights,
@@ -387,27 +410,38 @@ fn print_human(
         args.ttft_ms,
         args.tpot_ms
     );
-    println!();
-    print_candidate("best disaggregated", plan.disaggregated.as_ref());
-    print_candidate("best colocated", plan.colocated.as_ref());
+    put!(out);
+    print_candidate(out, "best disaggregated", plan.disaggregated.as_ref());
+    print_candidate(out, "best colocated", plan.colocated.as_ref());
     if let Some(r) = plan.ratio {
-        println!("disaggregated / colocated: {r:.2}× output tokens/s/GPU");
+        put!(
+            out,
+            "disaggregated / colocated: {r:.2}× output tokens/s/GPU"
+        );
     }
     for n in &plan.notes {
-        println!("note: {n}");
+        put!(out, "note: {n}");
     }
-    println!();
+    put!(out);
     if plan.frontier.is_empty() {
-        println!("frontier: no layout meets the TTFT target");
+        put!(out, "frontier: no layout meets the TTFT target");
     } else {
-        println!("frontier (analytic; TTFT target met; * also meets the TPOT target):");
-        println!(
+        put!(
+            out,
+            "frontier (analytic; TTFT target met; * also meets the TPOT target):"
+        );
+        put!(
+            out,
             "  {:<13} {:>6} {:>11} {:>10}  layout",
-            "mode", "batch", "tok/s/user", "tok/s/GPU"
+            "mode",
+            "batch",
+            "tok/s/user",
+            "tok/s/GPU"
         );
     }
     for p in &plan.frontier {
-        println!(
+        put!(
+            out,
             "  {:<13} {:>6} {:>11.1} {:>10.0}{} {}",
             if p.colocated {
                 "colocated"
@@ -421,20 +455,24 @@ fn print_human(
             p.layout
         );
     }
-    println!();
-    println!(
+    put!(out);
+    put!(
+        out,
         "searched {} layouts, simulated {} runs in {:.0} ms",
-        plan.layouts_rated, plan.simulations, search_ms
+        plan.layouts_rated,
+        plan.simulations,
+        search_ms
     );
     match deploy {
         Some(cmd) => {
             if req.pools.len() > 1 {
-                println!(
+                put!(
+                    out,
                     "# GPU types per phase as listed above (deploy places roles on matching GPUs)"
                 );
             }
-            println!("{cmd}");
+            put!(out, "{cmd}");
         }
-        None => println!("# no layout to deploy: see the notes above"),
+        None => put!(out, "# no layout to deploy: see the notes above"),
     }
 }

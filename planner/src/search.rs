@@ -134,6 +134,8 @@ const TP_SIZES: [u32; 4] = [1, 2, 4, 8];
 const MAX_SEQUENCE_TOKENS: u64 = 1 << 20;
 const MAX_BATCH_LIMIT: u32 = 1024;
 const COLOCATED_STEP_TOKENS: [u32; 5] = [1024, 2048, 4096, 8192, 16384];
+/// Engines in one simulation; larger layouts are simulated as a proportional slice.
+const SIMULATED_ENGINES_MAX: u32 = 64;
 /// Layouts per mode that the simulator checks.
 const SIMULATED_PER_MODE: usize = 5;
 /// Engine-shape mixes per decode batch limit that the frontier considers.
@@ -303,7 +305,8 @@ pub fn plan(req: &PlanRequest) -> Result<Plan, PlanError> {
     let best_disagg = simulate_best(&ctx, &disagg_layouts, &mut sims)?;
     if best_disagg.is_none() {
         notes.push(if disagg_layouts.is_empty() {
-            "disaggregated: no prefill and decode engine shapes meet the targets".into()
+            "disaggregated: no split of the GPUs into prefill and decode engines meets the targets"
+                .into()
         } else {
             "disaggregated: no simulated layout met the targets for 90% of requests".into()
         });
@@ -942,7 +945,10 @@ fn gcd(a: u32, b: u32) -> u32 {
 /// Identical engines behind a balancing router behave like independent slices, so the layout
 /// is divided by the greatest common divisor of its engine counts (8P24D runs as 1P3D at an
 /// eighth of the rate): the per-GPU figures stay, the simulation shrinks. A slice's queues
-/// see less pooling than the whole, so this errs on the pessimistic side.
+/// see less pooling than the whole, so this errs on the pessimistic side. A slice of more
+/// than `SIMULATED_ENGINES_MAX` engines (fleets beyond 64 GPUs) is scaled down to about that
+/// many, each group rounded to the nearest count: its P:D ratio moves by at most a few
+/// percent, and the rate scales with the GPUs.
 fn evaluate(
     ctx: &Ctx,
     groups: &[(Shape, u32)],
@@ -957,7 +963,16 @@ fn evaluate(
     for w in &mut slice.groups {
         w.workers /= g;
     }
+    let engines: u32 = slice.groups.iter().map(|w| w.workers).sum();
+    if engines > SIMULATED_ENGINES_MAX {
+        let f = SIMULATED_ENGINES_MAX as f64 / engines as f64;
+        for w in &mut slice.groups {
+            w.workers = ((w.workers as f64 * f).round() as u32).max(1);
+        }
+    }
     let gpus = full.gpus();
+    // Full-layout rate per simulated rate.
+    let scale = gpus as f64 / slice.gpus() as f64;
     let fleet = ctx.fleet_gpus as f64;
     let osl = req.osl as f64;
     // A request lives at most this long within the targets; the first such span warms the
@@ -977,7 +992,7 @@ fn evaluate(
         let warmup = lifetime.min(requests.last().map_or(0.0, |r| r.arrival_s) / 4.0);
         simulate_after(&req.model, &slice, &requests, &req.slo, warmup)
     };
-    let per_gpu_to_rate = |per_gpu: f64| per_gpu * fleet / osl / g as f64;
+    let per_gpu_to_rate = |per_gpu: f64| per_gpu * fleet / osl / scale;
     let mut good: Option<(f64, SimReport)> = None;
     let mut bad: Option<f64> = None;
     let mut rate = per_gpu_to_rate(analytic_per_gpu);
@@ -1022,8 +1037,8 @@ fn evaluate(
     }
     let (rate, rep) = good;
     Ok(Some(Candidate {
-        request_rate_per_s: rate * g as f64,
-        output_tokens_per_s_per_gpu: rate * g as f64 * osl / fleet,
+        request_rate_per_s: rate * scale,
+        output_tokens_per_s_per_gpu: rate * scale * osl / fleet,
         output_tokens_per_s_per_user: if rep.tpot_s.mean > 0.0 {
             1.0 / rep.tpot_s.mean
         } else {
