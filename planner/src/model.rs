@@ -667,6 +667,41 @@ mod tests {
     }
 
     #[test]
+    fn qwen_windows_that_are_off_and_nested_text_configs() {
+        // Qwen3 ships a sliding window it does not use.
+        let qwen = r#"{"hidden_size":4096,"num_hidden_layers":36,"num_attention_heads":32,
+            "num_key_value_heads":8,"head_dim":128,"intermediate_size":12288,
+            "vocab_size":151936,"sliding_window":null,"use_sliding_window":false,
+            "max_window_layers":36,"tie_word_embeddings":false}"#;
+        assert_eq!(
+            parse_hf_config("Qwen3-8B", qwen).unwrap(),
+            find_model("Qwen3-8B").unwrap()
+        );
+        // Mistral-7B-v0.1: every layer slides over 4096 tokens.
+        let mistral = r#"{"hidden_size":4096,"num_hidden_layers":32,"num_attention_heads":32,
+            "num_key_value_heads":8,"intermediate_size":14336,"vocab_size":32000,
+            "sliding_window":4096}"#;
+        let m = parse_hf_config("mistral", mistral).unwrap();
+        assert_eq!(
+            m.sliding_window,
+            Some(SlidingWindow {
+                tokens: 4096,
+                layers: 32
+            })
+        );
+        assert_eq!(
+            m.kv_bytes_for_context(10_000.0, Dtype::Bf16),
+            m.kv_bytes_for_context(4096.0, Dtype::Bf16)
+        );
+        // Multimodal checkpoints keep the language model under text_config.
+        let nested = format!(r#"{{"architectures":["X"],"text_config":{LLAMA_8B}}}"#);
+        assert_eq!(
+            parse_hf_config("Llama-3.1-8B", &nested).unwrap(),
+            find_model("Llama-3.1-8B").unwrap()
+        );
+    }
+
+    #[test]
     fn a_missing_field_is_named() {
         let err = parse_hf_config("x", r#"{"hidden_size":4096,"num_attention_heads":32}"#);
         assert_eq!(

@@ -14,15 +14,17 @@ fn plan(args: &[&str]) -> std::process::Output {
 }
 
 /// `--json` prints exactly one JSON object with both modes (each with the documented fields),
-/// the ratio between them and the frontier; 64 GPUs take well under 5 s.
+/// the ratio between them and the frontier; 64 GPUs take under 5 s.
 #[test]
 fn json_has_both_modes_the_ratio_and_the_frontier_in_under_5_s() {
     let started = Instant::now();
+    // The slowest catalog plan seen at 64 GPUs: a small MoE on the fastest GPUs fills many
+    // engines with large batches, so the simulations are the longest.
     let out = plan(&[
         "--model",
-        "Llama-3.1-70B",
+        "gpt-oss-120b",
         "--system",
-        "h100_sxm",
+        "b200_sxm",
         "--total-gpus",
         "64",
         "--isl",
@@ -70,7 +72,7 @@ fn json_has_both_modes_the_ratio_and_the_frontier_in_under_5_s() {
         v["deploy"]
             .as_str()
             .unwrap()
-            .starts_with("pdctl deploy llama-3.1-70b")
+            .starts_with("pdctl deploy gpt-oss-120b")
     );
 }
 
