@@ -68,6 +68,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The built-in reference engine: serve (an engine process), generate (one request,
+    /// monolithic or disaggregated), bench.
+    Engine {
+        #[command(subcommand)]
+        command: pdagent::engine::cli::EngineCommand,
+    },
     /// Ping a peer agent over the transport with this node's certificate.
     Ping {
         #[command(flatten)]
@@ -93,6 +99,17 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
+        Command::Engine { command } => {
+            logging::init(config::LogFormat::Human, "warn");
+            match pdagent::engine::cli::run(command) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(pdagent::engine::cli::EngineFailure::Usage(e)) => {
+                    eprintln!("pdagent engine: {e}");
+                    ExitCode::from(EX_USAGE)
+                }
+                Err(pdagent::engine::cli::EngineFailure::Failed(e)) => fail(e),
+            }
+        }
         Command::Run {
             args,
             bootstrap,

@@ -1,0 +1,223 @@
+//! KV shipping between hosts: the prefill side sends each KV piece (one layer, a token range)
+//! on its own QUIC bulk stream the moment its engine hands it out; the decode side collects
+//! the pieces of a shipment and hands them to its engine in order.
+//!
+//! On the wire a piece is one bulk stream: `BulkHeader { transfer_id: shipment, offset: piece
+//! sequence number, len: piece bytes, meta: the 48-byte KV header }`, then the piece as
+//! `KvPiece::to_bytes` (16-byte piece header, then K rows, then V rows). Every piece carries the
+//! KV header, so a receiver can check model fingerprint and layout on the first byte it sees.
+//! How many pieces make a shipment is told separately, when the prefill ends (the prefill
+//! engine's first token comes last, after the last layer).
+//!
+//! A stream cut short fails its shipment at once: the waiting decode side learns immediately,
+//! not after a timeout.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use pd_engine::{KV_HEADER_BYTES, KvHeader, KvPiece};
+use pd_transport::{BulkHeader, BulkReader, Connection, TransportError};
+use tokio::sync::Notify;
+
+/// Shipments a decode side holds at once; more are refused.
+pub const SHIPMENTS_IN_FLIGHT_MAX: usize = 1024;
+/// Largest piece accepted (one layer of a long context).
+pub const KV_PIECE_BYTES_MAX: u64 = 512 << 20;
+
+/// Sends the pieces of one shipment over `conn`.
+pub struct KvSender {
+    conn: Connection,
+    shipment: u64,
+    header: [u8; KV_HEADER_BYTES],
+    sent_pieces: u64,
+    /// KV payload bytes (the K and V rows, without headers).
+    pub payload_bytes: u64,
+}
+
+impl KvSender {
+    pub fn new(conn: Connection, shipment: u64, header: &KvHeader) -> Self {
+        KvSender {
+            conn,
+            shipment,
+            header: header.to_bytes(),
+            sent_pieces: 0,
+            payload_bytes: 0,
+        }
+    }
+
+    /// Sends one piece on its own stream and waits until the peer has it.
+    pub async fn send(&mut self, piece: &KvPiece) -> Result<(), TransportError> {
+        let bytes = Bytes::from(piece.to_bytes());
+        let header = BulkHeader {
+            transfer_id: self.shipment,
+            offset: self.sent_pieces,
+            len: bytes.len() as u64,
+            total_len: 0,
+            meta: self.header.to_vec(),
+        };
+        self.conn.send_bulk(&header, bytes).await?;
+        self.sent_pieces += 1;
+        self.payload_bytes += piece.data.len() as u64;
+        Ok(())
+    }
+
+    pub fn pieces(&self) -> u64 {
+        self.sent_pieces
+    }
+}
+
+#[derive(Default)]
+struct Shipment {
+    header: Option<KvHeader>,
+    pieces: Vec<KvPiece>,
+    payload_bytes: u64,
+    failed: Option<String>,
+}
+
+/// What arrived for a shipment, pieces in the order an engine imports them.
+#[derive(Debug)]
+pub struct Arrived {
+    pub header: KvHeader,
+    pub pieces: Vec<KvPiece>,
+    pub payload_bytes: u64,
+}
+
+/// The decode side's collection of shipments in progress.
+#[derive(Default, Clone)]
+pub struct KvInbox {
+    shipments: Arc<Mutex<HashMap<u64, Shipment>>>,
+    changed: Arc<Notify>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KvShipError {
+    #[error("KV shipment {shipment} failed: {why}")]
+    Failed { shipment: u64, why: String },
+    #[error("KV shipment {shipment}: {got} of {expected} pieces after {ms} ms")]
+    Timeout {
+        shipment: u64,
+        got: usize,
+        expected: u64,
+        ms: u64,
+    },
+}
+
+impl KvInbox {
+    /// Consumes one piece stream (from `Service::bulk`). Refused or cut streams fail their
+    /// shipment at once.
+    pub async fn accept(&self, header: BulkHeader, mut body: BulkReader) -> Result<(), String> {
+        let shipment = header.transfer_id;
+        let fail = |why: String| {
+            self.fail(shipment, &why);
+            why
+        };
+        if header.len > KV_PIECE_BYTES_MAX {
+            body.refuse();
+            return Err(fail(format!(
+                "a KV piece of {} bytes is over the limit",
+                header.len
+            )));
+        }
+        let kv = KvHeader::from_bytes(&header.meta).map_err(|e| fail(e.to_string()))?;
+        {
+            let s = self.shipments.lock().unwrap_or_else(|p| p.into_inner());
+            if !s.contains_key(&shipment) && s.len() >= SHIPMENTS_IN_FLIGHT_MAX {
+                drop(s);
+                body.refuse();
+                return Err(format!(
+                    "{SHIPMENTS_IN_FLIGHT_MAX} KV shipments in flight; refusing more"
+                ));
+            }
+        }
+        let mut data = Vec::with_capacity(header.len as usize);
+        loop {
+            match body.chunk().await {
+                Ok(Some(c)) => data.extend_from_slice(&c),
+                Ok(None) => break,
+                Err(e) => return Err(fail(e.to_string())),
+            }
+        }
+        let piece = KvPiece::from_bytes(&data, &kv.geometry).map_err(|e| fail(e.to_string()))?;
+        {
+            let mut s = self.shipments.lock().unwrap_or_else(|p| p.into_inner());
+            let entry = s.entry(shipment).or_default();
+            if entry.header.is_some_and(|h| h != kv) {
+                entry.failed = Some("pieces of one shipment disagree on the KV header".into());
+            }
+            entry.header = Some(kv);
+            entry.payload_bytes += piece.data.len() as u64;
+            entry.pieces.push(piece);
+        }
+        self.changed.notify_waiters();
+        Ok(())
+    }
+
+    /// Marks a shipment failed (a cut stream, a cancelled request).
+    pub fn fail(&self, shipment: u64, why: &str) {
+        self.shipments
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(shipment)
+            .or_default()
+            .failed = Some(why.to_string());
+        self.changed.notify_waiters();
+    }
+
+    /// Drops what is held for a shipment.
+    pub fn forget(&self, shipment: u64) {
+        self.shipments
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&shipment);
+    }
+
+    /// Waits until `pieces` pieces of `shipment` arrived (or it failed, or `timeout` passed);
+    /// returns them sorted by layer and token range, and forgets the shipment.
+    pub async fn complete(
+        &self,
+        shipment: u64,
+        pieces: u64,
+        timeout: Duration,
+    ) -> Result<Arrived, KvShipError> {
+        let until = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.changed.notified();
+            {
+                let mut s = self.shipments.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(sh) = s.get(&shipment) {
+                    if let Some(why) = &sh.failed {
+                        let why = why.clone();
+                        s.remove(&shipment);
+                        return Err(KvShipError::Failed { shipment, why });
+                    }
+                    if sh.pieces.len() as u64 >= pieces {
+                        let mut sh = s.remove(&shipment).expect("present");
+                        sh.pieces.sort_by_key(|p| (p.layer, p.token_start));
+                        let header = sh.header.expect("a piece sets the header");
+                        return Ok(Arrived {
+                            header,
+                            pieces: sh.pieces,
+                            payload_bytes: sh.payload_bytes,
+                        });
+                    }
+                }
+            }
+            if tokio::time::timeout_at(until, notified).await.is_err() {
+                let got = self
+                    .shipments
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&shipment)
+                    .map_or(0, |s| s.pieces.len());
+                return Err(KvShipError::Timeout {
+                    shipment,
+                    got,
+                    expected: pieces,
+                    ms: timeout.as_millis() as u64,
+                });
+            }
+        }
+    }
+}
