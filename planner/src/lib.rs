@@ -28,7 +28,7 @@ pub use model::{ModelSpec, find_model, parse_hf_config};
 pub use perf::{
     Calibration, DecodeSample, Efficiency, PerfModel, PrefillSample, StepCost, StepLoad,
 };
-pub use search::{Candidate, FrontierPoint, GpuPool, Plan, PlanRequest, plan};
+pub use search::{Candidate, FrontierPoint, GoodputSearch, GpuPool, Plan, PlanRequest, plan};
 pub use sim::{Layout, Role, SimReport, Summary, WorkerGroup, simulate, simulate_after};
 pub use system::{SystemSpec, find_system, system_for_nvml_name};
 pub use workload::{LengthDist, Request, SLO_ATTAINMENT_TARGET, Slo, Workload};

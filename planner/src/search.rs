@@ -1,15 +1,19 @@
 //! The layout search: tensor parallelism per phase, prefill and decode engine counts (xPyD)
 //! and batch limits, disaggregated and colocated, over one or several GPU types.
 //!
-//! Two stages. The analytic stage rates every engine shape on its own — a prefill engine's
-//! request rate at which the TTFT target still holds at p90 (an M/D/1 queue in front of its
-//! step), a decode engine's rate at the largest batch whose step meets the TPOT target —
-//! and enumerates every split of every GPU pool between the phases, which costs a few
-//! multiplications each. The simulation stage takes the best few layouts of each mode and
-//! finds by bisection the highest Poisson arrival rate at which 90% of requests meet both
-//! targets (the goodput); the best simulated layout wins. The frontier comes from the
-//! analytic stage: for each decode batch limit, the best layout, as tokens/s/GPU against
-//! tokens/s/user.
+//! Two stages. The analytic stage rates every engine shape on its own — prefill engines by
+//! the request rate at which TTFT still holds at p90 (x engines behind one router as an M/D/c
+//! queue), decode engines at the largest batch whose step meets the TPOT target, colocated
+//! engines by the share of steps their prompt chunks take — and enumerates every split of
+//! every GPU pool between the phases, a few multiplications each. The simulation stage takes
+//! the best layout of each of the best few engine-shape mixes per mode, finds by bisection
+//! the highest Poisson arrival rate at which 90% of requests meet both targets (the
+//! goodput), and improves the winner by local moves while the simulator agrees. The frontier
+//! comes from the analytic stage: for each decode batch limit and shape mix, tokens/s/GPU
+//! against tokens/s/user, keeping the points nothing beats on both.
+//!
+//! Per-GPU figures divide by every GPU of the pools that can hold the model, so GPUs a
+//! layout leaves idle count against it.
 
 use crate::sim::{Layout, Role, WorkerGroup, simulate_after};
 use crate::{
@@ -140,9 +144,12 @@ const SIMULATED_ENGINES_MAX: u32 = 64;
 const SIMULATED_PER_MODE: usize = 5;
 /// Engine-shape mixes per decode batch limit that the frontier considers.
 const FRONTIER_MIXES: usize = 16;
-/// Rounds of moving engines between the phases of the best disaggregated layout.
+/// Rounds of local moves on the best simulated layout of a mode.
 const REFINE_ROUNDS_MAX: usize = 4;
-const SIM_REQUESTS_MIN: f64 = 400.0;
+/// Small layouts need a long run too: an arrival rate a few percent above capacity shows
+/// only as a backlog that grows with time, and must grow past the TTFT target's slack
+/// within the measured span to be caught.
+const SIM_REQUESTS_MIN: f64 = 2_000.0;
 /// Enough for 4 lifetimes of the largest fleets' decode batches (64 engines × 1024).
 const SIM_REQUESTS_MAX: f64 = 300_000.0;
 
@@ -975,66 +982,19 @@ fn evaluate(
     let scale = gpus as f64 / slice.gpus() as f64;
     let fleet = ctx.fleet_gpus as f64;
     let osl = req.osl as f64;
-    // A request lives at most this long within the targets; the first such span warms the
-    // system up (decode batches fill), three more are measured.
-    let lifetime = req.slo.ttft_s + osl * req.slo.tpot_s;
-    let run = |rate: f64, sims: &mut u32| -> Result<SimReport, PlanError> {
-        *sims += 1;
-        let n = (4.0 * rate * lifetime).clamp(SIM_REQUESTS_MIN, SIM_REQUESTS_MAX) as u32;
-        let requests = Workload::Poisson {
-            rate_per_s: rate,
-            isl: LengthDist::Fixed(req.isl),
-            osl: LengthDist::Fixed(req.osl),
-            requests: n,
-            seed: req.seed,
-        }
-        .requests()?;
-        let warmup = lifetime.min(requests.last().map_or(0.0, |r| r.arrival_s) / 4.0);
-        simulate_after(&req.model, &slice, &requests, &req.slo, warmup)
-    };
     let per_gpu_to_rate = |per_gpu: f64| per_gpu * fleet / osl / scale;
-    let mut good: Option<(f64, SimReport)> = None;
-    let mut bad: Option<f64> = None;
-    let mut rate = per_gpu_to_rate(analytic_per_gpu);
-    if let Some(best) = to_beat {
-        let floor = per_gpu_to_rate(best * 1.01);
-        let rep = run(floor, sims)?;
-        if !rep.meets_target() {
-            return Ok(None);
-        }
-        good = Some((floor, rep));
-        rate = (floor * 1.4).max(rate);
-    }
-    for _ in 0..6 {
-        let rep = run(rate, sims)?;
-        if rep.meets_target() {
-            good = Some((rate, rep));
-            if bad.is_some() {
-                break;
-            }
-            rate *= 1.4;
-        } else {
-            bad = Some(rate);
-            if good.is_some() {
-                break;
-            }
-            rate *= 0.6;
-        }
-    }
-    let Some(mut good) = good else {
+    let search = GoodputSearch {
+        model: &req.model,
+        layout: &slice,
+        isl: LengthDist::Fixed(req.isl),
+        osl: LengthDist::Fixed(req.osl),
+        slo: req.slo,
+        seed: req.seed,
+    };
+    let floor = to_beat.map(|best| per_gpu_to_rate(best * 1.01));
+    let Some(good) = search.run(per_gpu_to_rate(analytic_per_gpu), floor, sims)? else {
         return Ok(None);
     };
-    if let Some(mut hi) = bad {
-        for _ in 0..4 {
-            let mid = (good.0 * hi).sqrt();
-            let rep = run(mid, sims)?;
-            if rep.meets_target() {
-                good = (mid, rep);
-            } else {
-                hi = mid;
-            }
-        }
-    }
     let (rate, rep) = good;
     Ok(Some(Candidate {
         request_rate_per_s: rate * scale,
@@ -1052,6 +1012,107 @@ fn evaluate(
         fleet_gpus: ctx.fleet_gpus,
         layout: full,
     }))
+}
+
+/// The goodput of one layout: the highest Poisson arrival rate at which 90% of requests
+/// meet both targets, found by simulation.
+pub struct GoodputSearch<'a> {
+    pub model: &'a ModelSpec,
+    pub layout: &'a Layout,
+    pub isl: LengthDist,
+    pub osl: LengthDist,
+    pub slo: Slo,
+    pub seed: u64,
+}
+
+impl GoodputSearch<'_> {
+    /// The goodput in requests/s and the simulation at that rate, searching from
+    /// `start_rate_per_s` (an estimate); `None` when even much lower rates miss the targets.
+    pub fn goodput(&self, start_rate_per_s: f64) -> Result<Option<(f64, SimReport)>, PlanError> {
+        let mut sims = 0;
+        self.run(start_rate_per_s, None, &mut sims)
+    }
+
+    /// One simulation at `rate` requests/s. A request lives at most ttft + OSL·tpot within
+    /// the targets; the first such span warms the system up (decode batches fill) and is
+    /// not measured, three more are.
+    pub fn simulate_at(&self, rate: f64) -> Result<SimReport, PlanError> {
+        let lifetime = self.slo.ttft_s + self.osl.mean() * self.slo.tpot_s;
+        let n = (4.0 * rate * lifetime).clamp(SIM_REQUESTS_MIN, SIM_REQUESTS_MAX) as u32;
+        let requests = Workload::Poisson {
+            rate_per_s: rate,
+            isl: self.isl.clone(),
+            osl: self.osl.clone(),
+            requests: n,
+            seed: self.seed,
+        }
+        .requests()?;
+        let warmup = lifetime.min(requests.last().map_or(0.0, |r| r.arrival_s) / 4.0);
+        simulate_after(self.model, self.layout, &requests, &self.slo, warmup)
+    }
+
+    /// Steps by ×1.4 (up) or ×0.6 (down) from `start` until the targets flip, then bisects
+    /// 4 times (to within 2%). With `floor`, one run there first: a layout that misses at
+    /// the floor is not worth a search (`None`).
+    fn run(
+        &self,
+        start: f64,
+        floor: Option<f64>,
+        sims: &mut u32,
+    ) -> Result<Option<(f64, SimReport)>, PlanError> {
+        if !(start > 0.0 && start.is_finite()) {
+            return Err(PlanError::invalid(
+                "goodput search",
+                format!("start rate {start}/s"),
+            ));
+        }
+        let mut run = |rate: f64| {
+            *sims += 1;
+            self.simulate_at(rate)
+        };
+        let mut good: Option<(f64, SimReport)> = None;
+        let mut bad: Option<f64> = None;
+        let mut rate = start;
+        if let Some(floor) = floor {
+            let rep = run(floor)?;
+            if !rep.meets_target() {
+                return Ok(None);
+            }
+            good = Some((floor, rep));
+            rate = (floor * 1.4).max(rate);
+        }
+        for _ in 0..6 {
+            let rep = run(rate)?;
+            if rep.meets_target() {
+                good = Some((rate, rep));
+                if bad.is_some() {
+                    break;
+                }
+                rate *= 1.4;
+            } else {
+                bad = Some(rate);
+                if good.is_some() {
+                    break;
+                }
+                rate *= 0.6;
+            }
+        }
+        let Some(mut good) = good else {
+            return Ok(None);
+        };
+        if let Some(mut hi) = bad {
+            for _ in 0..4 {
+                let mid = (good.0 * hi).sqrt();
+                let rep = run(mid)?;
+                if rep.meets_target() {
+                    good = (mid, rep);
+                } else {
+                    hi = mid;
+                }
+            }
+        }
+        Ok(Some(good))
+    }
 }
 
 /// "22P (TP2) + 5D (TP4)"; with `systems` (a mixed fleet) each group says its GPU type.
@@ -1220,6 +1281,72 @@ mod tests {
         assert!((0.015 + wait - 0.040).abs() < 1e-6, "{rate} {wait}");
         assert!(max_rate_within(4, mu, 0.015, 0.040) > 4.0 * rate);
         assert_eq!(max_rate_within(1, mu, 0.05, 0.04), 0.0);
+    }
+
+    /// A decode engine that holds 16 sequences, 10 ms per step, 50 steps per request, serves
+    /// at most 32 requests/s; past that, KV waits for memory and TTFT grows without bound.
+    #[test]
+    fn goodput_finds_the_capacity_of_a_memory_bound_decode_engine() {
+        let model = crate::parse_hf_config(
+            "tiny",
+            r#"{"hidden_size":256,"num_hidden_layers":4,"num_attention_heads":4,
+                "num_key_value_heads":2,"intermediate_size":512,"vocab_size":1024}"#,
+        )
+        .unwrap();
+        let cal = |prefill_base_s: f64, decode_base_s: f64| Calibration {
+            prefill_base_s,
+            prefill_per_token_s: 0.0,
+            prefill_per_square_token_s: 0.0,
+            decode_base_s,
+            decode_per_seq_s: 0.0,
+            decode_per_context_token_s: 0.0,
+        };
+        let engine = |memory: f64| {
+            let host = SystemSpec::measured_host("host", memory, 1e12);
+            PerfModel::new(
+                &model,
+                &host,
+                Dtypes::bf16(),
+                1,
+                StepCost::Measured(cal(1e-3, 0.01)),
+            )
+            .unwrap()
+        };
+        let per_seq = model.kv_bytes_for_context(151.0, Dtype::Bf16);
+        let weights = model.weight_bytes(Dtype::Bf16);
+        let group = |role, perf, max_batch, max_step_tokens| WorkerGroup {
+            system: "host".into(),
+            role,
+            workers: 1,
+            perf,
+            max_batch,
+            max_step_tokens,
+        };
+        let layout = Layout {
+            groups: vec![
+                group(Role::Prefill, engine(1e9), 0, 100),
+                group(Role::Decode, engine(weights + 16.5 * per_seq), 1000, 0),
+            ],
+        };
+        let search = GoodputSearch {
+            model: &model,
+            layout: &layout,
+            isl: LengthDist::Fixed(100),
+            osl: LengthDist::Fixed(51),
+            slo: Slo {
+                ttft_s: 2.0,
+                tpot_s: 0.02,
+            },
+            seed: 5,
+        };
+        let capacity = 16.0 / (50.0 * 0.01);
+        let (rate, rep) = search.goodput(10.0).unwrap().expect("a goodput");
+        assert!(
+            rate > 0.8 * capacity && rate < 1.02 * capacity,
+            "{rate} vs {capacity}"
+        );
+        assert!(rep.meets_target());
+        assert!(!search.simulate_at(1.1 * capacity).unwrap().meets_target());
     }
 
     #[test]
