@@ -162,7 +162,7 @@ struct Shape {
     max_batch: u32,
     max_step_tokens: u32,
     /// Requests per second one engine sustains within the targets.
-    rate_per_worker: f64,
+    requests_per_s_per_engine: f64,
     /// Predicted mean step (decode) or TPOT (colocated).
     tpot_s: f64,
     /// Prefill: for x engines (index x − 1), the rate they sustain together and the step
@@ -176,7 +176,7 @@ impl Shape {
     fn rate(&self, x: u32) -> f64 {
         match self.by_count.get(x as usize - 1) {
             Some((rate, _)) => *rate,
-            None => self.rate_per_worker * x as f64,
+            None => self.requests_per_s_per_engine * x as f64,
         }
     }
 
@@ -184,7 +184,7 @@ impl Shape {
     fn for_count(&self, x: u32) -> Shape {
         let mut s = self.clone();
         if let Some(&(rate, tokens)) = self.by_count.get(x as usize - 1) {
-            s.rate_per_worker = rate / x as f64;
+            s.requests_per_s_per_engine = rate / x as f64;
             s.max_step_tokens = tokens;
         }
         s
@@ -482,7 +482,7 @@ fn prefill_shapes(ctx: &Ctx) -> Vec<Vec<Shape>> {
                         tp,
                         max_batch: 0,
                         max_step_tokens: by_count[0].1,
-                        rate_per_worker: by_count[0].0,
+                        requests_per_s_per_engine: by_count[0].0,
                         tpot_s: 0.0,
                         by_count,
                     });
@@ -536,7 +536,7 @@ fn decode_shapes(ctx: &Ctx, pool: usize, batch: Option<u32>) -> Vec<Shape> {
             tp,
             max_batch: b,
             max_step_tokens: 0,
-            rate_per_worker: mean_batch / (steps * step),
+            requests_per_s_per_engine: mean_batch / (steps * step),
             tpot_s: perf.decode_s(b as f64, context),
             by_count: Vec::new(),
         });
@@ -599,7 +599,8 @@ fn colocated_shapes(ctx: &Ctx, pool: usize, best_only: bool) -> Vec<Shape> {
                     tp,
                     max_batch: b,
                     max_step_tokens: budget,
-                    rate_per_worker: b as f64 * DECODE_OCCUPANCY / ((osl - 1.0).max(1.0) * tpot),
+                    requests_per_s_per_engine: b as f64 * DECODE_OCCUPANCY
+                        / ((osl - 1.0).max(1.0) * tpot),
                     tpot_s: tpot,
                     by_count: Vec::new(),
                 };
@@ -607,7 +608,7 @@ fn colocated_shapes(ctx: &Ctx, pool: usize, best_only: bool) -> Vec<Shape> {
                     out.push(shape);
                 } else if best
                     .as_ref()
-                    .is_none_or(|s| shape.rate_per_worker > s.rate_per_worker)
+                    .is_none_or(|s| shape.requests_per_s_per_engine > s.requests_per_s_per_engine)
                 {
                     best = Some(shape);
                 }
@@ -816,7 +817,7 @@ fn enumerate_colocated(
                 if n > 0 {
                     v.push(Split {
                         prefill_rate: 0.0,
-                        decode_rate: s.rate_per_worker * n as f64,
+                        decode_rate: s.requests_per_s_per_engine * n as f64,
                         gpus: n * s.tp,
                         groups: vec![(s.clone(), n)],
                     });

@@ -228,7 +228,7 @@ struct Worker {
     /// Colocated: tokens each of the first prefilling prompts gets in the running step.
     chunks: Vec<u32>,
     /// Σ running × step duration, for the time-averaged batch.
-    batch_time: f64,
+    batch_sequence_s: f64,
 }
 
 struct ReqState {
@@ -308,7 +308,7 @@ pub fn simulate_after(
                 batch: DecodeBatch::default(),
                 prefilling: VecDeque::new(),
                 chunks: Vec::new(),
-                batch_time: 0.0,
+                batch_sequence_s: 0.0,
             });
         }
     }
@@ -592,7 +592,7 @@ impl Sim<'_> {
         worker.step_start_s = now;
         let load = StepLoad::decode(worker.batch.running as f64, worker.batch.context_sum());
         let dt = self.layout.groups[g].perf.step_s(&load);
-        worker.batch_time += worker.batch.running as f64 * dt;
+        worker.batch_sequence_s += worker.batch.running as f64 * dt;
         self.push(now + dt, Kind::StepDone(d as u32));
     }
 
@@ -659,7 +659,7 @@ impl Sim<'_> {
         }
         worker.busy = true;
         let dt = group.perf.step_s(&load);
-        worker.batch_time += worker.batch.running as f64 * dt;
+        worker.batch_sequence_s += worker.batch.running as f64 * dt;
         self.push(now + dt, Kind::StepDone(w as u32));
     }
 
@@ -735,7 +735,7 @@ impl Sim<'_> {
             .iter()
             .filter(|w| self.layout.groups[w.group].role != Role::Prefill)
             .collect();
-        let mean_batch = decoders.iter().map(|w| w.batch_time).sum::<f64>()
+        let mean_batch = decoders.iter().map(|w| w.batch_sequence_s).sum::<f64>()
             / (duration * decoders.len().max(1) as f64);
         let measured = (hi - lo) as u32;
         SimReport {
