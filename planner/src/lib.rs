@@ -9,6 +9,10 @@
 //! one layout) and [`search`] (xPyD and parallelism, disaggregated and colocated, over one or
 //! several GPU types). The CLI (`pdctl plan`) reads files and prints; this crate only
 //! computes, deterministically.
+//!
+//! Architecture invariant: nothing here is `Serialize` and nothing takes a path — the CLI
+//! (and later the coordinator) own the formats; `config.json` comes in as text. The same
+//! inputs and seed give the same plan on every machine.
 
 #![forbid(unsafe_code)]
 
