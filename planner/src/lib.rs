@@ -12,7 +12,7 @@
 //!
 //! Architecture invariant: nothing here is `Serialize` and nothing takes a path — the CLI
 //! (and later the coordinator) own the formats; `config.json` comes in as text. The same
-//! inputs and seed give the same plan on every machine.
+//! inputs and seed give the same plan on every run.
 
 #![forbid(unsafe_code)]
 
