@@ -24,6 +24,7 @@ pub struct PlanArgs {
     /// GPU type of a uniform fleet (with --total-gpus).
     #[arg(long, required_unless_present = "gpus", conflicts_with = "gpus")]
     system: Option<String>,
+    /// GPUs of that type the plan may use.
     #[arg(long, requires = "system", conflicts_with = "gpus")]
     total_gpus: Option<u32>,
     /// A mixed fleet, TYPE:COUNT,...: e.g. h100_sxm:16,a100_sxm:16. The search decides which
