@@ -1013,6 +1013,45 @@ mod tests {
         assert!((r.tpot_s.mean - decode / 10.0).abs() < 1e-12);
     }
 
+    /// Under load, a colocated engine's decode steps carry prompt chunks part of the time: its
+    /// TPOT lies between a pure decode step and a full mixed step, and the share of mixed
+    /// steps matches the prompt tokens that must go through, φ = λ·ISL·T/chunk.
+    #[test]
+    fn colocated_prompt_chunks_stretch_tpot_by_their_share_of_steps() {
+        let m = tiny();
+        let c = Calibration {
+            prefill_base_s: 0.010,
+            prefill_per_token_s: 1e-5,
+            prefill_per_square_token_s: 0.0,
+            decode_base_s: 0.010,
+            decode_per_seq_s: 0.0,
+            decode_per_context_token_s: 0.0,
+        };
+        let budget = 264u32;
+        let layout = Layout {
+            groups: vec![group(Role::Colocated, measured(&m, c, 1e9), 64, budget)],
+        };
+        let (rate, isl, osl) = (20.0, 200u32, 41u32);
+        let r = simulate(&m, &layout, &poisson(rate, isl, osl, 20_000), &LOOSE).unwrap();
+        // A decode-only step is 10 ms; one with a full 200-token prompt 12 ms.
+        let (decode, mixed) = (0.010, 0.010 + 1e-5 * 200.0);
+        assert!(
+            r.tpot_s.mean > decode && r.tpot_s.mean < mixed,
+            "{:?}",
+            r.tpot_s
+        );
+        // Every prompt is one chunk (budget − batch ≥ 200 while the batch stays under 64):
+        // mixed steps per second = λ, so the mean step is T_d + λ·T·(T_m − T_d) per token.
+        let mean_step = decode / (1.0 - rate * (mixed - decode));
+        let share = rate * mean_step;
+        let want = decode + share * (mixed - decode);
+        assert!(
+            ((r.tpot_s.mean - want) / want).abs() < 0.02,
+            "TPOT {} vs {want}",
+            r.tpot_s.mean
+        );
+    }
+
     #[test]
     fn same_inputs_same_report_and_bad_layouts_are_refused() {
         let m = tiny();
