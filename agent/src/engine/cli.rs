@@ -229,11 +229,19 @@ pub fn run(cmd: EngineCommand) -> Result<(), EngineFailure> {
                 ..BenchOptions::default()
             };
             let r = pd_engine::bench(&cfg, &opts).map_err(|e| EngineFailure::Failed(e.into()))?;
+            // The baseline measured in the same run: decode at batch 1.
+            let base = r.decode.first().map_or(0.0, |d| d.tokens_per_s);
+            let speedup = |tps: f64| if base > 0.0 { tps / base } else { 0.0 };
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string(&r).map_err(|e| EngineFailure::Failed(e.into()))?
-                );
+                let mut v =
+                    serde_json::to_value(&r).map_err(|e| EngineFailure::Failed(e.into()))?;
+                v["decode_speedup_vs_batch_1"] = r
+                    .decode
+                    .iter()
+                    .map(|d| speedup(d.tokens_per_s))
+                    .collect::<Vec<f64>>()
+                    .into();
+                println!("{v}");
             } else {
                 println!(
                     "model {} on {} compute thread(s)",
@@ -245,8 +253,12 @@ pub fn run(cmd: EngineCommand) -> Result<(), EngineFailure> {
                 );
                 for d in &r.decode {
                     println!(
-                        "decode batch {:>3} at context {}: step {:.2} ms, {:.0} tokens/s",
-                        d.batch, d.context_tokens, d.step_ms, d.tokens_per_s
+                        "decode batch {:>3} at context {}: step {:.2} ms, {:.0} tokens/s, {:.2}x batch 1",
+                        d.batch,
+                        d.context_tokens,
+                        d.step_ms,
+                        d.tokens_per_s,
+                        speedup(d.tokens_per_s)
                     );
                 }
             }
