@@ -294,6 +294,63 @@ fn engine_exits_without_its_agent_and_obeys_test_faults() {
         || e.child.try_wait().unwrap(),
     );
     assert_eq!(status.code(), Some(101));
+    // A slow start delays the hello; a refuse_kv engine refuses every import; a hanging engine
+    // stops answering after its tokens (the process stays).
+    let sock = dir.path().join("faults.sock");
+    let started = std::time::Instant::now();
+    let _e = serve(
+        &sock,
+        &[
+            "--test-faults",
+            "slow_start_ms=1500,refuse_kv,hang_after_tokens=2",
+        ],
+    );
+    rt().block_on(async {
+        let c = connect(&sock).await;
+        assert!(started.elapsed() >= Duration::from_millis(1500));
+        let header = pd_engine::KvHeader {
+            geometry: c.hello().kv,
+            token_count: 1,
+        };
+        let mut rx = c
+            .submit(AgentMessage::Decode {
+                id: 9,
+                header,
+                prompt_tokens: vec![65],
+                first_token: 66,
+                sampling: greedy(4),
+            })
+            .await
+            .unwrap();
+        match rx.recv().await.unwrap().0 {
+            EngineMessage::Error { kind, .. } => {
+                assert_eq!(kind, pd_engine::protocol::ErrorKind::KvRefused)
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut rx = c
+            .submit(AgentMessage::Generate {
+                id: 10,
+                prompt: Prompt::Text("hang".into()),
+                sampling: greedy(50),
+            })
+            .await
+            .unwrap();
+        let mut tokens = 0;
+        while let Ok(Some((m, _))) = tokio::time::timeout(Duration::from_secs(3), rx.recv()).await {
+            assert!(!matches!(m, EngineMessage::Finished { .. }), "{m:?}");
+            if matches!(m, EngineMessage::Token { .. }) {
+                tokens += 1;
+            }
+        }
+        assert_eq!(tokens, 2, "a hung engine sends nothing more");
+        assert!(
+            tokio::time::timeout(Duration::from_secs(2), c.stats())
+                .await
+                .is_err(),
+            "a hung engine does not answer"
+        );
+    });
     // Unknown faults are usage errors.
     let out = pdagent(&[
         "engine",
