@@ -12,11 +12,13 @@
 #![forbid(unsafe_code)]
 
 pub mod network;
+pub mod placement;
 pub mod state;
 pub mod store;
 pub mod types;
 
 pub use state::{
-    AdminState, Applied, ApplyError, ClusterState, Command, CommandResult, NodeHealth, NodeRecord,
+    AdminState, Applied, ApplyError, Assignment, ClusterState, Command, CommandResult, Deployment,
+    EngineRole, Layout, NodeHealth, NodeRecord, Placed,
 };
 pub use types::{NodeId, RaftPeer, TypeConfig};

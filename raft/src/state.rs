@@ -62,6 +62,89 @@ pub struct NodeRecord {
     pub registered_at: u64,
 }
 
+/// Deployment names: DNS labels, so they can name engines and model ids alike.
+pub const DEPLOYMENT_NAME_BYTES_MAX: usize = 63;
+/// Engines one deployment may ask for.
+pub const ENGINES_PER_DEPLOYMENT_MAX: u32 = 256;
+
+/// How a deployment's engines are laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    /// `prefill` engines that only prefill and `decode` engines that only decode.
+    Disaggregated { prefill: u32, decode: u32 },
+    /// `engines` engines that do both.
+    Colocated { engines: u32 },
+}
+
+impl Layout {
+    /// The engines this layout asks for, as (role, count).
+    pub fn engines(&self) -> Vec<(EngineRole, u32)> {
+        match *self {
+            Layout::Disaggregated { prefill, decode } => {
+                vec![(EngineRole::Prefill, prefill), (EngineRole::Decode, decode)]
+            }
+            Layout::Colocated { engines } => vec![(EngineRole::Both, engines)],
+        }
+    }
+
+    pub fn engine_count(&self) -> u32 {
+        self.engines().iter().map(|(_, n)| n).sum()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineRole {
+    Prefill,
+    Decode,
+    Both,
+}
+
+impl std::fmt::Display for EngineRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            EngineRole::Prefill => "prefill",
+            EngineRole::Decode => "decode",
+            EngineRole::Both => "both",
+        })
+    }
+}
+
+/// What the operator asked to serve.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deployment {
+    /// Also the model id clients ask for.
+    pub name: String,
+    /// Engine driver: "builtin" (more later).
+    pub engine: String,
+    /// A preset name or a model folder on the hosts.
+    pub model: String,
+    /// GPUs per engine.
+    pub tp: u32,
+    pub ttft_ms: Option<u32>,
+    pub tpot_ms: Option<u32>,
+    pub layout: Layout,
+    /// Log index of the command that created it.
+    pub created_at: u64,
+}
+
+/// One engine of a deployment on one node's GPUs. Agents reconcile their engines with the
+/// assignments that name them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    /// `<deployment>/<role>-<k>`: stable while the engine keeps its place.
+    pub engine: String,
+    pub deployment: String,
+    pub role: EngineRole,
+    pub node: String,
+    /// GPU indexes on that node.
+    pub gpus: Vec<u32>,
+    /// Log index that wrote this assignment: the fencing token (an agent ignores anything
+    /// older than what it acted on).
+    pub generation: u64,
+}
+
 /// A change to the cluster. Variants are only appended, never renumbered.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
@@ -108,6 +191,38 @@ pub enum Command {
         cert_serial: String,
         not_after_unix: i64,
     },
+    CreateDeployment {
+        name: String,
+        engine: String,
+        model: String,
+        tp: u32,
+        ttft_ms: Option<u32>,
+        tpot_ms: Option<u32>,
+        layout: Layout,
+    },
+    /// Removes a deployment and its assignments.
+    DeleteDeployment {
+        name: String,
+    },
+    ScaleDeployment {
+        name: String,
+        layout: Layout,
+    },
+    /// The coordinator's placement of a deployment's engines: replaces its assignments.
+    /// Entries whose engine, node and GPUs are unchanged keep their generation.
+    SetAssignments {
+        deployment: String,
+        assignments: Vec<Placed>,
+    },
+}
+
+/// One engine's place, as the coordinator proposes it (the generation is set when applied).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placed {
+    pub engine: String,
+    pub role: EngineRole,
+    pub node: String,
+    pub gpus: Vec<u32>,
 }
 
 /// What an applied command did.
@@ -138,6 +253,12 @@ pub enum ApplyError {
     BadLabel { key: String, why: String },
     #[error("node {node:?} has {count} labels, the limit is {LABELS_PER_NODE_MAX}")]
     TooManyLabels { node: String, count: usize },
+    #[error("unknown deployment {0:?}")]
+    UnknownDeployment(String),
+    #[error("a deployment named {0:?} exists already")]
+    DeploymentExists(String),
+    #[error("invalid deployment: {0}")]
+    BadDeployment(String),
     /// Refused by the coordinator before it reached the log.
     #[error("{0}")]
     Refused(String),
@@ -157,6 +278,11 @@ pub struct ClusterState {
     /// Known certificates per node name: serial (hex) -> expiry (unix seconds).
     #[serde(default)]
     pub certificates: BTreeMap<String, BTreeMap<String, i64>>,
+    #[serde(default)]
+    pub deployments: BTreeMap<String, Deployment>,
+    /// By engine id.
+    #[serde(default)]
+    pub assignments: BTreeMap<String, Assignment>,
 }
 
 impl Default for ClusterState {
@@ -167,8 +293,55 @@ impl Default for ClusterState {
             revoked_serials: BTreeSet::new(),
             retired_ids: BTreeSet::new(),
             certificates: BTreeMap::new(),
+            deployments: BTreeMap::new(),
+            assignments: BTreeMap::new(),
         }
     }
+}
+
+fn check_deployment(
+    name: &str,
+    engine: &str,
+    model: &str,
+    tp: u32,
+    layout: &Layout,
+) -> Result<(), ApplyError> {
+    let bad = |why: String| Err(ApplyError::BadDeployment(why));
+    let label = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.';
+    if name.is_empty()
+        || name.len() > DEPLOYMENT_NAME_BYTES_MAX
+        || !name.chars().all(label)
+        || name.starts_with(['-', '.'])
+    {
+        return bad(format!(
+            "name {name:?}: 1 to {DEPLOYMENT_NAME_BYTES_MAX} of a-z, 0-9, '-', '.', not starting with '-' or '.'"
+        ));
+    }
+    if engine != "builtin" {
+        return bad(format!(
+            "engine {engine:?}: only \"builtin\" is available (vllm and sglang drivers come later)"
+        ));
+    }
+    if model.is_empty() || model.len() > 4096 {
+        return bad("model must name a preset or a folder".into());
+    }
+    if !(1..=8).contains(&tp) {
+        return bad(format!("tp {tp}: between 1 and 8 GPUs per engine"));
+    }
+    let n = layout.engine_count();
+    if n == 0 || n > ENGINES_PER_DEPLOYMENT_MAX {
+        return bad(format!(
+            "{n} engines: between 1 and {ENGINES_PER_DEPLOYMENT_MAX}"
+        ));
+    }
+    if let Layout::Disaggregated { prefill, decode } = layout
+        && (*prefill == 0 || *decode == 0)
+    {
+        return bad(
+            "a disaggregated layout needs at least one prefill and one decode engine".into(),
+        );
+    }
+    Ok(())
 }
 
 fn check_label(key: &str, value: Option<&str>) -> Result<(), ApplyError> {
@@ -349,6 +522,8 @@ impl ClusterState {
                 if let Some(certs) = self.certificates.remove(node) {
                     self.revoked_serials.extend(certs.into_keys());
                 }
+                // Its engines are gone with it; the coordinator places them again.
+                self.assignments.retain(|_, a| a.node != *node);
                 Ok(Applied::Removed { id: n.id })
             }
             Command::EnrollNode {
@@ -365,6 +540,115 @@ impl ClusterState {
                 }
                 self.retired_ids.remove(id);
                 self.remember_certificate(node, cert_serial, *not_after_unix);
+                Ok(Applied::Done)
+            }
+            Command::CreateDeployment {
+                name,
+                engine,
+                model,
+                tp,
+                ttft_ms,
+                tpot_ms,
+                layout,
+            } => {
+                check_deployment(name, engine, model, *tp, layout)?;
+                if self.deployments.contains_key(name) {
+                    return Err(ApplyError::DeploymentExists(name.clone()));
+                }
+                self.deployments.insert(
+                    name.clone(),
+                    Deployment {
+                        name: name.clone(),
+                        engine: engine.clone(),
+                        model: model.clone(),
+                        tp: *tp,
+                        ttft_ms: *ttft_ms,
+                        tpot_ms: *tpot_ms,
+                        layout: *layout,
+                        created_at: index,
+                    },
+                );
+                Ok(Applied::Done)
+            }
+            Command::DeleteDeployment { name } => {
+                self.deployments
+                    .remove(name)
+                    .ok_or_else(|| ApplyError::UnknownDeployment(name.clone()))?;
+                self.assignments.retain(|_, a| a.deployment != *name);
+                Ok(Applied::Done)
+            }
+            Command::ScaleDeployment { name, layout } => {
+                let d = self
+                    .deployments
+                    .get(name)
+                    .ok_or_else(|| ApplyError::UnknownDeployment(name.clone()))?;
+                check_deployment(name, &d.engine, &d.model, d.tp, layout)?;
+                if d.layout == *layout {
+                    return Ok(Applied::Unchanged);
+                }
+                self.deployments.get_mut(name).expect("present").layout = *layout;
+                Ok(Applied::Done)
+            }
+            Command::SetAssignments {
+                deployment,
+                assignments,
+            } => {
+                if !self.deployments.contains_key(deployment) {
+                    return Err(ApplyError::UnknownDeployment(deployment.clone()));
+                }
+                // One GPU never runs two engines: check against other deployments' engines and
+                // within the new set.
+                let mut taken: BTreeSet<(String, u32)> = self
+                    .assignments
+                    .values()
+                    .filter(|a| a.deployment != *deployment)
+                    .flat_map(|a| a.gpus.iter().map(|g| (a.node.clone(), *g)))
+                    .collect();
+                for p in assignments {
+                    if !p.engine.starts_with(&format!("{deployment}/")) {
+                        return Err(ApplyError::BadDeployment(format!(
+                            "engine {} does not belong to {deployment}",
+                            p.engine
+                        )));
+                    }
+                    self.node(&p.node)?;
+                    for g in &p.gpus {
+                        if !taken.insert((p.node.clone(), *g)) {
+                            return Err(ApplyError::BadDeployment(format!(
+                                "GPU {g} of {} would run two engines",
+                                p.node
+                            )));
+                        }
+                    }
+                }
+                let before: BTreeMap<String, Assignment> = self
+                    .assignments
+                    .iter()
+                    .filter(|(_, a)| a.deployment == *deployment)
+                    .map(|(k, a)| (k.clone(), a.clone()))
+                    .collect();
+                let next: BTreeMap<String, Assignment> = assignments
+                    .iter()
+                    .map(|p| {
+                        let kept = before
+                            .get(&p.engine)
+                            .filter(|a| a.node == p.node && a.gpus == p.gpus && a.role == p.role);
+                        let a = Assignment {
+                            engine: p.engine.clone(),
+                            deployment: deployment.clone(),
+                            role: p.role,
+                            node: p.node.clone(),
+                            gpus: p.gpus.clone(),
+                            generation: kept.map_or(index, |a| a.generation),
+                        };
+                        (p.engine.clone(), a)
+                    })
+                    .collect();
+                if next == before {
+                    return Ok(Applied::Unchanged);
+                }
+                self.assignments.retain(|_, a| a.deployment != *deployment);
+                self.assignments.extend(next);
                 Ok(Applied::Done)
             }
             Command::RecordCertificate {
