@@ -9,6 +9,11 @@
 //! - `PUT /v1/nodes/{node}/labels/{key}` with `{"value": "..."}`; `DELETE` removes the label.
 //! - `POST /v1/nodes/{node}/cordon`, `/uncordon`, `/drain`.
 //! - `DELETE /v1/nodes/{node}` — remove the node from the cluster.
+//! - `GET /v1/deployments`; `POST /v1/deployments` with `{"name", "engine", "model", "tp",
+//!   "prefill", "decode" | "colocated", "ttft_ms", "tpot_ms"}` (refused with 409
+//!   `does_not_fit` and what is free when the engines cannot all be placed now);
+//!   `DELETE /v1/deployments/{name}`; `PUT /v1/deployments/{name}/layout` with `{"prefill",
+//!   "decode"}` or `{"colocated"}`.
 //!
 //! Errors are `{"error": {"message": ..., "code": ...}}` with a 4xx or 5xx status.
 
@@ -22,7 +27,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use pd_raft::{AdminState, Applied, ApplyError, Command};
+use pd_raft::{AdminState, Applied, ApplyError, Command, Layout};
 use pd_transport::{Endpoint, PeerIdentity};
 use serde::Deserialize;
 use serde_json::json;
@@ -64,7 +69,119 @@ fn apply_error(e: ApplyError) -> ApiError {
         ApplyError::NameTaken { .. } | ApplyError::IdTaken { .. } | ApplyError::Refused(_) => {
             ApiError(StatusCode::CONFLICT, "conflict", e.to_string())
         }
+        ApplyError::UnknownDeployment(_) => {
+            ApiError(StatusCode::NOT_FOUND, "unknown_deployment", e.to_string())
+        }
+        ApplyError::DeploymentExists(_) => {
+            ApiError(StatusCode::CONFLICT, "deployment_exists", e.to_string())
+        }
+        ApplyError::BadDeployment(_) => {
+            ApiError(StatusCode::BAD_REQUEST, "invalid_deployment", e.to_string())
+        }
     }
+}
+
+/// The body of `POST /v1/deployments` and `PUT /v1/deployments/{name}/layout`.
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct DeployBody {
+    name: String,
+    engine: String,
+    model: String,
+    tp: Option<u32>,
+    prefill: Option<u32>,
+    decode: Option<u32>,
+    colocated: Option<u32>,
+    ttft_ms: Option<u32>,
+    tpot_ms: Option<u32>,
+}
+
+impl DeployBody {
+    fn layout(&self) -> Result<Layout, ApiError> {
+        let bad = |m: &str| ApiError(StatusCode::BAD_REQUEST, "invalid_layout", m.to_string());
+        match (self.prefill, self.decode, self.colocated) {
+            (Some(prefill), Some(decode), None) => Ok(Layout::Disaggregated { prefill, decode }),
+            (None, None, Some(engines)) => Ok(Layout::Colocated { engines }),
+            _ => Err(bad(
+                "give either prefill and decode (engine counts), or colocated (an engine count)",
+            )),
+        }
+    }
+}
+
+/// Whether a deployment with this layout would fit the cluster now (with the state as it is).
+fn check_fit(ctx: &AdminCtx, cmd: &Command, name: &str) -> Result<(), ApiError> {
+    let mut state = ctx.control.state_snapshot();
+    state
+        .apply(u64::MAX, cmd)
+        .map_err(apply_error)?;
+    // Scaling re-places this deployment's engines; the others keep their GPUs.
+    pd_raft::placement::place(&state, name).map_err(|e| {
+        ApiError(StatusCode::CONFLICT, "does_not_fit", e.to_string())
+    })?;
+    Ok(())
+}
+
+async fn deployments(State(ctx): Ctx) -> Json<serde_json::Value> {
+    let s = ctx.control.state_snapshot();
+    let list: Vec<serde_json::Value> = s
+        .deployments
+        .values()
+        .map(|d| {
+            let engines: Vec<&pd_raft::Assignment> = s
+                .assignments
+                .values()
+                .filter(|a| a.deployment == d.name)
+                .collect();
+            let mut v = serde_json::to_value(d).unwrap_or_default();
+            v["engines"] = serde_json::to_value(&engines).unwrap_or_default();
+            v["placed"] = json!(engines.len() as u32 == d.layout.engine_count());
+            v
+        })
+        .collect();
+    Json(json!({ "deployments": list }))
+}
+
+async fn create_deployment(
+    State(ctx): Ctx,
+    Json(body): Json<DeployBody>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let cmd = Command::CreateDeployment {
+        name: body.name.clone(),
+        engine: if body.engine.is_empty() {
+            "builtin".into()
+        } else {
+            body.engine.clone()
+        },
+        model: body.model.clone(),
+        tp: body.tp.unwrap_or(1),
+        ttft_ms: body.ttft_ms,
+        tpot_ms: body.tpot_ms,
+        layout: body.layout()?,
+    };
+    check_fit(&ctx, &cmd, &body.name)?;
+    ctx.write(cmd).await?;
+    Ok((StatusCode::CREATED, Json(json!({"created": body.name}))))
+}
+
+async fn delete_deployment(
+    State(ctx): Ctx,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    ctx.write(Command::DeleteDeployment { name }).await.map(done)
+}
+
+async fn scale_deployment(
+    State(ctx): Ctx,
+    UrlPath(name): UrlPath<String>,
+    Json(body): Json<DeployBody>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let cmd = Command::ScaleDeployment {
+        name: name.clone(),
+        layout: body.layout()?,
+    };
+    check_fit(&ctx, &cmd, &name)?;
+    ctx.write(cmd).await.map(done)
 }
 
 impl AdminCtx {
@@ -205,6 +322,12 @@ pub fn router(ctx: Arc<AdminCtx>) -> Router {
         .route("/v1/nodes/{node}/uncordon", post(uncordon))
         .route("/v1/nodes/{node}/drain", post(drain))
         .route("/v1/nodes/{node}", axum::routing::delete(remove))
+        .route("/v1/deployments", get(deployments).post(create_deployment))
+        .route(
+            "/v1/deployments/{name}",
+            axum::routing::delete(delete_deployment),
+        )
+        .route("/v1/deployments/{name}/layout", put(scale_deployment))
         .fallback(not_found)
         .with_state(ctx)
 }

@@ -67,6 +67,8 @@ pub struct ControlPlane {
     last_seen: std::sync::Mutex<HashMap<String, Instant>>,
     /// Each node's latest GPU telemetry and when it came (coordinator only; not replicated).
     telemetry: std::sync::Mutex<HashMap<String, (Instant, Vec<GpuTelemetry>)>>,
+    /// Placement failures already logged (so each is logged once).
+    unplaced: std::sync::Mutex<std::collections::HashSet<String>>,
     /// The CA key, while this agent is a voter and has it.
     custody: Arc<CaCustody>,
     /// The cluster CA certificate (PEM), handed to enrolling hosts.
@@ -140,6 +142,7 @@ impl ControlPlane {
             },
             last_seen: std::sync::Mutex::new(HashMap::new()),
             telemetry: std::sync::Mutex::new(HashMap::new()),
+            unplaced: std::sync::Mutex::new(std::collections::HashSet::new()),
             custody,
             ca_pem,
         });
@@ -377,6 +380,58 @@ impl ControlPlane {
         }
     }
 
+    /// A copy of the replicated state as this agent has applied it.
+    pub fn state_snapshot(&self) -> pd_raft::ClusterState {
+        self.state
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .state
+            .clone()
+    }
+
+    /// Places every deployment's engines (coordinator only) and writes the assignments that
+    /// changed. A deployment that does not fit keeps what it has and is logged.
+    async fn place_deployments(&self) -> Result<(), String> {
+        let state = self.state_snapshot();
+        for name in state.deployments.keys() {
+            let current: Vec<pd_raft::Placed> = state
+                .assignments
+                .values()
+                .filter(|a| a.deployment == *name)
+                .map(|a| pd_raft::Placed {
+                    engine: a.engine.clone(),
+                    role: a.role,
+                    node: a.node.clone(),
+                    gpus: a.gpus.clone(),
+                })
+                .collect();
+            let next = match pd_raft::placement::place(&state, name) {
+                Ok(p) => p,
+                Err(e) => {
+                    let mut warned = self.unplaced.lock().unwrap_or_else(|p| p.into_inner());
+                    if warned.insert(e.to_string()) {
+                        warn!(error = %e, "cannot place every engine");
+                    }
+                    continue;
+                }
+            };
+            if next == current {
+                continue;
+            }
+            info!(deployment = %name, engines = next.len(), "placing engines");
+            self.raft
+                .client_write(Command::SetAssignments {
+                    deployment: name.clone(),
+                    assignments: next,
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .data
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
     /// Whether `name` was removed from the cluster (its agent is refused from then on).
     pub fn is_removed(&self, name: &str) -> bool {
         self.state
@@ -467,7 +522,8 @@ impl ControlPlane {
                 .data
                 .map_err(|e| e.to_string())?;
         }
-        self.keep_voters().await
+        self.keep_voters().await?;
+        self.place_deployments().await
     }
 
     /// Keeps `cluster.voters` voters: a voter recorded down is replaced by a ready learner, and

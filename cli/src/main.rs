@@ -64,6 +64,50 @@ enum Command {
     /// Remove a node from the cluster and revoke its certificates; its agent is refused from
     /// then on.
     Remove { node: String },
+    /// Create a deployment: the coordinator places its engines on free GPUs (refused, saying
+    /// what is free, when they do not fit). Engines are not started yet: placement only.
+    Deploy {
+        /// The deployment's name (also the model id clients will ask for).
+        name: String,
+        /// Engine driver.
+        #[arg(long, default_value = "builtin")]
+        engine: String,
+        /// A preset (tiny, small) or a model folder present on the hosts.
+        #[arg(long)]
+        model: String,
+        /// GPUs per engine.
+        #[arg(long, default_value_t = 1)]
+        tp: u32,
+        /// Prefill engines (with --decode).
+        #[arg(long, requires = "decode", conflicts_with = "colocated")]
+        prefill: Option<u32>,
+        /// Decode engines (with --prefill).
+        #[arg(long, requires = "prefill")]
+        decode: Option<u32>,
+        /// Engines that both prefill and decode.
+        #[arg(long)]
+        colocated: Option<u32>,
+        /// Time-to-first-token target, ms.
+        #[arg(long)]
+        ttft_ms: Option<u32>,
+        /// Time-per-output-token target, ms.
+        #[arg(long)]
+        tpot_ms: Option<u32>,
+    },
+    /// Delete a deployment and its engines' places.
+    Undeploy { name: String },
+    /// Change a deployment's engine counts.
+    Scale {
+        name: String,
+        #[arg(long, requires = "decode", conflicts_with = "colocated")]
+        prefill: Option<u32>,
+        #[arg(long, requires = "prefill")]
+        decode: Option<u32>,
+        #[arg(long)]
+        colocated: Option<u32>,
+    },
+    /// Deployments and where their engines are placed.
+    Deployments,
     /// Join tokens, minted offline from the CA folder.
     Token {
         #[command(subcommand)]
@@ -394,6 +438,112 @@ fn run(cli: Cli) -> Result<()> {
                     "unchanged".into()
                 }
             );
+        }
+        Command::Deploy {
+            name,
+            engine,
+            model,
+            tp,
+            prefill,
+            decode,
+            colocated,
+            ttft_ms,
+            tpot_ms,
+        } => {
+            if prefill.is_none() && colocated.is_none() {
+                anyhow::bail!("give --prefill X --decode Y, or --colocated N");
+            }
+            let c = admin(&cli.config)?;
+            let body = serde_json::json!({
+                "name": name, "engine": engine, "model": model, "tp": tp,
+                "prefill": prefill, "decode": decode, "colocated": colocated,
+                "ttft_ms": ttft_ms, "tpot_ms": tpot_ms,
+            });
+            block_on(c.request("POST", "/v1/deployments", Some(body)))??;
+            println!("{name}: deployment created; `pdctl deployments` shows where its engines go");
+        }
+        Command::Undeploy { name } => {
+            let c = admin(&cli.config)?;
+            block_on(c.request("DELETE", &format!("/v1/deployments/{}", seg(&name)), None))??;
+            println!("{name}: deployment deleted");
+        }
+        Command::Scale {
+            name,
+            prefill,
+            decode,
+            colocated,
+        } => {
+            if prefill.is_none() && colocated.is_none() {
+                anyhow::bail!("give --prefill X --decode Y, or --colocated N");
+            }
+            let c = admin(&cli.config)?;
+            let body =
+                serde_json::json!({ "prefill": prefill, "decode": decode, "colocated": colocated });
+            let r = block_on(c.request(
+                "PUT",
+                &format!("/v1/deployments/{}/layout", seg(&name)),
+                Some(body),
+            ))??;
+            println!(
+                "{name}: {}",
+                if r["changed"] == true {
+                    "scaled"
+                } else {
+                    "unchanged"
+                }
+            );
+        }
+        Command::Deployments => {
+            let c = admin(&cli.config)?;
+            let v = block_on(c.request("GET", "/v1/deployments", None))??;
+            if json {
+                print_json(&v)?;
+            } else {
+                println!(
+                    "{:<24} {:<8} {:<16} {:>3} {:<28} ENGINE PLACES",
+                    "DEPLOYMENT", "ENGINE", "MODEL", "TP", "LAYOUT"
+                );
+                for d in v["deployments"].as_array().into_iter().flatten() {
+                    let layout = match &d["layout"] {
+                        l if l["disaggregated"].is_object() => format!(
+                            "{}P + {}D",
+                            l["disaggregated"]["prefill"], l["disaggregated"]["decode"]
+                        ),
+                        l => format!("{} colocated", l["colocated"]["engines"]),
+                    };
+                    let places: Vec<String> = d["engines"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|e| {
+                            format!(
+                                "{}@{}:{}",
+                                e["engine"]
+                                    .as_str()
+                                    .unwrap_or("")
+                                    .rsplit('/')
+                                    .next()
+                                    .unwrap_or(""),
+                                e["node"].as_str().unwrap_or(""),
+                                e["gpus"]
+                            )
+                        })
+                        .collect();
+                    println!(
+                        "{:<24} {:<8} {:<16} {:>3} {:<28} {}",
+                        d["name"].as_str().unwrap_or(""),
+                        d["engine"].as_str().unwrap_or(""),
+                        d["model"].as_str().unwrap_or(""),
+                        d["tp"],
+                        layout,
+                        if places.is_empty() {
+                            "(not placed yet)".to_string()
+                        } else {
+                            places.join(" ")
+                        }
+                    );
+                }
+            }
         }
         Command::Remove { node } => {
             let c = admin(&cli.config)?;

@@ -63,7 +63,7 @@ impl Drop for Local {
     }
 }
 
-/// A base port free on 127.0.0.1..=127.0.0.n for UDP p and TCP p+1.
+/// A base port free on 127.0.0.1..=127.0.0.n for UDP p, TCP p (enrollment) and TCP p+1.
 fn free_base(n: usize) -> u16 {
     for _ in 0..50 {
         let p = free_udp_port("127.0.0.1");
@@ -73,6 +73,7 @@ fn free_base(n: usize) -> u16 {
         let ok = (1..=n).all(|k| {
             let ip = format!("127.0.0.{k}");
             std::net::UdpSocket::bind((ip.as_str(), p)).is_ok()
+                && std::net::TcpListener::bind((ip.as_str(), p)).is_ok()
                 && std::net::TcpListener::bind((ip.as_str(), p + 1)).is_ok()
         });
         if ok {
@@ -405,4 +406,132 @@ fn a_removed_node_cannot_come_back() {
         "{}",
         text(&out.stderr)
     );
+}
+
+fn placements(l: &Local) -> Vec<(String, String, Vec<u64>, u64)> {
+    let out = l.pdctl(&["deployments", "-o", "json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["deployments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|d| d["engines"].as_array().unwrap().clone())
+        .map(|e| {
+            (
+                e["engine"].as_str().unwrap().to_string(),
+                e["node"].as_str().unwrap().to_string(),
+                e["gpus"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|g| g.as_u64().unwrap())
+                    .collect(),
+                e["generation"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Deployments are placed by the coordinator on distinct GPUs, pairs on one host; a deploy
+/// that cannot fit is refused saying what is free; bad names are refused; the engines of a
+/// node that loses power are placed elsewhere within seconds with a new generation, the others
+/// keep theirs; scale and undeploy change the places.
+#[test]
+fn deployments_are_placed_and_replaced_when_a_node_dies() {
+    let _g = serial();
+    let base = free_base(3);
+    let l = Local::up(3, base);
+    let out = l.pdctl(&[
+        "deploy",
+        "tiny",
+        "--model",
+        "tiny",
+        "--prefill",
+        "2",
+        "--decode",
+        "2",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let placed = wait_for(
+        "four engines placed",
+        deadline(Duration::from_secs(20)),
+        || {
+            let p = placements(&l);
+            (p.len() == 4).then_some(p)
+        },
+    );
+    let gpus: std::collections::BTreeSet<(String, u64)> = placed
+        .iter()
+        .flat_map(|(_, n, g, _)| g.iter().map(|x| (n.clone(), *x)))
+        .collect();
+    assert_eq!(gpus.len(), 4, "one GPU, one engine: {placed:?}");
+    let node_of = |p: &[(String, String, Vec<u64>, u64)], e: &str| {
+        p.iter().find(|x| x.0 == e).unwrap().1.clone()
+    };
+    assert_eq!(
+        node_of(&placed, "tiny/prefill-0"),
+        node_of(&placed, "tiny/decode-0")
+    );
+
+    let out = l.pdctl(&["deploy", "big", "--model", "tiny", "--colocated", "3"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("Free GPUs"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = l.pdctl(&["deploy", "tiny", "--model", "tiny", "--colocated", "1"]);
+    assert!(
+        text(&out.stderr).contains("exists already"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = l.pdctl(&["deploy", "Bad_Name", "--model", "tiny", "--colocated", "1"]);
+    assert!(
+        text(&out.stderr).contains("invalid deployment"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // The host of prefill-0 loses power: its engines move, the others stay as they were.
+    let victim = node_of(&placed, "tiny/prefill-0");
+    let out = pdctl(&[
+        "local",
+        "kill",
+        "--dir",
+        l.dir.path().to_str().unwrap(),
+        &victim,
+    ]);
+    assert!(out.status.success());
+    let moved = wait_for(
+        "engines placed off the dead node",
+        deadline(Duration::from_secs(15)),
+        || {
+            let p = placements(&l);
+            (p.len() == 4 && p.iter().all(|x| x.1 != victim)).then_some(p)
+        },
+    );
+    for (engine, node, g, generation) in &placed {
+        let now = moved.iter().find(|x| x.0 == *engine).unwrap();
+        if *node == victim {
+            assert!(now.3 > *generation, "{engine} moved with a new generation");
+        } else {
+            assert_eq!(
+                (&now.1, &now.2, now.3),
+                (node, g, *generation),
+                "{engine} stayed"
+            );
+        }
+    }
+    let out = l.pdctl(&["scale", "tiny", "--prefill", "1", "--decode", "1"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    wait_for(
+        "two engines after scaling",
+        deadline(Duration::from_secs(15)),
+        || (placements(&l).len() == 2).then_some(()),
+    );
+    let out = l.pdctl(&["undeploy", "tiny"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(placements(&l).is_empty());
 }
