@@ -9,6 +9,7 @@
 //! - `PUT /v1/nodes/{node}/labels/{key}` with `{"value": "..."}`; `DELETE` removes the label.
 //! - `POST /v1/nodes/{node}/cordon`, `/uncordon`, `/drain`.
 //! - `DELETE /v1/nodes/{node}` — remove the node from the cluster.
+//! - `GET /v1/engines` — every assigned engine with its state as its agent reports it.
 //! - `GET /v1/deployments`; `POST /v1/deployments` with `{"name", "engine", "model", "tp",
 //!   "prefill", "decode" | "colocated", "ttft_ms", "tpot_ms"}` (refused with 409
 //!   `does_not_fit` and what is free when the engines cannot all be placed now);
@@ -112,14 +113,15 @@ impl DeployBody {
 /// Whether a deployment with this layout would fit the cluster now (with the state as it is).
 fn check_fit(ctx: &AdminCtx, cmd: &Command, name: &str) -> Result<(), ApiError> {
     let mut state = ctx.control.state_snapshot();
-    state
-        .apply(u64::MAX, cmd)
-        .map_err(apply_error)?;
+    state.apply(u64::MAX, cmd).map_err(apply_error)?;
     // Scaling re-places this deployment's engines; the others keep their GPUs.
-    pd_raft::placement::place(&state, name).map_err(|e| {
-        ApiError(StatusCode::CONFLICT, "does_not_fit", e.to_string())
-    })?;
+    pd_raft::placement::place(&state, name)
+        .map_err(|e| ApiError(StatusCode::CONFLICT, "does_not_fit", e.to_string()))?;
     Ok(())
+}
+
+async fn engines(State(ctx): Ctx) -> Json<serde_json::Value> {
+    Json(json!({ "engines": ctx.control.cluster_engines().await }))
 }
 
 async fn deployments(State(ctx): Ctx) -> Json<serde_json::Value> {
@@ -168,7 +170,9 @@ async fn delete_deployment(
     State(ctx): Ctx,
     UrlPath(name): UrlPath<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    ctx.write(Command::DeleteDeployment { name }).await.map(done)
+    ctx.write(Command::DeleteDeployment { name })
+        .await
+        .map(done)
 }
 
 async fn scale_deployment(
@@ -323,6 +327,7 @@ pub fn router(ctx: Arc<AdminCtx>) -> Router {
         .route("/v1/nodes/{node}/drain", post(drain))
         .route("/v1/nodes/{node}", axum::routing::delete(remove))
         .route("/v1/deployments", get(deployments).post(create_deployment))
+        .route("/v1/engines", get(engines))
         .route(
             "/v1/deployments/{name}",
             axum::routing::delete(delete_deployment),

@@ -65,6 +65,16 @@ impl Service for AgentService {
             AgentRequest::FetchCaKey => self.control.ca_key_for(peer),
             AgentRequest::Report { node, gpus } => self.control.report(peer, &node, gpus),
             AgentRequest::Telemetry => Ok(AgentResponse::Telemetry(self.control.telemetry())),
+            AgentRequest::NodeReport {
+                node,
+                gpus,
+                engines,
+            } => {
+                let ack = self.control.report(peer, &node, gpus)?;
+                self.control.record_engines(&node, engines);
+                Ok(ack)
+            }
+            AgentRequest::Engines => Ok(AgentResponse::Engines(self.control.engines())),
         }
     }
 }
@@ -165,6 +175,15 @@ pub async fn run(
             control: control.clone(),
         }),
     );
+    let supervisor = crate::supervisor::Supervisor::new(
+        &cfg.node_name,
+        &cfg.config.node.data_dir,
+        control.clone(),
+        control.inventory(),
+    )?;
+    let supervising = tokio::spawn(supervisor.run(Duration::from_millis(
+        cfg.config.raft.coordinator_interval_ms,
+    )));
     let renewal = tokio::spawn(crate::enrollment::renewal_loop(
         control.clone(),
         cfg.clone(),
@@ -216,6 +235,8 @@ pub async fn run(
     }
     enroll.abort();
     renewal.abort();
+    // Engines keep running: a restarted agent re-adopts them.
+    supervising.abort();
     control.shutdown().await;
     endpoint.shutdown(SHUTDOWN_GRACE).await;
     server.abort();

@@ -67,6 +67,10 @@ pub struct ControlPlane {
     last_seen: std::sync::Mutex<HashMap<String, Instant>>,
     /// Each node's latest GPU telemetry and when it came (coordinator only; not replicated).
     telemetry: std::sync::Mutex<HashMap<String, (Instant, Vec<GpuTelemetry>)>>,
+    /// This node's engines, as the supervisor last published them.
+    local_engines: std::sync::Mutex<Vec<crate::supervisor::EngineReport>>,
+    /// Every node's engines as last reported (coordinator only; not replicated).
+    engine_reports: std::sync::Mutex<HashMap<String, Vec<crate::supervisor::EngineReport>>>,
     /// Placement failures already logged (so each is logged once).
     unplaced: std::sync::Mutex<std::collections::HashSet<String>>,
     /// The CA key, while this agent is a voter and has it.
@@ -143,6 +147,8 @@ impl ControlPlane {
             last_seen: std::sync::Mutex::new(HashMap::new()),
             telemetry: std::sync::Mutex::new(HashMap::new()),
             unplaced: std::sync::Mutex::new(std::collections::HashSet::new()),
+            local_engines: std::sync::Mutex::new(Vec::new()),
+            engine_reports: std::sync::Mutex::new(HashMap::new()),
             custody,
             ca_pem,
         });
@@ -624,6 +630,89 @@ impl ControlPlane {
         Ok(ack)
     }
 
+    pub fn inventory(&self) -> Option<SharedInventory> {
+        self.inventory.clone()
+    }
+
+    pub fn set_local_engines(&self, engines: Vec<crate::supervisor::EngineReport>) {
+        *self.local_engines.lock().unwrap_or_else(|p| p.into_inner()) = engines;
+    }
+
+    fn local_engines(&self) -> Vec<crate::supervisor::EngineReport> {
+        self.local_engines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Keeps a node's engine report (coordinator only).
+    pub fn record_engines(&self, node: &str, engines: Vec<crate::supervisor::EngineReport>) {
+        if self.is_coordinator() {
+            self.engine_reports
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(node.to_string(), engines);
+        }
+    }
+
+    /// Every assigned engine with its last reported state (`starting` and no pid when its
+    /// node has not reported it yet). Answered from the coordinator's reports.
+    pub fn engines(&self) -> Vec<crate::supervisor::EngineReport> {
+        use crate::supervisor::{EngineReport, EngineState};
+        let state = self.state_snapshot();
+        let reports = self
+            .engine_reports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let local = self.local_engines();
+        state
+            .assignments
+            .values()
+            .map(|a| {
+                let from = if a.node == self.me.name {
+                    local.iter().find(|r| r.engine == a.engine).cloned()
+                } else {
+                    reports
+                        .get(&a.node)
+                        .and_then(|l| l.iter().find(|r| r.engine == a.engine).cloned())
+                };
+                from.filter(|r| r.generation == a.generation)
+                    .unwrap_or_else(|| EngineReport {
+                        engine: a.engine.clone(),
+                        deployment: a.deployment.clone(),
+                        node: a.node.clone(),
+                        role: a.role,
+                        gpus: a.gpus.clone(),
+                        state: EngineState::Starting,
+                        pid: None,
+                        restarts: 0,
+                        generation: a.generation,
+                    })
+            })
+            .collect()
+    }
+
+    /// The engines of the cluster, from the coordinator (this agent's view if it cannot be
+    /// asked).
+    pub async fn cluster_engines(&self) -> Vec<crate::supervisor::EngineReport> {
+        if self.is_coordinator() {
+            return self.engines();
+        }
+        let ask = async {
+            let c = self.coordinator()?;
+            let addr: SocketAddr = c.address.parse().ok()?;
+            match self
+                .peers
+                .call(&c.name, addr, &AgentRequest::Engines, self.attempt_timeout)
+                .await
+            {
+                Ok(AgentResponse::Engines(e)) => Some(e),
+                _ => None,
+            }
+        };
+        ask.await.unwrap_or_else(|| self.engines())
+    }
+
     /// This node's GPU readings now.
     fn local_telemetry(&self) -> Vec<GpuTelemetry> {
         let Some(inv) = &self.inventory else {
@@ -713,9 +802,10 @@ impl ControlPlane {
             let Ok(addr) = c.address.parse::<SocketAddr>() else {
                 continue;
             };
-            let req = AgentRequest::Report {
+            let req = AgentRequest::NodeReport {
                 node: self.me.name.clone(),
                 gpus: self.local_telemetry(),
+                engines: self.local_engines(),
             };
             let _ = self
                 .peers

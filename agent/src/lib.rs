@@ -19,4 +19,5 @@ pub mod gpus;
 pub mod logging;
 pub mod notify;
 pub mod peers;
+pub mod supervisor;
 pub mod wire;

@@ -8,6 +8,8 @@ use pd_raft::state::GpuRecord;
 use pd_raft::{AdminState, Command, CommandResult, NodeHealth, RaftPeer};
 use serde::{Deserialize, Serialize};
 
+pub use crate::supervisor::EngineReport;
+
 #[derive(Debug, Serialize, Deserialize)]
 pub enum AgentRequest {
     /// Liveness and round-trip check.
@@ -41,6 +43,14 @@ pub enum AgentRequest {
     },
     /// The latest telemetry the coordinator received from every node.
     Telemetry,
+    /// Liveness report with GPU telemetry and the node's engines (replaces `Report`).
+    NodeReport {
+        node: String,
+        gpus: Vec<GpuTelemetry>,
+        engines: Vec<EngineReport>,
+    },
+    /// The engines of every node, as last reported to the coordinator.
+    Engines,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -74,6 +84,7 @@ pub enum AgentResponse {
         retryable: bool,
     },
     Telemetry(Vec<NodeTelemetry>),
+    Engines(Vec<EngineReport>),
 }
 
 /// One GPU's live readings, sent with every liveness report.

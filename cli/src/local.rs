@@ -150,10 +150,38 @@ fn start_agent(dir: &Path, node: &str, bootstrap: bool) -> Result<u32> {
     Ok(child.id())
 }
 
-/// SIGKILLs a node's agent, as if the host lost power; returns its pid.
+/// Pids of the engine processes a node's agent started (from its records), alive ones only.
+fn engine_pids(dir: &Path, node: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir(node_dir(dir, node).join("data/engines")) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .filter_map(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .filter_map(|v| v["pid"].as_u64().map(|p| p as u32))
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("engine"))
+        })
+        .collect()
+}
+
+/// SIGKILLs a node's agent and, unless `agent_only`, its engines, as if the host lost power;
+/// returns the agent's pid.
 pub fn kill(dir: &Path, node: &str) -> Result<u32> {
+    kill_node(dir, node, false)
+}
+
+fn kill_node(dir: &Path, node: &str, agent_only: bool) -> Result<u32> {
     let pid = live_pid(dir, node).with_context(|| format!("{node} is not running"))?;
     signal(pid, "KILL")?;
+    if !agent_only {
+        for e in engine_pids(dir, node) {
+            let _ = signal(e, "KILL");
+        }
+    }
     Ok(pid)
 }
 
@@ -245,9 +273,9 @@ pub fn run(cmd: LocalCommand, json: bool) -> Result<()> {
         LocalCommand::Kill {
             dir,
             node,
-            agent_only: _,
+            agent_only,
         } => {
-            let pid = kill(&dir, &node)?;
+            let pid = kill_node(&dir, &node, agent_only)?;
             println!("{node}: killed (pid {pid})");
             Ok(())
         }
@@ -375,7 +403,7 @@ pub fn create(
             format!(
                 "# node {k} of a local cluster (pdctl local up)\n[node]\nname = \"{node}\"\ndata_dir = \"{}\"\n\
                  listen = \"{ip}:{base_port}\"\nworker_threads = 1\n[admin]\nlisten = \"{ip}:{}\"\n{gpu_section}\
-                 [cluster]\nseeds = [\"{seed}\"]\n{join}voters = {voters}\nheartbeat_ms = 100\nsuspect_after_ms = 600\ndown_after_ms = 1500\n\
+                 [cluster]\nseeds = [\"{seed}\"]\n{join}voters = {voters}\nheartbeat_ms = 100\nsuspect_after_ms = 1000\ndown_after_ms = 4000\n\
                  [raft]\nheartbeat_ms = {LOCAL_HEARTBEAT_MS}\nelection_timeout_min_ms = {LOCAL_ELECTION_MIN_MS}\nelection_timeout_max_ms = {LOCAL_ELECTION_MAX_MS}\n\
                  coordinator_interval_ms = 200\n",
                 nd.join("data").display(),
@@ -416,11 +444,17 @@ pub fn create(
 pub fn down(dir: &Path, quiet: bool) -> Result<()> {
     let nodes = nodes_in(dir)?;
     let mut running = Vec::new();
+    let mut engines = Vec::new();
     for node in &nodes {
+        engines.extend(engine_pids(dir, node));
         if let Some(pid) = live_pid(dir, node) {
             signal(pid, "TERM")?;
             running.push((node.clone(), pid));
         }
+    }
+    // Engines outlive their agent on purpose (re-adoption); `down` stops them too.
+    for pid in engines {
+        let _ = signal(pid, "TERM");
     }
     let until = Instant::now() + STOP_GRACE;
     for (node, pid) in running {

@@ -108,6 +108,8 @@ enum Command {
     },
     /// Deployments and where their engines are placed.
     Deployments,
+    /// Every engine: deployment, node, GPUs, role, state, pid, restarts, generation.
+    Engines,
     /// Join tokens, minted offline from the CA folder.
     Token {
         #[command(subcommand)]
@@ -492,6 +494,31 @@ fn run(cli: Cli) -> Result<()> {
                     "unchanged"
                 }
             );
+        }
+        Command::Engines => {
+            let c = admin(&cli.config)?;
+            let v = block_on(c.request("GET", "/v1/engines", None))??;
+            if json {
+                print_json(&v)?;
+            } else {
+                println!(
+                    "{:<28} {:<12} {:<8} {:<8} {:<9} {:>8} {:>8} {:>10}",
+                    "ENGINE", "NODE", "GPUS", "ROLE", "STATE", "PID", "RESTARTS", "GENERATION"
+                );
+                for e in v["engines"].as_array().into_iter().flatten() {
+                    println!(
+                        "{:<28} {:<12} {:<8} {:<8} {:<9} {:>8} {:>8} {:>10}",
+                        e["engine"].as_str().unwrap_or(""),
+                        e["node"].as_str().unwrap_or(""),
+                        e["gpus"].to_string(),
+                        e["role"].as_str().unwrap_or(""),
+                        e["state"].as_str().unwrap_or(""),
+                        e["pid"].as_u64().map_or("-".to_string(), |p| p.to_string()),
+                        e["restarts"].to_string(),
+                        e["generation"].to_string()
+                    );
+                }
+            }
         }
         Command::Deployments => {
             let c = admin(&cli.config)?;

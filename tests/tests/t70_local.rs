@@ -4,6 +4,7 @@
 //! and started again, and `pdctl local down` stops everything.
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -534,4 +535,163 @@ fn deployments_are_placed_and_replaced_when_a_node_dies() {
     let out = l.pdctl(&["undeploy", "tiny"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(placements(&l).is_empty());
+}
+
+fn engines(l: &Local) -> Vec<serde_json::Value> {
+    let out = l.pdctl(&["engines", "-o", "json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["engines"].as_array().unwrap().clone()
+}
+
+fn engine_pid(l: &Local, engine: &str) -> Option<u64> {
+    engines(l)
+        .iter()
+        .find(|e| e["engine"] == engine && e["state"] == "ready")
+        .and_then(|e| e["pid"].as_u64())
+}
+
+/// Agents run the engines assigned to them: every engine becomes ready (hello and a one-token
+/// probe) on its own GPUs; `kill -9` of an engine gets it restarted and ready; an agent killed
+/// alone and started again re-adopts its engines (same pids); a node that loses power has its
+/// engines started elsewhere; `local down` stops every engine.
+#[test]
+fn agents_start_restart_and_readopt_engines() {
+    let _g = serial();
+    let base = free_base(4);
+    let l = Local::up(4, base);
+    let out = l.pdctl(&[
+        "deploy",
+        "tiny",
+        "--model",
+        "tiny",
+        "--prefill",
+        "2",
+        "--decode",
+        "2",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let ready = wait_for(
+        "every engine ready",
+        deadline(Duration::from_secs(60)),
+        || {
+            let e = engines(&l);
+            (e.len() == 4 && e.iter().all(|x| x["state"] == "ready" && x["pid"].is_u64()))
+                .then_some(e)
+        },
+    );
+    let places: std::collections::BTreeSet<String> = ready
+        .iter()
+        .flat_map(|e| {
+            let node = e["node"].as_str().unwrap().to_string();
+            e["gpus"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(move |g| format!("{node}:{g}"))
+        })
+        .collect();
+    assert_eq!(places.len(), 4, "distinct GPUs: {ready:?}");
+
+    // kill -9 of one engine: restarted and ready again within 10 s.
+    let victim = "tiny/decode-0";
+    let pid = engine_pid(&l, victim).unwrap();
+    assert!(
+        Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    wait_for(
+        "the killed engine back",
+        deadline(Duration::from_secs(10)),
+        || engine_pid(&l, victim).filter(|p| *p != pid),
+    );
+
+    // The agent alone dies and comes back: its engines keep their pids.
+    let e = engines(&l);
+    let host = e.iter().find(|x| x["engine"] == "tiny/prefill-1").unwrap()["node"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let before: Vec<(String, u64)> = e
+        .iter()
+        .filter(|x| x["node"] == host.as_str())
+        .map(|x| {
+            (
+                x["engine"].as_str().unwrap().to_string(),
+                x["pid"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let dir = l.dir.path().to_str().unwrap().to_string();
+    assert!(
+        pdctl(&["local", "kill", "--dir", &dir, "--agent-only", &host])
+            .status
+            .success()
+    );
+    assert!(
+        pdctl(&["local", "start", "--dir", &dir, &host])
+            .status
+            .success()
+    );
+    let log = l.dir.path().join(&host).join("agent.log");
+    wait_for(
+        "the new agent to re-adopt its engines",
+        deadline(Duration::from_secs(20)),
+        || {
+            let t = std::fs::read_to_string(&log).ok()?;
+            (t.matches("re-adopted a running engine").count() >= before.len()).then_some(())
+        },
+    );
+    for (engine, pid) in &before {
+        let now = wait_for(
+            "the re-adopted engine reported",
+            deadline(Duration::from_secs(20)),
+            || engine_pid(&l, engine),
+        );
+        assert_eq!(now, *pid, "{engine} kept its process");
+    }
+
+    // The whole host loses power: its engines run elsewhere within 15 s.
+    assert!(
+        pdctl(&["local", "kill", "--dir", &dir, &host])
+            .status
+            .success()
+    );
+    wait_for(
+        "engines re-placed and ready off the dead host",
+        deadline(Duration::from_secs(20)),
+        || {
+            let e = engines(&l);
+            (e.len() == 4
+                && e.iter()
+                    .all(|x| x["node"] != host.as_str() && x["state"] == "ready"))
+            .then_some(())
+        },
+    );
+    for (_, pid) in &before {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists() || {
+                let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                s.contains(") Z")
+            },
+            "engines of a host that lost power are gone"
+        );
+    }
+    let pids: Vec<u64> = engines(&l)
+        .iter()
+        .filter_map(|x| x["pid"].as_u64())
+        .collect();
+    assert!(pdctl(&["local", "down", "--dir", &dir]).status.success());
+    wait_for(
+        "local down to stop every engine",
+        deadline(Duration::from_secs(10)),
+        || {
+            pids.iter()
+                .all(|p| !std::path::Path::new(&format!("/proc/{p}")).exists())
+                .then_some(())
+        },
+    );
 }
