@@ -93,6 +93,12 @@ enum Command {
         /// Time-per-output-token target, ms.
         #[arg(long)]
         tpot_ms: Option<u32>,
+        /// Return once every engine is ready (hello and a one-token probe), showing progress.
+        #[arg(long)]
+        wait: bool,
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 300)]
+        wait_timeout_s: u64,
     },
     /// Delete a deployment and its engines' places.
     Undeploy { name: String },
@@ -451,10 +457,14 @@ fn run(cli: Cli) -> Result<()> {
             colocated,
             ttft_ms,
             tpot_ms,
+            wait,
+            wait_timeout_s,
         } => {
             if prefill.is_none() && colocated.is_none() {
                 anyhow::bail!("give --prefill X --decode Y, or --colocated N");
             }
+            let engines_wanted =
+                colocated.unwrap_or(0) + prefill.unwrap_or(0) + decode.unwrap_or(0);
             let c = admin(&cli.config)?;
             let body = serde_json::json!({
                 "name": name, "engine": engine, "model": model, "tp": tp,
@@ -462,7 +472,47 @@ fn run(cli: Cli) -> Result<()> {
                 "ttft_ms": ttft_ms, "tpot_ms": tpot_ms,
             });
             block_on(c.request("POST", "/v1/deployments", Some(body)))??;
-            println!("{name}: deployment created; `pdctl deployments` shows where its engines go");
+            if !wait {
+                println!("{name}: deployment created; `pdctl engines` shows its engines");
+            } else {
+                let until =
+                    std::time::Instant::now() + std::time::Duration::from_secs(wait_timeout_s);
+                let mut last = String::new();
+                loop {
+                    let v = block_on(c.request("GET", "/v1/engines", None))??;
+                    let mine: Vec<&serde_json::Value> = v["engines"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter(|e| e["deployment"] == name.as_str())
+                        .collect();
+                    let ready = mine.iter().filter(|e| e["state"] == "ready").count();
+                    let failed = mine.iter().filter(|e| e["state"] == "failed").count();
+                    let line = format!(
+                        "{ready}/{engines_wanted} engines ready, {} placed, {failed} failed",
+                        mine.len()
+                    );
+                    if line != last {
+                        eprintln!("  {line}");
+                        last = line;
+                    }
+                    if ready == engines_wanted as usize {
+                        println!("{name}: every engine is ready");
+                        break;
+                    }
+                    if failed > 0 {
+                        anyhow::bail!(
+                            "{name}: {failed} engine(s) failed (crash loop); see `pdctl engines` and the agents' engine logs"
+                        );
+                    }
+                    if std::time::Instant::now() > until {
+                        anyhow::bail!(
+                            "{name}: not every engine was ready after {wait_timeout_s} s ({last})"
+                        );
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(250));
+                }
+            }
         }
         Command::Undeploy { name } => {
             let c = admin(&cli.config)?;

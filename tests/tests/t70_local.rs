@@ -569,8 +569,14 @@ fn agents_start_restart_and_readopt_engines() {
         "2",
         "--decode",
         "2",
+        "--wait",
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("every engine is ready"),
+        "{}",
+        text(&out.stdout)
+    );
     let ready = wait_for(
         "every engine ready",
         deadline(Duration::from_secs(60)),
