@@ -105,7 +105,7 @@ pub fn run(dir: Option<PathBuf>) -> Result<()> {
         "\nWorks so far: PKI and joining with tokens, mutual-TLS QUIC transport, GPU inventory, the Raft control plane,"
     );
     println!(
-        "the admin API and pdctl. Not yet: engines, the OpenAI API, KV shipping (see README, Status)."
+        "the admin API and pdctl. Also built: engines (pdctl deploy), pdagent engine generate, pdctl plan.\nNot yet: the OpenAI API, KV shipping between agents (see README, Status)."
     );
     Ok(())
 }
