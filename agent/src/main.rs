@@ -155,15 +155,25 @@ fn main() -> ExitCode {
                 Err(e) => fail(e),
             }
         }
-        Command::CheckConfig(args) => match load(&args) {
-            Some((v, id)) => {
+        Command::CheckConfig(args) => match load_config(&args) {
+            // A host that will enroll with its token has no credentials yet: that is fine.
+            Ok(v)
+                if !v.config.cluster.join_token.is_empty()
+                    && pdagent::enrollment::credentials_absent(&v) =>
+            {
                 println!(
-                    "configuration is valid: node {} on {}, certificate valid until {} (unix seconds)",
-                    v.node_name, v.listen, id.info.not_after_unix
+                    "configuration is valid: node {} on {}; no certificate yet: the agent enrolls with cluster.join_token through {} seed(s) at its first start",
+                    v.node_name,
+                    v.listen,
+                    v.seeds.len()
                 );
                 ExitCode::SUCCESS
             }
-            None => ExitCode::from(EX_USAGE),
+            Err(e) => {
+                eprintln!("pdagent: {e}");
+                ExitCode::from(EX_USAGE)
+            }
+            Ok(_) => check_config(&args),
         },
         Command::Status {
             args,
@@ -304,6 +314,19 @@ fn runtime(v: &Validated) -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 /// Reads, overrides and validates the configuration (no certificates needed).
+fn check_config(args: &ConfigArgs) -> ExitCode {
+    match load(args) {
+        Some((v, id)) => {
+            println!(
+                "configuration is valid: node {} on {}, certificate valid until {} (unix seconds)",
+                v.node_name, v.listen, id.info.not_after_unix
+            );
+            ExitCode::SUCCESS
+        }
+        None => ExitCode::from(EX_USAGE),
+    }
+}
+
 fn now_unix() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -209,6 +209,10 @@ fn expired_foreign_or_forged_tokens_cannot_join() {
         (4, forged, "not issued by this cluster's CA"),
     ] {
         let cfg = f.bare_host(k, &token, 1);
+        // Before its first start, a host with a token and no certificate has a valid config.
+        let out = pdagent(&["check-config", "--config", cfg.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        assert!(text(&out.stdout).contains("enrolls with cluster.join_token"));
         let mut a = Agent::start(&cfg, &[], &[]);
         assert_eq!(
             a.wait_exit(deadline(Duration::from_secs(30))),
