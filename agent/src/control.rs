@@ -415,6 +415,9 @@ impl ControlPlane {
                 Ok(p) => p,
                 Err(e) => {
                     let mut warned = self.unplaced.lock().unwrap_or_else(|p| p.into_inner());
+                    if warned.len() >= 256 {
+                        warned.clear();
+                    }
                     if warned.insert(e.to_string()) {
                         warn!(error = %e, "cannot place every engine");
                     }
