@@ -78,15 +78,8 @@ enum Command {
         /// GPUs per engine.
         #[arg(long, default_value_t = 1)]
         tp: u32,
-        /// Prefill engines (with --decode).
-        #[arg(long, requires = "decode", conflicts_with = "colocated")]
-        prefill: Option<u32>,
-        /// Decode engines (with --prefill).
-        #[arg(long, requires = "prefill")]
-        decode: Option<u32>,
-        /// Engines that both prefill and decode.
-        #[arg(long)]
-        colocated: Option<u32>,
+        #[command(flatten)]
+        layout: LayoutArgs,
         /// Time-to-first-token target, ms.
         #[arg(long)]
         ttft_ms: Option<u32>,
@@ -105,12 +98,8 @@ enum Command {
     /// Change a deployment's engine counts.
     Scale {
         name: String,
-        #[arg(long, requires = "decode", conflicts_with = "colocated")]
-        prefill: Option<u32>,
-        #[arg(long, requires = "prefill")]
-        decode: Option<u32>,
-        #[arg(long)]
-        colocated: Option<u32>,
+        #[command(flatten)]
+        layout: LayoutArgs,
     },
     /// Deployments and where their engines are placed.
     Deployments,
@@ -147,6 +136,36 @@ enum Command {
         #[command(subcommand)]
         command: BenchCommand,
     },
+}
+
+/// A deployment's engine counts: `--prefill X --decode Y`, or `--colocated N`.
+#[derive(clap::Args, Debug, Clone)]
+struct LayoutArgs {
+    /// Prefill engines (with --decode).
+    #[arg(long, requires = "decode", conflicts_with = "colocated")]
+    prefill: Option<u32>,
+    /// Decode engines (with --prefill).
+    #[arg(long, requires = "prefill")]
+    decode: Option<u32>,
+    /// Engines that both prefill and decode.
+    #[arg(long)]
+    colocated: Option<u32>,
+}
+
+impl LayoutArgs {
+    /// The admin API's layout fields, or an error when no layout was given.
+    fn body(&self) -> Result<serde_json::Value> {
+        if self.prefill.is_none() && self.colocated.is_none() {
+            anyhow::bail!("give --prefill X --decode Y, or --colocated N");
+        }
+        Ok(serde_json::json!({
+            "prefill": self.prefill, "decode": self.decode, "colocated": self.colocated,
+        }))
+    }
+
+    fn engines(&self) -> u32 {
+        self.colocated.unwrap_or(0) + self.prefill.unwrap_or(0) + self.decode.unwrap_or(0)
+    }
 }
 
 #[derive(Subcommand)]
@@ -452,25 +471,25 @@ fn run(cli: Cli) -> Result<()> {
             engine,
             model,
             tp,
-            prefill,
-            decode,
-            colocated,
+            layout,
             ttft_ms,
             tpot_ms,
             wait,
             wait_timeout_s,
         } => {
-            if prefill.is_none() && colocated.is_none() {
-                anyhow::bail!("give --prefill X --decode Y, or --colocated N");
-            }
-            let engines_wanted =
-                colocated.unwrap_or(0) + prefill.unwrap_or(0) + decode.unwrap_or(0);
+            let mut body = layout.body()?;
+            let engines_wanted = layout.engines();
             let c = admin(&cli.config)?;
-            let body = serde_json::json!({
-                "name": name, "engine": engine, "model": model, "tp": tp,
-                "prefill": prefill, "decode": decode, "colocated": colocated,
-                "ttft_ms": ttft_ms, "tpot_ms": tpot_ms,
-            });
+            for (k, v) in [
+                ("name", serde_json::json!(name)),
+                ("engine", serde_json::json!(engine)),
+                ("model", serde_json::json!(model)),
+                ("tp", serde_json::json!(tp)),
+                ("ttft_ms", serde_json::json!(ttft_ms)),
+                ("tpot_ms", serde_json::json!(tpot_ms)),
+            ] {
+                body[k] = v;
+            }
             block_on(c.request("POST", "/v1/deployments", Some(body)))??;
             if !wait {
                 println!("{name}: deployment created; `pdctl engines` shows its engines");
@@ -519,18 +538,9 @@ fn run(cli: Cli) -> Result<()> {
             block_on(c.request("DELETE", &format!("/v1/deployments/{}", seg(&name)), None))??;
             println!("{name}: deployment deleted");
         }
-        Command::Scale {
-            name,
-            prefill,
-            decode,
-            colocated,
-        } => {
-            if prefill.is_none() && colocated.is_none() {
-                anyhow::bail!("give --prefill X --decode Y, or --colocated N");
-            }
+        Command::Scale { name, layout } => {
+            let body = layout.body()?;
             let c = admin(&cli.config)?;
-            let body =
-                serde_json::json!({ "prefill": prefill, "decode": decode, "colocated": colocated });
             let r = block_on(c.request(
                 "PUT",
                 &format!("/v1/deployments/{}/layout", seg(&name)),
