@@ -155,59 +155,84 @@ async fn monolithic(
             sampling: sampling(opts),
         })
         .await?;
+    let d = collect(&mut rx, t0, "generate", None).await?;
+    engine.shutdown().await;
+    Ok(report(opts, &engine, d, 0, 0))
+}
+
+/// What an engine decoded for one request.
+struct Decoded {
+    tokens: Vec<u32>,
+    /// When each token was known, from the request's start.
+    times: Vec<Duration>,
+    text: String,
+    reason: FinishReason,
+    prompt_tokens: u32,
+    prompt_tokens_computed: u32,
+}
+
+/// Reads a request's tokens until its terminal event. With `first` (disaggregated), the
+/// stream's index 0 is the prefill engine's first token re-sent: checked, counted as `first`.
+async fn collect(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<Reply>,
+    t0: Instant,
+    what: &str,
+    first: Option<(u32, Duration)>,
+) -> anyhow::Result<Decoded> {
     let mut tokens = Vec::new();
     let mut times = Vec::new();
     let mut out = String::new();
     loop {
-        match next(&mut rx, "generate").await?.0 {
-            EngineMessage::Token { token, text, .. } => {
+        match next(rx, what).await?.0 {
+            EngineMessage::Token {
+                index, token, text, ..
+            } => {
+                match first {
+                    Some((f, at)) if index == 0 => {
+                        anyhow::ensure!(
+                            token == f,
+                            "the decode engine re-sent first token {token}, the prefill engine gave {f}"
+                        );
+                        times.push(at);
+                    }
+                    _ => times.push(t0.elapsed()),
+                }
                 tokens.push(token);
-                times.push(t0.elapsed());
                 out.push_str(&text);
             }
             EngineMessage::Finished {
-                reason: r,
+                reason,
                 prompt_tokens,
                 prompt_tokens_computed,
                 text,
                 ..
             } => {
                 out.push_str(&text);
-                engine.shutdown().await;
-                return Ok(report(
-                    opts,
-                    &engine,
+                return Ok(Decoded {
                     tokens,
-                    &times,
-                    out,
-                    reason(r),
+                    times,
+                    text: out,
+                    reason,
                     prompt_tokens,
                     prompt_tokens_computed,
-                    0,
-                    0,
-                ));
+                });
             }
             EngineMessage::Error { kind, message, .. } => {
-                anyhow::bail!("engine refused ({kind:?}): {message}")
+                anyhow::bail!("{what}: the engine refused ({kind:?}): {message}")
             }
             _ => {}
         }
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn report(
     opts: &GenerateOptions,
     engine: &EngineClient,
-    tokens: Vec<u32>,
-    times: &[Duration],
-    text: String,
-    finish_reason: String,
-    prompt_tokens: u32,
-    decode_prompt_tokens_computed: u32,
+    d: Decoded,
     kv_bytes: u64,
     kv_pieces: u64,
 ) -> GenerateReport {
+    let times = &d.times;
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let ttft_ms = times.first().map_or(0.0, |t| ms(*t));
     let tpot_ms = match (times.first(), times.last()) {
@@ -218,11 +243,11 @@ fn report(
         mode: opts.mode,
         model: engine.hello().model_name.clone(),
         model_fingerprint: format!("{:016x}", engine.hello().model_fingerprint),
-        tokens,
-        text,
-        finish_reason,
-        prompt_tokens,
-        decode_prompt_tokens_computed,
+        tokens: d.tokens,
+        text: d.text,
+        finish_reason: reason(d.reason),
+        prompt_tokens: d.prompt_tokens,
+        decode_prompt_tokens_computed: d.prompt_tokens_computed,
         ttft_ms,
         tpot_ms,
         kv_bytes,
@@ -343,55 +368,16 @@ async fn disaggregated(
     for p in &arrived.pieces {
         decode.import_piece(id, p).await?;
     }
-    let mut tokens = vec![first_token];
-    let mut times = vec![first_at];
-    let mut out = String::new();
-    loop {
-        match next(&mut rx, "decode").await?.0 {
-            // Index 0 is the prefill engine's first token, re-sent by the decode engine.
-            EngineMessage::Token {
-                index, token, text, ..
-            } if index > 0 => {
-                tokens.push(token);
-                times.push(t0.elapsed());
-                out.push_str(&text);
-            }
-            EngineMessage::Token { token, text, .. } => {
-                anyhow::ensure!(
-                    token == first_token,
-                    "the decode engine re-sent first token {token}, the prefill engine gave {first_token}"
-                );
-                out.push_str(&text);
-            }
-            EngineMessage::Finished {
-                reason: r,
-                prompt_tokens,
-                prompt_tokens_computed,
-                text,
-                ..
-            } => {
-                out.push_str(&text);
-                prefill.shutdown().await;
-                decode.shutdown().await;
-                conn.close("done");
-                server.abort();
-                return Ok(report(
-                    opts,
-                    &decode,
-                    tokens,
-                    &times,
-                    out,
-                    reason(r),
-                    prompt_tokens,
-                    prompt_tokens_computed,
-                    sender.payload_bytes,
-                    sender.pieces(),
-                ));
-            }
-            EngineMessage::Error { kind, message, .. } => {
-                anyhow::bail!("decode engine refused ({kind:?}): {message}")
-            }
-            _ => {}
-        }
-    }
+    let d = collect(&mut rx, t0, "decode", Some((first_token, first_at))).await?;
+    prefill.shutdown().await;
+    decode.shutdown().await;
+    conn.close("done");
+    server.abort();
+    Ok(report(
+        opts,
+        &decode,
+        d,
+        sender.payload_bytes,
+        sender.pieces(),
+    ))
 }
