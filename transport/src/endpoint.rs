@@ -12,8 +12,10 @@
 //!    certificate, and answers: its version (u16 LE), a status byte, and a length-prefixed UTF-8
 //!    reason. On refusal it closes the connection with the matching error code.
 //!
-//! Afterwards every bidirectional stream is one RPC (request frame, response frame) and every
-//! unidirectional stream is one bulk transfer (header frame, then raw bytes to the end).
+//! Afterwards every bidirectional stream is one RPC (request frame, response frame) or one
+//! streaming RPC (request frame, response frames until the server finishes the stream; the
+//! caller cancels by stopping it), and every unidirectional stream is one bulk transfer (header
+//! frame, then raw bytes to the end).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -58,6 +60,8 @@ pub mod stream_code {
     pub const MALFORMED: u32 = 0x20;
     pub const TOO_LARGE: u32 = 0x21;
     pub const REFUSED: u32 = 0x22;
+    /// The caller of a streaming RPC stopped listening.
+    pub const CANCELLED: u32 = 0x23;
 }
 
 const STATUS_OK: u8 = 0;
@@ -167,6 +171,26 @@ pub trait Service: Send + Sync + 'static {
         req: Self::Request,
     ) -> impl Future<Output = Result<Self::Response, String>> + Send;
 
+    /// Whether `req` is answered by [`Service::stream`] (a sequence of responses) rather than
+    /// by [`Service::call`]. The caller knows which it asked for (`Connection::call_stream`).
+    fn streams(&self, req: &Self::Request) -> bool {
+        let _ = req;
+        false
+    }
+
+    /// Answers one streaming RPC: any number of responses through `out`, then the end (when
+    /// this returns). An `Err` ends the stream with that error. When the caller goes away,
+    /// `out.send` fails and `out.cancelled()` resolves.
+    fn stream(
+        &self,
+        peer: &PeerIdentity,
+        req: Self::Request,
+        out: &mut ResponseSink<Self::Response>,
+    ) -> impl Future<Output = Result<(), String>> + Send {
+        let _ = (peer, req, out);
+        async { Err("this endpoint answers no streams".to_string()) }
+    }
+
     /// Consumes one bulk transfer. The default refuses bulk data.
     fn bulk(
         &self,
@@ -181,6 +205,104 @@ pub trait Service: Send + Sync + 'static {
 
 /// The reply frame of an RPC.
 type Reply<R> = Result<R, String>;
+
+/// The server's side of a streaming RPC: each response is one frame on the stream.
+pub struct ResponseSink<R> {
+    send: quinn::SendStream,
+    frame_max: usize,
+    _item: std::marker::PhantomData<fn(R)>,
+}
+
+impl<R: Serialize> ResponseSink<R> {
+    /// Sends one response; fails when the caller has gone away (stopped the stream or lost
+    /// the connection).
+    pub async fn send(&mut self, item: R) -> Result<(), TransportError> {
+        let frame = codec::encode_frame(&Reply::<R>::Ok(item), self.frame_max)?;
+        self.send
+            .write_all(&frame)
+            .await
+            .map_err(|e| TransportError::Stream(e.to_string()))
+    }
+
+    /// Resolves when the caller stops listening (dropped its stream) or the connection ends.
+    pub fn cancelled(&self) -> impl Future<Output = ()> + Send + Sync + 'static {
+        let stopped = self.send.stopped();
+        async move {
+            let _ = stopped.await;
+        }
+    }
+
+    async fn end(mut self, result: Result<(), String>) {
+        if let Err(why) = result
+            && let Ok(frame) = codec::encode_frame(&Reply::<R>::Err(why), self.frame_max)
+        {
+            let _ = self.send.write_all(&frame).await;
+        }
+        let _ = self.send.finish();
+    }
+}
+
+/// The caller's side of a streaming RPC. Dropping it tells the server to stop.
+pub struct ResponseStream<R> {
+    recv: quinn::RecvStream,
+    frame_max: usize,
+    done: bool,
+    _item: std::marker::PhantomData<fn() -> R>,
+}
+
+impl<R: DeserializeOwned> ResponseStream<R> {
+    /// The next response; `Ok(None)` after the last one. A stream the server ended with an
+    /// error yields `TransportError::Remote`, a cut one the transport error.
+    pub async fn next(&mut self) -> Result<Option<R>, TransportError> {
+        if self.done {
+            return Ok(None);
+        }
+        let result = self.read_one().await;
+        if !matches!(result, Ok(Some(_))) {
+            self.done = true;
+        }
+        result
+    }
+
+    async fn read_one(&mut self) -> Result<Option<R>, TransportError> {
+        // The stream may end cleanly only between frames.
+        let mut len = [0u8; codec::FRAME_HEADER_BYTES];
+        let mut got = 0;
+        while got < len.len() {
+            match self.recv.read(&mut len[got..]).await {
+                Ok(Some(n)) => got += n,
+                Ok(None) if got == 0 => return Ok(None),
+                Ok(None) => return Err(CodecError::Truncated.into()),
+                Err(e) => return Err(TransportError::Stream(e.to_string())),
+            }
+        }
+        let n = u32::from_le_bytes(len) as usize;
+        if n > self.frame_max {
+            return Err(CodecError::FrameTooLarge {
+                len: n,
+                max: self.frame_max,
+            }
+            .into());
+        }
+        let mut body = vec![0u8; n];
+        self.recv.read_exact(&mut body).await.map_err(|e| match e {
+            quinn::ReadExactError::FinishedEarly(_) => TransportError::Codec(CodecError::Truncated),
+            quinn::ReadExactError::ReadError(e) => TransportError::Stream(e.to_string()),
+        })?;
+        match codec::decode::<Reply<R>>(&body, self.frame_max)? {
+            Ok(item) => Ok(Some(item)),
+            Err(why) => Err(TransportError::Remote(why)),
+        }
+    }
+}
+
+impl<R> Drop for ResponseStream<R> {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.recv.stop(VarInt::from_u32(stream_code::CANCELLED));
+        }
+    }
+}
 
 /// A bound QUIC endpoint with this party's identity.
 #[derive(Clone)]
@@ -625,6 +747,27 @@ impl Connection {
         reply.map_err(TransportError::Remote)
     }
 
+    /// A streaming RPC: one request, then responses until the server ends the stream. Drop
+    /// the returned stream to cancel.
+    pub async fn call_stream<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        req: &Req,
+    ) -> Result<ResponseStream<Resp>, TransportError> {
+        let frame = codec::encode_frame(req, self.frame_max)?;
+        let (mut send, recv) = self.conn.open_bi().await?;
+        let _ = send.set_priority(1);
+        send.write_all(&frame)
+            .await
+            .map_err(|e| TransportError::Stream(e.to_string()))?;
+        let _ = send.finish();
+        Ok(ResponseStream {
+            recv,
+            frame_max: self.frame_max,
+            done: false,
+            _item: std::marker::PhantomData,
+        })
+    }
+
     /// Sends a raw frame on a new RPC stream and reads the raw answer: for tests that must put
     /// malformed bytes on the wire.
     #[doc(hidden)]
@@ -706,6 +849,20 @@ async fn serve_rpc<S: Service>(
     let max = conn.frame_max;
     let req: Result<S::Request, CodecError> = codec::read_frame(&mut recv, max).await;
     let reply: Reply<S::Response> = match req {
+        Ok(req) if service.streams(&req) => {
+            let _ = send.set_priority(1);
+            let mut sink = ResponseSink {
+                send,
+                frame_max: max,
+                _item: std::marker::PhantomData,
+            };
+            let result = service.stream(&conn.peer, req, &mut sink).await;
+            if let Err(why) = &result {
+                debug!(peer = %conn.peer, error = %why, "stream ended with an error");
+            }
+            sink.end(result).await;
+            return;
+        }
         Ok(req) => service.call(&conn.peer, req).await,
         Err(e) => {
             warn!(peer = %conn.peer, error = %e, "closing RPC stream: bad request frame");

@@ -2,7 +2,7 @@
 //!
 //! Owns: the codec (bincode 2.0.1, in `codec` only), the protocol-version hello, the cluster
 //! PKI (CA, node and admin certificates, join tokens), the quinn endpoint with mutual TLS,
-//! typed request/response RPC, raw bulk byte streams striped over several connections, and the
+//! typed request/response and streaming RPC, raw bulk byte streams striped over several connections, and the
 //! transport benchmark.
 //!
 //! Must never: know what a request, an engine or a Raft entry means. Callers bring their own
@@ -23,7 +23,8 @@ pub mod tls;
 pub use bulk::{BulkHeader, BulkReader, BulkWriter, send_striped};
 pub use config::{FieldError, TransportConfig};
 pub use endpoint::{
-    Connection, Endpoint, PROTOCOL_VERSION, RevocationList, Service, TransportError,
+    Connection, Endpoint, PROTOCOL_VERSION, ResponseSink, ResponseStream, RevocationList, Service,
+    TransportError,
 };
 pub use pki::PeerIdentity;
 pub use tls::Identity;
