@@ -466,7 +466,10 @@ fn parse_prompt(value: Option<&Value>) -> Result<PromptInput, ApiError> {
     };
     match items.first() {
         None => Err(prompt_error("prompt must not be an empty array.")),
-        Some(Value::String(_) | Value::Array(_)) if items.len() > 1 => Err(prompt_error(SEVERAL)),
+        Some(Value::String(_) | Value::Array(_)) if items.len() > 1 => {
+            let uniform = items.iter().all(Value::is_string) || items.iter().all(Value::is_array);
+            Err(prompt_error(if uniform { SEVERAL } else { SHAPE }))
+        }
         Some(Value::String(text)) => Ok(PromptInput::Text(text.clone())),
         Some(Value::Array(tokens)) => token_ids(tokens),
         Some(Value::Number(_)) => token_ids(items),

@@ -5,6 +5,10 @@
 //! string and dict methods those templates call. The context is `messages` (a list of
 //! `{role, content}`), `add_generation_prompt = true`, `bos_token`, `eos_token` and the function
 //! `raise_exception(message)`, which fails the render with a 400 carrying `message`.
+//!
+//! Deliberately absent: `strftime_now`, which newer `transformers` offer, since this crate reads
+//! no clock; the templates that call it (Llama 3.1 and later) test `strftime_now is defined` and
+//! fall back to a fixed date.
 
 use std::fmt;
 

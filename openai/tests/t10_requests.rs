@@ -219,6 +219,12 @@ fn prompt_refusals() {
     assert_400(prompt(json!([1, 4294967296u64])), Some("prompt"));
     assert_400(prompt(json!([1.5])), Some("prompt"));
     assert_400(prompt(json!([1, "a"])), Some("prompt"));
+    let mixed = assert_400(prompt(json!(["a", 1])), Some("prompt"));
+    assert!(
+        mixed.message.starts_with("prompt must be"),
+        "{}",
+        mixed.message
+    );
     assert_400(prompt(json!([{"a": 1}])), Some("prompt"));
     assert_400(prompt(json!(3)), Some("prompt"));
     assert_400(completion(json!({"model": "m"})), Some("prompt"));
