@@ -29,13 +29,14 @@ fn print(r: &BenchReport, baseline: Option<&BenchReport>) {
         (ratio(r.p50_ns, b.p50_ns), ratio(r.p99_ns, b.p99_ns))
     });
     println!(
-        "{:<12} {} decisions, {} engines, {} index entries: p50 {:.1} us{r50}, p99 {:.1} us{r99}, max {:.1} us",
+        "{:<12} {} decisions, {} engines, {} index entries: p50 {:.1} us{r50}, p99 {:.1} us{r99}, p99.9 {:.1} us, max {:.1} us",
         r.policy.as_str(),
         r.decisions,
         r.engines,
         r.index_entries,
         r.p50_ns as f64 / 1e3,
         r.p99_ns as f64 / 1e3,
+        r.p999_ns as f64 / 1e3,
         r.max_ns as f64 / 1e3,
     );
 }

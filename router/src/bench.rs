@@ -20,6 +20,8 @@ pub struct BenchReport {
     pub p50_ns: u64,
     /// 99th percentile.
     pub p99_ns: u64,
+    /// 99.9th percentile.
+    pub p999_ns: u64,
     /// Slowest decision.
     pub max_ns: u64,
     /// Index entries when timing ended.
@@ -97,12 +99,15 @@ pub fn run_with(
         times.push(end.saturating_sub(start));
     }
     times.sort_unstable();
-    let at = |q: usize| times.get((times.len() * q / 100).min(times.len().saturating_sub(1)));
+    let at = |per_mille: usize| {
+        times.get((times.len() * per_mille / 1000).min(times.len().saturating_sub(1)))
+    };
     BenchReport {
         policy,
         decisions,
-        p50_ns: at(50).copied().unwrap_or(0),
-        p99_ns: at(99).copied().unwrap_or(0),
+        p50_ns: at(500).copied().unwrap_or(0),
+        p99_ns: at(990).copied().unwrap_or(0),
+        p999_ns: at(999).copied().unwrap_or(0),
         max_ns: times.last().copied().unwrap_or(0),
         index_entries: router.index_len(),
         engines: candidates.len(),

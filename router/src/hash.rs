@@ -10,8 +10,8 @@
 //! the SplitMix64 finalizer so that every output bit depends on every input bit. It is fast
 //! (about one multiply per 8 bytes) and not cryptographic: whoever controls a prompt can craft
 //! collisions, which costs at worst a wrongly believed cache hit (a routing preference), never a
-//! wrong answer, because engines check their own cache. The prefix index keys its hash map with
-//! std's randomly keyed SipHash so that crafted hashes cannot degrade the map.
+//! wrong answer, because engines check their own cache. The prefix index places these hashes in
+//! its table with a randomly keyed mix, so that crafted prompts cannot degrade the table.
 //!
 //! Hashes are deterministic (no per-process key) and meant for one agent's in-memory index;
 //! they are not a wire or storage format and may change between releases.

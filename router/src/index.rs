@@ -16,9 +16,13 @@
 
 use std::collections::HashMap;
 
+use crate::table::BlockTable;
+
 /// How many engines the index tracks at once (one router serves one deployment; beyond this the
 /// engine least recently recorded is forgotten).
 pub const ENGINE_SLOTS_MAX: usize = 256;
+/// Largest `index_entries_max` (2^30 entries, about 80 GiB of index; its table stays within 2^32 buckets).
+pub const INDEX_ENTRIES_MAX: usize = 1 << 30;
 const WORDS: usize = ENGINE_SLOTS_MAX / 64;
 const NIL: u32 = u32::MAX;
 
@@ -39,6 +43,12 @@ impl SlotSet {
 
     pub(crate) fn is_empty(&self) -> bool {
         self.0.iter().all(|w| *w == 0)
+    }
+
+    fn union_with(&mut self, other: &SlotSet) {
+        for (w, o) in self.0.iter_mut().zip(other.0) {
+            *w |= o;
+        }
     }
 
     fn and(&self, other: &SlotSet) -> SlotSet {
@@ -73,8 +83,8 @@ struct Entry {
 #[derive(Debug)]
 pub(crate) struct PrefixIndex {
     entries_max: usize,
-    /// Block hash -> position in `slab`. Keyed SipHash: block hashes derive from prompts.
-    by_hash: HashMap<u64, u32>,
+    /// Block hash -> position in `slab`.
+    by_hash: BlockTable,
     slab: Vec<Entry>,
     free_entries: Vec<u32>,
     /// Most recently recorded entry.
@@ -93,12 +103,12 @@ pub(crate) struct PrefixIndex {
 impl PrefixIndex {
     pub(crate) fn new(entries_max: usize) -> Self {
         assert!(
-            entries_max > 0 && entries_max < NIL as usize,
+            (1..=INDEX_ENTRIES_MAX).contains(&entries_max),
             "entries_max out of range"
         );
         PrefixIndex {
             entries_max,
-            by_hash: HashMap::new(),
+            by_hash: BlockTable::new(),
             slab: Vec::new(),
             free_entries: Vec::new(),
             head: NIL,
@@ -137,8 +147,8 @@ impl PrefixIndex {
             if live.is_empty() {
                 return;
             }
-            let held = match self.by_hash.get(hash) {
-                Some(&e) => self.slab[e as usize].engines,
+            let held = match self.by_hash.get(*hash) {
+                Some(e) => self.slab[e as usize].engines,
                 None => SlotSet::EMPTY,
             };
             let still = live.and(&held);
@@ -161,18 +171,23 @@ impl PrefixIndex {
         depth[slot as usize]
     }
 
-    /// Remembers that `engine` holds `blocks`; they become the most recently recorded entries,
-    /// the first block most recent of all.
-    pub(crate) fn record(&mut self, engine: &str, blocks: &[u64]) {
-        if blocks.is_empty() {
+    /// Remembers that each of `engines` holds `blocks` (one pass for all); they become the most
+    /// recently recorded entries, the first block most recent of all.
+    pub(crate) fn record(&mut self, engines: &[&str], blocks: &[u64]) {
+        if blocks.is_empty() || engines.is_empty() {
             return;
         }
-        let slot = self.slot_or_assign(engine);
         self.records += 1;
-        self.recorded_at[slot as usize] = self.records;
+        let mut set = SlotSet::EMPTY;
+        for engine in engines {
+            let slot = self.slot_or_assign(engine);
+            // Marked at once, so that the next engine of this call cannot reclaim the slot.
+            self.recorded_at[slot as usize] = self.records;
+            set.insert(slot);
+        }
         for &hash in blocks.iter().rev() {
-            let e = match self.by_hash.get(&hash) {
-                Some(&e) => {
+            let e = match self.by_hash.get(hash) {
+                Some(e) => {
                     self.unlink(e);
                     e
                 }
@@ -185,7 +200,7 @@ impl PrefixIndex {
                     e
                 }
             };
-            self.slab[e as usize].engines.insert(slot);
+            self.slab[e as usize].engines.union_with(&set);
             self.push_newest(e);
         }
     }
@@ -206,7 +221,7 @@ impl PrefixIndex {
             if entry.engines.is_empty() {
                 let hash = entry.hash;
                 self.unlink(e);
-                self.by_hash.remove(&hash);
+                self.by_hash.remove(hash);
                 self.free_entries.push(e);
             }
             e = next;
@@ -263,7 +278,7 @@ impl PrefixIndex {
             return;
         }
         self.unlink(e);
-        self.by_hash.remove(&self.slab[e as usize].hash);
+        self.by_hash.remove(self.slab[e as usize].hash);
         self.free_entries.push(e);
     }
 
@@ -311,7 +326,7 @@ impl PrefixIndex {
         while e != NIL {
             let entry = &self.slab[e as usize];
             assert_eq!(entry.newer, newer);
-            assert_eq!(self.by_hash.get(&entry.hash), Some(&e));
+            assert_eq!(self.by_hash.get(entry.hash), Some(e));
             assert!(!entry.engines.is_empty());
             n += 1;
             newer = e;
@@ -335,7 +350,7 @@ mod tests {
     fn bound_is_respected_and_leading_blocks_survive() {
         let mut ix = PrefixIndex::new(100);
         let b = blocks(0, 1000);
-        ix.record("e", &b);
+        ix.record(&["e"], &b);
         ix.check();
         assert_eq!(ix.len(), 100);
         assert_eq!(ix.overlap("e", &b), 100, "the first 100 blocks are kept");
@@ -347,10 +362,10 @@ mod tests {
         let a = blocks(0, 10);
         let b = blocks(100, 10);
         let c = blocks(200, 10);
-        ix.record("e", &a);
-        ix.record("e", &b);
-        ix.record("e", &a); // a is now more recent than b
-        ix.record("e", &c); // evicts b
+        ix.record(&["e"], &a);
+        ix.record(&["e"], &b);
+        ix.record(&["e"], &a); // a is now more recent than b
+        ix.record(&["e"], &c); // evicts b
         ix.check();
         assert_eq!(ix.overlap("e", &a), 10);
         assert_eq!(ix.overlap("e", &b), 0);
@@ -361,10 +376,10 @@ mod tests {
     fn one_walk_gives_every_engines_depth() {
         let mut ix = PrefixIndex::new(1000);
         let b = blocks(0, 50);
-        ix.record("a", &b[..10]);
-        ix.record("b", &b[..30]);
-        ix.record("c", &b);
-        ix.record("d", &blocks(500, 5));
+        ix.record(&["a"], &b[..10]);
+        ix.record(&["b"], &b[..30]);
+        ix.record(&["c"], &b);
+        ix.record(&["d"], &blocks(500, 5));
         let mut set = SlotSet::EMPTY;
         for e in ["a", "b", "c", "d"] {
             set.insert(ix.slot(e).unwrap());
@@ -382,15 +397,15 @@ mod tests {
     #[test]
     fn forget_clears_and_reuses_the_slot() {
         let mut ix = PrefixIndex::new(1000);
-        ix.record("a", &blocks(0, 10));
-        ix.record("b", &blocks(5, 10));
+        ix.record(&["a"], &blocks(0, 10));
+        ix.record(&["b"], &blocks(5, 10));
         let slot_a = ix.slot("a").unwrap();
         ix.forget("a");
         ix.check();
         assert_eq!(ix.len(), 10, "b's blocks stay");
         assert_eq!(ix.overlap("a", &blocks(0, 10)), 0);
         assert_eq!(ix.overlap("b", &blocks(5, 10)), 10);
-        ix.record("c", &blocks(0, 3));
+        ix.record(&["c"], &blocks(0, 3));
         assert_eq!(ix.slot("c"), Some(slot_a));
         assert_eq!(ix.engines(), 2);
         ix.forget("nobody");
@@ -401,10 +416,10 @@ mod tests {
     fn beyond_the_slot_limit_the_least_recent_engine_is_forgotten() {
         let mut ix = PrefixIndex::new(10_000);
         for i in 0..ENGINE_SLOTS_MAX {
-            ix.record(&format!("e{i}"), &[i as u64]);
+            ix.record(&[&format!("e{i}")], &[i as u64]);
         }
-        ix.record("e0", &[0]); // e1 is now the least recently recorded
-        ix.record("new", &[7777]);
+        ix.record(&["e0"], &[0]); // e1 is now the least recently recorded
+        ix.record(&["new"], &[7777]);
         ix.check();
         assert_eq!(ix.engines(), ENGINE_SLOTS_MAX);
         assert_eq!(ix.slot("e1"), None);
@@ -423,7 +438,7 @@ mod tests {
                 0 => ix.forget(&engine),
                 _ => {
                     let start = (x >> 16) % 100;
-                    ix.record(&engine, &blocks(start, (x >> 32) % 40));
+                    ix.record(&[&engine], &blocks(start, (x >> 32) % 40));
                 }
             }
             ix.check();

@@ -34,7 +34,8 @@
 //! distance": at the default 0.5, shipping a prompt's KV across racks costs as much as
 //! prefilling it once more; in practice it decides between otherwise similar pairs. All
 //! available pairs are searched (counts are small); ties go to the lowest candidate index
-//! (prefill first, then decode).
+//! (prefill first, then decode). What a decode engine already holds does not lower a pair's
+//! cost: the whole prompt's KV is shipped to it.
 //!
 //! # Decision kinds
 //!
@@ -57,12 +58,13 @@
 pub mod bench;
 mod hash;
 mod index;
+mod table;
 
 use std::fmt;
 use std::str::FromStr;
 
 pub use hash::{block_hashes, token_block_hashes};
-pub use index::ENGINE_SLOTS_MAX;
+pub use index::{ENGINE_SLOTS_MAX, INDEX_ENTRIES_MAX};
 use index::{PrefixIndex, SlotSet};
 
 /// What an engine does.
@@ -240,8 +242,14 @@ impl RouterConfig {
                 return err(field, &format!("must be a finite number >= 0, not {v}"));
             }
         }
-        if self.index_entries_max == 0 || self.index_entries_max >= u32::MAX as usize {
-            return err("index_entries_max", "must be between 1 and 4294967294");
+        if !(1..=INDEX_ENTRIES_MAX).contains(&self.index_entries_max) {
+            return err(
+                "index_entries_max",
+                &format!(
+                    "must be between 1 and {INDEX_ENTRIES_MAX}, not {}",
+                    self.index_entries_max
+                ),
+            );
         }
         Ok(())
     }
@@ -343,6 +351,9 @@ struct Place {
     node: u64,
     rack: Option<u64>,
 }
+
+/// Marks a candidate without an index slot (or unavailable) in `Scratch::overlap`.
+const NO_SLOT: u32 = u32::MAX;
 
 /// Per-call buffers kept between calls, so that routing allocates nothing once warm.
 #[derive(Debug, Default)]
@@ -464,17 +475,18 @@ impl Router {
         candidates: &[Candidate],
         blocks: &[u64],
     ) {
-        if let Some(p) = decision.prefill {
-            self.record(&candidates[p].engine, blocks);
+        let decode = candidates[decision.decode].engine.as_str();
+        match decision.prefill {
+            Some(p) => self.index.record(&[&candidates[p].engine, decode], blocks),
+            None => self.index.record(&[decode], blocks),
         }
-        self.record(&candidates[decision.decode].engine, blocks);
     }
 
     /// Remembers that `engine` now holds these prefix blocks (called after a request was sent
     /// there: the prefill engine for disaggregated, the engine itself otherwise; and the decode
     /// engine too, since imported KV lands in its cache).
     pub fn record(&mut self, engine: &str, blocks: &[u64]) {
-        self.index.record(engine, blocks);
+        self.index.record(&[engine], blocks);
     }
 
     /// Forgets an engine (gone, restarted: its cache is empty). O(index entries).
@@ -499,29 +511,34 @@ impl Router {
 
     /// Fills `scratch.overlap` (per candidate, in one walk) and `scratch.places`.
     fn compute_overlaps(&mut self, blocks: &[u64], candidates: &[Candidate]) {
+        let s = &mut self.scratch;
+        s.overlap.clear();
+        s.places.clear();
         let mut set = SlotSet::EMPTY;
-        for c in candidates.iter().filter(|c| c.available) {
-            if let Some(slot) = self.index.slot(&c.engine) {
-                set.insert(slot);
+        for c in candidates {
+            // Slots stand in the overlap column until the walk replaces them with depths.
+            match self.index.slot(&c.engine).filter(|_| c.available) {
+                Some(slot) => {
+                    set.insert(slot);
+                    s.overlap.push(slot);
+                }
+                None => s.overlap.push(NO_SLOT),
             }
+            s.places.push(Place {
+                node: hash::str_hash(&c.node),
+                rack: c.rack.as_deref().map(hash::str_hash),
+            });
         }
         let mut depth = [0u32; ENGINE_SLOTS_MAX];
         if !set.is_empty() {
             self.index.leading_matches(blocks, set, &mut depth);
         }
-        let s = &mut self.scratch;
-        s.overlap.clear();
-        s.places.clear();
-        for c in candidates {
-            let held = match (c.available, self.index.slot(&c.engine)) {
-                (true, Some(slot)) => depth[slot as usize],
-                _ => 0,
+        for held in &mut s.overlap {
+            *held = if *held == NO_SLOT {
+                0
+            } else {
+                depth[*held as usize]
             };
-            s.overlap.push(held);
-            s.places.push(Place {
-                node: hash::str_hash(&c.node),
-                rack: c.rack.as_deref().map(hash::str_hash),
-            });
         }
     }
 
