@@ -464,3 +464,74 @@ fn policy_names_and_config_validation() {
             .contains("index_entries_max")
     );
 }
+
+/// Over random deployments, loads and prompts, every policy picks available engines of the
+/// right roles, and fails only when no decode or colocated engine is available.
+#[test]
+fn random_deployments_keep_the_invariants() {
+    let mut x = 0x5EED_u64;
+    let mut next = |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    };
+    for policy in [Policy::Cost, Policy::RoundRobin, Policy::Random] {
+        let mut r = Router::new(RouterConfig {
+            policy,
+            index_entries_max: 2000,
+            ..RouterConfig::default()
+        });
+        for _ in 0..500 {
+            let c: Vec<Candidate> = (0..next(11))
+                .map(|i| {
+                    let role = [Role::Prefill, Role::Decode, Role::Both][next(3) as usize];
+                    let mut e = engine(
+                        &format!("e{i}"),
+                        &format!("n{}", next(4)),
+                        &format!("r{}", next(2)),
+                        role,
+                    );
+                    e.queued = next(5) as u32;
+                    e.running = next(20) as u32;
+                    e.inflight = next(3) as u32;
+                    e.kv_usage = next(101) as f32 / 100.0;
+                    e.available = next(4) != 0;
+                    e
+                })
+                .collect();
+            let (blocks, tokens) = prompt(next(3) as u8, next(3) as u8);
+            let cut = next(blocks.len() as u64 + 1) as usize;
+            let (blocks, tokens) = (&blocks[..cut], tokens * cut as u32 / blocks.len() as u32);
+            let ready = |role| c.iter().filter(|e| e.available && e.role == role).count();
+            match r.route(blocks, tokens, &c) {
+                Ok(d) => {
+                    let role = |i: usize| (c[i].available, c[i].role);
+                    match d.kind {
+                        DecisionKind::Disaggregated => {
+                            assert_eq!(role(d.prefill.unwrap()), (true, Role::Prefill));
+                            assert_eq!(role(d.decode), (true, Role::Decode));
+                        }
+                        DecisionKind::DecodeOnly => {
+                            assert_eq!(d.prefill, None);
+                            assert_eq!(role(d.decode), (true, Role::Decode));
+                        }
+                        DecisionKind::Colocated => {
+                            assert_eq!(d.prefill, None);
+                            assert_eq!(role(d.decode), (true, Role::Both));
+                            assert!(ready(Role::Prefill) == 0 || ready(Role::Decode) == 0);
+                        }
+                    }
+                    assert!(d.cached_blocks <= d.prompt_blocks);
+                    r.record_decision(&d, &c, blocks);
+                }
+                Err(RouteError::NoEngines) => assert!(c.is_empty()),
+                Err(RouteError::NoneAvailable { prefill, .. }) => {
+                    assert_eq!((ready(Role::Decode), ready(Role::Both)), (0, 0));
+                    assert_eq!(prefill, ready(Role::Prefill));
+                }
+            }
+            assert!(r.index_len() <= 2000);
+        }
+    }
+}
