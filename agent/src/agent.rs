@@ -6,7 +6,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pd_transport::{Endpoint, Identity, PROTOCOL_VERSION, PeerIdentity, Service};
+use pd_transport::{
+    BulkHeader, BulkReader, Endpoint, Identity, PROTOCOL_VERSION, PeerIdentity, ResponseSink,
+    Service,
+};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::info;
 
@@ -25,6 +28,7 @@ pub struct AgentService {
     node: String,
     started: Instant,
     control: Arc<ControlPlane>,
+    legs: Arc<crate::serving::legs::Legs>,
 }
 
 impl Service for AgentService {
@@ -75,9 +79,70 @@ impl Service for AgentService {
                 Ok(ack)
             }
             AgentRequest::Engines => Ok(AgentResponse::Engines(self.control.engines())),
+            AgentRequest::Serve(_) => Err("a Serve request is a stream".into()),
         }
     }
+
+    fn streams(&self, req: &AgentRequest) -> bool {
+        matches!(req, AgentRequest::Serve(_))
+    }
+
+    async fn stream(
+        &self,
+        peer: &PeerIdentity,
+        req: AgentRequest,
+        out: &mut ResponseSink<AgentResponse>,
+    ) -> Result<(), String> {
+        let PeerIdentity::Node(name) = peer else {
+            return Err("only agents send request legs".into());
+        };
+        if self.control.is_removed(name) {
+            return Err(format!("node {name} was removed from the cluster"));
+        }
+        let AgentRequest::Serve(leg) = req else {
+            return Err("not a stream".into());
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::channel(LEG_EVENTS_BUFFERED);
+        let run = self.legs.run(leg, tx);
+        let forward = async {
+            let cancelled = out.cancelled();
+            tokio::pin!(cancelled);
+            loop {
+                tokio::select! {
+                    ev = rx.recv() => match ev {
+                        Some(ev) => {
+                            if out.send(AgentResponse::Serve(ev)).await.is_err() {
+                                break;
+                            }
+                        }
+                        None => break,
+                    },
+                    _ = &mut cancelled => break,
+                }
+            }
+            // Dropping `rx` tells the leg its reader is gone.
+            drop(rx);
+        };
+        tokio::join!(run, forward);
+        Ok(())
+    }
+
+    async fn bulk(
+        &self,
+        peer: &PeerIdentity,
+        header: BulkHeader,
+        body: BulkReader,
+    ) -> Result<(), String> {
+        if !matches!(peer, PeerIdentity::Node(n) if !self.control.is_removed(n)) {
+            body.refuse();
+            return Err("only agents ship KV".into());
+        }
+        self.legs.inbox.accept(header, body).await
+    }
 }
+
+/// Events of a leg buffered between its engine and a slow reader.
+const LEG_EVENTS_BUFFERED: usize = 256;
 
 /// The address peers reach this agent at: `node.advertise`, or `listen` when it is specific,
 /// or (wildcard listen, no advertise) the local address of the route to the first seed.
@@ -181,6 +246,27 @@ pub async fn run(
         control.clone(),
         control.inventory(),
     )?;
+    let metrics = Arc::new(crate::serving::metrics::Metrics::default());
+    let serving_cfg = cfg.config.serving.serving_config();
+    let legs = Arc::new(crate::serving::legs::Legs::new(
+        supervisor.clone(),
+        peers.clone(),
+        control.clone(),
+        serving_cfg.request_timeout,
+        metrics.clone(),
+    ));
+    let serving = crate::serving::Serving::new(
+        serving_cfg,
+        control.clone(),
+        peers.clone(),
+        legs.clone(),
+        metrics,
+    );
+    let refreshing = serving.spawn_refresher();
+    let api_addr = match cfg.serving_listen {
+        Some(addr) => Some(crate::serving::ingress::serve(addr, serving.clone()).await?),
+        None => None,
+    };
     let supervising = tokio::spawn(supervisor.run(Duration::from_millis(
         cfg.config.raft.coordinator_interval_ms,
     )));
@@ -199,6 +285,7 @@ pub async fn run(
         node: cfg.node_name.clone(),
         started: Instant::now(),
         control: control.clone(),
+        legs,
     });
     let server = endpoint.serve(service);
     info!(
@@ -206,6 +293,7 @@ pub async fn run(
         listen = %endpoint.local_addr(),
         %advertise,
         admin = %admin_addr,
+        openai = %api_addr.map_or("none".to_string(), |a| a.to_string()),
         protocol = PROTOCOL_VERSION,
         "agent ready"
     );
@@ -235,6 +323,7 @@ pub async fn run(
     }
     enroll.abort();
     renewal.abort();
+    refreshing.abort();
     // Engines keep running: a restarted agent re-adopts them.
     supervising.abort();
     control.shutdown().await;

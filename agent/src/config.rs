@@ -13,6 +13,7 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/pdagent/pdagent.toml";
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/pdagent";
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:7400";
 pub const DEFAULT_ADMIN_LISTEN: &str = "0.0.0.0:7401";
+pub const DEFAULT_SERVING_LISTEN: &str = "0.0.0.0:8000";
 pub const ADMIN_SOCKET_FILE: &str = "admin.sock";
 
 /// A configuration that cannot be used: the field (dotted path) and why.
@@ -43,7 +44,57 @@ pub struct AgentConfig {
     pub cluster: ClusterSection,
     pub raft: RaftSection,
     pub admin: AdminSection,
+    pub serving: ServingSection,
     pub transport: TransportConfig,
+}
+
+/// The OpenAI-compatible API and the serving path.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServingSection {
+    /// TCP address of the OpenAI-compatible HTTP API. Empty: this host serves no API (its
+    /// engines still serve requests that other agents route to them).
+    pub listen: String,
+    /// Requests this agent's API serves at once; more get 429 with `Retry-After`.
+    pub inflight_max: u32,
+    /// Largest request body; larger ones get 413.
+    pub body_bytes_max: u64,
+    /// `max_tokens` when a request gives none.
+    pub max_tokens_default: u32,
+    /// Largest `max_tokens` a request may ask for (400 above).
+    pub max_tokens_max: u32,
+    /// A request still running after this long ends with 504 (or an SSE error event).
+    pub request_timeout_ms: u64,
+    /// Tries on other engines when a request's engines fail before its first token.
+    pub retries: u32,
+    /// An engine that failed a request is not chosen by this agent for this long.
+    pub circuit_open_ms: u64,
+    /// How often the router's view of the cluster's engines and their load is refreshed.
+    pub view_refresh_ms: u64,
+    /// Routing policy: "cost" (prefix overlap, load, transfer distance), "round-robin" or
+    /// "random".
+    pub policy: String,
+    /// A prompt whose uncached part is at most this many tokens may run on a decode engine
+    /// alone, skipping remote prefill (0: never).
+    pub short_prompt_tokens: u32,
+}
+
+impl Default for ServingSection {
+    fn default() -> Self {
+        ServingSection {
+            listen: DEFAULT_SERVING_LISTEN.to_string(),
+            inflight_max: 256,
+            body_bytes_max: 4 << 20,
+            max_tokens_default: 256,
+            max_tokens_max: 32_768,
+            request_timeout_ms: 600_000,
+            retries: 2,
+            circuit_open_ms: 5_000,
+            view_refresh_ms: 250,
+            policy: "cost".to_string(),
+            short_prompt_tokens: 32,
+        }
+    }
 }
 
 /// How this agent finds its cluster.
@@ -281,6 +332,8 @@ pub struct Validated {
     pub advertise: Option<SocketAddr>,
     pub seeds: Vec<Seed>,
     pub admin_listen: SocketAddr,
+    /// The OpenAI API's address; `None` when `serving.listen` is empty.
+    pub serving_listen: Option<SocketAddr>,
     pub admin_socket: PathBuf,
     pub ca_cert: PathBuf,
     pub node_cert: PathBuf,
@@ -449,6 +502,7 @@ impl AgentConfig {
                 format!("{:?} is not an IP:port address", self.admin.listen),
             )
         })?;
+        let serving_listen = self.serving.validate()?;
         let admin_socket = self
             .admin
             .socket
@@ -535,10 +589,81 @@ impl AgentConfig {
             seeds,
             admin_listen,
             admin_socket,
+            serving_listen,
             ca_cert: pick(&self.tls.ca_cert, pki::CA_CERT_FILE),
             node_cert: pick(&self.tls.node_cert, pki::NODE_CERT_FILE),
             node_key: pick(&self.tls.node_key, pki::NODE_KEY_FILE),
         })
+    }
+}
+
+impl ServingSection {
+    fn validate(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        let listen = if self.listen.is_empty() {
+            None
+        } else {
+            Some(self.listen.parse().map_err(|_| {
+                ConfigError::new(
+                    "serving.listen",
+                    format!(
+                        "{:?} is not an IP:port address (e.g. {DEFAULT_SERVING_LISTEN}; empty for none)",
+                        self.listen
+                    ),
+                )
+            })?)
+        };
+        let range = |field: &str, v: u64, lo: u64, hi: u64| {
+            if (lo..=hi).contains(&v) {
+                Ok(())
+            } else {
+                Err(ConfigError::new(
+                    format!("serving.{field}"),
+                    format!("must be between {lo} and {hi}"),
+                ))
+            }
+        };
+        range("inflight_max", self.inflight_max.into(), 1, 1_000_000)?;
+        range("body_bytes_max", self.body_bytes_max, 1024, 1 << 30)?;
+        range("max_tokens_max", self.max_tokens_max.into(), 1, 10_000_000)?;
+        range(
+            "max_tokens_default",
+            self.max_tokens_default.into(),
+            1,
+            self.max_tokens_max.into(),
+        )?;
+        range(
+            "request_timeout_ms",
+            self.request_timeout_ms,
+            100,
+            86_400_000,
+        )?;
+        range("retries", self.retries.into(), 0, 10)?;
+        range("circuit_open_ms", self.circuit_open_ms, 0, 3_600_000)?;
+        range("view_refresh_ms", self.view_refresh_ms, 10, 60_000)?;
+        self.policy
+            .parse::<pd_router::Policy>()
+            .map_err(|e| ConfigError::new("serving.policy", e.to_string()))?;
+        Ok(listen)
+    }
+
+    /// The serving path's settings.
+    pub fn serving_config(&self) -> crate::serving::ServingConfig {
+        use std::time::Duration;
+        crate::serving::ServingConfig {
+            inflight_max: self.inflight_max as usize,
+            body_bytes_max: self.body_bytes_max as usize,
+            max_tokens_default: self.max_tokens_default,
+            max_tokens_max: self.max_tokens_max,
+            request_timeout: Duration::from_millis(self.request_timeout_ms),
+            retries: self.retries,
+            circuit_open: Duration::from_millis(self.circuit_open_ms),
+            view_refresh: Duration::from_millis(self.view_refresh_ms),
+            router: pd_router::RouterConfig {
+                policy: self.policy.parse().unwrap_or(pd_router::Policy::Cost),
+                short_prompt_tokens: self.short_prompt_tokens,
+                ..pd_router::RouterConfig::default()
+            },
+        }
     }
 }
 

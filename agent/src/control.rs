@@ -395,6 +395,22 @@ impl ControlPlane {
             .clone()
     }
 
+    /// The transport address of node `name`, from the replicated state.
+    pub fn node_address(&self, name: &str) -> Option<SocketAddr> {
+        self.state
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .state
+            .nodes
+            .get(name)
+            .and_then(|n| n.address.parse().ok())
+    }
+
+    /// This agent's node name.
+    pub fn node_name(&self) -> &str {
+        &self.me.name
+    }
+
     /// Places every deployment's engines (coordinator only) and writes the assignments that
     /// changed. A deployment that does not fit keeps what it has and is logged.
     async fn place_deployments(&self) -> Result<(), String> {
@@ -641,7 +657,8 @@ impl ControlPlane {
         *self.local_engines.lock().unwrap_or_else(|p| p.into_inner()) = engines;
     }
 
-    fn local_engines(&self) -> Vec<crate::supervisor::EngineReport> {
+    /// This node's engines as its supervisor last published them.
+    pub fn local_engines(&self) -> Vec<crate::supervisor::EngineReport> {
         self.local_engines
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -690,6 +707,7 @@ impl ControlPlane {
                         pid: None,
                         restarts: 0,
                         generation: a.generation,
+                        load: Default::default(),
                     })
             })
             .collect()

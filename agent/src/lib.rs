@@ -1,8 +1,8 @@
 //! `pdagent`: the cluster agent, one binary on every GPU host.
 //!
 //! Owns: configuration, the agent's life cycle, systemd notification, the agent's wire
-//! messages, the GPU sampler, and (as the project grows) ingress, router, KV shipping, the engine supervisor
-//! and coordinator duties.
+//! messages, the GPU sampler, the OpenAI-compatible ingress and the serving path (routing with
+//! `pd-router`, KV shipping, request legs), the engine supervisor and coordinator duties.
 //!
 //! Must never: hold Raft or planner logic that could be pure; those live in their own crates.
 
@@ -19,5 +19,6 @@ pub mod gpus;
 pub mod logging;
 pub mod notify;
 pub mod peers;
+pub mod serving;
 pub mod supervisor;
 pub mod wire;

@@ -38,7 +38,12 @@ impl Peers {
         m.entry(name.to_string()).or_default().clone()
     }
 
-    async fn connection(&self, name: &str, addr: SocketAddr) -> Result<Connection, TransportError> {
+    /// The kept connection to agent `name` at `addr`, opened if needed.
+    pub async fn connection(
+        &self,
+        name: &str,
+        addr: SocketAddr,
+    ) -> Result<Connection, TransportError> {
         let slot = self.slot(name);
         let mut guard = slot.lock().await;
         let live = guard

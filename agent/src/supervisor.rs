@@ -37,6 +37,8 @@ const RESTART_BACKOFF_MIN: Duration = Duration::from_millis(200);
 const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// Bound on the hello and the one-token probe.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on the load sample of one engine.
+const STATS_TIMEOUT: Duration = Duration::from_millis(500);
 /// Grace for an engine told to shut down.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 /// An engine with no agent connected this long exits by itself: longer than an agent restart.
@@ -64,6 +66,33 @@ pub struct EngineReport {
     pub pid: Option<u32>,
     pub restarts: u32,
     pub generation: u64,
+    /// Load as the engine last reported it (ready engines only).
+    pub load: EngineLoad,
+}
+
+/// An engine's load, sampled by its agent every reconcile pass, for routers on every agent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct EngineLoad {
+    /// Requests waiting for admission.
+    pub queued: u32,
+    /// Requests admitted (prefilling, decoding or importing).
+    pub running: u32,
+    /// Share of the KV blocks referenced by live requests, 0..=1.
+    pub kv_usage: f32,
+}
+
+impl EngineLoad {
+    pub fn of(s: &pd_engine::EngineStats) -> Self {
+        EngineLoad {
+            queued: s.queue_depth as u32,
+            running: (s.running + s.importing) as u32,
+            kv_usage: if s.kv_blocks_total == 0 {
+                0.0
+            } else {
+                s.kv_blocks_used as f32 / s.kv_blocks_total as f32
+            },
+        }
+    }
 }
 
 /// What survives an agent restart, next to the engine's socket.
@@ -89,6 +118,7 @@ struct Managed {
     restarts: u32,
     recent: Vec<Instant>,
     next_start: Instant,
+    load: EngineLoad,
 }
 
 /// Whether `a` is at least as new as what was acted on for each of its GPUs.
@@ -145,6 +175,9 @@ pub struct Supervisor {
     inventory: Option<SharedInventory>,
     engines: tokio::sync::Mutex<BTreeMap<String, Managed>>,
     acted: std::sync::Mutex<HashMap<u32, u64>>,
+    /// Connections to the ready engines, for the serving path (which must not wait for a
+    /// reconcile pass holding `engines`).
+    ready: std::sync::RwLock<HashMap<String, Arc<EngineClient>>>,
 }
 
 fn report_of(node: &str, m: &Managed) -> EngineReport {
@@ -158,6 +191,7 @@ fn report_of(node: &str, m: &Managed) -> EngineReport {
         pid: m.pid,
         restarts: m.restarts,
         generation: m.assignment.generation,
+        load: m.load,
     }
 }
 
@@ -177,6 +211,7 @@ impl Supervisor {
             inventory,
             engines: tokio::sync::Mutex::new(BTreeMap::new()),
             acted: std::sync::Mutex::new(HashMap::new()),
+            ready: std::sync::RwLock::new(HashMap::new()),
         }))
     }
 
@@ -185,6 +220,22 @@ impl Supervisor {
     fn publish(&self, engines: &BTreeMap<String, Managed>) {
         self.control
             .set_local_engines(engines.values().map(|m| report_of(&self.node, m)).collect());
+        let ready = engines
+            .iter()
+            .filter(|(_, m)| m.state == EngineState::Ready)
+            .filter_map(|(id, m)| m.client.clone().map(|c| (id.clone(), c)))
+            .collect();
+        *self.ready.write().unwrap_or_else(|p| p.into_inner()) = ready;
+    }
+
+    /// The connection to a ready engine of this node.
+    pub fn ready_engine(&self, engine: &str) -> Option<Arc<EngineClient>> {
+        self.ready
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(engine)
+            .filter(|c| c.is_connected())
+            .cloned()
     }
 
     fn paths(&self, engine: &str) -> (PathBuf, PathBuf, PathBuf) {
@@ -261,6 +312,7 @@ impl Supervisor {
                     restarts: 0,
                     recent: Vec::new(),
                     next_start: Instant::now(),
+                    load: EngineLoad::default(),
                 },
             );
         }
@@ -333,6 +385,7 @@ impl Supervisor {
                         restarts: 0,
                         recent: Vec::new(),
                         next_start: Instant::now(),
+                        load: EngineLoad::default(),
                     },
                 );
             }
@@ -342,6 +395,12 @@ impl Supervisor {
         for id in ids {
             if let Some(m) = engines.get_mut(&id) {
                 self.tend(m).await;
+                if m.state == EngineState::Ready
+                    && let Some(c) = m.client.clone()
+                    && let Ok(Ok(s)) = tokio::time::timeout(STATS_TIMEOUT, c.stats()).await
+                {
+                    m.load = EngineLoad::of(&s);
+                }
             }
             self.publish(&engines);
         }

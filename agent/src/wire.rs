@@ -51,6 +51,9 @@ pub enum AgentRequest {
     },
     /// The engines of every node, as last reported to the coordinator.
     Engines,
+    /// One leg of a request on an engine of the receiving agent (a streaming RPC answered
+    /// with `Serve` events).
+    Serve(crate::serving::legs::Leg),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -85,6 +88,8 @@ pub enum AgentResponse {
     },
     Telemetry(Vec<NodeTelemetry>),
     Engines(Vec<EngineReport>),
+    /// One event of a `Serve` stream.
+    Serve(crate::serving::legs::ServeEvent),
 }
 
 /// One GPU's live readings, sent with every liveness report.

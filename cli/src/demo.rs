@@ -93,7 +93,7 @@ pub fn run(dir: Option<PathBuf>) -> Result<()> {
     );
     println!("   each, Raft over mutual-TLS QUIC");
     let base = crate::local::free_base_port(3)?;
-    let (dir, status) = crate::local::create(3, 2, &dir, base, true)?;
+    let (dir, status) = crate::local::create(3, 2, &dir, base, base + 2, true)?;
     let result = tour(&dir, &pdagent, status);
     let _ = crate::local::down(&dir, true);
     println!(

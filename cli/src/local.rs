@@ -41,6 +41,9 @@ pub enum LocalCommand {
         /// node-k listens on 127.0.0.k:PORT (transport, UDP) and 127.0.0.k:PORT+1 (admin, TCP).
         #[arg(long, default_value_t = DEFAULT_BASE_PORT)]
         base_port: u16,
+        /// node-k serves the OpenAI API on 127.0.0.k:API_PORT.
+        #[arg(long, default_value_t = DEFAULT_API_PORT)]
+        api_port: u16,
     },
     /// Stop every agent of the local cluster (SIGTERM, then SIGKILL after 10 s).
     Down {
@@ -193,7 +196,13 @@ pub fn start(dir: &Path, node: &str) -> Result<u32> {
     start_agent(dir, node, false)
 }
 
-fn check_free(ip: &str, port: u16) -> Result<()> {
+/// The OpenAI API port of local clusters (node-k on 127.0.0.k:8000).
+pub const DEFAULT_API_PORT: u16 = 8000;
+
+fn check_free(ip: &str, port: u16, api_port: u16) -> Result<()> {
+    std::net::TcpListener::bind((ip, api_port)).with_context(|| {
+        format!("TCP {ip}:{api_port} (the OpenAI API) is taken (try --api-port)")
+    })?;
     std::net::UdpSocket::bind((ip, port))
         .with_context(|| format!("UDP {ip}:{port} is taken (try --base-port)"))?;
     // Enrollment listens on TCP at the transport's port number.
@@ -268,7 +277,8 @@ pub fn run(cmd: LocalCommand, json: bool) -> Result<()> {
             gpus_per_node,
             dir,
             base_port,
-        } => up(nodes, gpus_per_node, &dir, base_port, json),
+            api_port,
+        } => up(nodes, gpus_per_node, &dir, base_port, api_port, json),
         LocalCommand::Down { dir } => down(&dir, false),
         LocalCommand::Kill {
             dir,
@@ -293,12 +303,15 @@ pub fn run(cmd: LocalCommand, json: bool) -> Result<()> {
     }
 }
 
-fn up(n: usize, gpus: u32, dir: &Path, base_port: u16, json: bool) -> Result<()> {
-    let (dir, status) = create(n, gpus, dir, base_port, json)?;
+fn up(n: usize, gpus: u32, dir: &Path, base_port: u16, api_port: u16, json: bool) -> Result<()> {
+    let (dir, status) = create(n, gpus, dir, base_port, api_port, json)?;
+    let api: Vec<String> = (1..=n)
+        .map(|k| format!("http://127.0.0.{k}:{api_port}/v1"))
+        .collect();
     if json {
         println!(
             "{}",
-            serde_json::json!({ "dir": dir, "config": dir.join("pdctl.toml"), "status": status })
+            serde_json::json!({ "dir": dir, "config": dir.join("pdctl.toml"), "status": status, "openai": api })
         );
     } else {
         println!(
@@ -309,19 +322,20 @@ fn up(n: usize, gpus: u32, dir: &Path, base_port: u16, json: bool) -> Result<()>
             "  pdctl --config {} status",
             dir.join("pdctl.toml").display()
         );
+        println!("  OpenAI API: {}", api.join(", "));
         println!("  pdctl local down --dir {}", dir.display());
     }
     Ok(())
 }
 
-/// A base port free for UDP and TCP p and TCP p+1 on 127.0.0.1..=127.0.0.n, for clusters that must not
-/// collide with a user's (benchmarks).
+/// A base port free for UDP and TCP p, TCP p+1 (admin) and TCP p+2 (OpenAI API) on
+/// 127.0.0.1..=127.0.0.n, for clusters that must not collide with a user's (benchmarks).
 pub fn free_base_port(n: usize) -> Result<u16> {
     for _ in 0..100 {
         let p = std::net::UdpSocket::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
-        if p < 65000 && (1..=n).all(|k| check_free(&format!("127.0.0.{k}"), p).is_ok()) {
+        if p < 65000 && (1..=n).all(|k| check_free(&format!("127.0.0.{k}"), p, p + 2).is_ok()) {
             return Ok(p);
         }
     }
@@ -335,6 +349,7 @@ pub fn create(
     gpus: u32,
     dir: &Path,
     base_port: u16,
+    api_port: u16,
     quiet: bool,
 ) -> Result<(PathBuf, serde_json::Value)> {
     let json = quiet;
@@ -354,7 +369,7 @@ pub fn create(
         );
     }
     for k in 1..=n {
-        check_free(&format!("127.0.0.{k}"), base_port)?;
+        check_free(&format!("127.0.0.{k}"), base_port, api_port)?;
     }
     std::fs::create_dir_all(dir)?;
     let dir = dir.canonicalize()?;
@@ -405,7 +420,8 @@ pub fn create(
                  listen = \"{ip}:{base_port}\"\nworker_threads = 1\n[admin]\nlisten = \"{ip}:{}\"\n{gpu_section}\
                  [cluster]\nseeds = [\"{seed}\"]\n{join}voters = {voters}\nheartbeat_ms = 100\nsuspect_after_ms = 1000\ndown_after_ms = 4000\n\
                  [raft]\nheartbeat_ms = {LOCAL_HEARTBEAT_MS}\nelection_timeout_min_ms = {LOCAL_ELECTION_MIN_MS}\nelection_timeout_max_ms = {LOCAL_ELECTION_MAX_MS}\n\
-                 coordinator_interval_ms = 200\n",
+                 coordinator_interval_ms = 200\n\
+                 [serving]\nlisten = \"{ip}:{api_port}\"\nview_refresh_ms = 100\n",
                 nd.join("data").display(),
                 base_port + 1
             ),

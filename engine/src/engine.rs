@@ -38,11 +38,14 @@ pub const CONTEXT_TOKENS_DEFAULT_MAX: usize = 32_768;
 /// KV events kept until the caller drains them; older ones are dropped (and counted).
 const KV_EVENTS_MAX: usize = 65_536;
 
-/// A prompt as text (tokenized by the engine, with BOS) or as token ids (used as they are).
+/// A prompt as text (tokenized by the engine, with BOS), as token ids (used as they are), or
+/// as chat messages (rendered with the model's chat template, then tokenized). Variants are
+/// only appended (the engine protocol encodes them by position).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Prompt {
     Text(String),
     Tokens(Vec<u32>),
+    Chat(Vec<crate::tokenizer::ChatMessage>),
 }
 
 /// What the engine does with a request.
@@ -287,6 +290,7 @@ impl Engine {
         match prompt {
             Prompt::Text(t) => self.tokenizer.encode(t),
             Prompt::Tokens(t) => Ok(t.clone()),
+            Prompt::Chat(m) => self.tokenizer.encode_chat(m, true),
         }
     }
 
@@ -370,6 +374,15 @@ impl Engine {
         self.live.insert(id);
         self.waiting.push_back(seq);
         Ok(())
+    }
+
+    /// The prompt length of a request still waiting for admission (just added).
+    pub fn waiting_prompt_tokens(&self, id: RequestId) -> Option<u32> {
+        self.waiting
+            .iter()
+            .rev()
+            .find(|s| s.id == id)
+            .map(|s| s.prompt_len as u32)
     }
 
     /// Begins importing a prefilled request's KV. `prompt_tokens` are the prompt's ids (the

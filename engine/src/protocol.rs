@@ -129,6 +129,9 @@ pub enum EngineMessage {
     Stats(EngineStats),
     /// [8] Reply to `KvEvents`.
     KvEvents { events: Vec<KvEvent> },
+    /// [9] Right after `Accepted` of a `Generate` or `Prefill`: the prompt's length once
+    /// tokenized (so an agent that ends the request early still knows it).
+    Admitted { id: RequestId, prompt_tokens: u32 },
 }
 
 /// What an engine announces: enough for an agent to pair engines and for a router to hash
@@ -452,6 +455,13 @@ mod tests {
         assert_eq!(enc(&EngineMessage::Accepted { id: 0 })[0], 1);
         assert_eq!(enc(&EngineMessage::Stats(EngineStats::default()))[0], 7);
         assert_eq!(enc(&EngineMessage::KvEvents { events: vec![] })[0], 8);
+        assert_eq!(
+            enc(&EngineMessage::Admitted {
+                id: 0,
+                prompt_tokens: 1
+            })[0],
+            9
+        );
     }
 
     #[test]

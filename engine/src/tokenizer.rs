@@ -210,6 +210,14 @@ fn render_chat(
     use std::collections::BTreeMap;
     let err = |e: Error| EngineError::Tokenizer(format!("chat template: {e:#}"));
     let mut env = Environment::new();
+    // As transformers renders chat templates.
+    env.set_syntax(
+        minijinja::syntax::SyntaxConfig::builder()
+            .trim_blocks(true)
+            .lstrip_blocks(true)
+            .build()
+            .map_err(err)?,
+    );
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     env.add_function("raise_exception", |msg: String| -> Result<Value, Error> {
         Err(Error::new(ErrorKind::InvalidOperation, msg))
@@ -404,6 +412,51 @@ pub(crate) fn write_byte_tokenizer(dir: &Path) -> Result<(), EngineError> {
 
 #[cfg(test)]
 mod tests {
+    /// The Llama 3 Instruct template renders as transformers renders it; a template's
+    /// `raise_exception` is an error with the template's words.
+    #[test]
+    fn hugging_face_templates_render_as_transformers_does() {
+        const LLAMA3: &str = "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}";
+        let m = |role: &str, content: &str| super::ChatMessage {
+            role: role.into(),
+            content: content.into(),
+        };
+        let text = super::render_chat(
+            LLAMA3,
+            &[m("system", " Be brief. "), m("user", "Hi")],
+            true,
+            "<|begin_of_text|>",
+            "<|eot_id|>",
+        )
+        .unwrap();
+        assert_eq!(
+            text,
+            "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+        );
+        // Block tags on their own lines leave no blank lines (trim_blocks, lstrip_blocks).
+        let text = super::render_chat(
+            "{% for m in messages %}\n  {% if m.role == 'user' %}\n[{{ m.content.strip() }}]\n  {% endif %}\n{% endfor %}",
+            &[m("user", " x ")],
+            true,
+            "",
+            "",
+        )
+        .unwrap();
+        assert_eq!(text, "[x]\n");
+        let e = super::render_chat(
+            "{{ raise_exception('Conversation roles must alternate') }}",
+            &[m("user", "x")],
+            true,
+            "",
+            "",
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("Conversation roles must alternate"),
+            "{e}"
+        );
+    }
+
     use super::*;
 
     fn pieces(ids: &[u32]) -> Vec<String> {

@@ -8,9 +8,11 @@
 //! - response bodies ([`response`], [`models_list`]) and the SSE framing of streamed ones
 //!   ([`role_chunk`], [`text_chunk`], [`finish_chunk`], [`usage_chunk`], [`SSE_DONE`]);
 //! - error bodies in OpenAI's shape ([`ApiError`]);
-//! - stop sequences over streamed text ([`StopMatcher`]);
-//! - chat templates ([`ChatTemplate`]): Hugging Face Jinja from `tokenizer_config.json`, or
-//!   [`DEFAULT_CHAT_TEMPLATE`] for models without one.
+//! - stop sequences over streamed text ([`StopMatcher`]).
+//!
+//! Chat messages are validated here and rendered by the engine, with the model's own chat
+//! template (`pd_engine::Tokenizer::encode_chat`): one renderer, next to the tokenizer that
+//! knows the special tokens.
 //!
 //! Architecture invariant: the crate is pure. It never does IO, never opens sockets, never reads
 //! a clock or a random source: the caller passes response ids and `created` timestamps, and
@@ -22,18 +24,17 @@ mod error;
 mod request;
 mod response;
 mod stop;
-mod template;
 
 pub use error::ApiError;
 pub use request::{
-    CHAT_ROLES, Generation, Limits, PromptInput, STOP_SEQUENCES_MAX, parse_chat, parse_completion,
+    CHAT_ROLES, ChatMessage, Generation, Limits, PromptInput, STOP_SEQUENCES_MAX, parse_chat,
+    parse_completion,
 };
 pub use response::{
     FinishReason, ModelEntry, ResponseMeta, SSE_DONE, Usage, finish_chunk, model_object,
     models_list, response, role_chunk, text_chunk, usage_chunk,
 };
 pub use stop::StopMatcher;
-pub use template::{ChatMessage, ChatTemplate, DEFAULT_CHAT_TEMPLATE};
 
 /// Which endpoint a request came through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -8,7 +8,6 @@
 
 use serde_json::{Map, Value};
 
-use crate::template::{ChatMessage, ChatTemplate};
 use crate::{ApiError, ApiKind};
 
 /// How many stop sequences one request may carry (OpenAI's bound).
@@ -17,11 +16,21 @@ pub const STOP_SEQUENCES_MAX: usize = 4;
 /// The message roles a chat request may use.
 pub const CHAT_ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
 
-/// What a completions request is continued from.
+/// What a request is continued from.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PromptInput {
     Text(String),
     Tokens(Vec<u32>),
+    /// Chat messages, rendered by the engine with the model's own chat template (it alone
+    /// knows the template and the special tokens).
+    Chat(Vec<ChatMessage>),
+}
+
+/// One chat message; `content` is the text of its parts, concatenated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
 }
 
 /// A validated generation request, ready for the router and the engines.
@@ -29,7 +38,7 @@ pub enum PromptInput {
 pub struct Generation {
     pub kind: ApiKind,
     pub model: String,
-    /// For chat: the rendered template (always `Text`).
+    /// For chat: the messages (`Chat`).
     pub prompt: PromptInput,
     /// `None`: the caller's default (until the context is full).
     pub max_tokens: Option<u32>,
@@ -64,14 +73,9 @@ pub fn parse_completion(body: &[u8], limits: &Limits) -> Result<Generation, ApiE
     fields.generation(ApiKind::Completions, prompt, max_tokens)
 }
 
-/// Parses and validates a `/v1/chat/completions` body and renders its messages with
-/// `template`. `developer` messages reach the template as `system`, which is what they mean
-/// and what Hugging Face templates know.
-pub fn parse_chat(
-    body: &[u8],
-    limits: &Limits,
-    template: &ChatTemplate,
-) -> Result<Generation, ApiError> {
+/// Parses and validates a `/v1/chat/completions` body. `developer` messages become `system`,
+/// which is what they mean and what Hugging Face chat templates know.
+pub fn parse_chat(body: &[u8], limits: &Limits) -> Result<Generation, ApiError> {
     let fields = Fields::parse(body)?;
     fields.refuse_unsupported(COMMON_UNSUPPORTED)?;
     fields.refuse_unsupported(CHAT_UNSUPPORTED)?;
@@ -81,14 +85,7 @@ pub fn parse_chat(
         Some(_) => fields.max_tokens("max_completion_tokens", limits)?,
         None => fields.max_tokens("max_tokens", limits)?,
     };
-    // Checked before rendering: a bad parameter is cheaper to report than a template run.
-    let generation =
-        fields.generation(ApiKind::Chat, PromptInput::Text(String::new()), max_tokens)?;
-    let prompt = PromptInput::Text(template.render(&messages)?);
-    Ok(Generation {
-        prompt,
-        ..generation
-    })
+    fields.generation(ApiKind::Chat, PromptInput::Chat(messages), max_tokens)
 }
 
 /// A field this server refuses unless it carries the value that asks for nothing.

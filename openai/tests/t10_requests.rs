@@ -2,7 +2,7 @@
 //! the field.
 
 use pd_openai::{
-    ApiError, ApiKind, ChatTemplate, Generation, Limits, PromptInput, parse_chat, parse_completion,
+    ApiError, ApiKind, ChatMessage, Generation, Limits, PromptInput, parse_chat, parse_completion,
 };
 use serde_json::{Value, json};
 
@@ -14,12 +14,15 @@ fn completion(body: Value) -> Result<Generation, ApiError> {
     parse_completion(body.to_string().as_bytes(), &LIMITS)
 }
 
+fn msg(role: &str, content: &str) -> ChatMessage {
+    ChatMessage {
+        role: role.into(),
+        content: content.into(),
+    }
+}
+
 fn chat(body: Value) -> Result<Generation, ApiError> {
-    parse_chat(
-        body.to_string().as_bytes(),
-        &LIMITS,
-        &ChatTemplate::default_template(),
-    )
+    parse_chat(body.to_string().as_bytes(), &LIMITS)
 }
 
 /// A completions body with `extra` merged in.
@@ -114,7 +117,7 @@ fn typical_sdk_request_is_accepted() {
     assert_eq!(generation.model, "llama");
     assert_eq!(
         generation.prompt,
-        PromptInput::Text("<|system|>\nBe brief.\n<|user|>\nHi\n<|assistant|>\n".into())
+        PromptInput::Chat(vec![msg("system", "Be brief."), msg("user", "Hi")])
     );
     assert_eq!(generation.max_tokens, Some(64));
     assert_eq!(generation.temperature, 0.7);
@@ -461,10 +464,14 @@ fn chat_messages_accepted() {
     .unwrap();
     assert_eq!(
         g.prompt,
-        PromptInput::Text(
-            "<|system|>\nD\n<|user|>\nab\n<|assistant|>\n\n<|assistant|>\n\n<|tool|>\n42\n<|user|>\n\n<|assistant|>\n"
-                .into()
-        )
+        PromptInput::Chat(vec![
+            msg("system", "D"),
+            msg("user", "ab"),
+            msg("assistant", ""),
+            msg("assistant", ""),
+            msg("tool", "42"),
+            msg("user", ""),
+        ])
     );
 }
 

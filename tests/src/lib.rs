@@ -125,13 +125,13 @@ impl TestPki {
             .unwrap();
         assert!(status.success());
         let cfg = self.root.path().join(format!("{node}.toml"));
+        let ip = listen.rsplit_once(':').map_or("127.0.0.1", |(ip, _)| ip);
         std::fs::write(
             &cfg,
             format!(
                 "[node]\nname = \"{node}\"\ndata_dir = \"{}\"\nlisten = \"{listen}\"\nworker_threads = 1\n\
-                 [admin]\nlisten = \"{}:0\"\n",
+                 [admin]\nlisten = \"{ip}:0\"\n[serving]\nlisten = \"{ip}:0\"\n",
                 data.display(),
-                listen.rsplit_once(':').map_or("127.0.0.1", |(ip, _)| ip)
             ),
         )
         .unwrap();
@@ -241,4 +241,224 @@ impl Drop for Agent {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A `pdctl local up` cluster in a temp dir, stopped (`pdctl local down`) when dropped.
+pub struct LocalCluster {
+    /// The API port of every node (127.0.0.k:api_port).
+    pub api_port: u16,
+    pub dir: tempfile::TempDir,
+}
+
+impl LocalCluster {
+    /// `nodes` nodes with 2 fixture GPUs each.
+    pub fn up(nodes: usize, port: u16) -> Self {
+        Self::up_with(nodes, 2, port)
+    }
+
+    /// `nodes` nodes with `gpus` fixture GPUs each, transport on `port`, admin on `port + 1`,
+    /// OpenAI API on `port + 2`.
+    pub fn up_with(nodes: usize, gpus: u32, port: u16) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let out = pdctl(&[
+            "local",
+            "up",
+            "--nodes",
+            &nodes.to_string(),
+            "--dir",
+            dir.path().to_str().unwrap(),
+            "--base-port",
+            &port.to_string(),
+            "--api-port",
+            &(port + 2).to_string(),
+            "--gpus-per-node",
+            &gpus.to_string(),
+        ]);
+        assert!(
+            out.status.success(),
+            "local up: {}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        LocalCluster {
+            dir,
+            api_port: port + 2,
+        }
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.dir.path().join("pdctl.toml")
+    }
+
+    pub fn pdctl(&self, args: &[&str]) -> std::process::Output {
+        let cfg = self.config();
+        let mut a = vec!["--config", cfg.to_str().unwrap()];
+        a.extend_from_slice(args);
+        pdctl(&a)
+    }
+
+    pub fn status(&self) -> Option<serde_json::Value> {
+        let out = self.pdctl(&["status", "-o", "json"]);
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).ok())
+            .flatten()
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        let _ = pdctl(&["local", "down", "--dir", self.dir.path().to_str().unwrap()]);
+    }
+}
+
+/// A base port free on 127.0.0.1..=127.0.0.n for UDP p, TCP p (enrollment), TCP p+1 (admin)
+/// and TCP p+2 (OpenAI API).
+pub fn free_base(n: usize) -> u16 {
+    for _ in 0..50 {
+        let p = free_udp_port("127.0.0.1");
+        if p >= 65000 {
+            continue;
+        }
+        let ok = (1..=n).all(|k| {
+            let ip = format!("127.0.0.{k}");
+            std::net::UdpSocket::bind((ip.as_str(), p)).is_ok()
+                && std::net::TcpListener::bind((ip.as_str(), p)).is_ok()
+                && std::net::TcpListener::bind((ip.as_str(), p + 1)).is_ok()
+                && std::net::TcpListener::bind((ip.as_str(), p + 2)).is_ok()
+        });
+        if ok {
+            return p;
+        }
+    }
+    panic!("no free base port");
+}
+
+/// One HTTP/1.1 answer.
+#[derive(Debug)]
+pub struct HttpReply {
+    pub status: u16,
+    /// Header names in lower case.
+    pub headers: Vec<(String, String)>,
+    /// The body, de-chunked.
+    pub body: Vec<u8>,
+}
+
+impl HttpReply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        text(&self.body)
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+
+    /// The `data:` payloads of an SSE body, in order.
+    pub fn sse(&self) -> Vec<String> {
+        self.text()
+            .split("\n\n")
+            .filter_map(|ev| ev.strip_prefix("data: "))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+/// One plain HTTP/1.1 request (`Connection: close`), read to the end; a test client with no
+/// dependencies that sees exactly what the server sent.
+pub fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<HttpReply> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(120)))?;
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (n, v) in headers {
+        req.push_str(&format!("{n}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes())?;
+    // A server may answer (413) and close before the whole body is sent: read its answer.
+    let sent = s.write_all(body);
+    let mut raw = Vec::new();
+    if let Err(e) = s.read_to_end(&mut raw)
+        && raw.is_empty()
+    {
+        return Err(sent.err().unwrap_or(e));
+    }
+    let bad = |why: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, why.to_string());
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| bad("no end of headers"))?;
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| bad("no status line"))?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let mut rest = &raw[split + 4..];
+    let chunked = headers
+        .iter()
+        .any(|(n, v)| n == "transfer-encoding" && v.contains("chunked"));
+    let body = if chunked {
+        let mut out = Vec::new();
+        loop {
+            let eol = rest
+                .windows(2)
+                .position(|w| w == b"\r\n")
+                .ok_or_else(|| bad("chunk size line"))?;
+            let size_text = String::from_utf8_lossy(&rest[..eol]).into_owned();
+            let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+                .map_err(|_| bad("chunk size"))?;
+            rest = &rest[eol + 2..];
+            if size == 0 {
+                break;
+            }
+            if rest.len() < size + 2 {
+                return Err(bad("chunk cut short"));
+            }
+            out.extend_from_slice(&rest[..size]);
+            rest = &rest[size + 2..];
+        }
+        out
+    } else {
+        rest.to_vec()
+    };
+    Ok(HttpReply {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// `POST path` with a JSON body.
+pub fn post_json(addr: &str, path: &str, body: &serde_json::Value) -> HttpReply {
+    http(
+        addr,
+        "POST",
+        path,
+        &[("Content-Type", "application/json")],
+        body.to_string().as_bytes(),
+    )
+    .unwrap_or_else(|e| panic!("POST {addr}{path}: {e}"))
 }

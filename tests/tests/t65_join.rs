@@ -73,7 +73,7 @@ impl Founded {
             &cfg,
             format!(
                 "[node]\nname = \"{name}\"\ndata_dir = \"{}\"\nlisten = \"{listen}\"\nworker_threads = 1\n\
-                 [admin]\nlisten = \"{ip}:0\"\n\
+                 [admin]\nlisten = \"{ip}:0\"\n[serving]\nlisten = \"{ip}:0\"\n\
                  [cluster]\nvoters = {voters}\nseeds = [\"{}\"]\njoin_token = \"{token}\"\n{LIVENESS}{TEST_RAFT}",
                 data.display(),
                 self.seed

@@ -3,86 +3,14 @@
 //! admin API (and are refused without the admin credential), the coordinator can be killed
 //! and started again, and `pdctl local down` stops everything.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
 use pd_tests::*;
 
-struct Local {
-    dir: tempfile::TempDir,
-}
-
-impl Local {
-    fn up(nodes: usize, port: u16) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let out = pdctl(&[
-            "local",
-            "up",
-            "--nodes",
-            &nodes.to_string(),
-            "--dir",
-            dir.path().to_str().unwrap(),
-            "--base-port",
-            &port.to_string(),
-            "--gpus-per-node",
-            "2",
-        ]);
-        assert!(
-            out.status.success(),
-            "local up: {}{}",
-            text(&out.stdout),
-            text(&out.stderr)
-        );
-        Local { dir }
-    }
-
-    fn config(&self) -> PathBuf {
-        self.dir.path().join("pdctl.toml")
-    }
-
-    fn pdctl(&self, args: &[&str]) -> std::process::Output {
-        let cfg = self.config();
-        let mut a = vec!["--config", cfg.to_str().unwrap()];
-        a.extend_from_slice(args);
-        pdctl(&a)
-    }
-
-    fn status(&self) -> Option<serde_json::Value> {
-        let out = self.pdctl(&["status", "-o", "json"]);
-        out.status
-            .success()
-            .then(|| serde_json::from_slice(&out.stdout).ok())
-            .flatten()
-    }
-}
-
-impl Drop for Local {
-    fn drop(&mut self) {
-        let _ = pdctl(&["local", "down", "--dir", self.dir.path().to_str().unwrap()]);
-    }
-}
-
-/// A base port free on 127.0.0.1..=127.0.0.n for UDP p, TCP p (enrollment) and TCP p+1.
-fn free_base(n: usize) -> u16 {
-    for _ in 0..50 {
-        let p = free_udp_port("127.0.0.1");
-        if p >= 65000 {
-            continue;
-        }
-        let ok = (1..=n).all(|k| {
-            let ip = format!("127.0.0.{k}");
-            std::net::UdpSocket::bind((ip.as_str(), p)).is_ok()
-                && std::net::TcpListener::bind((ip.as_str(), p)).is_ok()
-                && std::net::TcpListener::bind((ip.as_str(), p + 1)).is_ok()
-        });
-        if ok {
-            return p;
-        }
-    }
-    panic!("no free base port");
-}
+type Local = LocalCluster;
 
 /// `pdctl local up --nodes 3` then `status -o json`: three ready voters with their GPUs; the
 /// JSON has the documented fields; `--config` works after the subcommand too.

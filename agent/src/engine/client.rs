@@ -232,6 +232,7 @@ impl EngineClient {
 fn reply_id(m: &EngineMessage) -> Option<(RequestId, bool)> {
     match m {
         EngineMessage::Accepted { id }
+        | EngineMessage::Admitted { id, .. }
         | EngineMessage::KvStart { id, .. }
         | EngineMessage::KvLayer { id, .. }
         | EngineMessage::Token { id, .. } => Some((*id, false)),

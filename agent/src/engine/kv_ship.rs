@@ -70,6 +70,10 @@ impl KvSender {
 
 #[derive(Default)]
 struct Shipment {
+    /// When its first piece arrived.
+    began: Option<std::time::Instant>,
+    /// Pieces came from this host (not over the network).
+    local: bool,
     header: Option<KvHeader>,
     pieces: Vec<KvPiece>,
     payload_bytes: u64,
@@ -82,6 +86,8 @@ pub struct Arrived {
     pub header: KvHeader,
     pub pieces: Vec<KvPiece>,
     pub payload_bytes: u64,
+    /// The pieces came from this host, not over the network.
+    pub local: bool,
 }
 
 /// The decode side's collection of shipments in progress.
@@ -140,18 +146,53 @@ impl KvInbox {
             }
         }
         let piece = KvPiece::from_bytes(&data, &kv.geometry).map_err(|e| fail(e.to_string()))?;
+        self.insert(shipment, kv, piece, false);
+        Ok(())
+    }
+
+    /// Adds one piece of a shipment that did not cross the network (prefill and decode engine
+    /// on the same host).
+    pub fn put(&self, shipment: u64, header: KvHeader, piece: KvPiece) {
+        self.insert(shipment, header, piece, true);
+    }
+
+    fn insert(&self, shipment: u64, header: KvHeader, piece: KvPiece, local: bool) {
         {
             let mut s = self.shipments.lock().unwrap_or_else(|p| p.into_inner());
-            let entry = s.entry(shipment).or_default();
-            if entry.header.is_some_and(|h| h != kv) {
+            let entry = s.entry(shipment).or_insert_with(|| Shipment {
+                began: Some(std::time::Instant::now()),
+                ..Shipment::default()
+            });
+            if entry.header.is_some_and(|h| h != header) {
                 entry.failed = Some("pieces of one shipment disagree on the KV header".into());
             }
-            entry.header = Some(kv);
+            entry.header = Some(header);
+            entry.local = local;
             entry.payload_bytes += piece.data.len() as u64;
             entry.pieces.push(piece);
         }
         self.changed.notify_waiters();
-        Ok(())
+    }
+
+    /// Drops shipments that began more than `age` ago and were never claimed (their request
+    /// ended elsewhere); returns how many.
+    pub fn sweep(&self, age: Duration) -> usize {
+        let mut s = self.shipments.lock().unwrap_or_else(|p| p.into_inner());
+        let before = s.len();
+        s.retain(|_, sh| sh.began.is_none_or(|t| t.elapsed() < age));
+        before - s.len()
+    }
+
+    /// Shipments held now.
+    pub fn len(&self) -> usize {
+        self.shipments
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Marks a shipment failed (a cut stream, a cancelled request).
@@ -160,7 +201,10 @@ impl KvInbox {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .entry(shipment)
-            .or_default()
+            .or_insert_with(|| Shipment {
+                began: Some(std::time::Instant::now()),
+                ..Shipment::default()
+            })
             .failed = Some(why.to_string());
         self.changed.notify_waiters();
     }
@@ -200,6 +244,7 @@ impl KvInbox {
                             header,
                             pieces: sh.pieces,
                             payload_bytes: sh.payload_bytes,
+                            local: sh.local,
                         });
                     }
                 }

@@ -414,6 +414,9 @@ fn handle(
                 Ok(()) => {
                     owner.insert(id, conn);
                     reply(EngineMessage::Accepted { id });
+                    if let Some(prompt_tokens) = engine.waiting_prompt_tokens(id) {
+                        reply(EngineMessage::Admitted { id, prompt_tokens });
+                    }
                 }
                 Err(e) => reply(EngineMessage::error(Some(id), &e)),
             }
@@ -430,6 +433,9 @@ fn handle(
                 Ok(()) => {
                     owner.insert(id, conn);
                     reply(EngineMessage::Accepted { id });
+                    if let Some(prompt_tokens) = engine.waiting_prompt_tokens(id) {
+                        reply(EngineMessage::Admitted { id, prompt_tokens });
+                    }
                 }
                 Err(e) => reply(EngineMessage::error(Some(id), &e)),
             }

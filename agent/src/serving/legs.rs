@@ -1,0 +1,553 @@
+//! The legs of a request on the agents that own its engines: prefill (engine, then the KV
+//! shipped piece by piece to the decode host as the engine hands it out), decode (wait for the
+//! shipment, import it, stream the tokens) and generate (one engine does both: colocated, or a
+//! decode engine serving a short prompt alone).
+//!
+//! A leg writes [`ServeEvent`]s into a channel. The ingress agent reads them: from a local task
+//! when the engine is on its own host, or through a streaming RPC (`AgentRequest::Serve*`).
+//! When the reader goes away (client disconnect, request over), the channel closes and the leg
+//! cancels its engine request at once: the engine frees the request's KV blocks.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use pd_engine::protocol::{AgentMessage, EngineMessage, ErrorKind};
+use pd_engine::{FinishReason, KvHeader, KvPiece, Prompt, RequestId, SamplingParams};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::control::ControlPlane;
+use crate::engine::client::{EngineClient, Reply};
+use crate::engine::kv_ship::{KvInbox, KvSender};
+use crate::peers::Peers;
+use crate::supervisor::Supervisor;
+
+use super::metrics::Metrics;
+
+/// Prefill on `engine`, shipping the KV to `decode_node` as shipment `shipment`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PrefillLeg {
+    pub engine: String,
+    pub prompt: Prompt,
+    pub sampling: SamplingParams,
+    pub decode_node: String,
+    pub shipment: u64,
+}
+
+/// Decode on `engine` from shipment `shipment` (`pieces` pieces), after its prefill gave
+/// `first_token`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DecodeLeg {
+    pub engine: String,
+    pub shipment: u64,
+    pub pieces: u64,
+    pub header: KvHeader,
+    pub prompt_tokens: Vec<u32>,
+    pub first_token: u32,
+    pub sampling: SamplingParams,
+}
+
+/// Prefill and decode on one engine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateLeg {
+    pub engine: String,
+    pub prompt: Prompt,
+    pub sampling: SamplingParams,
+}
+
+/// What a leg reports, in order; `Finished` or `Failed` is the last.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ServeEvent {
+    /// The prefill is done and its KV shipped: the decode leg can start.
+    Prefilled {
+        first_token: u32,
+        text: String,
+        header: KvHeader,
+        prompt_tokens: Vec<u32>,
+        prompt_tokens_cached: u32,
+        pieces: u64,
+        kv_bytes: u64,
+        /// From the first KV piece handed out to the last one acknowledged by the decode host.
+        kv_ms: f64,
+    },
+    /// The engine took the request; its prompt is this long once tokenized (generate legs).
+    Admitted {
+        prompt_tokens: u32,
+    },
+    /// An output token and the text it made final. Decode legs re-send the prefill's first
+    /// token as index 0.
+    Token {
+        index: u32,
+        token: u32,
+        text: String,
+    },
+    Finished {
+        reason: FinishReason,
+        prompt_tokens: u32,
+        prompt_tokens_cached: u32,
+        output_tokens: u32,
+    },
+    Failed {
+        failure: Failure,
+        message: String,
+    },
+}
+
+/// What failed, for the ingress's answer (and retry decisions).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Failure {
+    /// The engine is not (or no longer) ready on that host.
+    NoEngine,
+    /// The engine is full now; another one or a later try may succeed.
+    Busy,
+    /// The request is invalid for this model.
+    BadRequest,
+    PromptTooLong,
+    /// The engine process went away mid-request.
+    EngineLost,
+    /// The KV could not be shipped or was refused.
+    KvTransfer,
+    Internal,
+}
+
+impl Failure {
+    fn of(kind: ErrorKind) -> Failure {
+        match kind {
+            ErrorKind::Busy => Failure::Busy,
+            ErrorKind::BadRequest => Failure::BadRequest,
+            ErrorKind::PromptTooLong => Failure::PromptTooLong,
+            ErrorKind::KvRefused => Failure::KvTransfer,
+            ErrorKind::Malformed
+            | ErrorKind::VersionMismatch
+            | ErrorKind::UnknownRequest
+            | ErrorKind::Internal => Failure::Internal,
+        }
+    }
+
+    /// Whether the same request may succeed on other engines.
+    pub fn retryable(self) -> bool {
+        matches!(
+            self,
+            Failure::NoEngine | Failure::Busy | Failure::EngineLost | Failure::KvTransfer
+        )
+    }
+}
+
+/// One leg, as sent to the agent that owns its engine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Leg {
+    Prefill(PrefillLeg),
+    Decode(DecodeLeg),
+    Generate(GenerateLeg),
+}
+
+impl Leg {
+    pub fn engine(&self) -> &str {
+        match self {
+            Leg::Prefill(l) => &l.engine,
+            Leg::Decode(l) => &l.engine,
+            Leg::Generate(l) => &l.engine,
+        }
+    }
+}
+
+/// Runs the legs whose engines live on this agent.
+pub struct Legs {
+    node: String,
+    supervisor: Arc<Supervisor>,
+    peers: Arc<Peers>,
+    control: Arc<ControlPlane>,
+    pub inbox: KvInbox,
+    next_id: AtomicU64,
+    /// Bound on the wait for a shipment's last piece once its decode leg began.
+    kv_timeout: Duration,
+    metrics: Arc<Metrics>,
+}
+
+type Events = mpsc::Sender<ServeEvent>;
+
+/// Ends a leg with a failure event.
+struct Fail(Failure, String);
+
+impl Legs {
+    pub fn new(
+        supervisor: Arc<Supervisor>,
+        peers: Arc<Peers>,
+        control: Arc<ControlPlane>,
+        kv_timeout: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Legs {
+            node: control.node_name().to_string(),
+            supervisor,
+            peers,
+            control,
+            inbox: KvInbox::default(),
+            next_id: AtomicU64::new(1),
+            kv_timeout,
+            metrics,
+        }
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    fn next_id(&self) -> RequestId {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn engine(&self, engine: &str) -> Result<Arc<EngineClient>, Fail> {
+        self.supervisor.ready_engine(engine).ok_or_else(|| {
+            Fail(
+                Failure::NoEngine,
+                format!("engine {engine} is not ready on node {}", self.node),
+            )
+        })
+    }
+
+    /// Runs one leg to its end; the last event sent is `Finished` or `Failed` (unless the
+    /// reader went away first).
+    pub async fn run(&self, leg: Leg, tx: Events) {
+        let result = match leg {
+            Leg::Prefill(l) => self.prefill(l, &tx).await,
+            Leg::Decode(l) => self.decode(l, &tx).await,
+            Leg::Generate(l) => self.generate(l, &tx).await,
+        };
+        if let Err(Fail(failure, message)) = result {
+            let _ = tx.send(ServeEvent::Failed { failure, message }).await;
+        }
+    }
+
+    async fn prefill(&self, leg: PrefillLeg, tx: &Events) -> Result<(), Fail> {
+        let client = self.engine(&leg.engine)?;
+        let id = self.next_id();
+        let mut rx = client
+            .submit(AgentMessage::Prefill {
+                id,
+                prompt: leg.prompt,
+                sampling: leg.sampling,
+            })
+            .await
+            .map_err(|e| Fail(Failure::EngineLost, e.to_string()))?;
+        let mut ship = Shipper::new(self, &leg.decode_node, leg.shipment).await;
+        let mut first: Option<(u32, String)> = None;
+        let mut kv_began: Option<Instant> = None;
+        let outcome = async {
+            loop {
+                let (msg, payload) = next_reply(&mut rx, tx).await?;
+                match msg {
+                    EngineMessage::KvStart {
+                        header,
+                        prompt_tokens,
+                        ..
+                    } => {
+                        kv_began = Some(Instant::now());
+                        ship.prompt_tokens = Some(prompt_tokens);
+                        ship.begin(header)?;
+                    }
+                    EngineMessage::KvLayer {
+                        layer,
+                        token_start,
+                        token_count,
+                        ..
+                    } => {
+                        let piece = KvPiece {
+                            layer,
+                            token_start,
+                            token_count,
+                            data: payload.unwrap_or_default(),
+                        };
+                        tokio::select! {
+                            r = ship.send(piece) => r?,
+                            _ = tx.closed() => return Err(None),
+                        }
+                    }
+                    EngineMessage::Token {
+                        index: 0,
+                        token,
+                        text,
+                        ..
+                    } => first = Some((token, text)),
+                    EngineMessage::Finished {
+                        reason: FinishReason::PrefillDone,
+                        prompt_tokens_cached,
+                        ..
+                    } => return Ok(prompt_tokens_cached),
+                    EngineMessage::Finished { reason, .. } => {
+                        return Err(Some(Fail(
+                            Failure::Internal,
+                            format!("the prefill engine finished with {reason:?}"),
+                        )));
+                    }
+                    EngineMessage::Error { kind, message, .. } => {
+                        return Err(Some(Fail(Failure::of(kind), message)));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        .await;
+        let cached = match outcome {
+            Ok(c) => c,
+            Err(why) => {
+                let _ = client.cancel(id).await;
+                if let Some(ship_to) = ship.local_inbox() {
+                    ship_to.fail(leg.shipment, "the prefill leg ended");
+                }
+                return match why {
+                    Some(f) => Err(f),
+                    None => Ok(()), // the reader went away: nothing to tell
+                };
+            }
+        };
+        let (first_token, text) = first.ok_or_else(|| {
+            Fail(
+                Failure::Internal,
+                "the prefill engine gave no first token".into(),
+            )
+        })?;
+        let header = ship.header.ok_or_else(|| {
+            Fail(
+                Failure::Internal,
+                "the prefill engine handed out no KV".into(),
+            )
+        })?;
+        let prompt_tokens = ship.prompt_tokens.take().unwrap_or_default();
+        let path = if ship.local_inbox().is_some() {
+            "host"
+        } else {
+            "network"
+        };
+        self.metrics.kv_bytes_sent.add(&[path], ship.payload_bytes);
+        let _ = tx
+            .send(ServeEvent::Prefilled {
+                first_token,
+                text,
+                header,
+                prompt_tokens,
+                prompt_tokens_cached: cached,
+                pieces: ship.pieces,
+                kv_bytes: ship.payload_bytes,
+                kv_ms: kv_began.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3),
+            })
+            .await;
+        Ok(())
+    }
+
+    async fn decode(&self, leg: DecodeLeg, tx: &Events) -> Result<(), Fail> {
+        let client = match self.engine(&leg.engine) {
+            Ok(c) => c,
+            Err(f) => {
+                self.inbox.forget(leg.shipment);
+                return Err(f);
+            }
+        };
+        let arrived = tokio::select! {
+            r = self.inbox.complete(leg.shipment, leg.pieces, self.kv_timeout) => r,
+            _ = tx.closed() => {
+                self.inbox.forget(leg.shipment);
+                return Ok(());
+            }
+        }
+        .map_err(|e| Fail(Failure::KvTransfer, e.to_string()))?;
+        if arrived.header != leg.header {
+            return Err(Fail(
+                Failure::KvTransfer,
+                "the shipped KV does not match the prefill's header".into(),
+            ));
+        }
+        let path = if arrived.local { "host" } else { "network" };
+        self.metrics
+            .kv_bytes_received
+            .add(&[path], arrived.payload_bytes);
+        let id = self.next_id();
+        let mut rx = client
+            .submit(AgentMessage::Decode {
+                id,
+                header: leg.header,
+                prompt_tokens: leg.prompt_tokens,
+                first_token: leg.first_token,
+                sampling: leg.sampling,
+            })
+            .await
+            .map_err(|e| Fail(Failure::EngineLost, e.to_string()))?;
+        for piece in &arrived.pieces {
+            if let Err(e) = client.import_piece(id, piece).await {
+                return Err(Fail(Failure::EngineLost, e.to_string()));
+            }
+        }
+        self.pump(&client, id, &mut rx, tx).await
+    }
+
+    async fn generate(&self, leg: GenerateLeg, tx: &Events) -> Result<(), Fail> {
+        let client = self.engine(&leg.engine)?;
+        let id = self.next_id();
+        let mut rx = client
+            .submit(AgentMessage::Generate {
+                id,
+                prompt: leg.prompt,
+                sampling: leg.sampling,
+            })
+            .await
+            .map_err(|e| Fail(Failure::EngineLost, e.to_string()))?;
+        self.pump(&client, id, &mut rx, tx).await
+    }
+
+    /// Forwards a request's tokens until its terminal event; cancels the engine request when
+    /// the reader goes away.
+    async fn pump(
+        &self,
+        client: &EngineClient,
+        id: RequestId,
+        rx: &mut mpsc::UnboundedReceiver<Reply>,
+        tx: &Events,
+    ) -> Result<(), Fail> {
+        let outcome = async {
+            loop {
+                let (msg, _) = next_reply(rx, tx).await?;
+                let ev = match msg {
+                    EngineMessage::Token {
+                        index, token, text, ..
+                    } => ServeEvent::Token { index, token, text },
+                    EngineMessage::Admitted { prompt_tokens, .. } => {
+                        ServeEvent::Admitted { prompt_tokens }
+                    }
+                    EngineMessage::Finished {
+                        reason,
+                        prompt_tokens,
+                        prompt_tokens_cached,
+                        output_tokens,
+                        ..
+                    } => {
+                        let _ = tx
+                            .send(ServeEvent::Finished {
+                                reason,
+                                prompt_tokens,
+                                prompt_tokens_cached,
+                                output_tokens,
+                            })
+                            .await;
+                        return Ok(());
+                    }
+                    EngineMessage::Error { kind, message, .. } => {
+                        return Err(Some(Fail(Failure::of(kind), message)));
+                    }
+                    _ => continue,
+                };
+                if tx.send(ev).await.is_err() {
+                    return Err(None);
+                }
+            }
+        }
+        .await;
+        match outcome {
+            Ok(()) => Ok(()),
+            Err(why) => {
+                let _ = client.cancel(id).await;
+                why.map_or(Ok(()), Err)
+            }
+        }
+    }
+}
+
+/// The engine's next reply; `Err(None)` when the reader went away, a failure when the engine
+/// connection was lost.
+async fn next_reply(
+    rx: &mut mpsc::UnboundedReceiver<Reply>,
+    tx: &Events,
+) -> Result<Reply, Option<Fail>> {
+    tokio::select! {
+        r = rx.recv() => r.ok_or_else(|| Some(Fail(
+            Failure::EngineLost,
+            "the engine connection was lost (did the engine exit?)".into(),
+        ))),
+        _ = tx.closed() => Err(None),
+    }
+}
+
+/// Where a prefill's KV goes: this host's inbox, or the decode host over QUIC.
+struct Shipper {
+    target: Target,
+    shipment: u64,
+    header: Option<KvHeader>,
+    prompt_tokens: Option<Vec<u32>>,
+    pieces: u64,
+    payload_bytes: u64,
+}
+
+enum Target {
+    Local(KvInbox),
+    Remote(Result<pd_transport::Connection, String>),
+    Sending(KvSender),
+}
+
+impl Shipper {
+    async fn new(legs: &Legs, decode_node: &str, shipment: u64) -> Shipper {
+        let target = if decode_node == legs.node {
+            Target::Local(legs.inbox.clone())
+        } else {
+            let conn = match legs.control.node_address(decode_node) {
+                Some(addr) => legs
+                    .peers
+                    .connection(decode_node, addr)
+                    .await
+                    .map_err(|e| e.to_string()),
+                None => Err(format!("node {decode_node} is not in the cluster")),
+            };
+            Target::Remote(conn)
+        };
+        Shipper {
+            target,
+            shipment,
+            header: None,
+            prompt_tokens: None,
+            pieces: 0,
+            payload_bytes: 0,
+        }
+    }
+
+    fn local_inbox(&self) -> Option<&KvInbox> {
+        match &self.target {
+            Target::Local(i) => Some(i),
+            _ => None,
+        }
+    }
+
+    fn begin(&mut self, header: KvHeader) -> Result<(), Option<Fail>> {
+        self.header = Some(header);
+        if let Target::Remote(conn) = &self.target {
+            let conn = conn
+                .clone()
+                .map_err(|why| Some(Fail(Failure::KvTransfer, why)))?;
+            self.target = Target::Sending(KvSender::new(conn, self.shipment, &header));
+        }
+        Ok(())
+    }
+
+    async fn send(&mut self, piece: KvPiece) -> Result<(), Option<Fail>> {
+        let header = self.header.ok_or_else(|| {
+            Some(Fail(
+                Failure::Internal,
+                "a KV piece came before the KV header".into(),
+            ))
+        })?;
+        self.pieces += 1;
+        self.payload_bytes += piece.data.len() as u64;
+        match &mut self.target {
+            Target::Local(inbox) => {
+                inbox.put(self.shipment, header, piece);
+                Ok(())
+            }
+            Target::Sending(s) => s
+                .send(&piece)
+                .await
+                .map_err(|e| Some(Fail(Failure::KvTransfer, format!("shipping KV: {e}")))),
+            Target::Remote(_) => Err(Some(Fail(
+                Failure::Internal,
+                "KV shipping did not begin".into(),
+            ))),
+        }
+    }
+}

@@ -1,0 +1,368 @@
+//! The agent's Prometheus metrics, rendered in the text exposition format (version 0.0.4) at
+//! `GET /metrics` on the OpenAI port. No client library: counters and histograms are atomics
+//! and small maps, so recording on the request path costs a few nanoseconds.
+//!
+//! Names follow Prometheus conventions: `pdagent_` prefix, base units (seconds, bytes),
+//! `_total` for counters.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Latency buckets in seconds: 1 ms to 60 s.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+/// Per-token buckets in seconds: 0.5 ms to 5 s.
+pub const TOKEN_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+/// A histogram with fixed buckets, for one label set.
+struct Hist {
+    bounds: &'static [f64],
+    counts: Vec<AtomicU64>,
+    /// Sum in nanoseconds (or the value's base unit times 1e9), to stay atomic.
+    sum_nanos: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Hist {
+    fn new(bounds: &'static [f64]) -> Self {
+        Hist {
+            bounds,
+            counts: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+            sum_nanos: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+
+    fn observe(&self, v: f64) {
+        if let Some(i) = self.bounds.iter().position(|b| v <= *b) {
+            self.counts[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.sum_nanos
+            .fetch_add((v.max(0.0) * 1e9) as u64, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A labelled histogram family.
+pub struct Histogram {
+    name: &'static str,
+    help: &'static str,
+    label: &'static str,
+    bounds: &'static [f64],
+    series: Mutex<BTreeMap<String, std::sync::Arc<Hist>>>,
+}
+
+impl Histogram {
+    pub const fn new(
+        name: &'static str,
+        help: &'static str,
+        label: &'static str,
+        bounds: &'static [f64],
+    ) -> Self {
+        Histogram {
+            name,
+            help,
+            label,
+            bounds,
+            series: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    pub fn observe(&self, label: &str, v: f64) {
+        let h = {
+            let mut s = self.series.lock().unwrap_or_else(|p| p.into_inner());
+            match s.get(label) {
+                Some(h) => h.clone(),
+                None => {
+                    let h = std::sync::Arc::new(Hist::new(self.bounds));
+                    s.insert(label.to_string(), h.clone());
+                    h
+                }
+            }
+        };
+        h.observe(v);
+    }
+
+    fn render(&self, out: &mut String) {
+        let _ = writeln!(out, "# HELP {} {}", self.name, self.help);
+        let _ = writeln!(out, "# TYPE {} histogram", self.name);
+        let s = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        for (label, h) in s.iter() {
+            let l = format!("{}=\"{}\"", self.label, escape(label));
+            let mut cum = 0;
+            for (b, c) in h.bounds.iter().zip(&h.counts) {
+                cum += c.load(Ordering::Relaxed);
+                let _ = writeln!(out, "{}_bucket{{{l},le=\"{b}\"}} {cum}", self.name);
+            }
+            let count = h.count.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{}_bucket{{{l},le=\"+Inf\"}} {count}", self.name);
+            let sum = h.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+            let _ = writeln!(out, "{}_sum{{{l}}} {sum}", self.name);
+            let _ = writeln!(out, "{}_count{{{l}}} {count}", self.name);
+        }
+    }
+}
+
+/// A counter family with labels given as `(name, value)` pairs in a fixed order.
+pub struct Counter {
+    name: &'static str,
+    help: &'static str,
+    labels: &'static [&'static str],
+    series: Mutex<BTreeMap<Vec<String>, u64>>,
+}
+
+impl Counter {
+    pub const fn new(
+        name: &'static str,
+        help: &'static str,
+        labels: &'static [&'static str],
+    ) -> Self {
+        Counter {
+            name,
+            help,
+            labels,
+            series: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    pub fn add(&self, values: &[&str], n: u64) {
+        debug_assert_eq!(values.len(), self.labels.len());
+        let key: Vec<String> = values.iter().map(|v| v.to_string()).collect();
+        *self
+            .series
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key)
+            .or_insert(0) += n;
+    }
+
+    pub fn inc(&self, values: &[&str]) {
+        self.add(values, 1);
+    }
+
+    /// The value of one series (0 if never touched).
+    pub fn get(&self, values: &[&str]) -> u64 {
+        let key: Vec<String> = values.iter().map(|v| v.to_string()).collect();
+        self.series
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn render(&self, out: &mut String) {
+        let _ = writeln!(out, "# HELP {} {}", self.name, self.help);
+        let _ = writeln!(out, "# TYPE {} counter", self.name);
+        let s = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        for (values, v) in s.iter() {
+            let _ = writeln!(out, "{}{} {v}", self.name, labels(self.labels, values));
+        }
+    }
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn labels(names: &[&str], values: &[String]) -> String {
+    if names.is_empty() {
+        return String::new();
+    }
+    let inner: Vec<String> = names
+        .iter()
+        .zip(values)
+        .map(|(n, v)| format!("{n}=\"{}\"", escape(v)))
+        .collect();
+    format!("{{{}}}", inner.join(","))
+}
+
+/// A gauge read at render time.
+pub struct GaugeSample {
+    pub name: &'static str,
+    pub help: &'static str,
+    pub labels: &'static [&'static str],
+    pub values: Vec<(Vec<String>, f64)>,
+}
+
+/// Everything `/metrics` shows.
+pub struct Metrics {
+    pub requests: Counter,
+    pub routing: Counter,
+    pub prompt_tokens: Counter,
+    pub generation_tokens: Counter,
+    pub kv_bytes_sent: Counter,
+    pub kv_bytes_received: Counter,
+    pub ttft: Histogram,
+    pub tpot: Histogram,
+    pub e2e: Histogram,
+    pub kv_transfer: Histogram,
+    pub inflight: AtomicU64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            requests: Counter::new(
+                "pdagent_requests_total",
+                "Requests this agent's OpenAI API answered, by model and outcome.",
+                &["model", "outcome"],
+            ),
+            routing: Counter::new(
+                "pdagent_routing_decisions_total",
+                "Routing decisions of this agent's router, by kind.",
+                &["kind"],
+            ),
+            prompt_tokens: Counter::new(
+                "pdagent_prompt_tokens_total",
+                "Prompt tokens of finished requests, by model.",
+                &["model"],
+            ),
+            generation_tokens: Counter::new(
+                "pdagent_generation_tokens_total",
+                "Output tokens sent to clients, by model.",
+                &["model"],
+            ),
+            kv_bytes_sent: Counter::new(
+                "pdagent_kv_bytes_sent_total",
+                "KV payload bytes this agent's prefill engines handed to a decode engine, by path (network: to another host over QUIC; host: on this host).",
+                &["path"],
+            ),
+            kv_bytes_received: Counter::new(
+                "pdagent_kv_bytes_received_total",
+                "KV payload bytes this agent's decode engines imported, by path.",
+                &["path"],
+            ),
+            ttft: Histogram::new(
+                "pdagent_time_to_first_token_seconds",
+                "Time from a request's arrival to its first token, by model.",
+                "model",
+                LATENCY_BUCKETS,
+            ),
+            tpot: Histogram::new(
+                "pdagent_time_per_output_token_seconds",
+                "Mean time between output tokens after the first, per request, by model.",
+                "model",
+                TOKEN_BUCKETS,
+            ),
+            e2e: Histogram::new(
+                "pdagent_request_duration_seconds",
+                "Time from a request's arrival to its last byte, by model.",
+                "model",
+                LATENCY_BUCKETS,
+            ),
+            kv_transfer: Histogram::new(
+                "pdagent_kv_transfer_seconds",
+                "Time from a prefill's first KV piece to the decode host's acknowledgement of the last, by path.",
+                "path",
+                LATENCY_BUCKETS,
+            ),
+            inflight: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Metrics {
+    /// The exposition text, with `gauges` read by the caller now.
+    pub fn render(&self, gauges: &[GaugeSample]) -> String {
+        let mut out = String::with_capacity(8192);
+        self.requests.render(&mut out);
+        self.routing.render(&mut out);
+        self.prompt_tokens.render(&mut out);
+        self.generation_tokens.render(&mut out);
+        self.kv_bytes_sent.render(&mut out);
+        self.kv_bytes_received.render(&mut out);
+        self.ttft.render(&mut out);
+        self.tpot.render(&mut out);
+        self.e2e.render(&mut out);
+        self.kv_transfer.render(&mut out);
+        let _ = writeln!(
+            out,
+            "# HELP pdagent_requests_inflight Requests this agent's OpenAI API is serving now."
+        );
+        let _ = writeln!(out, "# TYPE pdagent_requests_inflight gauge");
+        let _ = writeln!(
+            out,
+            "pdagent_requests_inflight {}",
+            self.inflight.load(Ordering::Relaxed)
+        );
+        for g in gauges {
+            let _ = writeln!(out, "# HELP {} {}", g.name, g.help);
+            let _ = writeln!(out, "# TYPE {} gauge", g.name);
+            for (values, v) in &g.values {
+                let _ = writeln!(out, "{}{} {v}", g.name, labels(g.labels, values));
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_and_histograms_render_in_the_text_format() {
+        let m = Metrics::default();
+        m.requests.inc(&["tiny", "ok"]);
+        m.requests.inc(&["tiny", "ok"]);
+        m.requests.inc(&["tiny", "error"]);
+        assert_eq!(m.requests.get(&["tiny", "ok"]), 2);
+        assert_eq!(m.requests.get(&["other", "ok"]), 0);
+        m.ttft.observe("tiny", 0.003);
+        m.ttft.observe("tiny", 100.0);
+        let text = m.render(&[GaugeSample {
+            name: "pdagent_engine_queue_depth",
+            help: "Requests waiting in each engine of this host.",
+            labels: &["engine"],
+            values: vec![(vec!["tiny/prefill-0".into()], 2.0)],
+        }]);
+        assert!(text.contains("pdagent_requests_total{model=\"tiny\",outcome=\"ok\"} 2\n"));
+        assert!(text.contains("# TYPE pdagent_time_to_first_token_seconds histogram\n"));
+        // Cumulative buckets; the 100 s sample only in +Inf.
+        assert!(text.contains(
+            "pdagent_time_to_first_token_seconds_bucket{model=\"tiny\",le=\"0.0025\"} 0\n"
+        ));
+        assert!(text.contains(
+            "pdagent_time_to_first_token_seconds_bucket{model=\"tiny\",le=\"0.005\"} 1\n"
+        ));
+        assert!(
+            text.contains(
+                "pdagent_time_to_first_token_seconds_bucket{model=\"tiny\",le=\"60\"} 1\n"
+            )
+        );
+        assert!(text.contains(
+            "pdagent_time_to_first_token_seconds_bucket{model=\"tiny\",le=\"+Inf\"} 2\n"
+        ));
+        assert!(text.contains("pdagent_time_to_first_token_seconds_count{model=\"tiny\"} 2\n"));
+        assert!(text.contains("pdagent_engine_queue_depth{engine=\"tiny/prefill-0\"} 2\n"));
+        // Every family has HELP and TYPE lines before its samples.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let name = line.split(['{', ' ']).next().unwrap();
+            let family = name
+                .trim_end_matches("_bucket")
+                .trim_end_matches("_sum")
+                .trim_end_matches("_count");
+            assert!(
+                text.contains(&format!("# TYPE {family} ")),
+                "no TYPE for {name}"
+            );
+        }
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let c = Counter::new("x_total", "x", &["model"]);
+        c.inc(&["a\"b\\c\nd"]);
+        let mut out = String::new();
+        c.render(&mut out);
+        assert!(out.contains("x_total{model=\"a\\\"b\\\\c\\nd\"} 1\n"));
+    }
+}

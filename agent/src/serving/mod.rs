@@ -1,0 +1,806 @@
+//! The serving path: every agent's OpenAI-compatible ingress, its router, and the legs of a
+//! request on the agents that own the engines.
+//!
+//! A request's journey (the coordinator is never on it):
+//! 1. The ingress ([`ingress`]) parses and validates the body (`pd-openai`), finds the
+//!    deployment named by `model`, and takes an in-flight slot (bounded: 429 when full).
+//! 2. The router (`pd-router`) picks engines from this agent's view of the cluster's engines
+//!    (refreshed from the coordinator's engine reports: state and load), the requests this
+//!    agent has in flight on each, and an approximate prefix index of what it sent where.
+//! 3. Disaggregated: a prefill leg on the prefill engine's agent ([`legs`]) ships the KV piece
+//!    by piece straight to the decode engine's agent while the engine computes; its first token
+//!    goes out to the client at once; then a decode leg on the decode agent imports the KV and
+//!    streams the rest. Colocated (or a short prompt on a decode engine alone): one generate
+//!    leg. Legs on this agent's own engines run as local tasks, others through a streaming
+//!    RPC over the transport.
+//! 4. Text passes the stop-sequence matcher and goes out as SSE chunks or one JSON body. A
+//!    client that goes away drops the legs, which cancel their engine requests at once.
+//!
+//! Before any token reached the client, a leg that fails in a way another engine may not
+//! (engine gone, busy, KV transfer cut) is retried on other engines, a bounded number of times.
+
+pub mod ingress;
+pub mod legs;
+pub mod metrics;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use pd_engine::{FinishReason as EngineFinish, Prompt, SamplingParams};
+use pd_openai::{ApiError, FinishReason, Generation, PromptInput, StopMatcher, Usage};
+use pd_router::{Candidate, Decision, DecisionKind, Role, Router, RouterConfig};
+use pd_transport::ResponseStream;
+use tokio::sync::{Semaphore, mpsc};
+
+use crate::control::ControlPlane;
+use crate::peers::Peers;
+use crate::supervisor::EngineState;
+use crate::wire::{AgentRequest, AgentResponse};
+use legs::{DecodeLeg, Failure, GenerateLeg, Leg, Legs, PrefillLeg, ServeEvent};
+use metrics::Metrics;
+
+/// The serving settings (from the `[serving]` section).
+#[derive(Debug, Clone)]
+pub struct ServingConfig {
+    pub inflight_max: usize,
+    pub body_bytes_max: usize,
+    pub max_tokens_default: u32,
+    pub max_tokens_max: u32,
+    pub request_timeout: Duration,
+    /// Tries on other engines before the first token, after the first one failed.
+    pub retries: u32,
+    /// How long an engine that failed a leg is not chosen by this agent's router.
+    pub circuit_open: Duration,
+    pub view_refresh: Duration,
+    pub router: RouterConfig,
+}
+
+/// What the ingress sends the client, in order: text, then exactly one `Done` or `Error`.
+#[derive(Debug)]
+pub enum Out {
+    /// The first token is known (its text may be empty or held back by a stop matcher).
+    FirstToken,
+    Text(String),
+    Done {
+        finish: FinishReason,
+        usage: Usage,
+    },
+    Error(ApiError),
+}
+
+/// One deployment as this agent's router sees it.
+#[derive(Debug, Clone, Default)]
+struct ModelView {
+    created: u64,
+    candidates: Vec<Candidate>,
+}
+
+#[derive(Debug, Default)]
+struct View {
+    models: BTreeMap<String, ModelView>,
+}
+
+pub struct Serving {
+    node: String,
+    cfg: ServingConfig,
+    control: Arc<ControlPlane>,
+    peers: Arc<Peers>,
+    pub legs: Arc<Legs>,
+    pub metrics: Arc<Metrics>,
+    router: Mutex<Router>,
+    view: RwLock<Arc<View>>,
+    /// Requests this agent has in flight per engine.
+    inflight: Mutex<HashMap<String, u32>>,
+    /// Engines that failed a leg, not chosen until the instant.
+    open_circuits: Mutex<HashMap<String, Instant>>,
+    slots: Arc<Semaphore>,
+    seq: AtomicU64,
+    /// Unix seconds at start, for ids and `created`.
+    boot: u64,
+}
+
+/// Why one attempt on one pair ended without the request's end.
+struct AttemptFail {
+    failure: Failure,
+    message: String,
+    /// The engine that failed.
+    engine: String,
+}
+
+/// Counts a request on an engine while it lives.
+struct InflightGuard<'a> {
+    serving: &'a Serving,
+    engine: String,
+}
+
+impl Drop for InflightGuard<'_> {
+    fn drop(&mut self) {
+        let mut m = self
+            .serving
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.engine) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Serving {
+    pub fn new(
+        cfg: ServingConfig,
+        control: Arc<ControlPlane>,
+        peers: Arc<Peers>,
+        legs: Arc<Legs>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        Arc::new(Serving {
+            node: control.node_name().to_string(),
+            slots: Arc::new(Semaphore::new(cfg.inflight_max)),
+            router: Mutex::new(Router::new(cfg.router.clone())),
+            cfg,
+            control,
+            peers,
+            legs,
+            metrics,
+            view: RwLock::new(Arc::new(View::default())),
+            inflight: Mutex::new(HashMap::new()),
+            open_circuits: Mutex::new(HashMap::new()),
+            seq: AtomicU64::new(0),
+            boot: unix_now(),
+        })
+    }
+
+    pub fn config(&self) -> &ServingConfig {
+        &self.cfg
+    }
+
+    /// Keeps the view of the cluster's engines fresh, and drops KV shipments nobody claimed.
+    pub fn spawn_refresher(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(this.cfg.view_refresh);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                this.refresh().await;
+                this.legs.inbox.sweep(this.cfg.request_timeout);
+            }
+        })
+    }
+
+    async fn refresh(&self) {
+        let state = self.control.state_snapshot();
+        let engines = self.control.cluster_engines().await;
+        let mut models: BTreeMap<String, ModelView> = state
+            .deployments
+            .values()
+            .map(|d| {
+                (
+                    d.name.clone(),
+                    ModelView {
+                        created: self.boot,
+                        candidates: Vec::new(),
+                    },
+                )
+            })
+            .collect();
+        for e in engines {
+            let Some(m) = models.get_mut(&e.deployment) else {
+                continue;
+            };
+            let rack = state
+                .nodes
+                .get(&e.node)
+                .and_then(|n| n.labels.get("rack").cloned());
+            m.candidates.push(Candidate {
+                engine: e.engine.clone(),
+                node: e.node.clone(),
+                rack,
+                role: match e.role {
+                    pd_raft::EngineRole::Prefill => Role::Prefill,
+                    pd_raft::EngineRole::Decode => Role::Decode,
+                    pd_raft::EngineRole::Both => Role::Both,
+                },
+                queued: e.load.queued,
+                running: e.load.running,
+                kv_usage: e.load.kv_usage,
+                inflight: 0,
+                available: e.state == EngineState::Ready,
+            });
+        }
+        *self.view.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(View { models });
+    }
+
+    fn view(&self) -> Arc<View> {
+        self.view.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The deployments clients may name, with when this agent first served them.
+    pub fn models(&self) -> Vec<(String, u64)> {
+        self.view()
+            .models
+            .iter()
+            .map(|(n, m)| (n.clone(), m.created))
+            .collect()
+    }
+
+    /// Whether some deployment can serve a request now: a ready prefill and decode engine,
+    /// or a ready colocated one.
+    pub fn ready(&self) -> bool {
+        self.view().models.values().any(|m| {
+            let has = |r: Role| m.candidates.iter().any(|c| c.available && c.role == r);
+            (has(Role::Prefill) && has(Role::Decode)) || has(Role::Both)
+        })
+    }
+
+    /// A fresh id for a request (`X-Request-Id` when the client sent none) or a shipment.
+    pub fn new_id(&self) -> u64 {
+        use std::hash::{BuildHasher, Hasher};
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(n);
+        h.write(self.node.as_bytes());
+        h.write_u64(self.boot);
+        h.finish()
+    }
+
+    /// Starts serving a validated request. Errors that come before any work (unknown model,
+    /// full) are returned; everything after arrives on the channel.
+    pub fn start(
+        self: &Arc<Self>,
+        generation: Generation,
+    ) -> Result<mpsc::Receiver<Out>, ApiError> {
+        if !self.view().models.contains_key(&generation.model) {
+            return Err(ApiError::model_not_found(&generation.model));
+        }
+        let permit = self.slots.clone().try_acquire_owned().map_err(|_| {
+            ApiError::overloaded(
+                format!(
+                    "this agent is serving {} requests, its limit; retry shortly",
+                    self.cfg.inflight_max
+                ),
+                1,
+            )
+        })?;
+        let (tx, rx) = mpsc::channel(64);
+        let this = self.clone();
+        tokio::spawn(async move {
+            this.metrics.inflight.fetch_add(1, Ordering::Relaxed);
+            this.journey(generation, tx).await;
+            this.metrics.inflight.fetch_sub(1, Ordering::Relaxed);
+            drop(permit);
+        });
+        Ok(rx)
+    }
+
+    async fn journey(&self, g: Generation, tx: mpsc::Sender<Out>) {
+        let t0 = Instant::now();
+        let mut emit = Emitter::new(&g, tx.clone(), t0);
+        let outcome = tokio::select! {
+            r = self.serve(&g, &mut emit) => r,
+            _ = tx.closed() => Err(Ended::Disconnected),
+            _ = tokio::time::sleep(self.cfg.request_timeout) => Err(Ended::Error(ApiError::timeout(
+                format!("the request did not finish within {} s", self.cfg.request_timeout.as_secs()),
+            ))),
+        };
+        let model = g.model.as_str();
+        let label = match &outcome {
+            Ok(_) => "ok",
+            Err(Ended::Disconnected) => "cancelled",
+            Err(Ended::Error(e)) if e.status < 500 => "rejected",
+            Err(Ended::Error(_)) => "error",
+        };
+        self.metrics.requests.inc(&[model, label]);
+        match outcome {
+            Ok((finish, usage)) => {
+                if let Some(first) = emit.first_at {
+                    self.metrics.ttft.observe(model, first.as_secs_f64());
+                    if usage.completion_tokens > 1
+                        && let Some(last) = emit.last_at
+                    {
+                        let tpot =
+                            (last - first).as_secs_f64() / f64::from(usage.completion_tokens - 1);
+                        self.metrics.tpot.observe(model, tpot);
+                    }
+                }
+                self.metrics.e2e.observe(model, t0.elapsed().as_secs_f64());
+                self.metrics
+                    .prompt_tokens
+                    .add(&[model], u64::from(usage.prompt_tokens));
+                self.metrics
+                    .generation_tokens
+                    .add(&[model], u64::from(usage.completion_tokens));
+                let tail = emit.stop.finish();
+                if !tail.is_empty() {
+                    let _ = tx.send(Out::Text(tail)).await;
+                }
+                let _ = tx.send(Out::Done { finish, usage }).await;
+            }
+            Err(Ended::Error(e)) => {
+                let _ = tx.send(Out::Error(e)).await;
+            }
+            Err(Ended::Disconnected) => {}
+        }
+    }
+
+    fn sampling(&self, g: &Generation) -> SamplingParams {
+        SamplingParams {
+            temperature: g.temperature,
+            top_p: g.top_p,
+            seed: g.seed.unwrap_or_else(|| self.new_id()),
+            max_tokens: g.max_tokens.unwrap_or(self.cfg.max_tokens_default).max(1),
+            ..SamplingParams::default()
+        }
+    }
+
+    /// Tries pairs until one serves the request or the error is final.
+    async fn serve(
+        &self,
+        g: &Generation,
+        emit: &mut Emitter,
+    ) -> Result<(FinishReason, Usage), Ended> {
+        let prompt = match &g.prompt {
+            PromptInput::Text(t) => Prompt::Text(t.clone()),
+            PromptInput::Tokens(t) => Prompt::Tokens(t.clone()),
+            PromptInput::Chat(m) => Prompt::Chat(
+                m.iter()
+                    .map(|m| pd_engine::ChatMessage {
+                        role: m.role.clone(),
+                        content: m.content.clone(),
+                    })
+                    .collect(),
+            ),
+        };
+        let (blocks, prompt_tokens) = prefix_blocks(&prompt, self.cfg.router.block_tokens);
+        let sampling = self.sampling(g);
+        let mut excluded: Vec<String> = Vec::new();
+        let mut attempt = 0;
+        loop {
+            let (decision, candidates) = self.route(&g.model, &blocks, prompt_tokens, &excluded)?;
+            self.metrics.routing.inc(&[decision.kind.as_str()]);
+            let result = match decision.kind {
+                DecisionKind::Disaggregated => {
+                    let p = &candidates[decision.prefill.expect("a prefill engine")];
+                    let d = &candidates[decision.decode];
+                    self.disaggregated(p, d, &prompt, &sampling, emit).await
+                }
+                DecisionKind::Colocated | DecisionKind::DecodeOnly => {
+                    let e = &candidates[decision.decode];
+                    self.generate(e, &prompt, &sampling, emit).await
+                }
+            };
+            match result {
+                Ok(done) => return Ok(done),
+                Err(Attempt::Stopped(done)) => return Ok(done),
+                Err(Attempt::Failed(f)) => {
+                    if matches!(f.failure, Failure::NoEngine | Failure::EngineLost) {
+                        self.open_circuit(&f.engine);
+                    }
+                    let may_retry = f.failure.retryable() && !emit.started();
+                    if may_retry && attempt < self.cfg.retries {
+                        tracing::info!(engine = %f.engine, failure = ?f.failure, error = %f.message, "retrying the request on other engines");
+                        attempt += 1;
+                        excluded.push(f.engine);
+                        continue;
+                    }
+                    return Err(Ended::Error(api_error(&f)));
+                }
+            }
+        }
+    }
+
+    fn open_circuit(&self, engine: &str) {
+        self.open_circuits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(engine.to_string(), Instant::now() + self.cfg.circuit_open);
+        self.router
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .forget_engine(engine);
+    }
+
+    fn route(
+        &self,
+        model: &str,
+        blocks: &[u64],
+        prompt_tokens: u32,
+        excluded: &[String],
+    ) -> Result<(Decision, Vec<Candidate>), Ended> {
+        let view = self.view();
+        let Some(m) = view.models.get(model) else {
+            return Err(Ended::Error(ApiError::model_not_found(model)));
+        };
+        let mut candidates = m.candidates.clone();
+        {
+            let inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            let mut open = self.open_circuits.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            open.retain(|_, until| *until > now);
+            for c in &mut candidates {
+                c.inflight = inflight.get(&c.engine).copied().unwrap_or(0);
+                if open.contains_key(&c.engine) || excluded.contains(&c.engine) {
+                    c.available = false;
+                }
+            }
+        }
+        let mut router = self.router.lock().unwrap_or_else(|p| p.into_inner());
+        let decision = router
+            .route(blocks, prompt_tokens, &candidates)
+            .map_err(|e| {
+                Ended::Error(ApiError::unavailable(
+                    format!("deployment {model} cannot serve now: {e}"),
+                    Some(1),
+                ))
+            })?;
+        router.record_decision(&decision, &candidates, blocks);
+        Ok((decision, candidates))
+    }
+
+    fn count(&self, engine: &str) -> InflightGuard<'_> {
+        *self
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(engine.to_string())
+            .or_insert(0) += 1;
+        InflightGuard {
+            serving: self,
+            engine: engine.to_string(),
+        }
+    }
+
+    /// Opens a leg on the agent of `c`'s engine: a local task or a streaming RPC.
+    async fn open_leg(&self, c: &Candidate, leg: Leg) -> Result<LegStream, AttemptFail> {
+        let fail = |failure, message: String| AttemptFail {
+            failure,
+            message,
+            engine: c.engine.clone(),
+        };
+        if c.node == self.node {
+            let (tx, rx) = mpsc::channel(256);
+            let legs = self.legs.clone();
+            tokio::spawn(async move { legs.run(leg, tx).await });
+            return Ok(LegStream::Local(rx));
+        }
+        let addr = self.control.node_address(&c.node).ok_or_else(|| {
+            fail(
+                Failure::NoEngine,
+                format!("node {} is not in the cluster", c.node),
+            )
+        })?;
+        let open = async {
+            let conn = self.peers.connection(&c.node, addr).await?;
+            conn.call_stream::<_, AgentResponse>(&AgentRequest::Serve(leg))
+                .await
+        };
+        match tokio::time::timeout(LEG_OPEN_TIMEOUT, open).await {
+            Ok(Ok(s)) => Ok(LegStream::Remote(s)),
+            Ok(Err(e)) => Err(fail(
+                Failure::NoEngine,
+                format!("cannot reach node {}: {e}", c.node),
+            )),
+            Err(_) => Err(fail(
+                Failure::NoEngine,
+                format!("node {} did not answer within {LEG_OPEN_TIMEOUT:?}", c.node),
+            )),
+        }
+    }
+
+    async fn disaggregated(
+        &self,
+        p: &Candidate,
+        d: &Candidate,
+        prompt: &Prompt,
+        sampling: &SamplingParams,
+        emit: &mut Emitter,
+    ) -> Result<(FinishReason, Usage), Attempt> {
+        let _pg = self.count(&p.engine);
+        let _dg = self.count(&d.engine);
+        let shipment = self.new_id();
+        let mut pre = self
+            .open_leg(
+                p,
+                Leg::Prefill(PrefillLeg {
+                    engine: p.engine.clone(),
+                    prompt: prompt.clone(),
+                    sampling: sampling.clone(),
+                    decode_node: d.node.clone(),
+                    shipment,
+                }),
+            )
+            .await?;
+        let (first_token, header, prompt_tokens, pieces, kv_bytes, kv_ms) = loop {
+            match pre.next(&p.engine).await? {
+                ServeEvent::Prefilled {
+                    first_token,
+                    text,
+                    header,
+                    prompt_tokens,
+                    pieces,
+                    kv_bytes,
+                    kv_ms,
+                    ..
+                } => {
+                    let path = if p.node == d.node { "host" } else { "network" };
+                    self.metrics.kv_transfer.observe(path, kv_ms / 1e3);
+                    if emit.token(&text).await {
+                        return Err(Attempt::Stopped(emit.stopped(prompt_tokens.len() as u32)));
+                    }
+                    break (first_token, header, prompt_tokens, pieces, kv_bytes, kv_ms);
+                }
+                ServeEvent::Failed { failure, message } => {
+                    return Err(Attempt::Failed(AttemptFail {
+                        failure,
+                        message,
+                        engine: p.engine.clone(),
+                    }));
+                }
+                _ => {}
+            }
+        };
+        drop(pre);
+        tracing::debug!(shipment, pieces, kv_bytes, kv_ms, "prefill done");
+        let prompt_len = prompt_tokens.len() as u32;
+        if sampling.max_tokens <= 1 {
+            return Ok((FinishReason::Length, emit.usage(prompt_len)));
+        }
+        let mut dec = self
+            .open_leg(
+                d,
+                Leg::Decode(DecodeLeg {
+                    engine: d.engine.clone(),
+                    shipment,
+                    pieces,
+                    header,
+                    prompt_tokens,
+                    first_token,
+                    sampling: sampling.clone(),
+                }),
+            )
+            .await?;
+        self.follow(&mut dec, &d.engine, emit, prompt_len, true)
+            .await
+    }
+
+    async fn generate(
+        &self,
+        e: &Candidate,
+        prompt: &Prompt,
+        sampling: &SamplingParams,
+        emit: &mut Emitter,
+    ) -> Result<(FinishReason, Usage), Attempt> {
+        let _g = self.count(&e.engine);
+        let mut leg = self
+            .open_leg(
+                e,
+                Leg::Generate(GenerateLeg {
+                    engine: e.engine.clone(),
+                    prompt: prompt.clone(),
+                    sampling: sampling.clone(),
+                }),
+            )
+            .await?;
+        self.follow(&mut leg, &e.engine, emit, 0, false).await
+    }
+
+    /// Streams a decode or generate leg's tokens to the client until its end.
+    async fn follow(
+        &self,
+        leg: &mut LegStream,
+        engine: &str,
+        emit: &mut Emitter,
+        mut prompt_len: u32,
+        skip_first: bool,
+    ) -> Result<(FinishReason, Usage), Attempt> {
+        loop {
+            match leg.next(engine).await? {
+                ServeEvent::Admitted { prompt_tokens } => prompt_len = prompt_tokens,
+                ServeEvent::Token { index: 0, .. } if skip_first => {}
+                ServeEvent::Token { text, .. } => {
+                    if emit.token(&text).await {
+                        return Err(Attempt::Stopped(emit.stopped(prompt_len)));
+                    }
+                }
+                ServeEvent::Finished {
+                    reason,
+                    prompt_tokens,
+                    ..
+                } => {
+                    let finish = match reason {
+                        EngineFinish::Length => FinishReason::Length,
+                        _ => FinishReason::Stop,
+                    };
+                    return Ok((finish, emit.usage(prompt_tokens.max(prompt_len))));
+                }
+                ServeEvent::Failed { failure, message } => {
+                    return Err(Attempt::Failed(AttemptFail {
+                        failure,
+                        message,
+                        engine: engine.to_string(),
+                    }));
+                }
+                ServeEvent::Prefilled { .. } => {}
+            }
+        }
+    }
+}
+
+/// Load of this host's engines, read at `/metrics` time.
+fn engine_gauges(s: &Serving) -> Vec<metrics::GaugeSample> {
+    let engines = s.control.local_engines();
+    let series = |f: fn(&crate::supervisor::EngineReport) -> f64| {
+        engines
+            .iter()
+            .map(|e| (vec![e.engine.clone()], f(e)))
+            .collect()
+    };
+    vec![
+        metrics::GaugeSample {
+            name: "pdagent_engine_queue_depth",
+            help: "Requests waiting for admission in each engine of this host.",
+            labels: &["engine"],
+            values: series(|e| f64::from(e.load.queued)),
+        },
+        metrics::GaugeSample {
+            name: "pdagent_engine_running_requests",
+            help: "Requests admitted in each engine of this host.",
+            labels: &["engine"],
+            values: series(|e| f64::from(e.load.running)),
+        },
+        metrics::GaugeSample {
+            name: "pdagent_engine_kv_usage_ratio",
+            help: "Share of each engine's KV blocks held by live requests.",
+            labels: &["engine"],
+            values: series(|e| f64::from(e.load.kv_usage)),
+        },
+    ]
+}
+
+/// Bound on opening a leg on another agent (connecting included).
+const LEG_OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+
+enum Attempt {
+    /// A stop sequence ended the request.
+    Stopped((FinishReason, Usage)),
+    Failed(AttemptFail),
+}
+
+impl From<AttemptFail> for Attempt {
+    fn from(f: AttemptFail) -> Self {
+        Attempt::Failed(f)
+    }
+}
+
+enum Ended {
+    Disconnected,
+    Error(ApiError),
+}
+
+fn api_error(f: &AttemptFail) -> ApiError {
+    match f.failure {
+        Failure::BadRequest => ApiError::bad_request(&f.message, None),
+        Failure::PromptTooLong => ApiError::bad_request(&f.message, Some("prompt")),
+        Failure::Busy => ApiError::overloaded(format!("engines are full: {}", f.message), 1),
+        Failure::NoEngine | Failure::EngineLost | Failure::KvTransfer => ApiError::unavailable(
+            format!("engine {} failed: {}", f.engine, f.message),
+            Some(1),
+        ),
+        Failure::Internal => ApiError::internal(format!("engine {}: {}", f.engine, f.message)),
+    }
+}
+
+/// A leg's events, from a local task or another agent.
+enum LegStream {
+    Local(mpsc::Receiver<ServeEvent>),
+    Remote(ResponseStream<AgentResponse>),
+}
+
+impl LegStream {
+    async fn next(&mut self, engine: &str) -> Result<ServeEvent, AttemptFail> {
+        let lost = |message: String| AttemptFail {
+            failure: Failure::EngineLost,
+            message,
+            engine: engine.to_string(),
+        };
+        match self {
+            LegStream::Local(rx) => rx
+                .recv()
+                .await
+                .ok_or_else(|| lost("the leg ended without an answer".into())),
+            LegStream::Remote(s) => match s.next().await {
+                Ok(Some(AgentResponse::Serve(ev))) => Ok(ev),
+                Ok(Some(other)) => Err(lost(format!("unexpected answer {other:?}"))),
+                Ok(None) => Err(lost("the leg ended without an answer".into())),
+                Err(e) => Err(lost(format!("the engine's agent: {e}"))),
+            },
+        }
+    }
+}
+
+/// Hashes of the prompt's prefix blocks for the router, and its length in tokens (bytes for
+/// text: the ingress does not tokenize).
+fn prefix_blocks(prompt: &Prompt, block_tokens: u32) -> (Vec<u64>, u32) {
+    let bt = block_tokens.max(1) as usize;
+    match prompt {
+        Prompt::Tokens(t) => (pd_router::token_block_hashes(t, bt), t.len() as u32),
+        Prompt::Text(t) => (pd_router::block_hashes(t.as_bytes(), bt), t.len() as u32),
+        Prompt::Chat(m) => {
+            let mut text = String::new();
+            for x in m {
+                text.push_str(&x.role);
+                text.push('\n');
+                text.push_str(&x.content);
+                text.push('\n');
+            }
+            (
+                pd_router::block_hashes(text.as_bytes(), bt),
+                text.len() as u32,
+            )
+        }
+    }
+}
+
+/// Text to the client through the stop matcher; counts tokens and times them.
+struct Emitter {
+    tx: mpsc::Sender<Out>,
+    stop: StopMatcher,
+    t0: Instant,
+    tokens: u32,
+    first_at: Option<Duration>,
+    last_at: Option<Duration>,
+}
+
+impl Emitter {
+    fn new(g: &Generation, tx: mpsc::Sender<Out>, t0: Instant) -> Self {
+        Emitter {
+            tx,
+            stop: StopMatcher::new(&g.stop),
+            t0,
+            tokens: 0,
+            first_at: None,
+            last_at: None,
+        }
+    }
+
+    /// Whether anything reached the client (then no transparent retry).
+    fn started(&self) -> bool {
+        self.tokens > 0
+    }
+
+    /// One token's text; true when a stop sequence ended the request.
+    async fn token(&mut self, text: &str) -> bool {
+        let now = self.t0.elapsed();
+        if self.first_at.is_none() {
+            self.first_at = Some(now);
+            let _ = self.tx.send(Out::FirstToken).await;
+        }
+        self.last_at = Some(now);
+        self.tokens += 1;
+        let (out, stopped) = self.stop.push(text);
+        if !out.is_empty() {
+            let _ = self.tx.send(Out::Text(out)).await;
+        }
+        stopped
+    }
+
+    fn usage(&self, prompt_tokens: u32) -> Usage {
+        Usage {
+            prompt_tokens,
+            completion_tokens: self.tokens,
+        }
+    }
+
+    fn stopped(&self, prompt_tokens: u32) -> (FinishReason, Usage) {
+        (FinishReason::Stop, self.usage(prompt_tokens))
+    }
+}

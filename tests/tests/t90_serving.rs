@@ -1,0 +1,415 @@
+//! The serving path through a real local cluster: OpenAI requests, streaming and not, through
+//! any agent; disaggregated (KV shipped over QUIC between hosts) and colocated give the same
+//! text at temperature 0; usage, finish reasons and SSE framing; the KV byte counters match the
+//! formula; every error answer has OpenAI's body; a client that goes away frees the engines.
+
+use std::time::Duration;
+
+use pd_tests::*;
+use serde_json::{Value, json};
+
+/// KV payload bytes per prompt token of the `tiny` preset: K and V x 4 layers x 2 KV heads x
+/// head_dim 32 x 4 bytes (f32).
+const TINY_KV_BYTES_PER_TOKEN: u64 = 2 * 4 * 2 * 32 * 4;
+
+fn deploy(l: &LocalCluster, args: &[&str]) {
+    let mut a = vec!["deploy"];
+    a.extend_from_slice(args);
+    a.extend_from_slice(&["--wait", "--wait-timeout-s", "120"]);
+    let out = l.pdctl(&a);
+    assert!(
+        out.status.success(),
+        "deploy: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}
+
+/// The node running each engine.
+fn engine_nodes(l: &LocalCluster) -> std::collections::HashMap<String, String> {
+    let out = l.pdctl(&["engines", "-o", "json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["engines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["engine"].as_str().unwrap().to_string(),
+                e["node"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// A counter's value in a Prometheus text body (0 when absent).
+fn metric(body: &str, series: &str) -> u64 {
+    body.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .parse::<f64>()
+                .ok()
+        })
+        .map_or(0, |v| v as u64)
+}
+
+fn node_addr(l: &LocalCluster, node: &str) -> String {
+    let k = node.trim_start_matches("node-");
+    format!("127.0.0.{k}:{}", l.api_port)
+}
+
+fn metrics_of(addr: &str) -> String {
+    http(addr, "GET", "/metrics", &[], b"").unwrap().text()
+}
+
+/// Asserts OpenAI's error shape and returns the error object.
+fn error_of(r: &HttpReply, status: u16) -> Value {
+    assert_eq!(r.status, status, "{}", r.text());
+    let v = r.json();
+    let e = v["error"].clone();
+    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    assert!(e["type"].is_string(), "{v}");
+    assert!(e.get("param").is_some() && e.get("code").is_some(), "{v}");
+    e
+}
+
+/// Concatenated text of an SSE completion or chat stream, and the finish reason.
+fn stream_text(events: &[String]) -> (String, String, Option<Value>) {
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{events:?}"
+    );
+    let mut text = String::new();
+    let mut finish = String::new();
+    let mut usage = None;
+    for e in &events[..events.len() - 1] {
+        let v: Value = serde_json::from_str(e).unwrap();
+        if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
+            usage = Some(u.clone());
+        }
+        let Some(c) = v["choices"].as_array().and_then(|c| c.first()) else {
+            continue;
+        };
+        if let Some(t) = c["text"].as_str() {
+            text.push_str(t);
+        }
+        if let Some(t) = c["delta"]["content"].as_str() {
+            text.push_str(t);
+        }
+        if let Some(f) = c["finish_reason"].as_str() {
+            finish = f.to_string();
+        }
+    }
+    (text, finish, usage)
+}
+
+#[test]
+fn openai_api_serves_disaggregated_and_colocated() {
+    let _g = serial();
+    let l = LocalCluster::up_with(3, 1, free_base(3));
+    deploy(
+        &l,
+        &["pd", "--model", "tiny", "--prefill", "1", "--decode", "1"],
+    );
+    deploy(&l, &["co", "--model", "tiny", "--colocated", "1"]);
+    let api = |k: u32| format!("127.0.0.{k}:{}", l.api_port);
+    wait_for(
+        "every API ready with both models",
+        deadline(Duration::from_secs(30)),
+        || {
+            (1..=3)
+                .all(|k| {
+                    let ready =
+                        http(&api(k), "GET", "/ready", &[], b"").is_ok_and(|r| r.status == 200);
+                    let models = http(&api(k), "GET", "/v1/models", &[], b"")
+                        .map(|r| r.text())
+                        .unwrap_or_default();
+                    ready && models.contains("\"pd\"") && models.contains("\"co\"")
+                })
+                .then_some(())
+        },
+    );
+    let nodes = engine_nodes(&l);
+    let prefill_node = node_addr(&l, &nodes["pd/prefill-0"]);
+    let decode_node = node_addr(&l, &nodes["pd/decode-0"]);
+    assert_ne!(
+        prefill_node, decode_node,
+        "one GPU per node: the KV crosses hosts"
+    );
+
+    let models = http(&api(2), "GET", "/v1/models", &[], b"").unwrap().json();
+    assert_eq!(models["object"], "list");
+    assert!(
+        models["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["id"] == "pd" && m["object"] == "model")
+    );
+    assert_eq!(
+        http(&api(2), "GET", "/health", &[], b"").unwrap().status,
+        200
+    );
+
+    // Non-streaming, through different agents: disaggregated equals colocated.
+    let prompts = [
+        "Alpha: the quick brown fox jumps over the lazy dog while the cat sleeps on the mat.",
+        "Bravo: pack my box with five dozen liquor jugs, then sphinx of black quartz, judge my vow.",
+        "Charlie: how vexingly quick daft zebras jump over the fence in the cold morning air!",
+    ];
+    let mut first_text = String::new();
+    for (i, p) in prompts.iter().enumerate() {
+        let body =
+            |model: &str| json!({"model": model, "prompt": p, "max_tokens": 12, "temperature": 0});
+        let pd = post_json(&api(1 + (i as u32 % 3)), "/v1/completions", &body("pd"));
+        let co = post_json(&api(3 - (i as u32 % 3)), "/v1/completions", &body("co"));
+        assert_eq!(pd.status, 200, "{}", pd.text());
+        assert_eq!(co.status, 200, "{}", co.text());
+        let (pd, co) = (pd.json(), co.json());
+        assert_eq!(pd["object"], "text_completion");
+        assert!(pd["id"].as_str().unwrap().starts_with("cmpl-"));
+        assert_eq!(pd["model"], "pd");
+        assert_eq!(
+            pd["choices"][0]["text"], co["choices"][0]["text"],
+            "prompt {i}"
+        );
+        assert_eq!(
+            pd["choices"][0]["finish_reason"],
+            co["choices"][0]["finish_reason"]
+        );
+        assert_eq!(pd["usage"], co["usage"]);
+        // The byte tokenizer: one token per byte, plus BOS.
+        assert_eq!(pd["usage"]["prompt_tokens"], p.len() as u64 + 1);
+        let n = pd["usage"]["completion_tokens"].as_u64().unwrap();
+        let finish = pd["choices"][0]["finish_reason"].as_str().unwrap();
+        assert!((1..=12).contains(&n));
+        assert!(finish == "stop" || (finish == "length" && n == 12), "{pd}");
+        assert_eq!(
+            pd["usage"]["total_tokens"],
+            pd["usage"]["prompt_tokens"].as_u64().unwrap() + n
+        );
+        if i == 0 {
+            first_text = pd["choices"][0]["text"].as_str().unwrap().to_string();
+        }
+    }
+
+    // Streaming gives the same text, framed as SSE, with usage when asked.
+    let r = post_json(
+        &api(2),
+        "/v1/completions",
+        &json!({"model": "pd", "prompt": prompts[0], "max_tokens": 12, "temperature": 0,
+                "stream": true, "stream_options": {"include_usage": true}}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("content-type"), Some("text/event-stream"));
+    let (text, finish, usage) = stream_text(&r.sse());
+    assert_eq!(text, first_text);
+    assert!(finish == "length" || finish == "stop");
+    assert_eq!(usage.unwrap()["prompt_tokens"], prompts[0].len() as u64 + 1);
+
+    // Chat, both ways and both modes: the same text; the stream opens with the role.
+    let chat = |model: &str, stream: bool, k: u32| {
+        post_json(
+            &api(k),
+            "/v1/chat/completions",
+            &json!({"model": model, "messages": [
+                {"role": "system", "content": "You are a terse assistant."},
+                {"role": "user", "content": [{"type": "text", "text": "Name three colours of the rainbow."}]}
+            ], "max_completion_tokens": 10, "temperature": 0, "stream": stream}),
+        )
+    };
+    let a = chat("pd", false, 3);
+    let b = chat("co", false, 2);
+    assert_eq!(a.status, 200, "{}", a.text());
+    let (a, b) = (a.json(), b.json());
+    assert_eq!(a["object"], "chat.completion");
+    assert_eq!(a["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(
+        a["choices"][0]["message"]["content"],
+        b["choices"][0]["message"]["content"]
+    );
+    let s = chat("pd", true, 1);
+    let events = s.sse();
+    let first: Value = serde_json::from_str(&events[0]).unwrap();
+    assert_eq!(first["object"], "chat.completion.chunk");
+    assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
+    let (text, _, usage) = stream_text(&events);
+    assert_eq!(
+        text,
+        a["choices"][0]["message"]["content"].as_str().unwrap()
+    );
+    assert!(usage.is_none(), "no usage chunk unless asked");
+
+    // The KV bytes of one new prompt: the formula, sent by the prefill host, received by the
+    // decode host.
+    let sent0 = metric(
+        &metrics_of(&prefill_node),
+        "pdagent_kv_bytes_sent_total{path=\"network\"}",
+    );
+    let recv0 = metric(
+        &metrics_of(&decode_node),
+        "pdagent_kv_bytes_received_total{path=\"network\"}",
+    );
+    let p = "Delta: a wholly new prompt that shares no prefix with anything sent before it, of some length.";
+    let r = post_json(
+        &api(1),
+        "/v1/completions",
+        &json!({"model": "pd", "prompt": p, "max_tokens": 4, "temperature": 0}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let tokens = r.json()["usage"]["prompt_tokens"].as_u64().unwrap();
+    let sent = metric(
+        &metrics_of(&prefill_node),
+        "pdagent_kv_bytes_sent_total{path=\"network\"}",
+    ) - sent0;
+    let recv = metric(
+        &metrics_of(&decode_node),
+        "pdagent_kv_bytes_received_total{path=\"network\"}",
+    ) - recv0;
+    assert_eq!(sent, TINY_KV_BYTES_PER_TOKEN * tokens);
+    assert_eq!(recv, sent);
+    let m = metrics_of(&api(1));
+    assert!(
+        metric(
+            &m,
+            "pdagent_routing_decisions_total{kind=\"disaggregated\"}"
+        ) >= 1,
+        "{m}"
+    );
+    assert!(m.contains("# TYPE pdagent_time_to_first_token_seconds histogram"));
+    assert!(m.contains("pdagent_requests_total{model=\"pd\",outcome=\"ok\"}"));
+
+    // Errors, each with OpenAI's body.
+    let a1 = api(1);
+    let e = error_of(
+        &http(
+            &a1,
+            "POST",
+            "/v1/completions",
+            &[("Content-Type", "application/json")],
+            b"{\"model\": ",
+        )
+        .unwrap(),
+        400,
+    );
+    assert_eq!(e["type"], "invalid_request_error");
+    let e = error_of(
+        &post_json(
+            &a1,
+            "/v1/completions",
+            &json!({"model": "nope", "prompt": "x"}),
+        ),
+        404,
+    );
+    assert_eq!(e["code"], "model_not_found");
+    let e = error_of(
+        &post_json(
+            &a1,
+            "/v1/completions",
+            &json!({"model": "pd", "prompt": "x", "temperature": 5}),
+        ),
+        400,
+    );
+    assert_eq!(e["param"], "temperature");
+    let e = error_of(
+        &post_json(
+            &a1,
+            "/v1/chat/completions",
+            &json!({"model": "pd", "messages": []}),
+        ),
+        400,
+    );
+    assert_eq!(e["param"], "messages");
+    let big = vec![b'x'; 5 << 20];
+    error_of(
+        &http(
+            &a1,
+            "POST",
+            "/v1/completions",
+            &[("Content-Type", "application/json")],
+            &big,
+        )
+        .unwrap(),
+        413,
+    );
+    error_of(&http(&a1, "GET", "/v1/nothing", &[], b"").unwrap(), 404);
+    error_of(&http(&a1, "GET", "/v1/completions", &[], b"").unwrap(), 405);
+    // A prompt longer than the model's context (2048 tokens for tiny).
+    let long = "y".repeat(3000);
+    let e = error_of(
+        &post_json(
+            &a1,
+            "/v1/completions",
+            &json!({"model": "co", "prompt": long}),
+        ),
+        400,
+    );
+    assert!(
+        e["message"].as_str().unwrap().contains("context")
+            || e["message"].as_str().unwrap().contains("long"),
+        "{e}"
+    );
+    // X-Request-Id is honoured and returned; one is made up when absent.
+    let r = http(
+        &a1,
+        "POST",
+        "/v1/completions",
+        &[
+            ("Content-Type", "application/json"),
+            ("X-Request-Id", "req-42"),
+        ],
+        json!({"model": "co", "prompt": "Hello there", "max_tokens": 2})
+            .to_string()
+            .as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(r.header("x-request-id"), Some("req-42"));
+    assert_eq!(r.json()["id"], "cmpl-req-42");
+    assert!(
+        post_json(
+            &a1,
+            "/v1/completions",
+            &json!({"model": "nope", "prompt": "x"})
+        )
+        .header("x-request-id")
+        .is_some_and(|v| !v.is_empty())
+    );
+
+    // A client that goes away mid-stream: the engines stop working on its request.
+    {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&a1).unwrap();
+        let body = json!({"model": "pd", "prompt": prompts[1], "max_tokens": 2000, "temperature": 0, "stream": true}).to_string();
+        write!(s, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+        let mut buf = [0u8; 512];
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0);
+        // Gone after the first bytes, while the engine has ~2000 tokens to go.
+        drop(s);
+    }
+    wait_for(
+        "the decode engine idle after the client left",
+        deadline(Duration::from_secs(10)),
+        || {
+            (metric(
+                &metrics_of(&decode_node),
+                "pdagent_engine_running_requests{engine=\"pd/decode-0\"}",
+            ) == 0)
+                .then_some(())
+        },
+    );
+    wait_for(
+        "the cancel counted",
+        deadline(Duration::from_secs(5)),
+        || {
+            (metric(
+                &metrics_of(&a1),
+                "pdagent_requests_total{model=\"pd\",outcome=\"cancelled\"}",
+            ) == 1)
+                .then_some(())
+        },
+    );
+}
