@@ -17,6 +17,7 @@ use pd_transport::{TransportConfig, pki};
 mod bench_failover;
 mod client;
 mod demo;
+mod load;
 mod local;
 mod plan;
 
@@ -115,13 +116,25 @@ enum Command {
         #[command(subcommand)]
         command: local::LocalCommand,
     },
-    /// Show what works so far on this machine: a three-agent cluster (two join with a token),
-    /// a replicated write, coordinator failover, a refused foreign host, GPUs, a short
-    /// transport benchmark.
+    /// The system on this machine: a local cluster serves the `small` model through the OpenAI
+    /// API, disaggregated (1 prefill + 1 decode engine, KV shipped between hosts) and then
+    /// colocated (2 engines) on the same cores, and prints the two side by side.
     Demo {
         /// Where to put the demo's files (default: a new folder under the temp dir).
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Agents in the local cluster (one fixture GPU each).
+        #[arg(long, default_value_t = 2)]
+        nodes: usize,
+        /// Requests in the workload.
+        #[arg(long, default_value_t = 16)]
+        requests: usize,
+        /// Stay up afterwards, serving on 127.0.0.1:8000, until Ctrl-C.
+        #[arg(long)]
+        keep: bool,
+        /// Print one JSON object with both runs' figures.
+        #[arg(long)]
+        json: bool,
     },
     /// The cluster's PKI, offline: create it, issue node certificates.
     Cluster {
@@ -494,43 +507,13 @@ fn run(cli: Cli) -> Result<()> {
             if !wait {
                 println!("{name}: deployment created; `pdctl engines` shows its engines");
             } else {
-                let until =
-                    std::time::Instant::now() + std::time::Duration::from_secs(wait_timeout_s);
-                let mut last = String::new();
-                loop {
-                    let v = block_on(c.request("GET", "/v1/engines", None))??;
-                    let mine: Vec<&serde_json::Value> = v["engines"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .filter(|e| e["deployment"] == name.as_str())
-                        .collect();
-                    let ready = mine.iter().filter(|e| e["state"] == "ready").count();
-                    let failed = mine.iter().filter(|e| e["state"] == "failed").count();
-                    let line = format!(
-                        "{ready}/{engines_wanted} engines ready, {} placed, {failed} failed",
-                        mine.len()
-                    );
-                    if line != last {
-                        eprintln!("  {line}");
-                        last = line;
-                    }
-                    if ready == engines_wanted as usize {
-                        println!("{name}: every engine is ready");
-                        break;
-                    }
-                    if failed > 0 {
-                        anyhow::bail!(
-                            "{name}: {failed} engine(s) failed (crash loop); see `pdctl engines` and the agents' engine logs"
-                        );
-                    }
-                    if std::time::Instant::now() > until {
-                        anyhow::bail!(
-                            "{name}: not every engine was ready after {wait_timeout_s} s ({last})"
-                        );
-                    }
-                    std::thread::sleep(std::time::Duration::from_millis(250));
-                }
+                wait_engines_ready(
+                    &c,
+                    &name,
+                    engines_wanted as usize,
+                    std::time::Duration::from_secs(wait_timeout_s),
+                )?;
+                println!("{name}: every engine is ready");
             }
         }
         Command::Undeploy { name } => {
@@ -653,7 +636,19 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Local { command } => local::run(command, json)?,
-        Command::Demo { dir } => demo::run(dir)?,
+        Command::Demo {
+            dir,
+            nodes,
+            requests,
+            keep,
+            json,
+        } => demo::run(demo::DemoOptions {
+            dir,
+            nodes,
+            requests,
+            keep,
+            json,
+        })?,
         Command::Plan(args) => plan::run(args, json)?,
         Command::Cluster { command } => match command {
             ClusterCommand::Init {
@@ -827,4 +822,50 @@ fn with_telemetry(gpu: &serde_json::Value, node: &serde_json::Value) -> serde_js
         obj.insert("telemetry_age_ms".to_string(), t["age_ms"].clone());
     }
     g
+}
+
+/// Waits until `wanted` engines of deployment `name` are ready, printing progress lines on
+/// stderr; fails when one is failed (crash loop) or at the timeout.
+pub(crate) fn wait_engines_ready(
+    c: &client::AdminClient,
+    name: &str,
+    wanted: usize,
+    timeout: std::time::Duration,
+) -> Result<()> {
+    let until = std::time::Instant::now() + timeout;
+    let mut last = String::new();
+    loop {
+        let v = block_on(c.request("GET", "/v1/engines", None))??;
+        let mine: Vec<&serde_json::Value> = v["engines"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["deployment"] == name)
+            .collect();
+        let ready = mine.iter().filter(|e| e["state"] == "ready").count();
+        let failed = mine.iter().filter(|e| e["state"] == "failed").count();
+        let line = format!(
+            "{ready}/{wanted} engines ready, {} placed, {failed} failed",
+            mine.len()
+        );
+        if line != last {
+            eprintln!("  {line}");
+            last = line;
+        }
+        if ready == wanted {
+            return Ok(());
+        }
+        if failed > 0 {
+            anyhow::bail!(
+                "{name}: {failed} engine(s) failed (crash loop); see `pdctl engines` and the agents' engine logs"
+            );
+        }
+        if std::time::Instant::now() > until {
+            anyhow::bail!(
+                "{name}: not every engine was ready after {} s ({last})",
+                timeout.as_secs()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
 }

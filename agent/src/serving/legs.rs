@@ -170,6 +170,14 @@ type Events = mpsc::Sender<ServeEvent>;
 /// Ends a leg with a failure event.
 struct Fail(Failure, String);
 
+/// How a leg that did not fail ended.
+enum Ended {
+    /// Its last event was sent.
+    Done,
+    /// The reader went away first (the engine request was cancelled).
+    Gone,
+}
+
 impl Legs {
     pub fn new(
         supervisor: Arc<Supervisor>,
@@ -210,17 +218,24 @@ impl Legs {
     /// Runs one leg to its end; the last event sent is `Finished` or `Failed` (unless the
     /// reader went away first).
     pub async fn run(&self, leg: Leg, tx: Events) {
-        let result = match leg {
-            Leg::Prefill(l) => self.prefill(l, &tx).await,
-            Leg::Decode(l) => self.decode(l, &tx).await,
-            Leg::Generate(l) => self.generate(l, &tx).await,
+        let engine = leg.engine().to_string();
+        let (kind, result) = match leg {
+            Leg::Prefill(l) => ("prefill", self.prefill(l, &tx).await),
+            Leg::Decode(l) => ("decode", self.decode(l, &tx).await),
+            Leg::Generate(l) => ("generate", self.generate(l, &tx).await),
         };
+        let outcome = match &result {
+            Ok(Ended::Gone) => "cancelled",
+            Ok(Ended::Done) => "ok",
+            Err(_) => "failed",
+        };
+        self.metrics.legs.inc(&[&engine, kind, outcome]);
         if let Err(Fail(failure, message)) = result {
             let _ = tx.send(ServeEvent::Failed { failure, message }).await;
         }
     }
 
-    async fn prefill(&self, leg: PrefillLeg, tx: &Events) -> Result<(), Fail> {
+    async fn prefill(&self, leg: PrefillLeg, tx: &Events) -> Result<Ended, Fail> {
         let client = self.engine(&leg.engine)?;
         let id = self.next_id();
         let mut rx = client
@@ -298,7 +313,7 @@ impl Legs {
                 }
                 return match why {
                     Some(f) => Err(f),
-                    None => Ok(()), // the reader went away: nothing to tell
+                    None => Ok(Ended::Gone), // the reader went away: nothing to tell
                 };
             }
         };
@@ -333,10 +348,10 @@ impl Legs {
                 kv_ms: kv_began.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3),
             })
             .await;
-        Ok(())
+        Ok(Ended::Done)
     }
 
-    async fn decode(&self, leg: DecodeLeg, tx: &Events) -> Result<(), Fail> {
+    async fn decode(&self, leg: DecodeLeg, tx: &Events) -> Result<Ended, Fail> {
         let client = match self.engine(&leg.engine) {
             Ok(c) => c,
             Err(f) => {
@@ -348,7 +363,7 @@ impl Legs {
             r = self.inbox.complete(leg.shipment, leg.pieces, self.kv_timeout) => r,
             _ = tx.closed() => {
                 self.inbox.forget(leg.shipment);
-                return Ok(());
+                return Ok(Ended::Gone);
             }
         }
         .map_err(|e| Fail(Failure::KvTransfer, e.to_string()))?;
@@ -381,7 +396,7 @@ impl Legs {
         self.pump(&client, id, &mut rx, tx).await
     }
 
-    async fn generate(&self, leg: GenerateLeg, tx: &Events) -> Result<(), Fail> {
+    async fn generate(&self, leg: GenerateLeg, tx: &Events) -> Result<Ended, Fail> {
         let client = self.engine(&leg.engine)?;
         let id = self.next_id();
         let mut rx = client
@@ -403,7 +418,7 @@ impl Legs {
         id: RequestId,
         rx: &mut mpsc::UnboundedReceiver<Reply>,
         tx: &Events,
-    ) -> Result<(), Fail> {
+    ) -> Result<Ended, Fail> {
         let outcome = async {
             loop {
                 let (msg, _) = next_reply(rx, tx).await?;
@@ -443,10 +458,10 @@ impl Legs {
         }
         .await;
         match outcome {
-            Ok(()) => Ok(()),
+            Ok(()) => Ok(Ended::Done),
             Err(why) => {
                 let _ = client.cancel(id).await;
-                why.map_or(Ok(()), Err)
+                why.map_or(Ok(Ended::Gone), Err)
             }
         }
     }

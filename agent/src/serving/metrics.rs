@@ -198,6 +198,7 @@ pub struct Metrics {
     pub routing: Counter,
     pub prompt_tokens: Counter,
     pub generation_tokens: Counter,
+    pub legs: Counter,
     pub kv_bytes_sent: Counter,
     pub kv_bytes_received: Counter,
     pub ttft: Histogram,
@@ -229,6 +230,11 @@ impl Default for Metrics {
                 "pdagent_generation_tokens_total",
                 "Output tokens sent to clients, by model.",
                 &["model"],
+            ),
+            legs: Counter::new(
+                "pdagent_engine_legs_total",
+                "Request legs this host's engines served, by engine, leg (prefill, decode, generate) and outcome.",
+                &["engine", "leg", "outcome"],
             ),
             kv_bytes_sent: Counter::new(
                 "pdagent_kv_bytes_sent_total",
@@ -277,6 +283,7 @@ impl Metrics {
         self.routing.render(&mut out);
         self.prompt_tokens.render(&mut out);
         self.generation_tokens.render(&mut out);
+        self.legs.render(&mut out);
         self.kv_bytes_sent.render(&mut out);
         self.kv_bytes_received.render(&mut out);
         self.ttft.render(&mut out);
