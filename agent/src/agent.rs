@@ -80,6 +80,13 @@ impl Service for AgentService {
             }
             AgentRequest::Engines => Ok(AgentResponse::Engines(self.control.engines())),
             AgentRequest::Serve(_) => Err("a Serve request is a stream".into()),
+            AgentRequest::KvSeal(seal) => {
+                if !matches!(peer, PeerIdentity::Node(_)) {
+                    return Err("only agents ship KV".into());
+                }
+                self.legs.inbox.seal(seal);
+                Ok(AgentResponse::KvSealed)
+            }
         }
     }
 

@@ -593,8 +593,8 @@ async fn probe(c: &EngineClient) -> Result<(), String> {
     let until = tokio::time::Instant::now() + PROBE_TIMEOUT;
     loop {
         match tokio::time::timeout_at(until, rx.recv()).await {
-            Ok(Some((EngineMessage::Finished { .. }, _))) => return Ok(()),
-            Ok(Some((EngineMessage::Error { message, .. }, _))) => return Err(message),
+            Ok(Some((EngineMessage::Finished { .. }, _, _))) => return Ok(()),
+            Ok(Some((EngineMessage::Error { message, .. }, _, _))) => return Err(message),
             Ok(Some(_)) => {}
             Ok(None) => return Err("connection lost".into()),
             Err(_) => return Err("no answer to the probe".into()),

@@ -54,6 +54,8 @@ pub enum AgentRequest {
     /// One leg of a request on an engine of the receiving agent (a streaming RPC answered
     /// with `Serve` events).
     Serve(crate::serving::legs::Leg),
+    /// A prefill host tells a decode host that a KV shipment is whole.
+    KvSeal(crate::engine::kv_ship::Seal),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -90,6 +92,7 @@ pub enum AgentResponse {
     Engines(Vec<EngineReport>),
     /// One event of a `Serve` stream.
     Serve(crate::serving::legs::ServeEvent),
+    KvSealed,
 }
 
 /// One GPU's live readings, sent with every liveness report.

@@ -102,7 +102,11 @@ pub fn run(opts: DemoOptions) -> Result<()> {
     ));
     let started = Instant::now();
     let (dir, _status) = crate::local::create(opts.nodes, 1, &dir, base, api_port, true)?;
-    say(&format!("   up in {:.1} s; files in {}", started.elapsed().as_secs_f64(), dir.display()));
+    say(&format!(
+        "   up in {:.1} s; files in {}",
+        started.elapsed().as_secs_f64(),
+        dir.display()
+    ));
     let result = tour(&opts, &dir, api_port);
     if result.is_err() || !opts.keep {
         let _ = crate::local::down(&dir, true);
@@ -111,7 +115,7 @@ pub fn run(opts: DemoOptions) -> Result<()> {
     result
 }
 
-fn ingress(nodes: usize, api_port: u16) -> Vec<SocketAddr> {
+pub(crate) fn ingress(nodes: usize, api_port: u16) -> Vec<SocketAddr> {
     (1..=nodes)
         .map(|k| SocketAddr::from(([127, 0, 0, k as u8], api_port)))
         .collect()
@@ -124,7 +128,13 @@ fn tour(opts: &DemoOptions, dir: &std::path::Path, api_port: u16) -> Result<()> 
         .enable_all()
         .build()?;
     let agents = ingress(opts.nodes, api_port);
-    let workload = load::mixed(opts.requests, SHORT_PROMPT_BYTES, LONG_PROMPT_BYTES, MAX_TOKENS, SEED);
+    let workload = load::mixed(
+        opts.requests,
+        SHORT_PROMPT_BYTES,
+        LONG_PROMPT_BYTES,
+        MAX_TOKENS,
+        SEED,
+    );
     let say = |s: &str| {
         if !opts.json {
             println!("{s}");
@@ -142,7 +152,9 @@ fn tour(opts: &DemoOptions, dir: &std::path::Path, api_port: u16) -> Result<()> 
     if !opts.json {
         print_phase(&disagg);
     }
-    say("\n4. the same workload colocated on the same cores: 2 engines that prefill and decode (pdctl deploy --colocated 2)");
+    say(
+        "\n4. the same workload colocated on the same cores: 2 engines that prefill and decode (pdctl deploy --colocated 2)",
+    );
     delete(&client, &rt)?;
     deploy(&client, &rt, json!({"colocated": 2}), 2, &agents)?;
     let coloc = phase(&rt, "colocated 2", &agents, &workload)?;
@@ -173,7 +185,12 @@ fn tour(opts: &DemoOptions, dir: &std::path::Path, api_port: u16) -> Result<()> 
         bail!(
             "{} request(s) failed; first error: {}",
             disagg.summary.failed + coloc.summary.failed,
-            disagg.summary.error.clone().or(coloc.summary.error.clone()).unwrap_or_default()
+            disagg
+                .summary
+                .error
+                .clone()
+                .or(coloc.summary.error.clone())
+                .unwrap_or_default()
         );
     }
     if opts.keep {
@@ -197,13 +214,31 @@ fn deploy(
     engines: usize,
     agents: &[SocketAddr],
 ) -> Result<()> {
-    let mut body = json!({"name": MODEL, "engine": "builtin", "model": MODEL, "tp": 1});
+    deploy_ready(client, rt, MODEL, MODEL, layout, engines, agents)
+}
+
+fn delete(client: &AdminClient, rt: &tokio::runtime::Runtime) -> Result<()> {
+    undeploy_gone(client, rt, MODEL)
+}
+
+/// Deploys `name` (builtin engine, `model`, `layout` as the admin API takes it) and waits until
+/// its `engines` are ready and every agent's API says it is ready.
+pub(crate) fn deploy_ready(
+    client: &AdminClient,
+    rt: &tokio::runtime::Runtime,
+    name: &str,
+    model: &str,
+    layout: Value,
+    engines: usize,
+    agents: &[SocketAddr],
+) -> Result<()> {
+    let mut body = json!({"name": name, "engine": "builtin", "model": model, "tp": 1});
     for (k, v) in layout.as_object().into_iter().flatten() {
         body[k] = v.clone();
     }
     let t = Instant::now();
     rt.block_on(client.request("POST", "/v1/deployments", Some(body)))?;
-    crate::wait_engines_ready(client, MODEL, engines, READY_TIMEOUT)?;
+    crate::wait_engines_ready(client, name, engines, READY_TIMEOUT)?;
     // Every agent's router sees the engines ready.
     let until = Instant::now() + Duration::from_secs(30);
     loop {
@@ -223,24 +258,38 @@ fn deploy(
     Ok(())
 }
 
-fn delete(client: &AdminClient, rt: &tokio::runtime::Runtime) -> Result<()> {
-    rt.block_on(client.request("DELETE", &format!("/v1/deployments/{MODEL}"), None))?;
+/// Deletes deployment `name` and waits until none of its engines is listed.
+pub(crate) fn undeploy_gone(
+    client: &AdminClient,
+    rt: &tokio::runtime::Runtime,
+    name: &str,
+) -> Result<()> {
+    rt.block_on(client.request("DELETE", &format!("/v1/deployments/{name}"), None))?;
     // Engines are stopped by their agents' next reconcile pass; wait until none is listed.
     let until = Instant::now() + Duration::from_secs(60);
     while Instant::now() < until {
         let v = rt.block_on(client.request("GET", "/v1/engines", None))?;
-        if !v["engines"].as_array().into_iter().flatten().any(|e| e["deployment"] == MODEL) {
+        if !v["engines"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|e| e["deployment"] == name)
+        {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    bail!("the engines of {MODEL} were not stopped within 60 s")
+    bail!("the engines of {name} were not stopped within 60 s")
 }
 
-fn metrics(rt: &tokio::runtime::Runtime, agents: &[SocketAddr]) -> Vec<String> {
+pub(crate) fn metrics(rt: &tokio::runtime::Runtime, agents: &[SocketAddr]) -> Vec<String> {
     agents
         .iter()
-        .map(|a| rt.block_on(load::get(*a, "/metrics")).map(|(_, b)| b).unwrap_or_default())
+        .map(|a| {
+            rt.block_on(load::get(*a, "/metrics"))
+                .map(|(_, b)| b)
+                .unwrap_or_default()
+        })
         .collect()
 }
 
@@ -255,8 +304,8 @@ fn by_labels(before: &[String], after: &[String], family: &str) -> serde_json::M
             let Some((labels, v)) = rest.rsplit_once(' ') else {
                 continue;
             };
-            *m.entry(labels.trim_matches(['{', '}']).to_string()).or_default() +=
-                v.parse::<f64>().unwrap_or(0.0);
+            *m.entry(labels.trim_matches(['{', '}']).to_string())
+                .or_default() += v.parse::<f64>().unwrap_or(0.0);
         }
         m
     };
@@ -277,7 +326,13 @@ fn phase(
 ) -> Result<Phase> {
     let before = metrics(rt, agents);
     let t = Instant::now();
-    let outcomes = rt.block_on(load::closed_loop(agents, MODEL, workload, CONCURRENCY, SEED));
+    let outcomes = rt.block_on(load::closed_loop(
+        agents,
+        MODEL,
+        workload,
+        CONCURRENCY,
+        SEED,
+    ));
     let wall = t.elapsed();
     let after = metrics(rt, agents);
     let kv = load::metric_sum(&after, "pdagent_kv_bytes_sent_total")
@@ -295,8 +350,16 @@ fn print_phase(p: &Phase) {
     let s = &p.summary;
     println!(
         "   {}: {}/{} ok in {:.1} s; TTFT p50 {:.0} ms p99 {:.0} ms; TPOT p50 {:.1} ms p99 {:.1} ms; {:.1} output tokens/s; KV shipped {:.2} MB",
-        p.layout, s.ok, s.requests, s.wall_s, s.ttft_p50_ms, s.ttft_p99_ms, s.tpot_p50_ms, s.tpot_p99_ms,
-        s.output_tokens_per_s, p.kv_mb_shipped
+        p.layout,
+        s.ok,
+        s.requests,
+        s.wall_s,
+        s.ttft_p50_ms,
+        s.ttft_p99_ms,
+        s.tpot_p50_ms,
+        s.tpot_p99_ms,
+        s.output_tokens_per_s,
+        p.kv_mb_shipped
     );
     let routing: Vec<String> = p
         .routing
@@ -327,17 +390,30 @@ fn print_phase(p: &Phase) {
 
 fn print_side_by_side(d: &Phase, c: &Phase) {
     let row = |name: &str, a: f64, b: f64, unit: &str, lower_is_better: bool| {
-        let better = if (a < b) == lower_is_better { "disaggregated" } else { "colocated" };
+        let better = if (a < b) == lower_is_better {
+            "disaggregated"
+        } else {
+            "colocated"
+        };
         let ratio = if b > 0.0 { a / b } else { 0.0 };
         println!("   {name:<22} {a:>12.1} {b:>12.1} {unit:<8} {ratio:>6.2}x  ({better} better)");
     };
-    println!("   {:<22} {:>12} {:>12} {:<8} {:>7}", "", "disagg 1P+1D", "colocated 2", "", "ratio");
+    println!(
+        "   {:<22} {:>12} {:>12} {:<8} {:>7}",
+        "", "disagg 1P+1D", "colocated 2", "", "ratio"
+    );
     let (a, b) = (&d.summary, &c.summary);
     row("TTFT p50", a.ttft_p50_ms, b.ttft_p50_ms, "ms", true);
     row("TTFT p99", a.ttft_p99_ms, b.ttft_p99_ms, "ms", true);
     row("TPOT p50", a.tpot_p50_ms, b.tpot_p50_ms, "ms", true);
     row("TPOT p99", a.tpot_p99_ms, b.tpot_p99_ms, "ms", true);
-    row("output tokens/s", a.output_tokens_per_s, b.output_tokens_per_s, "tok/s", false);
+    row(
+        "output tokens/s",
+        a.output_tokens_per_s,
+        b.output_tokens_per_s,
+        "tok/s",
+        false,
+    );
     println!(
         "   {:<22} {:>12.2} {:>12.2} MB",
         "KV shipped", d.kv_mb_shipped, c.kv_mb_shipped

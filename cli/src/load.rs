@@ -380,3 +380,64 @@ mod tests {
         assert_eq!(metric_sum(&bodies, "x_total"), 17.0);
     }
 }
+
+/// One non-streaming completion; returns the agent's `Server-Timing` split (agent ms, engine
+/// ms) and the client's end-to-end time.
+pub async fn timed(
+    addr: SocketAddr,
+    model: &str,
+    prompt: &str,
+    max_tokens: u32,
+) -> Result<(f64, f64, Duration)> {
+    let t0 = Instant::now();
+    let body = serde_json::json!({
+        "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+    })
+    .to_string();
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+    tokio::spawn(conn);
+    let req = hyper::Request::post("/v1/completions")
+        .header("host", addr.to_string())
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))?;
+    let resp = sender.send_request(req).await?;
+    let status = resp.status();
+    let timing = resp
+        .headers()
+        .get("server-timing")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let b = resp.into_body().collect().await?.to_bytes();
+    let e2e = t0.elapsed();
+    if !status.is_success() {
+        bail!("{status}: {}", String::from_utf8_lossy(&b));
+    }
+    let timing = timing.context("no Server-Timing header")?;
+    let dur = |name: &str| {
+        timing.split(',').map(str::trim).find_map(|p| {
+            p.strip_prefix(name)?
+                .strip_prefix(";dur=")?
+                .parse::<f64>()
+                .ok()
+        })
+    };
+    Ok((
+        dur("agent").context("no agent duration")?,
+        dur("engine").context("no engine duration")?,
+        e2e,
+    ))
+}
+
+/// Poisson arrival times (seconds) of `n` requests at `rate` per second.
+pub fn poisson_times(n: usize, rate: f64, rng: &mut Rng) -> Vec<f64> {
+    let mut t = 0.0;
+    (0..n)
+        .map(|_| {
+            let at = t;
+            t += -(1.0 - rng.unit()).ln() / rate;
+            at
+        })
+        .collect()
+}

@@ -15,6 +15,7 @@ use pd_transport::config::Congestion;
 use pd_transport::{TransportConfig, pki};
 
 mod bench_failover;
+mod bench_serve;
 mod client;
 mod demo;
 mod load;
@@ -228,6 +229,16 @@ enum BenchCommand {
         nodes: usize,
         #[arg(long, default_value_t = 5)]
         rounds: usize,
+    },
+    /// The serving path on a local cluster: agent time per request, routing decision time, and
+    /// a request-rate sweep with SLO attainment and goodput, disaggregated against colocated.
+    Serve {
+        /// Requests per rate point of the sweep.
+        #[arg(long, default_value_t = 24)]
+        requests: usize,
+        /// Print one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
     },
     /// QUIC (the production transport) against TLS over TCP and plain TCP on loopback.
     Transport {
@@ -689,6 +700,14 @@ fn run(cli: Cli) -> Result<()> {
             }
         },
         Command::Bench { command } => match command {
+            BenchCommand::Serve { requests, json } => {
+                let r = bench_serve::run(requests, json)?;
+                if json {
+                    println!("{}", serde_json::to_string(&r)?);
+                } else {
+                    bench_serve::print(&r);
+                }
+            }
             BenchCommand::Failover { nodes, rounds } => {
                 let r = bench_failover::run(nodes, rounds, json)?;
                 if json {

@@ -193,6 +193,26 @@ fn openai_api_serves_disaggregated_and_colocated() {
         );
         if i == 0 {
             first_text = pd["choices"][0]["text"].as_str().unwrap().to_string();
+            // The engine's own text for this prompt, in one process: nothing lost or added on
+            // the way through the agents (regression: a token's text was dropped).
+            let out = pdagent(&[
+                "engine",
+                "generate",
+                "--model",
+                "tiny",
+                "--prompt",
+                p,
+                "--max-tokens",
+                "12",
+                "--json",
+            ]);
+            assert!(out.status.success(), "{}", text(&out.stderr));
+            let own: Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(pd["choices"][0]["text"], own["text"], "{own}");
+            assert_eq!(
+                pd["usage"]["completion_tokens"],
+                own["tokens"].as_array().unwrap().len()
+            );
         }
     }
 

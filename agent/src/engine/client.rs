@@ -17,8 +17,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::serve::ENGINE_FRAME_BYTES_MAX;
 
-/// A reply frame and the raw bytes that followed it (KV layers).
-pub type Reply = (EngineMessage, Option<Vec<u8>>);
+/// A reply frame, the raw bytes that followed it (KV layers), and when it was read off the
+/// socket (so that time spent by the caller does not count as the engine's).
+pub type Reply = (EngineMessage, Option<Vec<u8>>, Instant);
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineClientError {
@@ -281,7 +282,7 @@ async fn read_loop(
                     r.get(&id).cloned()
                 };
                 if let Some(tx) = tx {
-                    let _ = tx.send((msg, payload));
+                    let _ = tx.send((msg, payload, Instant::now()));
                 }
             }
             None => {

@@ -313,7 +313,7 @@ async fn disaggregated(
     let mut prompt_tokens = Vec::new();
     let mut first: Option<(u32, Duration)> = None;
     loop {
-        let (msg, payload) = next(&mut rx, "prefill").await?;
+        let (msg, payload, _) = next(&mut rx, "prefill").await?;
         match msg {
             EngineMessage::KvStart {
                 header,

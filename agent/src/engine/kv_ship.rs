@@ -49,6 +49,15 @@ impl KvSender {
 
     /// Sends one piece on its own stream and waits until the peer has it.
     pub async fn send(&mut self, piece: &KvPiece) -> Result<(), TransportError> {
+        self.start(piece).await
+    }
+
+    /// Counts one piece and returns the sending of it, which completes once the peer has it;
+    /// several may be in flight at once (each is its own QUIC stream).
+    pub fn start(
+        &mut self,
+        piece: &KvPiece,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send + 'static {
         let bytes = Bytes::from(piece.to_bytes());
         let header = BulkHeader {
             transfer_id: self.shipment,
@@ -57,10 +66,10 @@ impl KvSender {
             total_len: 0,
             meta: self.header.to_vec(),
         };
-        self.conn.send_bulk(&header, bytes).await?;
         self.sent_pieces += 1;
         self.payload_bytes += piece.data.len() as u64;
-        Ok(())
+        let conn = self.conn.clone();
+        async move { conn.send_bulk(&header, bytes).await }
     }
 
     pub fn pieces(&self) -> u64 {
@@ -68,8 +77,20 @@ impl KvSender {
     }
 }
 
+/// What the prefill side tells the decode side once a shipment is whole: how many pieces make
+/// it and what the decode engine needs besides the KV.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Seal {
+    pub shipment: u64,
+    pub pieces: u64,
+    pub header: KvHeader,
+    pub prompt_tokens: Vec<u32>,
+    pub first_token: u32,
+}
+
 #[derive(Default)]
 struct Shipment {
+    seal: Option<Seal>,
     /// When its first piece arrived.
     began: Option<std::time::Instant>,
     /// Pieces came from this host (not over the network).
@@ -215,6 +236,64 @@ impl KvInbox {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&shipment);
+    }
+
+    /// Records a shipment's seal (it may come before its last pieces were processed).
+    pub fn seal(&self, seal: Seal) {
+        let shipment = seal.shipment;
+        self.shipments
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(shipment)
+            .or_insert_with(|| Shipment {
+                began: Some(std::time::Instant::now()),
+                ..Shipment::default()
+            })
+            .seal = Some(seal);
+        self.changed.notify_waiters();
+    }
+
+    /// Waits until `shipment` is sealed and all its pieces arrived (or it failed, or `timeout`
+    /// passed); returns the seal and the pieces, and forgets the shipment.
+    pub async fn sealed(
+        &self,
+        shipment: u64,
+        timeout: Duration,
+    ) -> Result<(Seal, Arrived), KvShipError> {
+        let until = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.changed.notified();
+            let seal = self
+                .shipments
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&shipment)
+                .and_then(|s| s.seal.clone());
+            if let Some(seal) = seal {
+                let left = until.saturating_duration_since(tokio::time::Instant::now());
+                let arrived = self.complete(shipment, seal.pieces, left).await?;
+                return Ok((seal, arrived));
+            }
+            let failed = self
+                .shipments
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&shipment)
+                .and_then(|s| s.failed.clone());
+            if let Some(why) = failed {
+                self.forget(shipment);
+                return Err(KvShipError::Failed { shipment, why });
+            }
+            if tokio::time::timeout_at(until, notified).await.is_err() {
+                self.forget(shipment);
+                return Err(KvShipError::Timeout {
+                    shipment,
+                    got: 0,
+                    expected: 0,
+                    ms: timeout.as_millis() as u64,
+                });
+            }
+        }
     }
 
     /// Waits until `pieces` pieces of `shipment` arrived (or it failed, or `timeout` passed);

@@ -12,7 +12,9 @@
 //! (with `Retry-After`) when this agent serves `inflight_max` requests, 503 (with
 //! `Retry-After`) when no engine can take the request, 504 past `request_timeout_ms`. A stream
 //! that fails after it began ends with an SSE error event (and no `[DONE]`). `X-Request-Id` is
-//! honoured (up to 128 visible ASCII characters) or generated, and returned.
+//! honoured (up to 128 visible ASCII characters) or generated, and returned. Non-streaming
+//! answers carry `Server-Timing: agent;dur=…, engine;dur=…` (ms): the request's time outside
+//! and inside engines.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -185,6 +187,7 @@ fn request_id(s: &Serving, headers: &HeaderMap) -> String {
 }
 
 async fn generate(s: Arc<Serving>, kind: ApiKind, req: Request) -> Response {
+    let received = std::time::Instant::now();
     let rid = request_id(&s, req.headers());
     let limit = s.config().body_bytes_max;
     let too_large = req
@@ -214,7 +217,7 @@ async fn generate(s: Arc<Serving>, kind: ApiKind, req: Request) -> Response {
     let stream = g.stream;
     let include_usage = g.include_usage;
     let model = g.model.clone();
-    let mut rx = match s.start(g) {
+    let mut rx = match s.start(g, received) {
         Ok(rx) => rx,
         Err(e) => return error_response(&e, Some(&rid)),
     };
@@ -261,13 +264,30 @@ async fn generate(s: Arc<Serving>, kind: ApiKind, req: Request) -> Response {
         let mut text = String::new();
         let mut ev = Some(first);
         loop {
-            match ev.take().or(rx.recv().await) {
+            let next = match ev.take() {
+                Some(e) => Some(e),
+                None => rx.recv().await,
+            };
+            match next {
                 Some(Out::FirstToken) => {}
                 Some(Out::Text(t)) => text.push_str(&t),
-                Some(Out::Done { finish, usage }) => {
+                Some(Out::Done {
+                    finish,
+                    usage,
+                    timing,
+                }) => {
                     let mut r = json(response.body(&text, finish, usage));
                     if let Ok(v) = HeaderValue::from_str(&rid) {
                         r.headers_mut().insert(REQUEST_ID_HEADER, v);
+                    }
+                    // Where the time went, in the standard Server-Timing header (ms).
+                    let t = format!(
+                        "agent;dur={:.3}, engine;dur={:.3}",
+                        timing.agent_us() as f64 / 1e3,
+                        timing.engine_us as f64 / 1e3
+                    );
+                    if let Ok(v) = HeaderValue::from_str(&t) {
+                        r.headers_mut().insert("server-timing", v);
                     }
                     return r;
                 }
@@ -319,7 +339,11 @@ impl Responder {
         }
         let mut ev = Some(first);
         loop {
-            let Some(out) = ev.take().or(rx.recv().await) else {
+            let next = match ev.take() {
+                Some(e) => Some(e),
+                None => rx.recv().await,
+            };
+            let Some(out) = next else {
                 let e = ApiError::internal("the request ended without an answer");
                 let _ = send(e.sse()).await;
                 return;
@@ -327,7 +351,7 @@ impl Responder {
             let chunk = match out {
                 Out::FirstToken => continue,
                 Out::Text(t) => pd_openai::text_chunk(self.kind, &meta, &t, self.include_usage),
-                Out::Done { finish, usage } => {
+                Out::Done { finish, usage, .. } => {
                     let mut last =
                         pd_openai::finish_chunk(self.kind, &meta, finish, self.include_usage);
                     if self.include_usage {

@@ -19,9 +19,10 @@ use tokio::sync::mpsc;
 
 use crate::control::ControlPlane;
 use crate::engine::client::{EngineClient, Reply};
-use crate::engine::kv_ship::{KvInbox, KvSender};
+use crate::engine::kv_ship::{KvInbox, KvSender, Seal};
 use crate::peers::Peers;
 use crate::supervisor::Supervisor;
+use crate::wire::{AgentRequest, AgentResponse};
 
 use super::metrics::Metrics;
 
@@ -35,16 +36,13 @@ pub struct PrefillLeg {
     pub shipment: u64,
 }
 
-/// Decode on `engine` from shipment `shipment` (`pieces` pieces), after its prefill gave
-/// `first_token`.
+/// Decode on `engine` from shipment `shipment`, once the prefill side sealed it (the seal
+/// carries the first token and the prompt). Opened together with the prefill leg, so the
+/// decode starts the moment the KV is whole, without a round trip through the ingress.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DecodeLeg {
     pub engine: String,
     pub shipment: u64,
-    pub pieces: u64,
-    pub header: KvHeader,
-    pub prompt_tokens: Vec<u32>,
-    pub first_token: u32,
     pub sampling: SamplingParams,
 }
 
@@ -59,17 +57,18 @@ pub struct GenerateLeg {
 /// What a leg reports, in order; `Finished` or `Failed` is the last.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ServeEvent {
-    /// The prefill is done and its KV shipped: the decode leg can start.
+    /// The prefill is done, its KV shipped and sealed at the decode host.
     Prefilled {
         first_token: u32,
         text: String,
-        header: KvHeader,
-        prompt_tokens: Vec<u32>,
+        prompt_tokens: u32,
         prompt_tokens_cached: u32,
         pieces: u64,
         kv_bytes: u64,
         /// From the first KV piece handed out to the last one acknowledged by the decode host.
         kv_ms: f64,
+        /// From the request's submission to the engine until its last reply was read.
+        engine_us: u64,
     },
     /// The engine took the request; its prompt is this long once tokenized (generate legs).
     Admitted {
@@ -87,6 +86,8 @@ pub enum ServeEvent {
         prompt_tokens: u32,
         prompt_tokens_cached: u32,
         output_tokens: u32,
+        /// From the request's submission to the engine until its terminal reply was read.
+        engine_us: u64,
     },
     Failed {
         failure: Failure,
@@ -238,6 +239,7 @@ impl Legs {
     async fn prefill(&self, leg: PrefillLeg, tx: &Events) -> Result<Ended, Fail> {
         let client = self.engine(&leg.engine)?;
         let id = self.next_id();
+        let submitted = Instant::now();
         let mut rx = client
             .submit(AgentMessage::Prefill {
                 id,
@@ -251,7 +253,7 @@ impl Legs {
         let mut kv_began: Option<Instant> = None;
         let outcome = async {
             loop {
-                let (msg, payload) = next_reply(&mut rx, tx).await?;
+                let (msg, payload, at) = next_reply(&mut rx, tx).await?;
                 match msg {
                     EngineMessage::KvStart {
                         header,
@@ -289,7 +291,13 @@ impl Legs {
                         reason: FinishReason::PrefillDone,
                         prompt_tokens_cached,
                         ..
-                    } => return Ok(prompt_tokens_cached),
+                    } => {
+                        tokio::select! {
+                            r = ship.settle() => r?,
+                            _ = tx.closed() => return Err(None),
+                        }
+                        return Ok((prompt_tokens_cached, at.duration_since(submitted)));
+                    }
                     EngineMessage::Finished { reason, .. } => {
                         return Err(Some(Fail(
                             Failure::Internal,
@@ -304,7 +312,7 @@ impl Legs {
             }
         }
         .await;
-        let cached = match outcome {
+        let (cached, engine_time) = match outcome {
             Ok(c) => c,
             Err(why) => {
                 let _ = client.cancel(id).await;
@@ -330,6 +338,17 @@ impl Legs {
             )
         })?;
         let prompt_tokens = ship.prompt_tokens.take().unwrap_or_default();
+        let prompt_len = prompt_tokens.len() as u32;
+        let seal = Seal {
+            shipment: leg.shipment,
+            pieces: ship.pieces,
+            header,
+            prompt_tokens,
+            first_token,
+        };
+        if let Err(why) = self.seal(&leg.decode_node, seal).await {
+            return Err(Fail(Failure::KvTransfer, why));
+        }
         let path = if ship.local_inbox().is_some() {
             "host"
         } else {
@@ -340,12 +359,12 @@ impl Legs {
             .send(ServeEvent::Prefilled {
                 first_token,
                 text,
-                header,
-                prompt_tokens,
+                prompt_tokens: prompt_len,
                 prompt_tokens_cached: cached,
                 pieces: ship.pieces,
                 kv_bytes: ship.payload_bytes,
                 kv_ms: kv_began.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3),
+                engine_us: engine_time.as_micros() as u64,
             })
             .await;
         Ok(Ended::Done)
@@ -359,15 +378,15 @@ impl Legs {
                 return Err(f);
             }
         };
-        let arrived = tokio::select! {
-            r = self.inbox.complete(leg.shipment, leg.pieces, self.kv_timeout) => r,
+        let (seal, arrived) = tokio::select! {
+            r = self.inbox.sealed(leg.shipment, self.kv_timeout) => r,
             _ = tx.closed() => {
                 self.inbox.forget(leg.shipment);
                 return Ok(Ended::Gone);
             }
         }
         .map_err(|e| Fail(Failure::KvTransfer, e.to_string()))?;
-        if arrived.header != leg.header {
+        if arrived.header != seal.header {
             return Err(Fail(
                 Failure::KvTransfer,
                 "the shipped KV does not match the prefill's header".into(),
@@ -378,12 +397,13 @@ impl Legs {
             .kv_bytes_received
             .add(&[path], arrived.payload_bytes);
         let id = self.next_id();
+        let submitted = Instant::now();
         let mut rx = client
             .submit(AgentMessage::Decode {
                 id,
-                header: leg.header,
-                prompt_tokens: leg.prompt_tokens,
-                first_token: leg.first_token,
+                header: seal.header,
+                prompt_tokens: seal.prompt_tokens,
+                first_token: seal.first_token,
                 sampling: leg.sampling,
             })
             .await
@@ -393,12 +413,34 @@ impl Legs {
                 return Err(Fail(Failure::EngineLost, e.to_string()));
             }
         }
-        self.pump(&client, id, &mut rx, tx).await
+        self.pump(&client, id, &mut rx, tx, submitted).await
+    }
+
+    /// Tells the decode host that a shipment is whole (on this host: directly).
+    async fn seal(&self, decode_node: &str, seal: Seal) -> Result<(), String> {
+        if decode_node == self.node {
+            self.inbox.seal(seal);
+            return Ok(());
+        }
+        let addr = self
+            .control
+            .node_address(decode_node)
+            .ok_or_else(|| format!("node {decode_node} is not in the cluster"))?;
+        match self
+            .peers
+            .call(decode_node, addr, &AgentRequest::KvSeal(seal), SEAL_TIMEOUT)
+            .await
+        {
+            Ok(AgentResponse::KvSealed) => Ok(()),
+            Ok(other) => Err(format!("{decode_node} answered a KV seal with {other:?}")),
+            Err(e) => Err(format!("sealing the KV at {decode_node}: {e}")),
+        }
     }
 
     async fn generate(&self, leg: GenerateLeg, tx: &Events) -> Result<Ended, Fail> {
         let client = self.engine(&leg.engine)?;
         let id = self.next_id();
+        let submitted = Instant::now();
         let mut rx = client
             .submit(AgentMessage::Generate {
                 id,
@@ -407,7 +449,7 @@ impl Legs {
             })
             .await
             .map_err(|e| Fail(Failure::EngineLost, e.to_string()))?;
-        self.pump(&client, id, &mut rx, tx).await
+        self.pump(&client, id, &mut rx, tx, submitted).await
     }
 
     /// Forwards a request's tokens until its terminal event; cancels the engine request when
@@ -418,10 +460,11 @@ impl Legs {
         id: RequestId,
         rx: &mut mpsc::UnboundedReceiver<Reply>,
         tx: &Events,
+        submitted: Instant,
     ) -> Result<Ended, Fail> {
         let outcome = async {
             loop {
-                let (msg, _) = next_reply(rx, tx).await?;
+                let (msg, _, at) = next_reply(rx, tx).await?;
                 let ev = match msg {
                     EngineMessage::Token {
                         index, token, text, ..
@@ -442,6 +485,7 @@ impl Legs {
                                 prompt_tokens,
                                 prompt_tokens_cached,
                                 output_tokens,
+                                engine_us: at.duration_since(submitted).as_micros() as u64,
                             })
                             .await;
                         return Ok(());
@@ -482,9 +526,16 @@ async fn next_reply(
     }
 }
 
+/// Bound on telling the decode host that a shipment is whole.
+const SEAL_TIMEOUT: Duration = Duration::from_secs(5);
+/// KV pieces in flight to the decode host at once (each its own stream).
+const PIECES_IN_FLIGHT_MAX: usize = 16;
+
 /// Where a prefill's KV goes: this host's inbox, or the decode host over QUIC.
 struct Shipper {
     target: Target,
+    /// Pieces on their way, not yet acknowledged.
+    in_flight: tokio::task::JoinSet<Result<(), pd_transport::TransportError>>,
     shipment: u64,
     header: Option<KvHeader>,
     prompt_tokens: Option<Vec<u32>>,
@@ -515,12 +566,36 @@ impl Shipper {
         };
         Shipper {
             target,
+            in_flight: tokio::task::JoinSet::new(),
             shipment,
             header: None,
             prompt_tokens: None,
             pieces: 0,
             payload_bytes: 0,
         }
+    }
+
+    /// Waits for one piece in flight to be acknowledged.
+    async fn settle_one(&mut self) -> Result<(), Option<Fail>> {
+        match self.in_flight.join_next().await {
+            None | Some(Ok(Ok(()))) => Ok(()),
+            Some(Ok(Err(e))) => Err(Some(Fail(
+                Failure::KvTransfer,
+                format!("shipping KV: {e}"),
+            ))),
+            Some(Err(e)) => Err(Some(Fail(
+                Failure::Internal,
+                format!("shipping KV: {e}"),
+            ))),
+        }
+    }
+
+    /// Waits until every piece sent is acknowledged by the decode host.
+    async fn settle(&mut self) -> Result<(), Option<Fail>> {
+        while !self.in_flight.is_empty() {
+            self.settle_one().await?;
+        }
+        Ok(())
     }
 
     fn local_inbox(&self) -> Option<&KvInbox> {
@@ -555,10 +630,13 @@ impl Shipper {
                 inbox.put(self.shipment, header, piece);
                 Ok(())
             }
-            Target::Sending(s) => s
-                .send(&piece)
-                .await
-                .map_err(|e| Some(Fail(Failure::KvTransfer, format!("shipping KV: {e}")))),
+            Target::Sending(s) => {
+                self.in_flight.spawn(s.start(&piece));
+                if self.in_flight.len() >= PIECES_IN_FLIGHT_MAX {
+                    self.settle_one().await?;
+                }
+                Ok(())
+            }
             Target::Remote(_) => Err(Some(Fail(
                 Failure::Internal,
                 "KV shipping did not begin".into(),

@@ -14,6 +14,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
+/// Agent-time buckets in seconds: 50 µs to 1 s.
+pub const AGENT_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0,
+];
 /// Per-token buckets in seconds: 0.5 ms to 5 s.
 pub const TOKEN_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -205,6 +209,7 @@ pub struct Metrics {
     pub tpot: Histogram,
     pub e2e: Histogram,
     pub kv_transfer: Histogram,
+    pub agent_time: Histogram,
     pub inflight: AtomicU64,
 }
 
@@ -270,6 +275,12 @@ impl Default for Metrics {
                 "path",
                 LATENCY_BUCKETS,
             ),
+            agent_time: Histogram::new(
+                "pdagent_request_agent_seconds",
+                "Time a finished request spent outside engines (ingress, routing, transport, KV shipping, forwarding), by model.",
+                "model",
+                AGENT_BUCKETS,
+            ),
             inflight: AtomicU64::new(0),
         }
     }
@@ -290,6 +301,7 @@ impl Metrics {
         self.tpot.render(&mut out);
         self.e2e.render(&mut out);
         self.kv_transfer.render(&mut out);
+        self.agent_time.render(&mut out);
         let _ = writeln!(
             out,
             "# HELP pdagent_requests_inflight Requests this agent's OpenAI API is serving now."

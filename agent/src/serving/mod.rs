@@ -66,8 +66,25 @@ pub enum Out {
     Done {
         finish: FinishReason,
         usage: Usage,
+        timing: Timing,
     },
     Error(ApiError),
+}
+
+/// Where a finished request's time went (microseconds).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timing {
+    /// From the request's arrival to its end.
+    pub total_us: u64,
+    /// In engines: from each leg's submission to its engine's last reply.
+    pub engine_us: u64,
+}
+
+impl Timing {
+    /// In agent code: ingress, routing, transport, KV shipping, forwarding.
+    pub fn agent_us(&self) -> u64 {
+        self.total_us.saturating_sub(self.engine_us)
+    }
 }
 
 /// One deployment as this agent's router sees it.
@@ -258,6 +275,7 @@ impl Serving {
     pub fn start(
         self: &Arc<Self>,
         generation: Generation,
+        received: Instant,
     ) -> Result<mpsc::Receiver<Out>, ApiError> {
         if !self.view().models.contains_key(&generation.model) {
             return Err(ApiError::model_not_found(&generation.model));
@@ -275,15 +293,14 @@ impl Serving {
         let this = self.clone();
         tokio::spawn(async move {
             this.metrics.inflight.fetch_add(1, Ordering::Relaxed);
-            this.journey(generation, tx).await;
+            this.journey(generation, tx, received).await;
             this.metrics.inflight.fetch_sub(1, Ordering::Relaxed);
             drop(permit);
         });
         Ok(rx)
     }
 
-    async fn journey(&self, g: Generation, tx: mpsc::Sender<Out>) {
-        let t0 = Instant::now();
+    async fn journey(&self, g: Generation, tx: mpsc::Sender<Out>, t0: Instant) {
         let mut emit = Emitter::new(&g, tx.clone(), t0);
         let outcome = tokio::select! {
             r = self.serve(&g, &mut emit) => r,
@@ -323,7 +340,20 @@ impl Serving {
                 if !tail.is_empty() {
                     let _ = tx.send(Out::Text(tail)).await;
                 }
-                let _ = tx.send(Out::Done { finish, usage }).await;
+                let timing = Timing {
+                    total_us: t0.elapsed().as_micros() as u64,
+                    engine_us: emit.engine_us,
+                };
+                self.metrics
+                    .agent_time
+                    .observe(model, timing.agent_us() as f64 / 1e6);
+                let _ = tx
+                    .send(Out::Done {
+                        finish,
+                        usage,
+                        timing,
+                    })
+                    .await;
             }
             Err(Ended::Error(e)) => {
                 let _ = tx.send(Out::Error(e)).await;
@@ -507,8 +537,8 @@ impl Serving {
         let _pg = self.count(&p.engine);
         let _dg = self.count(&d.engine);
         let shipment = self.new_id();
-        let mut pre = self
-            .open_leg(
+        let (pre, dec) = tokio::join!(
+            self.open_leg(
                 p,
                 Leg::Prefill(PrefillLeg {
                     engine: p.engine.clone(),
@@ -517,26 +547,36 @@ impl Serving {
                     decode_node: d.node.clone(),
                     shipment,
                 }),
+            ),
+            self.open_leg(
+                d,
+                Leg::Decode(DecodeLeg {
+                    engine: d.engine.clone(),
+                    shipment,
+                    sampling: sampling.clone(),
+                }),
             )
-            .await?;
-        let (first_token, header, prompt_tokens, pieces, kv_bytes, kv_ms) = loop {
+        );
+        let (mut pre, mut dec) = (pre?, dec?);
+        let prompt_len = loop {
             match pre.next(&p.engine).await? {
                 ServeEvent::Prefilled {
-                    first_token,
                     text,
-                    header,
                     prompt_tokens,
                     pieces,
                     kv_bytes,
                     kv_ms,
+                    engine_us,
                     ..
                 } => {
+                    emit.engine_us += engine_us;
                     let path = if p.node == d.node { "host" } else { "network" };
                     self.metrics.kv_transfer.observe(path, kv_ms / 1e3);
+                    tracing::debug!(shipment, pieces, kv_bytes, kv_ms, "prefill done");
                     if emit.token(&text).await {
-                        return Err(Attempt::Stopped(emit.stopped(prompt_tokens.len() as u32)));
+                        return Err(Attempt::Stopped(emit.stopped(prompt_tokens)));
                     }
-                    break (first_token, header, prompt_tokens, pieces, kv_bytes, kv_ms);
+                    break prompt_tokens;
                 }
                 ServeEvent::Failed { failure, message } => {
                     return Err(Attempt::Failed(AttemptFail {
@@ -549,25 +589,9 @@ impl Serving {
             }
         };
         drop(pre);
-        tracing::debug!(shipment, pieces, kv_bytes, kv_ms, "prefill done");
-        let prompt_len = prompt_tokens.len() as u32;
         if sampling.max_tokens <= 1 {
             return Ok((FinishReason::Length, emit.usage(prompt_len)));
         }
-        let mut dec = self
-            .open_leg(
-                d,
-                Leg::Decode(DecodeLeg {
-                    engine: d.engine.clone(),
-                    shipment,
-                    pieces,
-                    header,
-                    prompt_tokens,
-                    first_token,
-                    sampling: sampling.clone(),
-                }),
-            )
-            .await?;
         self.follow(&mut dec, &d.engine, emit, prompt_len, true)
             .await
     }
@@ -614,8 +638,10 @@ impl Serving {
                 ServeEvent::Finished {
                     reason,
                     prompt_tokens,
+                    engine_us,
                     ..
                 } => {
+                    emit.engine_us += engine_us;
                     let finish = match reason {
                         EngineFinish::Length => FinishReason::Length,
                         _ => FinishReason::Stop,
@@ -758,6 +784,8 @@ struct Emitter {
     tokens: u32,
     first_at: Option<Duration>,
     last_at: Option<Duration>,
+    /// Time in engines so far (see [`Timing`]).
+    engine_us: u64,
 }
 
 impl Emitter {
@@ -769,6 +797,7 @@ impl Emitter {
             tokens: 0,
             first_at: None,
             last_at: None,
+            engine_us: 0,
         }
     }
 
