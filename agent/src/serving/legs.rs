@@ -291,13 +291,7 @@ impl Legs {
                         reason: FinishReason::PrefillDone,
                         prompt_tokens_cached,
                         ..
-                    } => {
-                        tokio::select! {
-                            r = ship.settle() => r?,
-                            _ = tx.closed() => return Err(None),
-                        }
-                        return Ok((prompt_tokens_cached, at.duration_since(submitted)));
-                    }
+                    } => return Ok((prompt_tokens_cached, at.duration_since(submitted))),
                     EngineMessage::Finished { reason, .. } => {
                         return Err(Some(Fail(
                             Failure::Internal,
@@ -346,7 +340,16 @@ impl Legs {
             prompt_tokens,
             first_token,
         };
-        if let Err(why) = self.seal(&leg.decode_node, seal).await {
+        // The seal may overtake the last pieces' acknowledgements: the decode host waits for the
+        // count it names, and a piece cut short fails the shipment there.
+        let (settled, sealed) = tokio::select! {
+            r = async { tokio::join!(ship.settle(), self.seal(&leg.decode_node, seal)) } => r,
+            _ = tx.closed() => return Ok(Ended::Gone),
+        };
+        if let Err(why) = settled {
+            return Err(why.unwrap_or(Fail(Failure::KvTransfer, "KV shipping stopped".into())));
+        }
+        if let Err(why) = sealed {
             return Err(Fail(Failure::KvTransfer, why));
         }
         let path = if ship.local_inbox().is_some() {
