@@ -433,3 +433,174 @@ fn openai_api_serves_disaggregated_and_colocated() {
         },
     );
 }
+
+/// Reads an SSE response from `s` until it ends; returns the `data:` payloads.
+fn read_sse(s: &mut std::net::TcpStream) -> Vec<String> {
+    use std::io::Read;
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    // Chunked framing aside, every event is a "data: ...\n\n" line.
+    text.split('\n')
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|l| l.trim_end_matches('\r').to_string())
+        .collect()
+}
+
+fn start_stream(addr: &str, body: &Value) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let body = body.to_string();
+    write!(
+        s,
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    s
+}
+
+/// Bounded queues: past `serving.inflight_max` an agent answers 429 with `Retry-After`; a
+/// stream whose decode engine dies after the first token ends with an SSE error event (not
+/// `[DONE]`), and the agent goes on serving.
+#[test]
+fn overload_and_failures_are_explicit() {
+    let _g = serial();
+    let l = LocalCluster::up_with(2, 1, free_base(2));
+    deploy(
+        &l,
+        &["pd", "--model", "tiny", "--prefill", "1", "--decode", "1"],
+    );
+    // node-2 with room for one request at a time; its engine keeps running (re-adopted).
+    let cfg = l.dir.path().join("node-2").join("pdagent.toml");
+    let out = pdctl(&[
+        "local",
+        "kill",
+        "--dir",
+        l.dir.path().to_str().unwrap(),
+        "--agent-only",
+        "node-2",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut toml = std::fs::read_to_string(&cfg).unwrap();
+    toml.push_str("inflight_max = 1\n");
+    assert!(toml.trim_end().ends_with("inflight_max = 1"));
+    std::fs::write(&cfg, toml).unwrap();
+    let out = pdctl(&[
+        "local",
+        "start",
+        "--dir",
+        l.dir.path().to_str().unwrap(),
+        "node-2",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let a2 = format!("127.0.0.2:{}", l.api_port);
+    wait_for(
+        "node-2's API ready again",
+        deadline(Duration::from_secs(30)),
+        || {
+            http(&a2, "GET", "/ready", &[], b"")
+                .is_ok_and(|r| r.status == 200)
+                .then_some(())
+        },
+    );
+    let long = json!({"model": "pd", "prompt": "Echo: the quick brown fox jumps over the lazy dog again and again and again.", "max_tokens": 1500, "temperature": 0, "stream": true});
+    let mut first = start_stream(&a2, &long);
+    {
+        use std::io::Read;
+        let mut buf = [0u8; 64];
+        assert!(
+            first.read(&mut buf).unwrap() > 0,
+            "the first stream started"
+        );
+    }
+    let r = post_json(
+        &a2,
+        "/v1/completions",
+        &json!({"model": "pd", "prompt": "x", "max_tokens": 2}),
+    );
+    let e = error_of(&r, 429);
+    assert_eq!(e["type"], "rate_limit_error");
+    assert!(
+        r.header("retry-after")
+            .is_some_and(|v| v.parse::<u32>().is_ok()),
+        "{:?}",
+        r.headers
+    );
+    drop(first);
+
+    // kill -9 of the decode engine mid-stream: an SSE error event ends the stream.
+    let engines: Value =
+        serde_json::from_slice(&l.pdctl(&["engines", "-o", "json"]).stdout).unwrap();
+    let decode_pid = engines["engines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["engine"] == "pd/decode-0")
+        .and_then(|e| e["pid"].as_u64())
+        .unwrap();
+    let a1 = format!("127.0.0.1:{}", l.api_port);
+    wait_for(
+        "node-1's API ready",
+        deadline(Duration::from_secs(30)),
+        || {
+            http(&a1, "GET", "/ready", &[], b"")
+                .is_ok_and(|r| r.status == 200)
+                .then_some(())
+        },
+    );
+    let mut s = start_stream(&a1, &long);
+    {
+        use std::io::Read;
+        let mut buf = [0u8; 256];
+        assert!(s.read(&mut buf).unwrap() > 0);
+    }
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &decode_pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let events = read_sse(&mut s);
+    let last = events.last().expect("events");
+    assert_ne!(last, "[DONE]", "a failed stream must not end with [DONE]");
+    let v: Value = serde_json::from_str(last).unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{v}"
+    );
+    // The engine is restarted and the cluster serves again.
+    wait_for(
+        "a request served after the restart",
+        deadline(Duration::from_secs(30)),
+        || {
+            (post_json(&a1, "/v1/completions", &json!({"model": "pd", "prompt": "Foxtrot: after the storm, a calm and clear sky over the quiet harbor.", "max_tokens": 4})).status == 200).then_some(())
+        },
+    );
+}
+
+/// `pdctl demo --json` (the README's first command) runs both layouts to the end.
+#[test]
+fn demo_runs_both_layouts() {
+    let _g = serial();
+    let out = pdctl(&["demo", "--requests", "4", "--json"]);
+    assert!(
+        out.status.success(),
+        "demo: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for layout in ["disaggregated", "colocated"] {
+        assert_eq!(v[layout]["ok"], 4, "{v}");
+        assert_eq!(v[layout]["failed"], 0, "{v}");
+        assert!(v[layout]["ttft_p50_ms"].as_f64().unwrap() > 0.0);
+    }
+    assert!(
+        v["disaggregated"]["kv_mb_shipped"].as_f64().unwrap() > 0.0,
+        "{v}"
+    );
+    assert_eq!(v["colocated"]["kv_mb_shipped"].as_f64().unwrap(), 0.0);
+}

@@ -582,14 +582,8 @@ impl Shipper {
     async fn settle_one(&mut self) -> Result<(), Option<Fail>> {
         match self.in_flight.join_next().await {
             None | Some(Ok(Ok(()))) => Ok(()),
-            Some(Ok(Err(e))) => Err(Some(Fail(
-                Failure::KvTransfer,
-                format!("shipping KV: {e}"),
-            ))),
-            Some(Err(e)) => Err(Some(Fail(
-                Failure::Internal,
-                format!("shipping KV: {e}"),
-            ))),
+            Some(Ok(Err(e))) => Err(Some(Fail(Failure::KvTransfer, format!("shipping KV: {e}")))),
+            Some(Err(e)) => Err(Some(Fail(Failure::Internal, format!("shipping KV: {e}")))),
         }
     }
 
