@@ -604,3 +604,57 @@ fn demo_runs_both_layouts() {
     );
     assert_eq!(v["colocated"]["kv_mb_shipped"].as_f64().unwrap(), 0.0);
 }
+
+/// A Python with the official `openai` SDK and `prometheus_client`: `PDAGENT_TEST_PYTHON`, or
+/// `python3` when it has both. CI installs them (`.ci/run`); elsewhere the test says it
+/// skipped.
+fn python_with_clients() -> Option<String> {
+    let candidates: Vec<String> = std::env::var("PDAGENT_TEST_PYTHON")
+        .into_iter()
+        .chain(["python3".to_string()])
+        .collect();
+    candidates.into_iter().find(|py| {
+        std::process::Command::new(py)
+            .args(["-c", "import openai, prometheus_client"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    })
+}
+
+/// The official OpenAI Python SDK as people use it, and the Prometheus parser on /metrics.
+#[test]
+fn openai_python_sdk_works() {
+    let Some(py) = python_with_clients() else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must provide a Python with openai and prometheus_client (PDAGENT_TEST_PYTHON)"
+        );
+        eprintln!("skipped: no Python with openai and prometheus_client (set PDAGENT_TEST_PYTHON)");
+        return;
+    };
+    let _g = serial();
+    let l = LocalCluster::up_with(2, 1, free_base(2));
+    deploy(
+        &l,
+        &["pd", "--model", "tiny", "--prefill", "1", "--decode", "1"],
+    );
+    let a = format!("127.0.0.2:{}", l.api_port);
+    wait_for("the API ready", deadline(Duration::from_secs(30)), || {
+        http(&a, "GET", "/ready", &[], b"")
+            .is_ok_and(|r| r.status == 200)
+            .then_some(())
+    });
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/openai_client.py");
+    let out = std::process::Command::new(&py)
+        .arg(&script)
+        .arg(format!("http://{a}/v1"))
+        .arg("pd")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && text(&out.stdout).contains("ok"),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}
