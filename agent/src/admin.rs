@@ -15,6 +15,10 @@
 //!   `does_not_fit` and what is free when the engines cannot all be placed now);
 //!   `DELETE /v1/deployments/{name}`; `PUT /v1/deployments/{name}/layout` with `{"prefill",
 //!   "decode"}` or `{"colocated"}`.
+//! - `GET /v1/apikeys` (ids, names, creation times); `POST /v1/apikeys` with `{"name"}`
+//!   answers the new key once (only its SHA-256 is stored) and from then on the OpenAI API
+//!   asks for a key; `DELETE /v1/apikeys/{id}`; `PUT /v1/apikeys/required` with
+//!   `{"required": bool}` (revoking keys never opens the API, only this does).
 //!
 //! Errors are `{"error": {"message": ..., "code": ...}}` with a 4xx or 5xx status.
 
@@ -79,7 +83,78 @@ fn apply_error(e: ApplyError) -> ApiError {
         ApplyError::BadDeployment(_) => {
             ApiError(StatusCode::BAD_REQUEST, "invalid_deployment", e.to_string())
         }
+        ApplyError::BadApiKey(_) => {
+            ApiError(StatusCode::BAD_REQUEST, "invalid_api_key", e.to_string())
+        }
+        ApplyError::UnknownApiKey(_) => {
+            ApiError(StatusCode::NOT_FOUND, "unknown_api_key", e.to_string())
+        }
     }
+}
+
+/// The body of `POST /v1/apikeys`.
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct ApiKeyBody {
+    name: String,
+}
+
+/// Makes a key, stores only its hash, and answers the key itself: the only time it is shown.
+async fn create_api_key(
+    State(ctx): Ctx,
+    Json(body): Json<ApiKeyBody>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let (id, key, hash) = crate::serving::apikey::generate()
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "no_randomness", e))?;
+    let created_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    ctx.write(Command::CreateApiKey {
+        id: id.clone(),
+        name: body.name.clone(),
+        sha256_hex: hash,
+        created_unix,
+    })
+    .await?;
+    Ok(Json(
+        json!({"id": id, "name": body.name, "key": key, "created_unix": created_unix}),
+    ))
+}
+
+/// The keys, without their secrets or hashes.
+async fn api_keys(State(ctx): Ctx) -> Json<serde_json::Value> {
+    let s = ctx.control.state_snapshot();
+    let keys: Vec<serde_json::Value> = s
+        .api_keys
+        .values()
+        .map(|k| json!({"id": k.id, "name": k.name, "created_unix": k.created_unix}))
+        .collect();
+    Json(json!({ "api_keys": keys, "required": s.api_keys_required }))
+}
+
+/// The body of `PUT /v1/apikeys/required`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RequiredBody {
+    required: bool,
+}
+
+async fn require_api_keys(
+    State(ctx): Ctx,
+    Json(body): Json<RequiredBody>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    ctx.write(Command::RequireApiKeys {
+        required: body.required,
+    })
+    .await
+    .map(done)
+}
+
+async fn revoke_api_key(
+    State(ctx): Ctx,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    ctx.write(Command::RevokeApiKey { id }).await.map(done)
 }
 
 /// The body of `POST /v1/deployments` and `PUT /v1/deployments/{name}/layout`.
@@ -333,6 +408,9 @@ pub fn router(ctx: Arc<AdminCtx>) -> Router {
             axum::routing::delete(delete_deployment),
         )
         .route("/v1/deployments/{name}/layout", put(scale_deployment))
+        .route("/v1/apikeys", get(api_keys).post(create_api_key))
+        .route("/v1/apikeys/required", put(require_api_keys))
+        .route("/v1/apikeys/{id}", axum::routing::delete(revoke_api_key))
         .fallback(not_found)
         .with_state(ctx)
 }

@@ -107,6 +107,12 @@ enum Command {
     Deployments,
     /// Every engine: deployment, node, GPUs, role, state, pid, restarts, generation.
     Engines,
+    /// API keys of the OpenAI API. Once the cluster has one, every agent's API asks for a key
+    /// (`Authorization: Bearer <key>`).
+    Apikey {
+        #[command(subcommand)]
+        command: ApiKeyCommand,
+    },
     /// Join tokens, minted offline from the CA folder.
     Token {
         #[command(subcommand)]
@@ -180,6 +186,27 @@ impl LayoutArgs {
     fn engines(&self) -> u32 {
         self.colocated.unwrap_or(0) + self.prefill.unwrap_or(0) + self.decode.unwrap_or(0)
     }
+}
+
+#[derive(Subcommand)]
+enum ApiKeyCommand {
+    /// Make a key; it is printed once (the cluster keeps only its SHA-256).
+    Create {
+        /// What the key is for (shown by `list`).
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    /// The keys: id, name, creation time (never the secrets).
+    List,
+    /// Revoke a key by id: every agent refuses it within a moment (the API keeps asking for
+    /// keys even when none is left).
+    Revoke { id: String },
+    /// Whether the OpenAI API asks for a key: `yes` (the default once a key was created) or
+    /// `no` (open to anyone who reaches it).
+    Require {
+        #[arg(value_parser = ["yes", "no"])]
+        answer: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -571,6 +598,71 @@ fn run(cli: Cli) -> Result<()> {
                         e["restarts"].to_string(),
                         e["generation"].to_string()
                     );
+                }
+            }
+        }
+        Command::Apikey { command } => {
+            let c = admin(&cli.config)?;
+            match command {
+                ApiKeyCommand::Create { name } => {
+                    let v = block_on(c.request(
+                        "POST",
+                        "/v1/apikeys",
+                        Some(serde_json::json!({ "name": name })),
+                    ))??;
+                    if json {
+                        print_json(&v)?;
+                    } else {
+                        println!("{}", v["key"].as_str().unwrap_or(""));
+                        eprintln!(
+                            "API key {} created; it is shown only now. The OpenAI API of every agent now asks for a key.",
+                            v["id"].as_str().unwrap_or("")
+                        );
+                    }
+                }
+                ApiKeyCommand::List => {
+                    let v = block_on(c.request("GET", "/v1/apikeys", None))??;
+                    if json {
+                        print_json(&v)?;
+                    } else {
+                        println!(
+                            "keys are {}",
+                            if v["required"] == true {
+                                "required"
+                            } else {
+                                "not required"
+                            }
+                        );
+                        println!("{:<10} {:<12} NAME", "ID", "CREATED");
+                        for k in v["api_keys"].as_array().into_iter().flatten() {
+                            println!(
+                                "{:<10} {:<12} {}",
+                                k["id"].as_str().unwrap_or(""),
+                                k["created_unix"],
+                                k["name"].as_str().unwrap_or("")
+                            );
+                        }
+                    }
+                }
+                ApiKeyCommand::Require { answer } => {
+                    let required = answer == "yes";
+                    block_on(c.request(
+                        "PUT",
+                        "/v1/apikeys/required",
+                        Some(serde_json::json!({ "required": required })),
+                    ))??;
+                    println!(
+                        "the OpenAI API {}",
+                        if required {
+                            "asks for a key"
+                        } else {
+                            "is open: no key is asked for"
+                        }
+                    );
+                }
+                ApiKeyCommand::Revoke { id } => {
+                    block_on(c.request("DELETE", &format!("/v1/apikeys/{}", seg(&id)), None))??;
+                    println!("{id}: revoked");
                 }
             }
         }

@@ -214,6 +214,36 @@ pub enum Command {
         deployment: String,
         assignments: Vec<Placed>,
     },
+    /// An API key for the OpenAI API, by the SHA-256 of its secret (the secret itself is
+    /// shown once to whoever created it and never stored).
+    CreateApiKey {
+        id: String,
+        name: String,
+        sha256_hex: String,
+        created_unix: i64,
+    },
+    RevokeApiKey {
+        id: String,
+    },
+    /// Whether the OpenAI API asks for a key. Creating a key turns it on; revoking keys never
+    /// turns it off (revoking the last key must not open the API): only this does.
+    RequireApiKeys {
+        required: bool,
+    },
+}
+
+/// Bounds on API keys.
+pub const API_KEYS_MAX: usize = 10_000;
+pub const API_KEY_NAME_BYTES_MAX: usize = 128;
+
+/// An API key of the OpenAI API. Once a cluster has one, every agent's API asks for a key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiKey {
+    pub id: String,
+    pub name: String,
+    /// SHA-256 of the whole key, lowercase hex.
+    pub sha256_hex: String,
+    pub created_unix: i64,
 }
 
 /// One engine's place, as the coordinator proposes it (the generation is set when applied).
@@ -259,6 +289,10 @@ pub enum ApplyError {
     DeploymentExists(String),
     #[error("invalid deployment: {0}")]
     BadDeployment(String),
+    #[error("invalid API key: {0}")]
+    BadApiKey(String),
+    #[error("unknown API key {0:?}")]
+    UnknownApiKey(String),
     /// Refused by the coordinator before it reached the log.
     #[error("{0}")]
     Refused(String),
@@ -283,6 +317,12 @@ pub struct ClusterState {
     /// By engine id.
     #[serde(default)]
     pub assignments: BTreeMap<String, Assignment>,
+    /// By key id.
+    #[serde(default)]
+    pub api_keys: BTreeMap<String, ApiKey>,
+    /// Whether the OpenAI API asks for a key (see `Command::RequireApiKeys`).
+    #[serde(default)]
+    pub api_keys_required: bool,
 }
 
 impl Default for ClusterState {
@@ -295,6 +335,8 @@ impl Default for ClusterState {
             certificates: BTreeMap::new(),
             deployments: BTreeMap::new(),
             assignments: BTreeMap::new(),
+            api_keys: BTreeMap::new(),
+            api_keys_required: false,
         }
     }
 }
@@ -589,6 +631,65 @@ impl ClusterState {
                 self.deployments.get_mut(name).expect("present").layout = *layout;
                 Ok(Applied::Done)
             }
+            Command::CreateApiKey {
+                id,
+                name,
+                sha256_hex,
+                created_unix,
+            } => {
+                let hex_ok = |h: &str, n: usize| {
+                    h.len() == n
+                        && h.bytes()
+                            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+                };
+                if !hex_ok(id, 8) {
+                    return Err(ApplyError::BadApiKey(
+                        "the id is 8 lowercase hex digits".into(),
+                    ));
+                }
+                if !hex_ok(sha256_hex, 64) {
+                    return Err(ApplyError::BadApiKey(
+                        "the hash is 64 lowercase hex digits (SHA-256)".into(),
+                    ));
+                }
+                if name.len() > API_KEY_NAME_BYTES_MAX || name.chars().any(char::is_control) {
+                    return Err(ApplyError::BadApiKey(format!(
+                        "the name is at most {API_KEY_NAME_BYTES_MAX} bytes without control characters"
+                    )));
+                }
+                if self.api_keys.contains_key(id) {
+                    return Err(ApplyError::BadApiKey(format!("id {id} exists already")));
+                }
+                if self.api_keys.len() >= API_KEYS_MAX {
+                    return Err(ApplyError::BadApiKey(format!(
+                        "the cluster holds {API_KEYS_MAX} keys, the limit"
+                    )));
+                }
+                self.api_keys.insert(
+                    id.clone(),
+                    ApiKey {
+                        id: id.clone(),
+                        name: name.clone(),
+                        sha256_hex: sha256_hex.clone(),
+                        created_unix: *created_unix,
+                    },
+                );
+                self.api_keys_required = true;
+                Ok(Applied::Done)
+            }
+            Command::RequireApiKeys { required } => {
+                if self.api_keys_required == *required {
+                    return Ok(Applied::Unchanged);
+                }
+                self.api_keys_required = *required;
+                Ok(Applied::Done)
+            }
+            Command::RevokeApiKey { id } => {
+                self.api_keys
+                    .remove(id)
+                    .ok_or_else(|| ApplyError::UnknownApiKey(id.clone()))?;
+                Ok(Applied::Done)
+            }
             Command::SetAssignments {
                 deployment,
                 assignments,
@@ -668,6 +769,56 @@ impl ClusterState {
                 Ok(Applied::Done)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod api_key_tests {
+    use super::*;
+
+    fn create(id: &str, hash: &str) -> Command {
+        Command::CreateApiKey {
+            id: id.into(),
+            name: "ci".into(),
+            sha256_hex: hash.into(),
+            created_unix: 1,
+        }
+    }
+
+    #[test]
+    fn api_keys_are_created_checked_and_revoked() {
+        let mut s = ClusterState::default();
+        let h = "ab".repeat(32);
+        assert_eq!(s.apply(1, &create("0123abcd", &h)), Ok(Applied::Done));
+        assert!(matches!(
+            s.apply(2, &create("0123abcd", &h)),
+            Err(ApplyError::BadApiKey(_))
+        ));
+        assert!(matches!(
+            s.apply(3, &create("XYZ", &h)),
+            Err(ApplyError::BadApiKey(_))
+        ));
+        assert!(matches!(
+            s.apply(4, &create("0123abce", "zz")),
+            Err(ApplyError::BadApiKey(_))
+        ));
+        assert_eq!(s.api_keys["0123abcd"].sha256_hex, h);
+        let revoke = Command::RevokeApiKey {
+            id: "0123abcd".into(),
+        };
+        assert!(s.api_keys_required);
+        assert_eq!(s.apply(5, &revoke), Ok(Applied::Done));
+        assert!(s.api_keys.is_empty());
+        // Revoking the last key keeps the API closed; only an explicit command opens it.
+        assert!(s.api_keys_required);
+        let open = Command::RequireApiKeys { required: false };
+        assert_eq!(s.apply(7, &open), Ok(Applied::Done));
+        assert!(!s.api_keys_required);
+        assert_eq!(s.apply(8, &open), Ok(Applied::Unchanged));
+        assert!(matches!(
+            s.apply(6, &revoke),
+            Err(ApplyError::UnknownApiKey(_))
+        ));
     }
 }
 

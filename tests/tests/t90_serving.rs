@@ -572,12 +572,65 @@ fn overload_and_failures_are_explicit() {
         "{v}"
     );
     // The engine is restarted and the cluster serves again.
+    let small = json!({"model": "pd", "prompt": "Foxtrot: after the storm, a calm and clear sky over the quiet harbor.", "max_tokens": 4});
     wait_for(
         "a request served after the restart",
         deadline(Duration::from_secs(30)),
-        || {
-            (post_json(&a1, "/v1/completions", &json!({"model": "pd", "prompt": "Foxtrot: after the storm, a calm and clear sky over the quiet harbor.", "max_tokens": 4})).status == 200).then_some(())
-        },
+        || (post_json(&a1, "/v1/completions", &small).status == 200).then_some(()),
+    );
+
+    // API keys: once the cluster has one, every agent asks for a key; revoked, it is refused.
+    let out = l.pdctl(&["apikey", "create", "--name", "ci"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let key = text(&out.stdout).trim().to_string();
+    assert!(key.starts_with("pdk_"), "{key}");
+    let with_key = |addr: &str, key: &str| {
+        http(
+            addr,
+            "POST",
+            "/v1/completions",
+            &[
+                ("Content-Type", "application/json"),
+                ("Authorization", &format!("Bearer {key}")),
+            ],
+            small.to_string().as_bytes(),
+        )
+        .unwrap()
+    };
+    for addr in [&a1, &a2] {
+        wait_for(
+            "the key required",
+            deadline(Duration::from_secs(10)),
+            || (post_json(addr, "/v1/completions", &small).status == 401).then_some(()),
+        );
+        let e = error_of(&post_json(addr, "/v1/completions", &small), 401);
+        assert_eq!(e["code"], "invalid_api_key");
+        assert_eq!(with_key(addr, &key).status, 200);
+        error_of(&with_key(addr, "pdk_00000000_wrong"), 401);
+        error_of(&http(addr, "GET", "/v1/models", &[], b"").unwrap(), 401);
+        assert_eq!(http(addr, "GET", "/health", &[], b"").unwrap().status, 200);
+    }
+    let list = text(&l.pdctl(&["apikey", "list"]).stdout);
+    let id = key.split('_').nth(1).unwrap();
+    assert!(
+        list.contains(id) && list.contains("ci") && !list.contains(&key),
+        "{list}"
+    );
+    let out = l.pdctl(&["apikey", "revoke", id]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    wait_for(
+        "the revoked key refused",
+        deadline(Duration::from_secs(10)),
+        || (with_key(&a2, &key).status == 401).then_some(()),
+    );
+    // With no key left the API still asks for one, until told otherwise.
+    error_of(&post_json(&a1, "/v1/completions", &small), 401);
+    let out = l.pdctl(&["apikey", "require", "no"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    wait_for(
+        "the API open again",
+        deadline(Duration::from_secs(10)),
+        || (post_json(&a1, "/v1/completions", &small).status == 200).then_some(()),
     );
 }
 

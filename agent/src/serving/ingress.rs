@@ -12,7 +12,9 @@
 //! (with `Retry-After`) when this agent serves `inflight_max` requests, 503 (with
 //! `Retry-After`) when no engine can take the request, 504 past `request_timeout_ms`. A stream
 //! that fails after it began ends with an SSE error event (and no `[DONE]`). `X-Request-Id` is
-//! honoured (up to 128 visible ASCII characters) or generated, and returned. Non-streaming
+//! honoured (up to 128 visible ASCII characters) or generated, and returned. Once the cluster
+//! has an API key (`pdctl apikey create`), the `/v1/` routes ask for one (`Authorization:
+//! Bearer <key>`, 401 otherwise); `/health`, `/ready` and `/metrics` stay open. Non-streaming
 //! answers carry `Server-Timing: agent;dur=…, engine;dur=…` (ms): the request's time outside
 //! and inside engines.
 
@@ -153,11 +155,27 @@ fn json(body: String) -> Response {
     r
 }
 
-async fn models(State(s): State<Arc<Serving>>) -> Response {
+fn authorization(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+}
+
+async fn models(State(s): State<Arc<Serving>>, headers: HeaderMap) -> Response {
+    if let Err(e) = s.authorize(authorization(&headers)) {
+        return error_response(&e, None);
+    }
     json(pd_openai::models_list(&entries(&s)))
 }
 
-async fn model(State(s): State<Arc<Serving>>, UrlPath(name): UrlPath<String>) -> Response {
+async fn model(
+    State(s): State<Arc<Serving>>,
+    headers: HeaderMap,
+    UrlPath(name): UrlPath<String>,
+) -> Response {
+    if let Err(e) = s.authorize(authorization(&headers)) {
+        return error_response(&e, None);
+    }
     match entries(&s).into_iter().find(|m| m.id == name) {
         Some(m) => json(pd_openai::model_object(&m)),
         None => error_response(&ApiError::model_not_found(&name), None),
@@ -189,6 +207,9 @@ fn request_id(s: &Serving, headers: &HeaderMap) -> String {
 async fn generate(s: Arc<Serving>, kind: ApiKind, req: Request) -> Response {
     let received = std::time::Instant::now();
     let rid = request_id(&s, req.headers());
+    if let Err(e) = s.authorize(authorization(req.headers())) {
+        return error_response(&e, Some(&rid));
+    }
     let limit = s.config().body_bytes_max;
     let too_large = req
         .headers()

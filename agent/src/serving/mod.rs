@@ -19,6 +19,7 @@
 //! Before any token reached the client, a leg that fails in a way another engine may not
 //! (engine gone, busy, KV transfer cut) is retried on other engines, a bounded number of times.
 
+pub mod apikey;
 pub mod ingress;
 pub mod legs;
 pub mod metrics;
@@ -97,6 +98,10 @@ struct ModelView {
 #[derive(Debug, Default)]
 struct View {
     models: BTreeMap<String, ModelView>,
+    /// SHA-256 (hex) of the cluster's API keys.
+    api_keys: std::collections::HashSet<String>,
+    /// Whether a key is asked for (the cluster's `api_keys_required`).
+    keys_required: bool,
 }
 
 pub struct Serving {
@@ -234,11 +239,41 @@ impl Serving {
                 available: e.state == EngineState::Ready,
             });
         }
-        *self.view.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(View { models });
+        let api_keys = state
+            .api_keys
+            .values()
+            .map(|k| k.sha256_hex.clone())
+            .collect();
+        *self.view.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(View {
+            models,
+            api_keys,
+            keys_required: state.api_keys_required,
+        });
     }
 
     fn view(&self) -> Arc<View> {
         self.view.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Checks a request's `Authorization` header against the cluster's keys, when it asks for
+    /// one (from its first key on, until `pdctl apikey require no`).
+    pub fn authorize(&self, authorization: Option<&str>) -> Result<(), ApiError> {
+        let view = self.view();
+        if !view.keys_required {
+            return Ok(());
+        }
+        let Some(key) = authorization.and_then(apikey::bearer) else {
+            return Err(ApiError::unauthorized(
+                "You didn't provide an API key. Send it as `Authorization: Bearer <key>` (pdctl apikey create).",
+            ));
+        };
+        if view.api_keys.contains(&apikey::hash(key)) {
+            Ok(())
+        } else {
+            Err(ApiError::unauthorized(
+                "Incorrect API key provided (unknown or revoked).",
+            ))
+        }
     }
 
     /// The deployments clients may name, with when this agent first served them.
