@@ -349,38 +349,6 @@ pub fn metric_sum(bodies: &[String], series: &str) -> f64 {
         .sum()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn workloads_are_deterministic_and_mixed() {
-        let a = mixed(8, 64, 512, 16, 7);
-        let b = mixed(8, 64, 512, 16, 7);
-        assert_eq!(
-            a.iter().map(|r| &r.prompt).collect::<Vec<_>>(),
-            b.iter().map(|r| &r.prompt).collect::<Vec<_>>()
-        );
-        assert_eq!(a[0].prompt.len(), 64);
-        assert_eq!(a[1].prompt.len(), 512);
-        // Long prompts 1 and 5 share their first half.
-        assert_eq!(a[1].prompt[..256], a[5].prompt[..256]);
-        assert_ne!(a[1].prompt[..256], a[3].prompt[..256]);
-    }
-
-    #[test]
-    fn percentiles_and_metric_sums() {
-        let v: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
-        assert_eq!(percentile_ms(&v, 50.0), 50.0);
-        assert_eq!(percentile_ms(&v, 99.0), 99.0);
-        let bodies = vec![
-            "# TYPE x_total counter\nx_total{path=\"network\"} 10\nx_total{path=\"host\"} 5\nx_totally 1\n".to_string(),
-            "x_total 2\n".to_string(),
-        ];
-        assert_eq!(metric_sum(&bodies, "x_total"), 17.0);
-    }
-}
-
 /// One non-streaming completion; returns the agent's `Server-Timing` split (agent ms, engine
 /// ms) and the client's end-to-end time.
 pub async fn timed(
@@ -440,4 +408,36 @@ pub fn poisson_times(n: usize, rate: f64, rng: &mut Rng) -> Vec<f64> {
             at
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workloads_are_deterministic_and_mixed() {
+        let a = mixed(8, 64, 512, 16, 7);
+        let b = mixed(8, 64, 512, 16, 7);
+        assert_eq!(
+            a.iter().map(|r| &r.prompt).collect::<Vec<_>>(),
+            b.iter().map(|r| &r.prompt).collect::<Vec<_>>()
+        );
+        assert_eq!(a[0].prompt.len(), 64);
+        assert_eq!(a[1].prompt.len(), 512);
+        // Long prompts 1 and 5 share their first half.
+        assert_eq!(a[1].prompt[..256], a[5].prompt[..256]);
+        assert_ne!(a[1].prompt[..256], a[3].prompt[..256]);
+    }
+
+    #[test]
+    fn percentiles_and_metric_sums() {
+        let v: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(percentile_ms(&v, 50.0), 50.0);
+        assert_eq!(percentile_ms(&v, 99.0), 99.0);
+        let bodies = vec![
+            "# TYPE x_total counter\nx_total{path=\"network\"} 10\nx_total{path=\"host\"} 5\nx_totally 1\n".to_string(),
+            "x_total 2\n".to_string(),
+        ];
+        assert_eq!(metric_sum(&bodies, "x_total"), 17.0);
+    }
 }

@@ -23,7 +23,8 @@
 //!                + kv_pressure_weight × kv_usage(d)² ) × B
 //! transfer     = distance_weight × distance(p, d) × B      distance: same node 0, same rack 1, else 2
 //! pair(p, d)   = prefill(p) + decode(d) + transfer(p, d)   → lowest wins
-//! colocated(e) = prefill(e) + decode(e)                    (a `Both` engine does both)
+//! colocated(e) = w × (B − cached(e)) + decode(e)          (a `Both` engine does both; its load
+//!                                                          counts once)
 //! decode_only(d) = w × (B − cached(d)) + decode(d)
 //! ```
 //!
@@ -620,7 +621,9 @@ impl Router {
                     if !(c.available && c.role == Role::Both) {
                         continue;
                     }
-                    let cost = self.prefill_cost(i, c, prompt) + self.decode_cost(c, prompt);
+                    // One engine, one load: counted once (in the decode term).
+                    let cost = f64::from(self.cfg.overlap_weight) * self.uncached_blocks(i, prompt)
+                        + self.decode_cost(c, prompt);
                     if best.is_none_or(|(_, b)| cost < b) {
                         best = Some((i, cost));
                     }

@@ -188,7 +188,7 @@ fn engine_survives_bad_input_and_frees_kv_on_cancel() {
         // Wait for a few tokens, then cancel.
         let mut tokens = 0;
         while tokens < 3 {
-            if let (EngineMessage::Token { .. }, _) = rx.recv().await.unwrap() {
+            if let (EngineMessage::Token { .. }, _, _) = rx.recv().await.unwrap() {
                 tokens += 1;
             }
         }
@@ -277,7 +277,7 @@ fn engine_exits_without_its_agent_and_obeys_test_faults() {
             .unwrap();
         let mut tokens = 0;
         // The channel closes without a terminal event: the engine is gone.
-        while let Some((m, _)) = rx.recv().await {
+        while let Some((m, _, _)) = rx.recv().await {
             assert!(!matches!(m, EngineMessage::Finished { .. }), "{m:?}");
             if matches!(m, EngineMessage::Token { .. }) {
                 tokens += 1;
@@ -337,7 +337,9 @@ fn engine_exits_without_its_agent_and_obeys_test_faults() {
             .await
             .unwrap();
         let mut tokens = 0;
-        while let Ok(Some((m, _))) = tokio::time::timeout(Duration::from_secs(3), rx.recv()).await {
+        while let Ok(Some((m, _, _))) =
+            tokio::time::timeout(Duration::from_secs(3), rx.recv()).await
+        {
             assert!(!matches!(m, EngineMessage::Finished { .. }), "{m:?}");
             if matches!(m, EngineMessage::Token { .. }) {
                 tokens += 1;

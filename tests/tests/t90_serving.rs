@@ -711,3 +711,110 @@ fn openai_python_sdk_works() {
         text(&out.stderr)
     );
 }
+
+/// Generate legs each engine served, summed over the agents' `/metrics`.
+fn generate_legs(l: &LocalCluster, nodes: u32) -> std::collections::BTreeMap<String, u64> {
+    let mut out = std::collections::BTreeMap::new();
+    for k in 1..=nodes {
+        let body = metrics_of(&format!("127.0.0.{k}:{}", l.api_port));
+        for line in body
+            .lines()
+            .filter(|l| l.starts_with("pdagent_engine_legs_total{"))
+        {
+            if !line.contains("leg=\"generate\"") || !line.contains("outcome=\"ok\"") {
+                continue;
+            }
+            let engine = line
+                .split("engine=\"")
+                .nth(1)
+                .unwrap()
+                .split('"')
+                .next()
+                .unwrap();
+            let v: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+            *out.entry(engine.to_string()).or_insert(0) += v as u64;
+        }
+    }
+    out
+}
+
+/// The engine that served the one request sent between two snapshots.
+fn served_by(
+    before: &std::collections::BTreeMap<String, u64>,
+    after: &std::collections::BTreeMap<String, u64>,
+) -> String {
+    let grew: Vec<&String> = after
+        .iter()
+        .filter(|(e, n)| **n > before.get(*e).copied().unwrap_or(0))
+        .map(|(e, _)| e)
+        .collect();
+    assert_eq!(grew.len(), 1, "{before:?} -> {after:?}");
+    grew[0].clone()
+}
+
+/// Requests sharing a long prefix go to the engine that holds it, even when the tie-break
+/// (both engines idle) would pick the other one.
+#[test]
+fn shared_prefixes_go_to_the_engine_that_holds_them() {
+    let _g = serial();
+    let l = LocalCluster::up_with(2, 1, free_base(2));
+    deploy(&l, &["co", "--model", "tiny", "--colocated", "2"]);
+    let a1 = format!("127.0.0.1:{}", l.api_port);
+    wait_for("the API ready", deadline(Duration::from_secs(30)), || {
+        http(&a1, "GET", "/ready", &[], b"")
+            .is_ok_and(|r| r.status == 200)
+            .then_some(())
+    });
+    // Occupy one engine with a long stream, so the first prefixed request goes to the other.
+    let busy = json!({"model": "co", "prompt": "Hotel: a stream that keeps one engine busy for a while, nothing shared.", "max_tokens": 1800, "temperature": 0, "stream": true});
+    let mut s = start_stream(&a1, &busy);
+    {
+        use std::io::Read;
+        let mut buf = [0u8; 64];
+        assert!(s.read(&mut buf).unwrap() > 0);
+    }
+    let prefix = "India: ".to_string()
+        + &"a long shared system prompt about rivers, mountains and quiet harbors. ".repeat(10);
+    let ask = |suffix: &str| {
+        let before = generate_legs(&l, 2);
+        let r = post_json(
+            &a1,
+            "/v1/completions",
+            &json!({"model": "co", "prompt": format!("{prefix}{suffix}"), "max_tokens": 2, "temperature": 0}),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        // Legs are counted when they end; wait until this one is.
+        wait_for("the leg counted", deadline(Duration::from_secs(5)), || {
+            let after = generate_legs(&l, 2);
+            (after.values().sum::<u64>() > before.values().sum::<u64>())
+                .then(|| served_by(&before, &after))
+        })
+    };
+    let holder = ask("Question zero?");
+    drop(s);
+    wait_for(
+        "the busy stream cancelled",
+        deadline(Duration::from_secs(10)),
+        || (metric(&metrics_of(&a1), "pdagent_requests_inflight") == 0).then_some(()),
+    );
+    // Until this agent's router sees both engines idle (load reports lag by a heartbeat and a
+    // view refresh).
+    wait_for(
+        "both engines idle in the router's view",
+        deadline(Duration::from_secs(10)),
+        || {
+            let m = metrics_of(&a1);
+            (metric(&m, "pdagent_router_engine_load{engine=\"co/both-0\"}") == 0
+                && metric(&m, "pdagent_router_engine_load{engine=\"co/both-1\"}") == 0
+                && m.contains("pdagent_router_engine_load{engine=\"co/both-1\"} 0"))
+            .then_some(())
+        },
+    );
+    for q in ["Question one?", "Question two?", "Question three?"] {
+        assert_eq!(
+            ask(q),
+            holder,
+            "a request sharing the prefix went elsewhere"
+        );
+    }
+}

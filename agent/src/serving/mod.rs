@@ -705,7 +705,20 @@ fn engine_gauges(s: &Serving) -> Vec<metrics::GaugeSample> {
             .map(|e| (vec![e.engine.clone()], f(e)))
             .collect()
     };
+    let view = s.view();
+    let seen: Vec<(Vec<String>, f64)> = view
+        .models
+        .values()
+        .flat_map(|m| m.candidates.iter())
+        .map(|c| (vec![c.engine.clone()], f64::from(c.queued + c.running)))
+        .collect();
     vec![
+        metrics::GaugeSample {
+            name: "pdagent_router_engine_load",
+            help: "Requests queued or running in each engine of the cluster, as this agent's router last saw them (reported by the engine's agent).",
+            labels: &["engine"],
+            values: seen,
+        },
         metrics::GaugeSample {
             name: "pdagent_engine_queue_depth",
             help: "Requests waiting for admission in each engine of this host.",
