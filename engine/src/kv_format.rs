@@ -290,8 +290,14 @@ impl KvPiece {
         }
         let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
         let (layer, token_start, token_count) = (u32_at(4), u32_at(8), u32_at(12));
-        let len = g.layer_payload_bytes(token_count as usize);
-        let end = KV_PIECE_HEADER_BYTES + len;
+        // Checked: the geometry and the count come from the wire.
+        let len = (g.kv_heads as usize)
+            .checked_mul(g.head_dim as usize)
+            .and_then(|x| x.checked_mul(g.bytes_per_element()))
+            .and_then(|x| x.checked_mul(2))
+            .and_then(|x| x.checked_mul(token_count as usize))
+            .unwrap_or(usize::MAX);
+        let end = KV_PIECE_HEADER_BYTES.saturating_add(len);
         if b.len() < end {
             return Err(KvFormatError::PayloadSize {
                 expected: len,
@@ -357,6 +363,24 @@ mod tests {
             head_dim: 32,
             block_size_tokens: 16,
         }
+    }
+
+    /// A geometry and a token count from the wire whose sizes overflow are refused, not a
+    /// panic (regression: the multiplication wrapped and the slice bounds crossed).
+    #[test]
+    fn overflowing_sizes_are_refused() {
+        let g = KvGeometry {
+            kv_heads: 1,
+            head_dim: u32::MAX / 2,
+            ..geom()
+        };
+        let mut b = Vec::new();
+        b.extend_from_slice(PIECE_MAGIC);
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b.extend_from_slice(&(u32::MAX / 2 + 2).to_le_bytes());
+        b.extend_from_slice(&[0u8; 64]);
+        assert!(KvPiece::parse_prefix(&b, &g).is_err());
     }
 
     #[test]

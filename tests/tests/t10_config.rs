@@ -33,7 +33,7 @@ fn bad_configurations_exit_64_naming_the_field() {
         (
             "unknown field",
             format!("{base}colour = \"blue\"\n"),
-            "admin.colour",
+            "serving.colour",
         ),
         (
             "unknown section",

@@ -432,6 +432,44 @@ fn openai_api_serves_disaggregated_and_colocated() {
                 .then_some(())
         },
     );
+
+    // A deployment with no engine ready (its model folder does not exist on the hosts: the
+    // engine cannot start): 503 with Retry-After and OpenAI's body.
+    let out = l.pdctl(&["undeploy", "co"]);
+    assert!(out.status.success(), "{}", pd_tests::text(&out.stderr));
+    let out = l.pdctl(&[
+        "deploy",
+        "broken",
+        "--model",
+        "/nonexistent/model",
+        "--colocated",
+        "1",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        pd_tests::text(&out.stdout),
+        pd_tests::text(&out.stderr)
+    );
+    wait_for(
+        "the broken model listed",
+        deadline(Duration::from_secs(10)),
+        || {
+            http(&a1, "GET", "/v1/models", &[], b"")
+                .is_ok_and(|r| r.text().contains("\"broken\""))
+                .then_some(())
+        },
+    );
+    let r = post_json(
+        &a1,
+        "/v1/completions",
+        &json!({"model": "broken", "prompt": "x", "max_tokens": 2}),
+    );
+    let e = error_of(&r, 503);
+    assert!(e["message"].as_str().unwrap().contains("broken"), "{e}");
+    assert!(r.header("retry-after").is_some(), "{:?}", r.headers);
+    // The other deployment is unaffected.
+    assert_eq!(post_json(&a1, "/v1/completions", &json!({"model": "pd", "prompt": "Juliet: still serving while another deployment is broken.", "max_tokens": 2})).status, 200);
 }
 
 /// Reads an SSE response from `s` until it ends; returns the `data:` payloads.
@@ -496,23 +534,33 @@ fn overload_and_failures_are_explicit() {
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let a2 = format!("127.0.0.2:{}", l.api_port);
+    // Served again: its engines re-adopted (until then its legs fail over, here to nothing).
     wait_for(
-        "node-2's API ready again",
+        "node-2 serving again",
         deadline(Duration::from_secs(30)),
         || {
-            http(&a2, "GET", "/ready", &[], b"")
-                .is_ok_and(|r| r.status == 200)
-                .then_some(())
+            let body = json!({"model": "pd", "prompt": "Kilo: warming up after the restart of the agent.", "max_tokens": 2});
+            http(
+                &a2,
+                "POST",
+                "/v1/completions",
+                &[("Content-Type", "application/json")],
+                body.to_string().as_bytes(),
+            )
+            .is_ok_and(|r| r.status == 200)
+            .then_some(())
         },
     );
     let long = json!({"model": "pd", "prompt": "Echo: the quick brown fox jumps over the lazy dog again and again and again.", "max_tokens": 1500, "temperature": 0, "stream": true});
     let mut first = start_stream(&a2, &long);
     {
         use std::io::Read;
-        let mut buf = [0u8; 64];
+        let mut buf = [0u8; 512];
+        let n = first.read(&mut buf).unwrap();
+        let head = String::from_utf8_lossy(&buf[..n]).into_owned();
         assert!(
-            first.read(&mut buf).unwrap() > 0,
-            "the first stream started"
+            head.starts_with("HTTP/1.1 200"),
+            "the first stream started: {head}"
         );
     }
     let r = post_json(

@@ -115,8 +115,14 @@ pub struct Arrived {
 #[derive(Default, Clone)]
 pub struct KvInbox {
     shipments: Arc<Mutex<HashMap<u64, Shipment>>>,
+    /// Shipments whose request is over (claimed, failed or cancelled), and when: pieces, seals
+    /// or failures that still arrive for them are dropped, never held again.
+    forgotten: Arc<Mutex<HashMap<u64, std::time::Instant>>>,
     changed: Arc<Notify>,
 }
+
+/// How long a forgotten shipment's id is remembered (late pieces come within moments).
+const FORGOTTEN_FOR: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum KvShipError {
@@ -158,7 +164,8 @@ impl KvInbox {
                 ));
             }
         }
-        let mut data = Vec::with_capacity(header.len as usize);
+        // Grown as bytes arrive: an announced length reserves nothing up front.
+        let mut data = Vec::with_capacity((header.len as usize).min(1 << 20));
         loop {
             match body.chunk().await {
                 Ok(Some(c)) => data.extend_from_slice(&c),
@@ -177,7 +184,17 @@ impl KvInbox {
         self.insert(shipment, header, piece, true);
     }
 
+    fn is_forgotten(&self, shipment: u64) -> bool {
+        self.forgotten
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&shipment)
+    }
+
     fn insert(&self, shipment: u64, header: KvHeader, piece: KvPiece, local: bool) {
+        if self.is_forgotten(shipment) {
+            return;
+        }
         {
             let mut s = self.shipments.lock().unwrap_or_else(|p| p.into_inner());
             let entry = s.entry(shipment).or_insert_with(|| Shipment {
@@ -198,6 +215,10 @@ impl KvInbox {
     /// Drops shipments that began more than `age` ago and were never claimed (their request
     /// ended elsewhere); returns how many.
     pub fn sweep(&self, age: Duration) -> usize {
+        self.forgotten
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, t| t.elapsed() < FORGOTTEN_FOR);
         let mut s = self.shipments.lock().unwrap_or_else(|p| p.into_inner());
         let before = s.len();
         s.retain(|_, sh| sh.began.is_none_or(|t| t.elapsed() < age));
@@ -218,6 +239,9 @@ impl KvInbox {
 
     /// Marks a shipment failed (a cut stream, a cancelled request).
     pub fn fail(&self, shipment: u64, why: &str) {
+        if self.is_forgotten(shipment) {
+            return;
+        }
         self.shipments
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -230,17 +254,28 @@ impl KvInbox {
         self.changed.notify_waiters();
     }
 
-    /// Drops what is held for a shipment.
+    /// Drops what is held for a shipment; whatever still arrives for it is dropped too.
     pub fn forget(&self, shipment: u64) {
         self.shipments
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&shipment);
+        self.forgotten
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(shipment, std::time::Instant::now());
     }
 
     /// Records a shipment's seal (it may come before its last pieces were processed).
     pub fn seal(&self, seal: Seal) {
         let shipment = seal.shipment;
+        if self.is_forgotten(shipment) {
+            return;
+        }
+        if seal.pieces == 0 {
+            self.fail(shipment, "a KV seal named no pieces");
+            return;
+        }
         self.shipments
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -312,13 +347,21 @@ impl KvInbox {
                 if let Some(sh) = s.get(&shipment) {
                     if let Some(why) = &sh.failed {
                         let why = why.clone();
-                        s.remove(&shipment);
+                        drop(s);
+                        self.forget(shipment);
                         return Err(KvShipError::Failed { shipment, why });
                     }
-                    if sh.pieces.len() as u64 >= pieces {
+                    if pieces > 0 && sh.pieces.len() as u64 >= pieces {
                         let mut sh = s.remove(&shipment).expect("present");
+                        drop(s);
+                        self.forget(shipment);
                         sh.pieces.sort_by_key(|p| (p.layer, p.token_start));
-                        let header = sh.header.expect("a piece sets the header");
+                        let Some(header) = sh.header else {
+                            return Err(KvShipError::Failed {
+                                shipment,
+                                why: "no KV header arrived".into(),
+                            });
+                        };
                         return Ok(Arrived {
                             header,
                             pieces: sh.pieces,
@@ -333,8 +376,9 @@ impl KvInbox {
                     .shipments
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .remove(&shipment)
+                    .get(&shipment)
                     .map_or(0, |s| s.pieces.len());
+                self.forget(shipment);
                 return Err(KvShipError::Timeout {
                     shipment,
                     got,
@@ -343,5 +387,86 @@ impl KvInbox {
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pd_engine::KvGeometry;
+
+    fn header() -> KvHeader {
+        KvHeader {
+            geometry: KvGeometry {
+                model_fingerprint: 7,
+                dtype: pd_engine::kv_format::DTYPE_F32,
+                layers: 2,
+                kv_heads: 1,
+                head_dim: 2,
+                block_size_tokens: 16,
+            },
+            token_count: 1,
+        }
+    }
+
+    fn piece(layer: u32) -> KvPiece {
+        KvPiece {
+            layer,
+            token_start: 0,
+            token_count: 1,
+            data: vec![0; 16],
+        }
+    }
+
+    fn seal(pieces: u64) -> Seal {
+        Seal {
+            shipment: 9,
+            pieces,
+            header: header(),
+            prompt_tokens: vec![1],
+            first_token: 2,
+        }
+    }
+
+    /// Pieces and the seal in either order; the shipment is handed over once, sorted.
+    #[tokio::test]
+    async fn sealed_shipments_are_handed_over_whole() {
+        let inbox = KvInbox::default();
+        inbox.put(9, header(), piece(1));
+        inbox.seal(seal(2));
+        inbox.put(9, header(), piece(0));
+        let (s, arrived) = inbox.sealed(9, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(s.first_token, 2);
+        assert_eq!(
+            arrived.pieces.iter().map(|p| p.layer).collect::<Vec<_>>(),
+            [0, 1]
+        );
+        assert!(arrived.local);
+        assert!(inbox.is_empty());
+    }
+
+    /// A seal naming no pieces fails the shipment (regression: a panic on the missing header).
+    #[tokio::test]
+    async fn a_seal_without_pieces_fails_the_shipment() {
+        let inbox = KvInbox::default();
+        inbox.seal(seal(0));
+        assert!(matches!(
+            inbox.sealed(9, Duration::from_secs(5)).await,
+            Err(KvShipError::Failed { .. })
+        ));
+    }
+
+    /// What arrives for a forgotten shipment is dropped, not held until the sweep (regression:
+    /// late pieces, seals and failures re-created entries).
+    #[tokio::test]
+    async fn forgotten_shipments_stay_forgotten() {
+        let inbox = KvInbox::default();
+        inbox.put(9, header(), piece(0));
+        inbox.forget(9);
+        inbox.put(9, header(), piece(1));
+        inbox.seal(seal(2));
+        inbox.fail(9, "cut");
+        assert!(inbox.is_empty());
+        assert_eq!(inbox.sweep(Duration::from_secs(600)), 0);
     }
 }

@@ -40,6 +40,8 @@ use super::{Out, Serving};
 const OWNED_BY: &str = "pdagent";
 const REQUEST_ID_HEADER: &str = "x-request-id";
 const REQUEST_ID_BYTES_MAX: usize = 128;
+/// A streaming client that reads nothing for this long is let go.
+const SLOW_CLIENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 pub fn router(serving: Arc<Serving>) -> Router {
     Router::new()
@@ -350,7 +352,16 @@ impl Responder {
     /// body channel closes: dropping `rx` cancels the request).
     async fn stream(self, first: Out, mut rx: mpsc::Receiver<Out>, tx: mpsc::Sender<Bytes>) {
         let meta = self.meta();
-        let send = |s: String| tx.send(Bytes::from(s));
+        // A client that stops reading for this long is let go (its request is cancelled).
+        let send = |s: String| {
+            let tx = tx.clone();
+            async move {
+                match tokio::time::timeout(SLOW_CLIENT_TIMEOUT, tx.send(Bytes::from(s))).await {
+                    Ok(r) => r.map_err(|_| ()),
+                    Err(_) => Err(()),
+                }
+            }
+        };
         if self.kind == ApiKind::Chat
             && send(pd_openai::role_chunk(&meta, self.include_usage))
                 .await
@@ -362,7 +373,11 @@ impl Responder {
         loop {
             let next = match ev.take() {
                 Some(e) => Some(e),
-                None => rx.recv().await,
+                // A client gone while nothing is being sent is noticed at once.
+                None => tokio::select! {
+                    out = rx.recv() => out,
+                    _ = tx.closed() => return,
+                },
             };
             let Some(out) = next else {
                 let e = ApiError::internal("the request ended without an answer");

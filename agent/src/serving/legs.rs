@@ -110,6 +110,8 @@ pub enum Failure {
     /// The KV could not be shipped or was refused.
     KvTransfer,
     Internal,
+    /// The engine's host could not be reached.
+    Unreachable,
 }
 
 impl Failure {
@@ -130,7 +132,11 @@ impl Failure {
     pub fn retryable(self) -> bool {
         matches!(
             self,
-            Failure::NoEngine | Failure::Busy | Failure::EngineLost | Failure::KvTransfer
+            Failure::NoEngine
+                | Failure::Busy
+                | Failure::EngineLost
+                | Failure::KvTransfer
+                | Failure::Unreachable
         )
     }
 }

@@ -373,7 +373,7 @@ impl Serving {
                     .add(&[model], u64::from(usage.completion_tokens));
                 let tail = emit.stop.finish();
                 if !tail.is_empty() {
-                    let _ = tx.send(Out::Text(tail)).await;
+                    let _ = send_bounded(&tx, Out::Text(tail)).await;
                 }
                 let timing = Timing {
                     total_us: t0.elapsed().as_micros() as u64,
@@ -382,16 +382,18 @@ impl Serving {
                 self.metrics
                     .agent_time
                     .observe(model, timing.agent_us() as f64 / 1e6);
-                let _ = tx
-                    .send(Out::Done {
+                let _ = send_bounded(
+                    &tx,
+                    Out::Done {
                         finish,
                         usage,
                         timing,
-                    })
-                    .await;
+                    },
+                )
+                .await;
             }
             Err(Ended::Error(e)) => {
-                let _ = tx.send(Out::Error(e)).await;
+                let _ = send_bounded(&tx, Out::Error(e)).await;
             }
             Err(Ended::Disconnected) => {}
         }
@@ -429,8 +431,14 @@ impl Serving {
         let sampling = self.sampling(g);
         let mut excluded: Vec<String> = Vec::new();
         let mut attempt = 0;
+        let mut previous: Option<AttemptFail> = None;
         loop {
-            let (decision, candidates) = self.route(&g.model, &blocks, prompt_tokens, &excluded)?;
+            let (decision, candidates) =
+                match self.route(&g.model, &blocks, prompt_tokens, &excluded) {
+                    Ok(r) => r,
+                    // Nothing left to retry on: the failure that made us retry says more.
+                    Err(e) => return Err(previous.map_or(e, |f| Ended::Error(api_error(&f)))),
+                };
             self.metrics.routing.inc(&[decision.kind.as_str()]);
             let result = match decision.kind {
                 DecisionKind::Disaggregated => {
@@ -447,14 +455,18 @@ impl Serving {
                 Ok(done) => return Ok(done),
                 Err(Attempt::Stopped(done)) => return Ok(done),
                 Err(Attempt::Failed(f)) => {
-                    if matches!(f.failure, Failure::NoEngine | Failure::EngineLost) {
+                    // An engine that died or a host that cannot be reached is not chosen for a
+                    // while; an engine its agent does not (yet) call ready is only skipped by
+                    // this request's retries (the view catches up within a refresh).
+                    if matches!(f.failure, Failure::EngineLost | Failure::Unreachable) {
                         self.open_circuit(&f.engine);
                     }
                     let may_retry = f.failure.retryable() && !emit.started();
                     if may_retry && attempt < self.cfg.retries {
                         tracing::info!(engine = %f.engine, failure = ?f.failure, error = %f.message, "retrying the request on other engines");
                         attempt += 1;
-                        excluded.push(f.engine);
+                        excluded.push(f.engine.clone());
+                        previous = Some(f);
                         continue;
                     }
                     return Err(Ended::Error(api_error(&f)));
@@ -539,7 +551,7 @@ impl Serving {
         }
         let addr = self.control.node_address(&c.node).ok_or_else(|| {
             fail(
-                Failure::NoEngine,
+                Failure::Unreachable,
                 format!("node {} is not in the cluster", c.node),
             )
         })?;
@@ -549,13 +561,13 @@ impl Serving {
                 .await
         };
         match tokio::time::timeout(LEG_OPEN_TIMEOUT, open).await {
-            Ok(Ok(s)) => Ok(LegStream::Remote(s)),
+            Ok(Ok(s)) => Ok(LegStream::remote(s)),
             Ok(Err(e)) => Err(fail(
-                Failure::NoEngine,
+                Failure::Unreachable,
                 format!("cannot reach node {}: {e}", c.node),
             )),
             Err(_) => Err(fail(
-                Failure::NoEngine,
+                Failure::Unreachable,
                 format!("node {} did not answer within {LEG_OPEN_TIMEOUT:?}", c.node),
             )),
         }
@@ -593,8 +605,28 @@ impl Serving {
             )
         );
         let (mut pre, mut dec) = (pre?, dec?);
+        let mut early = Vec::new();
         let prompt_len = loop {
-            match pre.next(&p.engine).await? {
+            // The decode leg says nothing until its KV is sealed, unless it fails first (its
+            // engine gone or not ready): then this pair is given up while still retryable.
+            let ev = tokio::select! {
+                ev = pre.next(&p.engine) => ev?,
+                ev = dec.next(&d.engine) => match ev? {
+                    ServeEvent::Failed { failure, message } => {
+                        return Err(Attempt::Failed(AttemptFail {
+                            failure,
+                            message,
+                            engine: d.engine.clone(),
+                        }));
+                    }
+                    // The decode may start before the prefill leg's report reaches us.
+                    other => {
+                        early.push(other);
+                        continue;
+                    }
+                },
+            };
+            match ev {
                 ServeEvent::Prefilled {
                     text,
                     prompt_tokens,
@@ -614,20 +646,28 @@ impl Serving {
                     break prompt_tokens;
                 }
                 ServeEvent::Failed { failure, message } => {
+                    // A KV transfer that failed is more likely the decode side's (its host
+                    // unreachable, its inbox refusing): exclude that engine on a retry.
+                    let engine = if failure == Failure::KvTransfer {
+                        d.engine.clone()
+                    } else {
+                        p.engine.clone()
+                    };
                     return Err(Attempt::Failed(AttemptFail {
                         failure,
                         message,
-                        engine: p.engine.clone(),
+                        engine,
                     }));
                 }
                 _ => {}
             }
         };
         drop(pre);
+        drop(_pg);
         if sampling.max_tokens <= 1 {
             return Ok((FinishReason::Length, emit.usage(prompt_len)));
         }
-        self.follow(&mut dec, &d.engine, emit, prompt_len, true)
+        self.follow(&mut dec, early, &d.engine, emit, prompt_len, true)
             .await
     }
 
@@ -649,20 +689,27 @@ impl Serving {
                 }),
             )
             .await?;
-        self.follow(&mut leg, &e.engine, emit, 0, false).await
+        self.follow(&mut leg, Vec::new(), &e.engine, emit, 0, false)
+            .await
     }
 
     /// Streams a decode or generate leg's tokens to the client until its end.
     async fn follow(
         &self,
         leg: &mut LegStream,
+        early: Vec<ServeEvent>,
         engine: &str,
         emit: &mut Emitter,
         mut prompt_len: u32,
         skip_first: bool,
     ) -> Result<(FinishReason, Usage), Attempt> {
+        let mut early = early.into_iter();
         loop {
-            match leg.next(engine).await? {
+            let ev = match early.next() {
+                Some(ev) => ev,
+                None => leg.next(engine).await?,
+            };
+            match ev {
                 ServeEvent::Admitted { prompt_tokens } => prompt_len = prompt_tokens,
                 ServeEvent::Token { index: 0, .. } if skip_first => {}
                 ServeEvent::Token { text, .. } => {
@@ -694,6 +741,18 @@ impl Serving {
             }
         }
     }
+}
+
+/// How long a request's last answer may wait for a client that stopped reading.
+const TERMINAL_SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Sends a request's last answer unless the client has stopped reading for
+/// `TERMINAL_SEND_TIMEOUT` (the request's slot must come back either way).
+async fn send_bounded(tx: &mpsc::Sender<Out>, out: Out) -> bool {
+    matches!(
+        tokio::time::timeout(TERMINAL_SEND_TIMEOUT, tx.send(out)).await,
+        Ok(Ok(()))
+    )
 }
 
 /// Load of this host's engines, read at `/metrics` time.
@@ -765,21 +824,49 @@ fn api_error(f: &AttemptFail) -> ApiError {
         Failure::BadRequest => ApiError::bad_request(&f.message, None),
         Failure::PromptTooLong => ApiError::bad_request(&f.message, Some("prompt")),
         Failure::Busy => ApiError::overloaded(format!("engines are full: {}", f.message), 1),
-        Failure::NoEngine | Failure::EngineLost | Failure::KvTransfer => ApiError::unavailable(
-            format!("engine {} failed: {}", f.engine, f.message),
-            Some(1),
-        ),
+        Failure::NoEngine | Failure::EngineLost | Failure::KvTransfer | Failure::Unreachable => {
+            ApiError::unavailable(
+                format!("engine {} failed: {}", f.engine, f.message),
+                Some(1),
+            )
+        }
         Failure::Internal => ApiError::internal(format!("engine {}: {}", f.engine, f.message)),
     }
 }
 
-/// A leg's events, from a local task or another agent.
+/// A leg's events, from a local task or (through a forwarding task) another agent; reading
+/// it is cancel-safe, and dropping it cancels the leg.
 enum LegStream {
     Local(mpsc::Receiver<ServeEvent>),
-    Remote(ResponseStream<AgentResponse>),
+    Remote(mpsc::Receiver<Result<ServeEvent, String>>),
 }
 
 impl LegStream {
+    /// Forwards a remote leg's events into a channel; when the channel's reader goes away the
+    /// stream is dropped, which tells the remote agent to cancel the leg.
+    fn remote(mut s: ResponseStream<AgentResponse>) -> LegStream {
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(async move {
+            loop {
+                let item = tokio::select! {
+                    item = s.next() => item,
+                    _ = tx.closed() => return,
+                };
+                let ev = match item {
+                    Ok(Some(AgentResponse::Serve(ev))) => Ok(ev),
+                    Ok(Some(other)) => Err(format!("unexpected answer {other:?}")),
+                    Ok(None) => return,
+                    Err(e) => Err(format!("the engine's agent: {e}")),
+                };
+                let end = ev.is_err();
+                if tx.send(ev).await.is_err() || end {
+                    return;
+                }
+            }
+        });
+        LegStream::Remote(rx)
+    }
+
     async fn next(&mut self, engine: &str) -> Result<ServeEvent, AttemptFail> {
         let lost = |message: String| AttemptFail {
             failure: Failure::EngineLost,
@@ -791,11 +878,10 @@ impl LegStream {
                 .recv()
                 .await
                 .ok_or_else(|| lost("the leg ended without an answer".into())),
-            LegStream::Remote(s) => match s.next().await {
-                Ok(Some(AgentResponse::Serve(ev))) => Ok(ev),
-                Ok(Some(other)) => Err(lost(format!("unexpected answer {other:?}"))),
-                Ok(None) => Err(lost("the leg ended without an answer".into())),
-                Err(e) => Err(lost(format!("the engine's agent: {e}"))),
+            LegStream::Remote(rx) => match rx.recv().await {
+                Some(Ok(ev)) => Ok(ev),
+                Some(Err(why)) => Err(lost(why)),
+                None => Err(lost("the leg ended without an answer".into())),
             },
         }
     }
