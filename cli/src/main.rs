@@ -400,6 +400,29 @@ fn print_status(v: &serde_json::Value, nodes_only: bool) {
     }
 }
 
+/// One line: how many engines, in which states, for how many deployments.
+fn engine_summary(v: &serde_json::Value) -> String {
+    let engines: Vec<&serde_json::Value> = v["engines"].as_array().into_iter().flatten().collect();
+    let deployments: std::collections::BTreeSet<&str> = engines
+        .iter()
+        .filter_map(|e| e["deployment"].as_str())
+        .collect();
+    let mut by_state = std::collections::BTreeMap::<&str, usize>::new();
+    for e in &engines {
+        *by_state
+            .entry(e["state"].as_str().unwrap_or("?"))
+            .or_default() += 1;
+    }
+    let states: Vec<String> = by_state.iter().map(|(s, n)| format!("{n} {s}")).collect();
+    format!(
+        "engines: {} in {} deployment(s){}{}",
+        engines.len(),
+        deployments.len(),
+        if states.is_empty() { "" } else { ": " },
+        states.join(", ")
+    )
+}
+
 fn run(cli: Cli) -> Result<()> {
     let json = cli.json || cli.output == Output::Json;
     match cli.command {
@@ -426,7 +449,13 @@ fn run(cli: Cli) -> Result<()> {
                         .collect();
                     print_json(&serde_json::Value::Object(gpus))?
                 }
-                (Command::Status, false) => print_status(&v, false),
+                (Command::Status, false) => {
+                    print_status(&v, false);
+                    // The engines at a glance (`pdctl engines` for each one).
+                    if let Ok(Ok(e)) = block_on(c.request("GET", "/v1/engines", None)) {
+                        println!("{}", engine_summary(&e));
+                    }
+                }
                 (Command::Nodes, false) => print_status(&v, true),
                 _ => {
                     println!(
@@ -978,5 +1007,25 @@ pub(crate) fn wait_engines_ready(
             );
         }
         std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+}
+
+#[cfg(test)]
+mod summary_tests {
+    #[test]
+    fn engine_summary_counts_states_and_deployments() {
+        let v = serde_json::json!({"engines": [
+            {"deployment": "a", "state": "ready"},
+            {"deployment": "a", "state": "ready"},
+            {"deployment": "b", "state": "failed"},
+        ]});
+        assert_eq!(
+            super::engine_summary(&v),
+            "engines: 3 in 2 deployment(s): 1 failed, 2 ready"
+        );
+        assert_eq!(
+            super::engine_summary(&serde_json::json!({"engines": []})),
+            "engines: 0 in 0 deployment(s)"
+        );
     }
 }
