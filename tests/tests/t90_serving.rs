@@ -291,6 +291,22 @@ fn openai_api_serves_disaggregated_and_colocated() {
     ) - recv0;
     assert_eq!(sent, TINY_KV_BYTES_PER_TOKEN * tokens);
     assert_eq!(recv, sent);
+    // One token needs no KV shipped: the decode engine computes it alone.
+    let r = post_json(
+        &api(1),
+        "/v1/completions",
+        &json!({"model": "pd", "prompt": "Lima: one token only, from a prompt nobody sent before today.", "max_tokens": 1}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["usage"]["completion_tokens"], 1);
+    assert_eq!(
+        metric(
+            &metrics_of(&prefill_node),
+            "pdagent_kv_bytes_sent_total{path=\"network\"}"
+        ) - sent0,
+        sent,
+        "nothing shipped for a one-token request"
+    );
     let m = metrics_of(&api(1));
     assert!(
         metric(

@@ -439,8 +439,14 @@ impl Serving {
                     // Nothing left to retry on: the failure that made us retry says more.
                     Err(e) => return Err(previous.map_or(e, |f| Ended::Error(api_error(&f)))),
                 };
-            self.metrics.routing.inc(&[decision.kind.as_str()]);
-            let result = match decision.kind {
+            // One token needs no decode engine's KV: the decode engine computes it alone
+            // (nothing shipped, no decode slot reserved for nothing).
+            let kind = match decision.kind {
+                DecisionKind::Disaggregated if sampling.max_tokens <= 1 => DecisionKind::DecodeOnly,
+                k => k,
+            };
+            self.metrics.routing.inc(&[kind.as_str()]);
+            let result = match kind {
                 DecisionKind::Disaggregated => {
                     let p = &candidates[decision.prefill.expect("a prefill engine")];
                     let d = &candidates[decision.decode];
@@ -664,9 +670,6 @@ impl Serving {
         };
         drop(pre);
         drop(_pg);
-        if sampling.max_tokens <= 1 {
-            return Ok((FinishReason::Length, emit.usage(prompt_len)));
-        }
         self.follow(&mut dec, early, &d.engine, emit, prompt_len, true)
             .await
     }
