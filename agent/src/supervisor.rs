@@ -37,6 +37,8 @@ const RESTART_BACKOFF_MIN: Duration = Duration::from_millis(200);
 const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// Bound on the hello and the one-token probe.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest an engine no longer assigned here may take to finish its running requests.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bound on the load sample of one engine.
 const STATS_TIMEOUT: Duration = Duration::from_millis(500);
 /// Grace for an engine told to shut down.
@@ -178,6 +180,8 @@ pub struct Supervisor {
     /// Connections to the ready engines, for the serving path (which must not wait for a
     /// reconcile pass holding `engines`).
     ready: std::sync::RwLock<HashMap<String, Arc<EngineClient>>>,
+    /// Engines no longer assigned here, finishing their running requests.
+    draining: tokio::sync::Mutex<Vec<Managed>>,
 }
 
 fn report_of(node: &str, m: &Managed) -> EngineReport {
@@ -212,6 +216,7 @@ impl Supervisor {
             engines: tokio::sync::Mutex::new(BTreeMap::new()),
             acted: std::sync::Mutex::new(HashMap::new()),
             ready: std::sync::RwLock::new(HashMap::new()),
+            draining: tokio::sync::Mutex::new(Vec::new()),
         }))
     }
 
@@ -362,10 +367,43 @@ impl Supervisor {
             })
             .map(|(id, _)| id.clone())
             .collect();
-        for id in stale {
-            if let Some(m) = engines.remove(&id) {
-                self.stop(m).await;
+        // Engines no longer assigned here drain: no new requests (they leave the ready set),
+        // those running finish, then they stop (at the latest after `DRAIN_TIMEOUT`).
+        {
+            let mut draining = self.draining.lock().await;
+            for id in stale {
+                if let Some(mut m) = engines.remove(&id) {
+                    if m.state == EngineState::Ready && m.client.is_some() {
+                        info!(engine = %id, "draining engine: running requests finish first");
+                        m.state = EngineState::Draining;
+                        m.next_start = Instant::now() + DRAIN_TIMEOUT;
+                        draining.push(m);
+                    } else {
+                        self.stop(m).await;
+                    }
+                }
             }
+            let mut still = Vec::new();
+            for m in draining.drain(..) {
+                let idle = match &m.client {
+                    Some(c) if c.is_connected() => {
+                        matches!(
+                            tokio::time::timeout(STATS_TIMEOUT, c.stats()).await,
+                            Ok(Ok(s)) if s.queue_depth == 0 && s.running == 0 && s.importing == 0
+                        )
+                    }
+                    _ => true,
+                };
+                if idle {
+                    self.stop(m).await;
+                } else if Instant::now() >= m.next_start {
+                    warn!(engine = %m.assignment.engine, timeout_s = DRAIN_TIMEOUT.as_secs(), "engine still busy after the drain timeout: stopping it");
+                    self.stop(m).await;
+                } else {
+                    still.push(m);
+                }
+            }
+            *draining = still;
         }
         for (id, (a, model)) in &desired {
             if !engines.contains_key(id) {

@@ -882,3 +882,70 @@ fn shared_prefixes_go_to_the_engine_that_holds_them() {
         );
     }
 }
+
+/// Undeploying while a request streams: its engines drain (no new requests, the running one
+/// finishes with `[DONE]`), then stop.
+#[test]
+fn undeploy_drains_running_requests() {
+    let _g = serial();
+    let l = LocalCluster::up_with(2, 1, free_base(2));
+    deploy(
+        &l,
+        &["pd", "--model", "tiny", "--prefill", "1", "--decode", "1"],
+    );
+    let a1 = format!("127.0.0.1:{}", l.api_port);
+    wait_for("serving", deadline(Duration::from_secs(30)), || {
+        let body = json!({"model": "pd", "prompt": "Mike: warming up before the drain test starts.", "max_tokens": 2});
+        http(
+            &a1,
+            "POST",
+            "/v1/completions",
+            &[("Content-Type", "application/json")],
+            body.to_string().as_bytes(),
+        )
+        .is_ok_and(|r| r.status == 200)
+        .then_some(())
+    });
+    let long = json!({"model": "pd", "prompt": "November: a long answer that is still running when its deployment goes away.", "max_tokens": 1500, "temperature": 0, "stream": true, "stream_options": {"include_usage": true}});
+    let mut s = start_stream(&a1, &long);
+    let mut head = [0u8; 256];
+    {
+        use std::io::Read;
+        let n = s.read(&mut head).unwrap();
+        assert!(String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 200"));
+    }
+    let out = l.pdctl(&["undeploy", "pd"]);
+    assert!(out.status.success(), "{}", pd_tests::text(&out.stderr));
+    let events = read_sse(&mut s);
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{:?}",
+        events.last()
+    );
+    let usage: Value = events
+        .iter()
+        .rev()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .find(|v| v["usage"].is_object())
+        .map(|v| v["usage"].clone())
+        .expect("a usage chunk");
+    let n = usage["completion_tokens"].as_u64().unwrap();
+    // All of it: the undeploy came while it ran (one token per millisecond or so on `tiny`).
+    assert_eq!(n, 1500, "{usage}");
+    // Then the engines are gone.
+    wait_for(
+        "the engines stopped",
+        deadline(Duration::from_secs(40)),
+        || {
+            let v: Value =
+                serde_json::from_slice(&l.pdctl(&["engines", "-o", "json"]).stdout).ok()?;
+            let engines_left = v["engines"].as_array()?.len();
+            let procs = std::process::Command::new("pgrep")
+                .args(["-f", &format!("{}.*engine serve", l.dir.path().display())])
+                .output()
+                .ok()?;
+            (engines_left == 0 && procs.stdout.is_empty()).then_some(())
+        },
+    );
+}
