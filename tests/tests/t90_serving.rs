@@ -132,6 +132,29 @@ fn openai_api_serves_disaggregated_and_colocated() {
                 .then_some(())
         },
     );
+    // `/ready` means some deployment can serve: wait until every agent serves both (each
+    // agent's view of the engines catches up within a refresh).
+    wait_for(
+        "every agent serving both deployments",
+        deadline(Duration::from_secs(30)),
+        || {
+            (1..=3)
+                .all(|k| {
+                    ["pd", "co"].iter().all(|m| {
+                        let body = json!({"model": m, "prompt": "Oscar: is everyone there?", "max_tokens": 1});
+                        http(
+                            &api(k),
+                            "POST",
+                            "/v1/completions",
+                            &[("Content-Type", "application/json")],
+                            body.to_string().as_bytes(),
+                        )
+                        .is_ok_and(|r| r.status == 200)
+                    })
+                })
+                .then_some(())
+        },
+    );
     let nodes = engine_nodes(&l);
     let prefill_node = node_addr(&l, &nodes["pd/prefill-0"]);
     let decode_node = node_addr(&l, &nodes["pd/decode-0"]);
