@@ -101,6 +101,24 @@ pub fn mixed(n: usize, short: usize, long: usize, max_tokens: u32, seed: u64) ->
         .collect()
 }
 
+/// `POST /v1/completions` with a JSON body on a new connection (as most clients do).
+async fn post_completion(
+    addr: SocketAddr,
+    body: String,
+) -> Result<hyper::Response<hyper::body::Incoming>> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connecting to {addr}"))?;
+    tcp.set_nodelay(true)?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+    tokio::spawn(conn);
+    let req = hyper::Request::post("/v1/completions")
+        .header("host", addr.to_string())
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))?;
+    Ok(sender.send_request(req).await?)
+}
+
 /// Sends one streaming completion and times its tokens.
 pub async fn one(addr: SocketAddr, model: &str, r: &LoadRequest, seed: u64) -> Outcome {
     let t0 = Instant::now();
@@ -132,17 +150,7 @@ async fn send(
         "stream_options": {"include_usage": true},
     })
     .to_string();
-    let tcp = tokio::net::TcpStream::connect(addr)
-        .await
-        .with_context(|| format!("connecting to {addr}"))?;
-    tcp.set_nodelay(true)?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
-    tokio::spawn(conn);
-    let req = hyper::Request::post("/v1/completions")
-        .header("host", addr.to_string())
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body)))?;
-    let resp = sender.send_request(req).await?;
+    let resp = post_completion(addr, body).await?;
     let status = resp.status();
     let mut body = resp.into_body();
     if !status.is_success() {
@@ -152,7 +160,6 @@ async fn send(
     let mut buf = Vec::new();
     let mut first: Option<Duration> = None;
     let mut last = Duration::ZERO;
-    let mut chunks = 0u32;
     let mut usage: Option<(u32, u32)> = None;
     let mut done = false;
     while let Some(frame) = body.frame().await {
@@ -189,7 +196,6 @@ async fn send(
                 let now = t0.elapsed();
                 first.get_or_insert(now);
                 last = now;
-                chunks += 1;
             }
         }
     }
@@ -198,9 +204,7 @@ async fn send(
     }
     let (prompt_tokens, output_tokens) = usage.context("no usage in the stream")?;
     let ttft = first.unwrap_or(last);
-    // Text chunks carry one token each unless a stop matcher held text back; time per token
-    // uses the token count from usage.
-    let _ = chunks;
+    // Time per token uses the token count from usage (a stop matcher may hold text back).
     Ok(Outcome {
         ok: true,
         error: None,
@@ -362,15 +366,7 @@ pub async fn timed(
         "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
     })
     .to_string();
-    let tcp = tokio::net::TcpStream::connect(addr).await?;
-    tcp.set_nodelay(true)?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
-    tokio::spawn(conn);
-    let req = hyper::Request::post("/v1/completions")
-        .header("host", addr.to_string())
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body)))?;
-    let resp = sender.send_request(req).await?;
+    let resp = post_completion(addr, body).await?;
     let status = resp.status();
     let timing = resp
         .headers()

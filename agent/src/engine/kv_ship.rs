@@ -192,15 +192,7 @@ impl KvInbox {
     }
 
     fn insert(&self, shipment: u64, header: KvHeader, piece: KvPiece, local: bool) {
-        if self.is_forgotten(shipment) {
-            return;
-        }
-        {
-            let mut s = self.shipments.lock().unwrap_or_else(|p| p.into_inner());
-            let entry = s.entry(shipment).or_insert_with(|| Shipment {
-                began: Some(std::time::Instant::now()),
-                ..Shipment::default()
-            });
+        self.update(shipment, |entry| {
             if entry.header.is_some_and(|h| h != header) {
                 entry.failed = Some("pieces of one shipment disagree on the KV header".into());
             }
@@ -208,7 +200,25 @@ impl KvInbox {
             entry.local = local;
             entry.payload_bytes += piece.data.len() as u64;
             entry.pieces.push(piece);
+        });
+    }
+
+    /// Changes a live shipment (made on first use), then wakes its waiters; a forgotten
+    /// shipment is left alone.
+    fn update(&self, shipment: u64, change: impl FnOnce(&mut Shipment)) {
+        if self.is_forgotten(shipment) {
+            return;
         }
+        change(
+            self.shipments
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(shipment)
+                .or_insert_with(|| Shipment {
+                    began: Some(std::time::Instant::now()),
+                    ..Shipment::default()
+                }),
+        );
         self.changed.notify_waiters();
     }
 
@@ -239,19 +249,7 @@ impl KvInbox {
 
     /// Marks a shipment failed (a cut stream, a cancelled request).
     pub fn fail(&self, shipment: u64, why: &str) {
-        if self.is_forgotten(shipment) {
-            return;
-        }
-        self.shipments
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(shipment)
-            .or_insert_with(|| Shipment {
-                began: Some(std::time::Instant::now()),
-                ..Shipment::default()
-            })
-            .failed = Some(why.to_string());
-        self.changed.notify_waiters();
+        self.update(shipment, |entry| entry.failed = Some(why.to_string()));
     }
 
     /// Drops what is held for a shipment; whatever still arrives for it is dropped too.
@@ -269,23 +267,11 @@ impl KvInbox {
     /// Records a shipment's seal (it may come before its last pieces were processed).
     pub fn seal(&self, seal: Seal) {
         let shipment = seal.shipment;
-        if self.is_forgotten(shipment) {
-            return;
-        }
         if seal.pieces == 0 {
             self.fail(shipment, "a KV seal named no pieces");
             return;
         }
-        self.shipments
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(shipment)
-            .or_insert_with(|| Shipment {
-                began: Some(std::time::Instant::now()),
-                ..Shipment::default()
-            })
-            .seal = Some(seal);
-        self.changed.notify_waiters();
+        self.update(shipment, |entry| entry.seal = Some(seal));
     }
 
     /// Waits until `shipment` is sealed and all its pieces arrived (or it failed, or `timeout`

@@ -8,11 +8,12 @@
 //!    (refreshed from the coordinator's engine reports: state and load), the requests this
 //!    agent has in flight on each, and an approximate prefix index of what it sent where.
 //! 3. Disaggregated: a prefill leg on the prefill engine's agent ([`legs`]) ships the KV piece
-//!    by piece straight to the decode engine's agent while the engine computes; its first token
-//!    goes out to the client at once; then a decode leg on the decode agent imports the KV and
-//!    streams the rest. Colocated (or a short prompt on a decode engine alone): one generate
-//!    leg. Legs on this agent's own engines run as local tasks, others through a streaming
-//!    RPC over the transport.
+//!    by piece straight to the decode engine's agent while the engine computes, then seals the
+//!    shipment there; the decode leg, opened at the same time, imports the KV and streams the
+//!    rest. The first token goes to the client once the prefill's KV is sealed (until then the
+//!    request can still be retried on another pair). Colocated (or a short prompt on a decode
+//!    engine alone): one generate leg. Legs on this agent's own engines run as local tasks,
+//!    others through a streaming RPC over the transport.
 //! 4. Text passes the stop-sequence matcher and goes out as SSE chunks or one JSON body. A
 //!    client that goes away drops the legs, which cancel their engine requests at once.
 //!
