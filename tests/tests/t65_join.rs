@@ -273,10 +273,16 @@ fn certificates_renew_themselves_before_expiry() {
         short.key_pem,
         "a renewal makes a new key pair"
     );
-    assert!(
-        f.agents[1]
-            .log_text()
-            .contains("renewed this node's certificate")
+    // The agent logs the renewal just after it replaced the files.
+    wait_for(
+        "the renewal in node-2's log",
+        deadline(Duration::from_secs(10)),
+        || {
+            f.agents[1]
+                .log_text()
+                .contains("renewed this node's certificate")
+                .then_some(())
+        },
     );
     // The renewed files are what `pdagent status` on that host now uses, and the cluster sees
     // node-2 as ready.
