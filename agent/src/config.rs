@@ -67,6 +67,10 @@ pub struct ServingSection {
     pub request_timeout_ms: u64,
     /// Tries on other engines when a request's engines fail before its first token.
     pub retries: u32,
+    /// Moves of a request to another engine when its engine fails after the first token: the
+    /// new engine recomputes the prompt and the tokens so far and continues exactly (0: the
+    /// request ends with an error event instead).
+    pub migrations: u32,
     /// An engine that failed a request is not chosen by this agent for this long.
     pub circuit_open_ms: u64,
     /// How often the router's view of the cluster's engines and their load is refreshed.
@@ -89,6 +93,7 @@ impl Default for ServingSection {
             max_tokens_max: 32_768,
             request_timeout_ms: 600_000,
             retries: 2,
+            migrations: 2,
             circuit_open_ms: 5_000,
             view_refresh_ms: 250,
             policy: "cost".to_string(),
@@ -638,6 +643,7 @@ impl ServingSection {
             86_400_000,
         )?;
         range("retries", self.retries.into(), 0, 10)?;
+        range("migrations", self.migrations.into(), 0, 10)?;
         range("circuit_open_ms", self.circuit_open_ms, 0, 3_600_000)?;
         range("view_refresh_ms", self.view_refresh_ms, 10, 60_000)?;
         self.policy
@@ -656,6 +662,7 @@ impl ServingSection {
             max_tokens_max: self.max_tokens_max,
             request_timeout: Duration::from_millis(self.request_timeout_ms),
             retries: self.retries,
+            migrations: self.migrations,
             circuit_open: Duration::from_millis(self.circuit_open_ms),
             view_refresh: Duration::from_millis(self.view_refresh_ms),
             router: pd_router::RouterConfig {

@@ -406,6 +406,17 @@ impl ControlPlane {
             .and_then(|n| n.address.parse().ok())
     }
 
+    /// Node `name`'s health as the coordinator last recorded it (heartbeats).
+    pub fn node_health(&self, name: &str) -> Option<NodeHealth> {
+        self.state
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .state
+            .nodes
+            .get(name)
+            .map(|n| n.health)
+    }
+
     /// This agent's node name.
     pub fn node_name(&self) -> &str {
         &self.me.name

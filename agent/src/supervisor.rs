@@ -170,6 +170,10 @@ fn wire_role(r: EngineRole) -> WireRole {
     }
 }
 
+/// Test-only: when set on the agent, the engines it starts from then on get these
+/// `--test-faults` (e.g. `crash_after_tokens=1`).
+pub const TEST_ENGINE_FAULTS_ENV: &str = "PDAGENT_TEST_ENGINE_FAULTS";
+
 pub struct Supervisor {
     node: String,
     dir: PathBuf,
@@ -527,8 +531,15 @@ impl Supervisor {
         cmd.args(["engine", "serve", "--socket"])
             .arg(&sock)
             .args(["--role", &a.role.to_string(), "--model", &m.model])
-            .args(["--orphan-timeout-ms", &ENGINE_ORPHAN_TIMEOUT_MS.to_string()])
-            .env("CUDA_VISIBLE_DEVICES", self.visible_devices(&a.gpus))
+            .args(["--orphan-timeout-ms", &ENGINE_ORPHAN_TIMEOUT_MS.to_string()]);
+        // Test-only: the engine's fault knobs, for fault tests (`pdctl local start
+        // --engine-faults`).
+        if let Ok(f) = std::env::var(TEST_ENGINE_FAULTS_ENV)
+            && !f.is_empty()
+        {
+            cmd.args(["--test-faults", &f]);
+        }
+        cmd.env("CUDA_VISIBLE_DEVICES", self.visible_devices(&a.gpus))
             .env("RAYON_NUM_THREADS", "1")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())

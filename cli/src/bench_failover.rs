@@ -105,7 +105,7 @@ fn rounds_on(dir: &std::path::Path, nodes: usize, rounds: usize, quiet: bool) ->
         }
         samples.push(ms);
         // Heal before the next round: the killed node back, caught up and following.
-        local::start(dir, &leader)?;
+        local::start(dir, &leader, None)?;
         let back = client.only(&leader)?;
         let until = Instant::now() + ROUND_TIMEOUT;
         loop {

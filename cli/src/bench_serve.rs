@@ -235,7 +235,13 @@ fn measure(
                 .map(|(r, at_s)| LoadRequest { at_s, ..r.clone() })
                 .collect();
             let t = Instant::now();
-            let out = rt.block_on(load::open_loop(&agents, MODEL, &reqs, SEED));
+            let out = rt.block_on(load::open_loop(
+                &agents,
+                MODEL,
+                &reqs,
+                SEED,
+                Duration::from_secs(600),
+            ));
             let s = load::summarize(&out, t.elapsed());
             let met = out
                 .iter()

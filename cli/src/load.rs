@@ -27,6 +27,13 @@ pub struct LoadRequest {
 pub struct Outcome {
     pub ok: bool,
     pub error: Option<String>,
+    /// The failure was told with OpenAI's error body (HTTP status, or an SSE error event once
+    /// streaming), not a stream cut short.
+    pub explicit: bool,
+    /// The text streamed.
+    pub text: String,
+    /// No answer came within the load's bound (see [`open_loop`]).
+    pub hung: bool,
     /// Which agent it was sent to.
     pub ingress: usize,
     pub ttft: Duration,
@@ -155,8 +162,16 @@ async fn send(
     let mut body = resp.into_body();
     if !status.is_success() {
         let b = body.collect().await?.to_bytes();
-        bail!("{status}: {}", String::from_utf8_lossy(&b));
+        let explicit = serde_json::from_slice::<serde_json::Value>(&b)
+            .is_ok_and(|v| v["error"]["message"].is_string());
+        return Ok(Outcome {
+            error: Some(format!("{status}: {}", String::from_utf8_lossy(&b))),
+            explicit,
+            e2e: t0.elapsed(),
+            ..Outcome::default()
+        });
     }
+    let mut text = String::new();
     let mut buf = Vec::new();
     let mut first: Option<Duration> = None;
     let mut last = Duration::ZERO;
@@ -180,7 +195,16 @@ async fn send(
             }
             let v: serde_json::Value = serde_json::from_str(payload)?;
             if let Some(e) = v.get("error") {
-                bail!("stream failed: {e}");
+                return Ok(Outcome {
+                    error: Some(format!("stream failed: {e}")),
+                    explicit: e["message"].is_string(),
+                    text,
+                    e2e: t0.elapsed(),
+                    ..Outcome::default()
+                });
+            }
+            if let Some(t) = v["choices"][0]["text"].as_str() {
+                text.push_str(t);
             }
             if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
                 usage = Some((
@@ -208,6 +232,9 @@ async fn send(
     Ok(Outcome {
         ok: true,
         error: None,
+        explicit: false,
+        text,
+        hung: false,
         ingress: 0,
         ttft,
         tpot: (output_tokens > 1).then(|| (last - ttft) / (output_tokens - 1)),
@@ -241,12 +268,14 @@ pub async fn closed_loop(
     collect(tasks).await
 }
 
-/// Sends each request at its `at_s` (open loop), round-robin over the agents.
+/// Sends each request at its `at_s` (open loop), round-robin over the agents. A request
+/// without its end after `give_up` is abandoned and counted as hung.
 pub async fn open_loop(
     agents: &[SocketAddr],
     model: &str,
     requests: &[LoadRequest],
     seed: u64,
+    give_up: Duration,
 ) -> Vec<Outcome> {
     let start = tokio::time::Instant::now();
     let agents_n = agents.len();
@@ -255,7 +284,16 @@ pub async fn open_loop(
         tokio::time::sleep_until(start + Duration::from_secs_f64(r.at_s)).await;
         let (addr, model, r) = (agents[i % agents.len()], model.to_string(), r.clone());
         tasks.push(tokio::spawn(async move {
-            let mut o = one(addr, &model, &r, seed.wrapping_add(i as u64)).await;
+            let sent = Instant::now();
+            let mut o =
+                tokio::time::timeout(give_up, one(addr, &model, &r, seed.wrapping_add(i as u64)))
+                    .await
+                    .unwrap_or_else(|_| Outcome {
+                        error: Some(format!("no end within {} s", give_up.as_secs())),
+                        hung: true,
+                        e2e: sent.elapsed(),
+                        ..Outcome::default()
+                    });
             o.ingress = i % agents_n;
             o
         }));

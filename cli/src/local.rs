@@ -14,6 +14,9 @@ use pd_transport::pki;
 use crate::client::AdminClient;
 use crate::demo::find_pdagent;
 
+/// The agent's environment variable for engine test faults (see the agent's supervisor).
+const TEST_ENGINE_FAULTS_ENV: &str = "PDAGENT_TEST_ENGINE_FAULTS";
+
 pub const DEFAULT_DIR: &str = "pdagent-local";
 pub const DEFAULT_BASE_PORT: u16 = 7400;
 const NODES_MAX: usize = 64;
@@ -64,6 +67,21 @@ pub enum LocalCommand {
         #[arg(long, default_value = DEFAULT_DIR)]
         dir: PathBuf,
         node: String,
+        /// Test only: the engines this agent starts from now on get these fault settings
+        /// (`crash_after_tokens=N,hang_after_tokens=N,slow_start_ms=N,refuse_kv`).
+        #[arg(long)]
+        engine_faults: Option<String>,
+    },
+    /// Put a UDP fault proxy in front of a node's transport: its agent restarts (engines kept)
+    /// listening on another port, and the proxy takes its address, so every peer reaches it
+    /// through the proxy. Faults change with commands on stdin (`help`); on `quit` or the end
+    /// of stdin the agent goes back to its own address.
+    Proxy {
+        #[arg(long, default_value = DEFAULT_DIR)]
+        dir: PathBuf,
+        node: String,
+        #[command(flatten)]
+        faults: crate::faultproxy::FaultArgs,
     },
 }
 
@@ -125,6 +143,15 @@ fn fixture(gpus: u32) -> String {
 }
 
 fn start_agent(dir: &Path, node: &str, bootstrap: bool) -> Result<u32> {
+    start_agent_with(dir, node, bootstrap, None)
+}
+
+fn start_agent_with(
+    dir: &Path,
+    node: &str,
+    bootstrap: bool,
+    engine_faults: Option<&str>,
+) -> Result<u32> {
     use std::os::unix::process::CommandExt;
     let pdagent = find_pdagent()?;
     let nd = node_dir(dir, node);
@@ -134,6 +161,11 @@ fn start_agent(dir: &Path, node: &str, bootstrap: bool) -> Result<u32> {
         .open(nd.join("agent.log"))?;
     let mut cmd = Command::new(pdagent);
     cmd.arg("run").arg("--config").arg(nd.join("pdagent.toml"));
+    // Faults are only ever asked for explicitly: not inherited from this shell.
+    cmd.env_remove(TEST_ENGINE_FAULTS_ENV);
+    if let Some(f) = engine_faults {
+        cmd.env(TEST_ENGINE_FAULTS_ENV, f);
+    }
     if bootstrap {
         // The first host founds the cluster and holds the CA key, so the cluster can enroll
         // hosts with join tokens and renew certificates; voters get the key from it.
@@ -189,11 +221,142 @@ fn kill_node(dir: &Path, node: &str, agent_only: bool) -> Result<u32> {
 }
 
 /// Starts a stopped node's agent again (never with --bootstrap).
-pub fn start(dir: &Path, node: &str) -> Result<u32> {
+pub fn start(dir: &Path, node: &str, engine_faults: Option<&str>) -> Result<u32> {
     if let Some(pid) = live_pid(dir, node) {
         bail!("{node} is already running (pid {pid})");
     }
-    start_agent(dir, node, false)
+    start_agent_with(dir, node, false, engine_faults)
+}
+
+/// Waits until process `pid` is gone (its sockets closed).
+fn wait_gone(pid: u32) -> Result<()> {
+    let deadline = Instant::now() + STOP_GRACE;
+    // A zombie (a child of this process that nobody reaped) holds no sockets: gone.
+    let alive = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|st| {
+            st.rsplit_once(") ")
+                .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+        })
+    };
+    while alive() {
+        if Instant::now() > deadline {
+            bail!("process {pid} did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// A node's agent moved behind a fault proxy: it listens on a private port and advertises its
+/// usual address, which the proxy takes. Its engines keep running (re-adopted).
+pub struct ProxyWiring {
+    dir: PathBuf,
+    node: String,
+    cfg_path: PathBuf,
+    original: String,
+    behind: String,
+    /// The node's advertised transport address (the proxy's).
+    pub public: std::net::SocketAddr,
+    /// Where its agent listens behind the proxy.
+    pub private: std::net::SocketAddr,
+}
+
+impl ProxyWiring {
+    /// Plans the move (changes nothing yet).
+    pub fn new(dir: &Path, node: &str) -> Result<ProxyWiring> {
+        let cfg_path = node_dir(dir, node).join("pdagent.toml");
+        let original = std::fs::read_to_string(&cfg_path).with_context(|| {
+            format!(
+                "{node} is not part of the local cluster in {}",
+                dir.display()
+            )
+        })?;
+        let cfg: toml::Value = toml::from_str(&original)?;
+        if cfg.get("node").and_then(|n| n.get("advertise")).is_some() {
+            bail!("{node} already has node.advertise set (is a proxy in front of it already?)");
+        }
+        let public: std::net::SocketAddr = cfg
+            .get("node")
+            .and_then(|n| n.get("listen"))
+            .and_then(|l| l.as_str())
+            .and_then(|l| l.parse().ok())
+            .with_context(|| format!("{}: no node.listen address", cfg_path.display()))?;
+        // A free UDP port for the agent, next to its public address.
+        let private = std::net::UdpSocket::bind((public.ip(), 0))?.local_addr()?;
+        let listen_line = format!("listen = \"{public}\"\n");
+        if original.matches(&listen_line).count() != 1 {
+            bail!("{}: cannot find its node.listen line", cfg_path.display());
+        }
+        let behind = original.replacen(
+            &listen_line,
+            &format!("listen = \"{private}\"\nadvertise = \"{public}\"\n"),
+            1,
+        );
+        Ok(ProxyWiring {
+            dir: dir.to_path_buf(),
+            node: node.to_string(),
+            cfg_path,
+            original,
+            behind,
+            public,
+            private,
+        })
+    }
+
+    /// Stops the agent (SIGKILL; its engines keep running): its address is free.
+    pub fn stop_agent(&self) -> Result<()> {
+        if let Some(pid) = live_pid(&self.dir, &self.node) {
+            signal(pid, "KILL")?;
+            wait_gone(pid)?;
+        }
+        Ok(())
+    }
+
+    /// Starts the agent behind the proxy; returns its pid.
+    pub fn start_behind(&self) -> Result<u32> {
+        std::fs::write(&self.cfg_path, &self.behind)?;
+        start_agent(&self.dir, &self.node, false)
+    }
+
+    /// Puts the agent back on its own address (the proxy must be gone).
+    pub fn restore(&self) -> Result<()> {
+        self.stop_agent()?;
+        std::fs::write(&self.cfg_path, &self.original)?;
+        start_agent(&self.dir, &self.node, false)?;
+        Ok(())
+    }
+}
+
+/// `pdctl local proxy`: see [`LocalCommand::Proxy`].
+fn proxy(dir: &Path, node: &str, args: &crate::faultproxy::FaultArgs) -> Result<()> {
+    let faults = args.faults()?;
+    let w = ProxyWiring::new(dir, node)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let result = rt.block_on(async {
+        w.stop_agent()?;
+        let front = crate::faultproxy::bind(w.public).await?;
+        let pid = w.start_behind()?;
+        println!(
+            "agent of {node} (pid {pid}) now listens on {}; the proxy holds {}",
+            w.private, w.public
+        );
+        crate::faultproxy::run(
+            front,
+            w.private,
+            faults,
+            args.seed,
+            crate::faultproxy::stdin_lines(),
+            |l| println!("{l}"),
+        )
+        .await
+    });
+    // Every socket of the proxy is closed with its runtime.
+    drop(rt);
+    w.restore()?;
+    eprintln!("{node}: agent back on {}", w.public);
+    result
 }
 
 /// The OpenAI API port of local clusters (node-k on 127.0.0.k:8000).
@@ -289,14 +452,19 @@ pub fn run(cmd: LocalCommand, json: bool) -> Result<()> {
             println!("{node}: killed (pid {pid})");
             Ok(())
         }
-        LocalCommand::Start { dir, node } => {
+        LocalCommand::Proxy { dir, node, faults } => proxy(&dir, &node, &faults),
+        LocalCommand::Start {
+            dir,
+            node,
+            engine_faults,
+        } => {
             if !node_dir(&dir, &node).join("pdagent.toml").exists() {
                 bail!(
                     "{node} is not part of the local cluster in {}",
                     dir.display()
                 );
             }
-            let pid = start(&dir, &node)?;
+            let pid = start(&dir, &node, engine_faults.as_deref())?;
             println!("{node}: started (pid {pid})");
             Ok(())
         }

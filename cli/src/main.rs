@@ -15,9 +15,11 @@ use pd_transport::config::Congestion;
 use pd_transport::{TransportConfig, pki};
 
 mod bench_failover;
+mod bench_faults;
 mod bench_serve;
 mod client;
 mod demo;
+mod faultproxy;
 mod load;
 mod local;
 mod plan;
@@ -151,6 +153,19 @@ enum Command {
     /// Plan a deployment offline: the best disaggregated (xPyD) and colocated layouts for a
     /// model, GPUs, a workload and TTFT/TPOT targets, and the `pdctl deploy` command for it.
     Plan(plan::PlanArgs),
+    /// A UDP fault proxy for the transport: forwards datagrams between peers and the agent at
+    /// UPSTREAM, dropping, delaying, blackholing or cutting them; faults change with commands
+    /// on stdin (`help`). For a local cluster, `pdctl local proxy NODE` does the wiring.
+    Faultproxy {
+        /// Address peers send to (the agent's advertised transport address).
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// The agent's own transport address.
+        #[arg(long)]
+        upstream: std::net::SocketAddr,
+        #[command(flatten)]
+        faults: faultproxy::FaultArgs,
+    },
     /// Benchmarks that print figures and a ratio against a baseline measured in the same run.
     Bench {
         #[command(subcommand)]
@@ -263,6 +278,21 @@ enum BenchCommand {
         /// Requests per rate point of the sweep.
         #[arg(long, default_value_t = 24)]
         requests: usize,
+        /// Print one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Failure semantics on a local cluster (1 prefill + 2 decode engines of `tiny` on 4
+    /// hosts): a fixed-seed load while, one at a time, the KV link is cut (UDP fault proxy),
+    /// the prefill engine, a decode engine and a decode host are killed. Per fault: requests
+    /// done, retried, migrated, failed with an explicit error, hung and lost, and recovery times.
+    Faults {
+        /// Requests per fault.
+        #[arg(long, default_value_t = 24)]
+        requests: usize,
+        /// Poisson arrival rate, requests per second.
+        #[arg(long, default_value_t = 4.0)]
+        rate: f64,
         /// Print one JSON object on stdout.
         #[arg(long)]
         json: bool,
@@ -768,6 +798,28 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Local { command } => local::run(command, json)?,
+        Command::Faultproxy {
+            listen,
+            upstream,
+            faults,
+        } => {
+            let f = faults.faults()?;
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(async {
+                    let front = faultproxy::bind(listen).await?;
+                    faultproxy::run(
+                        front,
+                        upstream,
+                        f,
+                        faults.seed,
+                        faultproxy::stdin_lines(),
+                        |l| println!("{l}"),
+                    )
+                    .await
+                })?;
+        }
         Command::Demo {
             dir,
             nodes,
@@ -821,6 +873,21 @@ fn run(cli: Cli) -> Result<()> {
             }
         },
         Command::Bench { command } => match command {
+            BenchCommand::Faults {
+                requests,
+                rate,
+                json,
+            } => {
+                let r = bench_faults::run(requests, rate, json)?;
+                if json {
+                    println!("{}", serde_json::to_string(&r)?);
+                } else {
+                    bench_faults::print(&r);
+                }
+                if r.hung > 0 || r.lost > 0 {
+                    anyhow::bail!("{} request(s) hung and {} lost", r.hung, r.lost);
+                }
+            }
             BenchCommand::Serve { requests, json } => {
                 let r = bench_serve::run(requests, json)?;
                 if json {

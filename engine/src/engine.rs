@@ -376,6 +376,68 @@ impl Engine {
         Ok(())
     }
 
+    /// Queues a generation that continues after `output`, the tokens another engine had
+    /// already produced for this prompt and sampling: the prompt and those tokens are computed
+    /// (as a preempted request's are), and the next token reported has index `output.len()`.
+    /// Sampling draws depend only on `(seed, output index)`, so the continuation equals what
+    /// the first engine would have produced. Errors leave the engine unchanged.
+    pub fn resume_request(
+        &mut self,
+        id: RequestId,
+        prompt: Prompt,
+        output: Vec<u32>,
+        sampling: SamplingParams,
+    ) -> Result<(), EngineError> {
+        if self.live.contains(&id) {
+            return Err(EngineError::DuplicateRequest { id });
+        }
+        if self.waiting.len() >= self.cfg.queue_max {
+            return Err(EngineError::QueueFull {
+                id,
+                queue_max: self.cfg.queue_max,
+            });
+        }
+        sampling.validate(id)?;
+        if output.len() >= sampling.max_tokens as usize {
+            return Err(EngineError::Sampling {
+                id,
+                field: "max_tokens",
+                reason: format!(
+                    "is {} but {} tokens were already produced; nothing is left to resume",
+                    sampling.max_tokens,
+                    output.len()
+                ),
+            });
+        }
+        let prompt_tokens = self.tokenize(&prompt)?;
+        let prompt_len = prompt_tokens.len();
+        let mut tokens = prompt_tokens;
+        tokens.extend_from_slice(&output);
+        self.check_prompt(id, &tokens)?;
+        let mut seq = self.new_seq(id, RequestKind::Generate, tokens, sampling);
+        seq.prompt_len = prompt_len;
+        seq.output = output.len() as u32;
+        for &t in &output {
+            // The text of these tokens was reported by the first engine; the detokenizer only
+            // needs their state (a character may still be incomplete).
+            let _ = seq.detok.push(t);
+        }
+        // The first engine failed between a stop token and its report of the end: the
+        // request is over, and ends here with the next step.
+        if let Some(&last) = output.last() {
+            let eos = !seq.sampling.ignore_eos && self.eos.contains(&last);
+            if eos || seq.sampling.stop_token_ids.contains(&last) {
+                let text = seq.detok.finish();
+                self.pending
+                    .push(finished_event(&seq, FinishReason::Stop, text));
+                return Ok(());
+            }
+        }
+        self.live.insert(id);
+        self.waiting.push_back(seq);
+        Ok(())
+    }
+
     /// The prompt length of a request still waiting for admission (just added).
     pub fn waiting_prompt_tokens(&self, id: RequestId) -> Option<u32> {
         self.waiting

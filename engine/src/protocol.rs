@@ -78,6 +78,15 @@ pub enum AgentMessage {
     KvEvents,
     /// [8] Finish nothing more, exit.
     Shutdown,
+    /// [9] Generate after `output`, the tokens already produced for this prompt and sampling
+    /// (by an engine that failed): the prompt and those tokens are computed, then replies as
+    /// `Generate` with `Token`s from index `output.len()`; `Finished` counts all output tokens.
+    Resume {
+        id: RequestId,
+        prompt: Prompt,
+        output: Vec<u32>,
+        sampling: SamplingParams,
+    },
 }
 
 /// Engine to agent.
@@ -417,6 +426,12 @@ mod tests {
         round(AgentMessage::Stats);
         round(AgentMessage::KvEvents);
         round(AgentMessage::Shutdown);
+        round(AgentMessage::Resume {
+            id: 4,
+            prompt: Prompt::Text("r".into()),
+            output: vec![9, 8],
+            sampling: SamplingParams::greedy(4),
+        });
         round(EngineMessage::Finished {
             id: 1,
             reason: FinishReason::Length,
@@ -452,6 +467,15 @@ mod tests {
         assert_eq!(enc(&AgentMessage::Stats)[0], 6);
         assert_eq!(enc(&AgentMessage::KvEvents)[0], 7);
         assert_eq!(enc(&AgentMessage::Shutdown)[0], 8);
+        assert_eq!(
+            enc(&AgentMessage::Resume {
+                id: 0,
+                prompt: Prompt::Tokens(vec![]),
+                output: vec![],
+                sampling: SamplingParams::default(),
+            })[0],
+            9
+        );
         assert_eq!(enc(&EngineMessage::Accepted { id: 0 })[0], 1);
         assert_eq!(enc(&EngineMessage::Stats(EngineStats::default()))[0], 7);
         assert_eq!(enc(&EngineMessage::KvEvents { events: vec![] })[0], 8);

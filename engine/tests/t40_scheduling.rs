@@ -497,3 +497,121 @@ fn bench_reports_rates() {
     assert!(r.prefill_tokens_per_s > 0.0 && r.decode.iter().all(|d| d.tokens_per_s > 0.0));
     assert_eq!(r.compute_threads, 1);
 }
+
+/// A request resumed after the first k output tokens (on a fresh engine, as after a failure)
+/// continues exactly: the same tokens from index k, and texts that join into the same text, at
+/// temperature 0 and when sampling.
+#[test]
+fn resumed_request_continues_exactly() {
+    let prompt = Prompt::Text("resume this request on another engine".into());
+    for sampling in [
+        SamplingParams {
+            ignore_eos: true,
+            ..SamplingParams::greedy(24)
+        },
+        SamplingParams {
+            temperature: 0.9,
+            top_p: 0.95,
+            seed: 42,
+            max_tokens: 24,
+            ignore_eos: true,
+            ..SamplingParams::default()
+        },
+    ] {
+        let mut e = engine(Preset::Tiny);
+        e.add_request(1, prompt.clone(), sampling.clone(), RequestKind::Generate)
+            .unwrap();
+        let mut texts: Vec<String> = Vec::new();
+        let mut tokens = Vec::new();
+        let mut tail = String::new();
+        while tail.is_empty() && tokens.len() < 24 {
+            for ev in e.step() {
+                match ev {
+                    EngineEvent::Token { token, text, .. } => {
+                        tokens.push(token);
+                        texts.push(text);
+                    }
+                    EngineEvent::Finished { text, .. } => tail = text + "\u{0}",
+                    _ => {}
+                }
+            }
+        }
+        let whole: String = texts.concat() + tail.trim_end_matches('\u{0}');
+        for k in [1usize, 5, tokens.len() - 1] {
+            let mut e = engine(Preset::Tiny);
+            e.resume_request(7, prompt.clone(), tokens[..k].to_vec(), sampling.clone())
+                .unwrap();
+            let mut got = Vec::new();
+            let mut text: String = texts[..k].concat();
+            let mut finished = None;
+            for _ in 0..10_000 {
+                for ev in e.step() {
+                    match ev {
+                        EngineEvent::Token {
+                            index,
+                            token,
+                            text: t,
+                            ..
+                        } => {
+                            assert_eq!(index as usize, k + got.len(), "indices continue");
+                            got.push(token);
+                            text.push_str(&t);
+                        }
+                        EngineEvent::Finished {
+                            output_tokens,
+                            text: t,
+                            ..
+                        } => {
+                            text.push_str(&t);
+                            finished = Some(output_tokens);
+                        }
+                        EngineEvent::Error { error, .. } => panic!("{error}"),
+                        _ => {}
+                    }
+                }
+                if finished.is_some() {
+                    break;
+                }
+            }
+            assert_eq!(finished, Some(tokens.len() as u32), "all output counted");
+            assert_eq!(got, tokens[k..], "resumed at {k} continues the same");
+            assert_eq!(text, whole, "resumed at {k} joins into the same text");
+        }
+        // Nothing left to resume is refused, and leaves the engine unchanged.
+        let mut e = engine(Preset::Tiny);
+        let err = e
+            .resume_request(9, prompt.clone(), tokens.clone(), sampling.clone())
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                EngineError::Sampling {
+                    field: "max_tokens",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(!e.has_work());
+        // Output that ends in a stop token is over: the request ends at the next step.
+        let stop = SamplingParams {
+            stop_token_ids: vec![tokens[2]],
+            ..sampling.clone()
+        };
+        e.resume_request(10, prompt.clone(), tokens[..3].to_vec(), stop)
+            .unwrap();
+        let ev = e.step();
+        assert!(
+            matches!(
+                ev.as_slice(),
+                [EngineEvent::Finished {
+                    reason: FinishReason::Stop,
+                    output_tokens: 3,
+                    ..
+                }]
+            ),
+            "{ev:?}"
+        );
+        assert!(!e.has_work());
+    }
+}

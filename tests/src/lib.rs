@@ -462,3 +462,130 @@ pub fn post_json(addr: &str, path: &str, body: &serde_json::Value) -> HttpReply 
     )
     .unwrap_or_else(|e| panic!("POST {addr}{path}: {e}"))
 }
+
+// Serving tests: deployments, metrics, OpenAI answers and SSE streams.
+
+/// `pdctl deploy ... --wait` (120 s), asserting success.
+pub fn deploy(l: &LocalCluster, args: &[&str]) {
+    let mut a = vec!["deploy"];
+    a.extend_from_slice(args);
+    a.extend_from_slice(&["--wait", "--wait-timeout-s", "120"]);
+    let out = l.pdctl(&a);
+    assert!(
+        out.status.success(),
+        "deploy: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}
+
+/// The node running each engine.
+pub fn engine_nodes(l: &LocalCluster) -> std::collections::HashMap<String, String> {
+    let out = l.pdctl(&["engines", "-o", "json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["engines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["engine"].as_str().unwrap().to_string(),
+                e["node"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// A counter's value in a Prometheus text body (0 when absent).
+pub fn metric(body: &str, series: &str) -> u64 {
+    body.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .parse::<f64>()
+                .ok()
+        })
+        .map_or(0, |v| v as u64)
+}
+
+/// node-k's OpenAI API address.
+pub fn node_addr(l: &LocalCluster, node: &str) -> String {
+    let k = node.trim_start_matches("node-");
+    format!("127.0.0.{k}:{}", l.api_port)
+}
+
+/// An agent's `/metrics` text.
+pub fn metrics_of(addr: &str) -> String {
+    http(addr, "GET", "/metrics", &[], b"").unwrap().text()
+}
+
+/// Asserts OpenAI's error shape and returns the error object.
+pub fn error_of(r: &HttpReply, status: u16) -> serde_json::Value {
+    assert_eq!(r.status, status, "{}", r.text());
+    let v = r.json();
+    let e = v["error"].clone();
+    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    assert!(e["type"].is_string(), "{v}");
+    assert!(e.get("param").is_some() && e.get("code").is_some(), "{v}");
+    e
+}
+
+/// Concatenated text of an SSE completion or chat stream, and the finish reason.
+pub fn stream_text(events: &[String]) -> (String, String, Option<serde_json::Value>) {
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{events:?}"
+    );
+    let mut text = String::new();
+    let mut finish = String::new();
+    let mut usage = None;
+    for e in &events[..events.len() - 1] {
+        let v: serde_json::Value = serde_json::from_str(e).unwrap();
+        if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
+            usage = Some(u.clone());
+        }
+        let Some(c) = v["choices"].as_array().and_then(|c| c.first()) else {
+            continue;
+        };
+        if let Some(t) = c["text"].as_str() {
+            text.push_str(t);
+        }
+        if let Some(t) = c["delta"]["content"].as_str() {
+            text.push_str(t);
+        }
+        if let Some(f) = c["finish_reason"].as_str() {
+            finish = f.to_string();
+        }
+    }
+    (text, finish, usage)
+}
+
+/// Reads a stream to its end; the `data:` payloads.
+pub fn read_sse(s: &mut std::net::TcpStream) -> Vec<String> {
+    use std::io::Read;
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    // Chunked framing aside, every event is a "data: ...\n\n" line.
+    text.split('\n')
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|l| l.trim_end_matches('\r').to_string())
+        .collect()
+}
+
+/// Sends a streaming `/v1/completions` request; the socket, to read the answer from.
+pub fn start_stream(addr: &str, body: &serde_json::Value) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let body = body.to_string();
+    write!(
+        s,
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    s
+}

@@ -340,7 +340,15 @@ impl Endpoint {
         let transport = Arc::new(quic_transport_config(cfg));
         let (server_cfg, client_cfg) = quic_configs(identity, &transport)?;
 
-        let mut endpoint_cfg = quinn::EndpointConfig::default();
+        let mut endpoint_cfg = quinn::EndpointConfig::new(Arc::new(identity.stateless_reset_key()));
+        // Connection IDs signed with a key derived from the identity too: an endpoint
+        // restarted with the same identity recognizes its predecessor's IDs and answers them
+        // with a stateless reset, so peers drop connections to a process that died at once
+        // instead of after the idle timeout.
+        let cid_key = identity.connection_id_key();
+        endpoint_cfg.cid_generator(move || {
+            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+        });
         endpoint_cfg
             .max_udp_payload_size(cfg.max_datagram_bytes)
             .map_err(|e| TransportError::Bind {

@@ -124,6 +124,31 @@ impl Identity {
 }
 
 impl Identity {
+    /// The key of QUIC stateless resets, derived from this identity's private key: the same
+    /// after a restart, so a restarted endpoint resets its peers' connections to the process
+    /// that died (they redial at once instead of waiting for the idle timeout).
+    pub(crate) fn stateless_reset_key(&self) -> ring::hmac::Key {
+        use ring::digest;
+        let mut ctx = digest::Context::new(&digest::SHA256);
+        ctx.update(b"pdagent quic stateless reset key v1\0");
+        ctx.update(self.key.secret_der());
+        ring::hmac::Key::new(ring::hmac::HMAC_SHA256, ctx.finish().as_ref())
+    }
+
+    /// The key that signs this endpoint's connection IDs, derived like the reset key: a
+    /// restarted endpoint still recognizes the IDs its previous incarnation handed out (and
+    /// answers them with a stateless reset).
+    pub(crate) fn connection_id_key(&self) -> u64 {
+        use ring::digest;
+        let mut ctx = digest::Context::new(&digest::SHA256);
+        ctx.update(b"pdagent quic connection id key v1\0");
+        ctx.update(self.key.secret_der());
+        let d = ctx.finish();
+        let mut k = [0u8; 8];
+        k.copy_from_slice(&d.as_ref()[..8]);
+        u64::from_le_bytes(k)
+    }
+
     /// The CA certificate this identity trusts, DER.
     pub fn ca_der(&self) -> &CertificateDer<'static> {
         &self.ca

@@ -138,3 +138,67 @@ async fn streams_end_fail_and_cancel() {
     let r: u32 = conn.call(&Req::Unary(1)).await.unwrap();
     assert_eq!(r, 2);
 }
+
+/// Serves `Counter` at `addr` on a thread with its own runtime for `secs`, then drops the
+/// runtime without closing anything (like a killed process); returns the bound address.
+fn serve_for(
+    id: Identity,
+    addr: SocketAddr,
+    secs: u64,
+) -> (SocketAddr, std::thread::JoinHandle<()>) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let server = rt.block_on(async {
+            let server = Endpoint::bind(addr, &id, &TransportConfig::default()).unwrap();
+            let (c, _) = mpsc::unbounded_channel();
+            let _serving = server.serve(Arc::new(Counter { cancelled: c }));
+            tx.send(server.local_addr()).unwrap();
+            tokio::time::sleep(Duration::from_secs(secs)).await;
+            server
+        });
+        // The runtime goes first: nothing is sent to the peers.
+        drop(rt);
+        drop(server);
+    });
+    (rx.recv().unwrap(), h)
+}
+
+/// An endpoint that died without a word (its process killed) and came back on the same
+/// address with the same identity resets its peers' old connections at once: the next call
+/// on one fails within a second, not after the idle timeout, and a new connection works.
+#[tokio::test(flavor = "current_thread")]
+async fn a_restarted_endpoint_resets_stale_connections() {
+    let ca = CertAuthority::generate("t").unwrap();
+    let mk = |n: &str| {
+        let i = ca.issue_node(n, Validity::default()).unwrap();
+        Identity::from_pem(&ca.cert_pem, &i.cert_pem, &i.key_pem).unwrap()
+    };
+    let server_id = mk("server");
+    let (addr, first) = serve_for(server_id.clone(), local(), 1);
+    let client = Endpoint::bind(local(), &mk("client"), &TransportConfig::default()).unwrap();
+    let conn = client.connect(addr, "server").await.unwrap();
+    let r: u32 = conn.call(&Req::Unary(1)).await.unwrap();
+    assert_eq!(r, 2);
+    tokio::task::spawn_blocking(move || first.join().unwrap())
+        .await
+        .unwrap();
+    let (_, second) = serve_for(server_id, addr, 10);
+    let t = std::time::Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(5), conn.call::<_, u32>(&Req::Unary(1)))
+        .await
+        .expect("the stale connection fails, not hangs");
+    assert!(r.is_err(), "{r:?}");
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "reset at once, not after the idle timeout: {:?}",
+        t.elapsed()
+    );
+    let conn = client.connect(addr, "server").await.unwrap();
+    let r: u32 = conn.call(&Req::Unary(5)).await.unwrap();
+    assert_eq!(r, 6);
+    drop(second);
+}

@@ -135,7 +135,7 @@ impl EngineClient {
         Ok(())
     }
 
-    /// Sends `Generate`, `Prefill` or `Decode`; the request's replies (up to and including its
+    /// Sends `Generate`, `Resume`, `Prefill` or `Decode`; the request's replies (up to and including its
     /// terminal `Finished` or `Error`) arrive on the returned channel. The channel closes
     /// without a terminal event if the engine connection is lost.
     pub async fn submit(
@@ -144,6 +144,7 @@ impl EngineClient {
     ) -> Result<mpsc::UnboundedReceiver<Reply>, EngineClientError> {
         let id = match &msg {
             AgentMessage::Generate { id, .. }
+            | AgentMessage::Resume { id, .. }
             | AgentMessage::Prefill { id, .. }
             | AgentMessage::Decode { id, .. } => *id,
             other => {

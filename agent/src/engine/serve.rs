@@ -402,34 +402,38 @@ fn handle(
                 let _ = tx.send(None);
             }
         },
-        AgentMessage::Generate {
-            id,
-            prompt,
-            sampling,
-        } => {
-            if role == EngineRole::Prefill {
-                return role_refusal(id, "generate");
-            }
-            match engine.add_request(id, prompt, sampling, RequestKind::Generate) {
-                Ok(()) => {
-                    owner.insert(id, conn);
-                    reply(EngineMessage::Accepted { id });
-                    if let Some(prompt_tokens) = engine.waiting_prompt_tokens(id) {
-                        reply(EngineMessage::Admitted { id, prompt_tokens });
-                    }
+        AgentMessage::Generate { id, .. }
+        | AgentMessage::Resume { id, .. }
+        | AgentMessage::Prefill { id, .. } => {
+            let queued = match msg {
+                AgentMessage::Generate {
+                    id,
+                    prompt,
+                    sampling,
+                } if role != EngineRole::Prefill => {
+                    engine.add_request(id, prompt, sampling, RequestKind::Generate)
                 }
-                Err(e) => reply(EngineMessage::error(Some(id), &e)),
-            }
-        }
-        AgentMessage::Prefill {
-            id,
-            prompt,
-            sampling,
-        } => {
-            if role == EngineRole::Decode {
-                return role_refusal(id, "prefill for another engine");
-            }
-            match engine.add_request(id, prompt, sampling, RequestKind::Prefill) {
+                AgentMessage::Resume {
+                    id,
+                    prompt,
+                    output,
+                    sampling,
+                } if role != EngineRole::Prefill => {
+                    engine.resume_request(id, prompt, output, sampling)
+                }
+                AgentMessage::Prefill {
+                    id,
+                    prompt,
+                    sampling,
+                } if role != EngineRole::Decode => {
+                    engine.add_request(id, prompt, sampling, RequestKind::Prefill)
+                }
+                AgentMessage::Prefill { .. } => {
+                    return role_refusal(id, "prefill for another engine");
+                }
+                _ => return role_refusal(id, "generate"),
+            };
+            match queued {
                 Ok(()) => {
                     owner.insert(id, conn);
                     reply(EngineMessage::Accepted { id });

@@ -16,7 +16,7 @@
 //! has an API key (`pdctl apikey create`), the `/v1/` routes ask for one (`Authorization:
 //! Bearer <key>`, 401 otherwise); `/health`, `/ready` and `/metrics` stay open. Non-streaming
 //! answers carry `Server-Timing: agent;dur=…, engine;dur=…` (ms): the request's time outside
-//! and inside engines.
+//! and inside engines. Answers name the engines that served them in `X-Pdagent-Route`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -39,6 +39,10 @@ use super::{Out, Serving};
 /// Owner shown in `/v1/models`.
 const OWNED_BY: &str = "pdagent";
 const REQUEST_ID_HEADER: &str = "x-request-id";
+/// The engines that served a request, `engine@node` (`prefill -> decode` when disaggregated;
+/// ` => engine@node` for each migration): on streams as of the first token, on other answers
+/// complete.
+const ROUTE_HEADER: &str = "x-pdagent-route";
 const REQUEST_ID_BYTES_MAX: usize = 128;
 /// A streaming client that reads nothing for this long is let go.
 const SLOW_CLIENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -271,9 +275,16 @@ async fn generate(s: Arc<Serving>, kind: ApiKind, req: Request) -> Response {
     };
     if stream {
         let (tx, body_rx) = mpsc::channel::<Bytes>(64);
+        let route = match &first {
+            Out::FirstToken { route } => HeaderValue::from_str(route).ok(),
+            _ => None,
+        };
         tokio::spawn(response.stream(first, rx, tx));
         let mut r = Response::new(Body::new(ChannelBody { rx: body_rx }));
         let h = r.headers_mut();
+        if let Some(v) = route {
+            h.insert(ROUTE_HEADER, v);
+        }
         h.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/event-stream"),
@@ -292,16 +303,20 @@ async fn generate(s: Arc<Serving>, kind: ApiKind, req: Request) -> Response {
                 None => rx.recv().await,
             };
             match next {
-                Some(Out::FirstToken) => {}
+                Some(Out::FirstToken { .. }) => {}
                 Some(Out::Text(t)) => text.push_str(&t),
                 Some(Out::Done {
                     finish,
                     usage,
                     timing,
+                    route,
                 }) => {
                     let mut r = json(response.body(&text, finish, usage));
                     if let Ok(v) = HeaderValue::from_str(&rid) {
                         r.headers_mut().insert(REQUEST_ID_HEADER, v);
+                    }
+                    if let Ok(v) = HeaderValue::from_str(&route) {
+                        r.headers_mut().insert(ROUTE_HEADER, v);
                     }
                     // Where the time went, in the standard Server-Timing header (ms).
                     let t = format!(
@@ -385,7 +400,7 @@ impl Responder {
                 return;
             };
             let chunk = match out {
-                Out::FirstToken => continue,
+                Out::FirstToken { .. } => continue,
                 Out::Text(t) => pd_openai::text_chunk(self.kind, &meta, &t, self.include_usage),
                 Out::Done { finish, usage, .. } => {
                     let mut last =

@@ -52,6 +52,9 @@ pub struct GenerateLeg {
     pub engine: String,
     pub prompt: Prompt,
     pub sampling: SamplingParams,
+    /// The output tokens the client already has, from an engine that failed: the engine
+    /// recomputes them after the prompt and continues from there (empty: a new request).
+    pub resume: Vec<u32>,
 }
 
 /// What a leg reports, in order; `Finished` or `Failed` is the last.
@@ -450,12 +453,22 @@ impl Legs {
         let client = self.engine(&leg.engine)?;
         let id = self.next_id();
         let submitted = Instant::now();
-        let mut rx = client
-            .submit(AgentMessage::Generate {
+        let msg = if leg.resume.is_empty() {
+            AgentMessage::Generate {
                 id,
                 prompt: leg.prompt,
                 sampling: leg.sampling,
-            })
+            }
+        } else {
+            AgentMessage::Resume {
+                id,
+                prompt: leg.prompt,
+                output: leg.resume,
+                sampling: leg.sampling,
+            }
+        };
+        let mut rx = client
+            .submit(msg)
             .await
             .map_err(|e| Fail(Failure::EngineLost, e.to_string()))?;
         self.pump(&client, id, &mut rx, tx, submitted).await
@@ -541,6 +554,9 @@ const SEAL_TIMEOUT: Duration = Duration::from_secs(5);
 const PIECES_IN_FLIGHT_MAX: usize = 16;
 
 /// Where a prefill's KV goes: this host's inbox, or the decode host over QUIC.
+/// How long a shipment may go without any piece acknowledged before it fails.
+const KV_STALL_TIMEOUT: Duration = Duration::from_secs(3);
+
 struct Shipper {
     target: Target,
     /// Pieces on their way, not yet acknowledged.
@@ -584,9 +600,22 @@ impl Shipper {
         }
     }
 
-    /// Waits for one piece in flight to be acknowledged.
+    /// Waits for one piece in flight to be acknowledged. A link that was cut sends no error,
+    /// only silence: past `KV_STALL_TIMEOUT` without an acknowledgement the shipment fails
+    /// (rather than after the transport's idle timeout).
     async fn settle_one(&mut self) -> Result<(), Option<Fail>> {
-        match self.in_flight.join_next().await {
+        let next = tokio::time::timeout(KV_STALL_TIMEOUT, self.in_flight.join_next())
+            .await
+            .map_err(|_| {
+                Some(Fail(
+                    Failure::KvTransfer,
+                    format!(
+                        "the decode host acknowledged no KV piece for {} s: the link is cut or the host stalled",
+                        KV_STALL_TIMEOUT.as_secs_f32()
+                    ),
+                ))
+            })?;
+        match next {
             None | Some(Ok(Ok(()))) => Ok(()),
             Some(Ok(Err(e))) => Err(Some(Fail(Failure::KvTransfer, format!("shipping KV: {e}")))),
             Some(Err(e)) => Err(Some(Fail(Failure::Internal, format!("shipping KV: {e}")))),

@@ -200,6 +200,7 @@ pub struct GaugeSample {
 pub struct Metrics {
     pub requests: Counter,
     pub routing: Counter,
+    pub recoveries: Counter,
     pub prompt_tokens: Counter,
     pub generation_tokens: Counter,
     pub legs: Counter,
@@ -225,6 +226,11 @@ impl Default for Metrics {
                 "pdagent_routing_decisions_total",
                 "Routing decisions of this agent's router, by kind.",
                 &["kind"],
+            ),
+            recoveries: Counter::new(
+                "pdagent_request_recoveries_total",
+                "Requests that went on on other engines after theirs failed, by model and kind: retry (before the first token) or migration (after it, replayed exactly).",
+                &["model", "kind"],
             ),
             prompt_tokens: Counter::new(
                 "pdagent_prompt_tokens_total",
@@ -292,6 +298,7 @@ impl Metrics {
         let mut out = String::with_capacity(8192);
         self.requests.render(&mut out);
         self.routing.render(&mut out);
+        self.recoveries.render(&mut out);
         self.prompt_tokens.render(&mut out);
         self.generation_tokens.render(&mut out);
         self.legs.render(&mut out);

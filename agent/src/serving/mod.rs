@@ -53,6 +53,8 @@ pub struct ServingConfig {
     pub request_timeout: Duration,
     /// Tries on other engines before the first token, after the first one failed.
     pub retries: u32,
+    /// Moves to another engine after the first token, the request replayed there.
+    pub migrations: u32,
     /// How long an engine that failed a leg is not chosen by this agent's router.
     pub circuit_open: Duration,
     pub view_refresh: Duration,
@@ -62,13 +64,18 @@ pub struct ServingConfig {
 /// What the ingress sends the client, in order: text, then exactly one `Done` or `Error`.
 #[derive(Debug)]
 pub enum Out {
-    /// The first token is known (its text may be empty or held back by a stop matcher).
-    FirstToken,
+    /// The first token is known (its text may be empty or held back by a stop matcher);
+    /// `route` names the engines that produced it (see [`Emitter::route`]).
+    FirstToken {
+        route: String,
+    },
     Text(String),
     Done {
         finish: FinishReason,
         usage: Usage,
         timing: Timing,
+        /// Every engine that produced the output, migrations included.
+        route: String,
     },
     Error(ApiError),
 }
@@ -103,6 +110,18 @@ struct View {
     api_keys: std::collections::HashSet<String>,
     /// Whether a key is asked for (the cluster's `api_keys_required`).
     keys_required: bool,
+    /// Each engine's incarnation (node, pid, restarts), to tell a restarted engine from the
+    /// one that failed.
+    incarnations: HashMap<String, Incarnation>,
+}
+
+type Incarnation = (String, Option<u32>, u32);
+
+/// An engine that failed a leg: not chosen until `until`, or until another incarnation of it
+/// is ready (restarted, or placed on another host).
+struct OpenCircuit {
+    until: Instant,
+    failed: Option<Incarnation>,
 }
 
 pub struct Serving {
@@ -117,7 +136,7 @@ pub struct Serving {
     /// Requests this agent has in flight per engine.
     inflight: Mutex<HashMap<String, u32>>,
     /// Engines that failed a leg, not chosen until the instant.
-    open_circuits: Mutex<HashMap<String, Instant>>,
+    open_circuits: Mutex<HashMap<String, OpenCircuit>>,
     slots: Arc<Semaphore>,
     seq: AtomicU64,
     /// Unix seconds at start, for ids and `created`.
@@ -216,7 +235,14 @@ impl Serving {
                 )
             })
             .collect();
+        let mut incarnations = HashMap::new();
+        let mut ready_again = Vec::new();
         for e in engines {
+            let incarnation = (e.node.clone(), e.pid, e.restarts);
+            if e.state == EngineState::Ready {
+                ready_again.push((e.engine.clone(), incarnation.clone()));
+            }
+            incarnations.insert(e.engine.clone(), incarnation);
             let Some(m) = models.get_mut(&e.deployment) else {
                 continue;
             };
@@ -249,7 +275,19 @@ impl Serving {
             models,
             api_keys,
             keys_required: state.api_keys_required,
+            incarnations,
         });
+        // An engine that failed and is ready again as another incarnation is taken back now.
+        let mut open = self.open_circuits.lock().unwrap_or_else(|p| p.into_inner());
+        for (engine, incarnation) in ready_again {
+            if open
+                .get(&engine)
+                .is_some_and(|c| c.failed.as_ref().is_some_and(|f| *f != incarnation))
+            {
+                tracing::info!(%engine, "the engine is ready again: chosen again");
+                open.remove(&engine);
+            }
+        }
     }
 
     fn view(&self) -> Arc<View> {
@@ -389,6 +427,7 @@ impl Serving {
                         finish,
                         usage,
                         timing,
+                        route: emit.route.clone(),
                     },
                 )
                 .await;
@@ -431,7 +470,7 @@ impl Serving {
         let (blocks, prompt_tokens) = prefix_blocks(&prompt, self.cfg.router.block_tokens);
         let sampling = self.sampling(g);
         let mut excluded: Vec<String> = Vec::new();
-        let mut attempt = 0;
+        let (mut retries, mut migrations) = (0, 0);
         let mut previous: Option<AttemptFail> = None;
         loop {
             let (decision, candidates) =
@@ -446,16 +485,24 @@ impl Serving {
                 DecisionKind::Disaggregated if sampling.max_tokens <= 1 => DecisionKind::DecodeOnly,
                 k => k,
             };
-            self.metrics.routing.inc(&[kind.as_str()]);
-            let result = match kind {
-                DecisionKind::Disaggregated => {
-                    let p = &candidates[decision.prefill.expect("a prefill engine")];
-                    let d = &candidates[decision.decode];
-                    self.disaggregated(p, d, &prompt, &sampling, emit).await
-                }
-                DecisionKind::Colocated | DecisionKind::DecodeOnly => {
-                    let e = &candidates[decision.decode];
-                    self.generate(e, &prompt, &sampling, emit).await
+            let result = if emit.started() {
+                // A move after the first token: a decode-capable engine recomputes the prompt
+                // and the tokens so far, and continues.
+                self.metrics.routing.inc(&["migration"]);
+                let e = &candidates[decision.decode];
+                self.generate(e, &prompt, &sampling, emit).await
+            } else {
+                self.metrics.routing.inc(&[kind.as_str()]);
+                match kind {
+                    DecisionKind::Disaggregated => {
+                        let p = &candidates[decision.prefill.expect("a prefill engine")];
+                        let d = &candidates[decision.decode];
+                        self.disaggregated(p, d, &prompt, &sampling, emit).await
+                    }
+                    DecisionKind::Colocated | DecisionKind::DecodeOnly => {
+                        let e = &candidates[decision.decode];
+                        self.generate(e, &prompt, &sampling, emit).await
+                    }
                 }
             };
             match result {
@@ -468,10 +515,18 @@ impl Serving {
                     if matches!(f.failure, Failure::EngineLost | Failure::Unreachable) {
                         self.open_circuit(&f.engine);
                     }
-                    let may_retry = f.failure.retryable() && !emit.started();
-                    if may_retry && attempt < self.cfg.retries {
-                        tracing::info!(engine = %f.engine, failure = ?f.failure, error = %f.message, "retrying the request on other engines");
-                        attempt += 1;
+                    // Before the first token the request is tried again on other engines; after
+                    // it, moved to another engine that replays the prompt and the tokens so far
+                    // (sampling depends only on the seed and the output index: exact).
+                    let (used, limit, what) = if emit.started() {
+                        (&mut migrations, self.cfg.migrations, "migration")
+                    } else {
+                        (&mut retries, self.cfg.retries, "retry")
+                    };
+                    if f.failure.retryable() && *used < limit {
+                        *used += 1;
+                        tracing::info!(engine = %f.engine, failure = ?f.failure, error = %f.message, tokens_so_far = emit.ids.len(), "{what}: the request goes on on other engines");
+                        self.metrics.recoveries.inc(&[&g.model, what]);
                         excluded.push(f.engine.clone());
                         previous = Some(f);
                         continue;
@@ -483,10 +538,17 @@ impl Serving {
     }
 
     fn open_circuit(&self, engine: &str) {
+        let failed = self.view().incarnations.get(engine).cloned();
         self.open_circuits
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(engine.to_string(), Instant::now() + self.cfg.circuit_open);
+            .insert(
+                engine.to_string(),
+                OpenCircuit {
+                    until: Instant::now() + self.cfg.circuit_open,
+                    failed,
+                },
+            );
         self.router
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -509,7 +571,7 @@ impl Serving {
             let inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
             let mut open = self.open_circuits.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();
-            open.retain(|_, until| *until > now);
+            open.retain(|_, c| c.until > now);
             for c in &mut candidates {
                 c.inflight = inflight.get(&c.engine).copied().unwrap_or(0);
                 if open.contains_key(&c.engine) || excluded.contains(&c.engine) {
@@ -568,7 +630,7 @@ impl Serving {
                 .await
         };
         match tokio::time::timeout(LEG_OPEN_TIMEOUT, open).await {
-            Ok(Ok(s)) => Ok(LegStream::remote(s)),
+            Ok(Ok(s)) => Ok(LegStream::remote(s, self.control.clone(), c.node.clone())),
             Ok(Err(e)) => Err(fail(
                 Failure::Unreachable,
                 format!("cannot reach node {}: {e}", c.node),
@@ -635,6 +697,7 @@ impl Serving {
             };
             match ev {
                 ServeEvent::Prefilled {
+                    first_token,
                     text,
                     prompt_tokens,
                     pieces,
@@ -644,10 +707,14 @@ impl Serving {
                     ..
                 } => {
                     emit.engine_us += engine_us;
+                    emit.serving_from(format!(
+                        "{}@{} -> {}@{}",
+                        p.engine, p.node, d.engine, d.node
+                    ));
                     let path = if p.node == d.node { "host" } else { "network" };
                     self.metrics.kv_transfer.observe(path, kv_ms / 1e3);
                     tracing::debug!(shipment, pieces, kv_bytes, kv_ms, "prefill done");
-                    if emit.token(&text).await {
+                    if emit.token(first_token, &text).await {
                         return Err(Attempt::Stopped(emit.stopped(prompt_tokens)));
                     }
                     break prompt_tokens;
@@ -671,7 +738,7 @@ impl Serving {
         };
         drop(pre);
         drop(_pg);
-        self.follow(&mut dec, early, &d.engine, emit, prompt_len, true)
+        self.follow(&mut dec, early, &d.engine, emit, prompt_len)
             .await
     }
 
@@ -690,11 +757,12 @@ impl Serving {
                     engine: e.engine.clone(),
                     prompt: prompt.clone(),
                     sampling: sampling.clone(),
+                    resume: emit.ids.clone(),
                 }),
             )
             .await?;
-        self.follow(&mut leg, Vec::new(), &e.engine, emit, 0, false)
-            .await
+        emit.serving_from(format!("{}@{}", e.engine, e.node));
+        self.follow(&mut leg, Vec::new(), &e.engine, emit, 0).await
     }
 
     /// Streams a decode or generate leg's tokens to the client until its end.
@@ -705,7 +773,6 @@ impl Serving {
         engine: &str,
         emit: &mut Emitter,
         mut prompt_len: u32,
-        skip_first: bool,
     ) -> Result<(FinishReason, Usage), Attempt> {
         let mut early = early.into_iter();
         loop {
@@ -715,9 +782,21 @@ impl Serving {
             };
             match ev {
                 ServeEvent::Admitted { prompt_tokens } => prompt_len = prompt_tokens,
-                ServeEvent::Token { index: 0, .. } if skip_first => {}
-                ServeEvent::Token { text, .. } => {
-                    if emit.token(&text).await {
+                // Tokens the client has (a decode leg re-sends the prefill's first token; a
+                // resumed leg starts after the tokens so far) are not sent twice.
+                ServeEvent::Token { index, .. } if (index as usize) < emit.ids.len() => {}
+                ServeEvent::Token { index, .. } if index as usize > emit.ids.len() => {
+                    return Err(Attempt::Failed(AttemptFail {
+                        failure: Failure::Internal,
+                        message: format!(
+                            "token {index} came after token {}: a gap in the stream",
+                            emit.ids.len()
+                        ),
+                        engine: engine.to_string(),
+                    }));
+                }
+                ServeEvent::Token { token, text, .. } => {
+                    if emit.token(token, &text).await {
                         return Err(Attempt::Stopped(emit.stopped(prompt_len)));
                     }
                 }
@@ -842,25 +921,57 @@ fn api_error(f: &AttemptFail) -> ApiError {
 /// it is cancel-safe, and dropping it cancels the leg.
 enum LegStream {
     Local(mpsc::Receiver<ServeEvent>),
-    Remote(mpsc::Receiver<Result<ServeEvent, String>>),
+    Remote(mpsc::Receiver<Result<ServeEvent, (Failure, String)>>),
 }
+
+/// How often a remote leg checks its node's health while waiting.
+const LEG_HEALTH_CHECK: Duration = Duration::from_millis(250);
+/// A remote leg silent this long while its node misses heartbeats (suspect) is given up.
+const LEG_SILENT_ON_SUSPECT: Duration = Duration::from_secs(1);
 
 impl LegStream {
     /// Forwards a remote leg's events into a channel; when the channel's reader goes away the
-    /// stream is dropped, which tells the remote agent to cancel the leg.
-    fn remote(mut s: ResponseStream<AgentResponse>) -> LegStream {
+    /// stream is dropped, which tells the remote agent to cancel the leg. A node that died
+    /// sends nothing, not even a close: the leg is given up as soon as the coordinator marks
+    /// the node down, or suspect while the leg is silent, instead of after the transport's
+    /// idle timeout.
+    fn remote(
+        mut s: ResponseStream<AgentResponse>,
+        control: Arc<ControlPlane>,
+        node: String,
+    ) -> LegStream {
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(async move {
+            let mut check = tokio::time::interval(LEG_HEALTH_CHECK);
+            let mut heard = Instant::now();
             loop {
                 let item = tokio::select! {
                     item = s.next() => item,
                     _ = tx.closed() => return,
+                    _ = check.tick() => {
+                        let health = control.node_health(&node);
+                        let silent = heard.elapsed() >= LEG_SILENT_ON_SUSPECT;
+                        let gone = match health {
+                            Some(pd_raft::NodeHealth::Down) | None => true,
+                            Some(pd_raft::NodeHealth::Suspect) => silent,
+                            _ => false,
+                        };
+                        if gone {
+                            let why = format!("node {node} stopped answering heartbeats ({health:?})");
+                            let _ = tx.send(Err((Failure::Unreachable, why))).await;
+                            return;
+                        }
+                        continue;
+                    }
                 };
+                heard = Instant::now();
                 let ev = match item {
                     Ok(Some(AgentResponse::Serve(ev))) => Ok(ev),
-                    Ok(Some(other)) => Err(format!("unexpected answer {other:?}")),
+                    Ok(Some(other)) => {
+                        Err((Failure::Internal, format!("unexpected answer {other:?}")))
+                    }
                     Ok(None) => return,
-                    Err(e) => Err(format!("the engine's agent: {e}")),
+                    Err(e) => Err((Failure::EngineLost, format!("the engine's agent: {e}"))),
                 };
                 let end = ev.is_err();
                 if tx.send(ev).await.is_err() || end {
@@ -872,20 +983,23 @@ impl LegStream {
     }
 
     async fn next(&mut self, engine: &str) -> Result<ServeEvent, AttemptFail> {
-        let lost = |message: String| AttemptFail {
-            failure: Failure::EngineLost,
+        let fail = |failure, message: String| AttemptFail {
+            failure,
             message,
             engine: engine.to_string(),
         };
+        let ended = || {
+            fail(
+                Failure::EngineLost,
+                "the leg ended without an answer".into(),
+            )
+        };
         match self {
-            LegStream::Local(rx) => rx
-                .recv()
-                .await
-                .ok_or_else(|| lost("the leg ended without an answer".into())),
+            LegStream::Local(rx) => rx.recv().await.ok_or_else(ended),
             LegStream::Remote(rx) => match rx.recv().await {
                 Some(Ok(ev)) => Ok(ev),
-                Some(Err(why)) => Err(lost(why)),
-                None => Err(lost("the leg ended without an answer".into())),
+                Some(Err((failure, why))) => Err(fail(failure, why)),
+                None => Err(ended()),
             },
         }
     }
@@ -919,7 +1033,11 @@ struct Emitter {
     tx: mpsc::Sender<Out>,
     stop: StopMatcher,
     t0: Instant,
-    tokens: u32,
+    /// The output token ids sent so far (replayed when the request moves to another engine).
+    ids: Vec<u32>,
+    /// The engines serving the request, `engine@node`: `prefill -> decode` when
+    /// disaggregated, and ` => engine@node` appended for each migration.
+    route: String,
     first_at: Option<Duration>,
     last_at: Option<Duration>,
     /// Time in engines so far (see [`Timing`]).
@@ -932,27 +1050,43 @@ impl Emitter {
             tx,
             stop: StopMatcher::new(&g.stop),
             t0,
-            tokens: 0,
+            ids: Vec::new(),
+            route: String::new(),
             first_at: None,
             last_at: None,
             engine_us: 0,
         }
     }
 
+    /// Records the engines of the attempt now streaming (before its first token).
+    fn serving_from(&mut self, engines: String) {
+        if self.started() {
+            self.route.push_str(" => ");
+            self.route.push_str(&engines);
+        } else {
+            self.route = engines;
+        }
+    }
+
     /// Whether anything reached the client (then no transparent retry).
     fn started(&self) -> bool {
-        self.tokens > 0
+        !self.ids.is_empty()
     }
 
     /// One token's text; true when a stop sequence ended the request.
-    async fn token(&mut self, text: &str) -> bool {
+    async fn token(&mut self, id: u32, text: &str) -> bool {
         let now = self.t0.elapsed();
         if self.first_at.is_none() {
             self.first_at = Some(now);
-            let _ = self.tx.send(Out::FirstToken).await;
+            let _ = self
+                .tx
+                .send(Out::FirstToken {
+                    route: self.route.clone(),
+                })
+                .await;
         }
         self.last_at = Some(now);
-        self.tokens += 1;
+        self.ids.push(id);
         let (out, stopped) = self.stop.push(text);
         if !out.is_empty() {
             let _ = self.tx.send(Out::Text(out)).await;
@@ -963,7 +1097,7 @@ impl Emitter {
     fn usage(&self, prompt_tokens: u32) -> Usage {
         Usage {
             prompt_tokens,
-            completion_tokens: self.tokens,
+            completion_tokens: self.ids.len() as u32,
         }
     }
 
