@@ -7,7 +7,8 @@
 //! Routes:
 //! - `GET /v1/status` — the cluster as this agent sees it.
 //! - `PUT /v1/nodes/{node}/labels/{key}` with `{"value": "..."}`; `DELETE` removes the label.
-//! - `POST /v1/nodes/{node}/cordon`, `/uncordon`, `/drain`.
+//! - `POST /v1/nodes/{node}/cordon`, `/uncordon`, `/drain`, `/flip` (`{"role": "prefill" |
+//!   "decode"}`: the node's engines change role, see `Command::FlipNode`).
 //! - `DELETE /v1/nodes/{node}` — remove the node from the cluster.
 //! - `GET /v1/engines` — every assigned engine with its state as its agent reports it.
 //! - `GET /v1/deployments`; `POST /v1/deployments` with `{"name", "engine", "model", "tp",
@@ -370,6 +371,44 @@ async fn drain(
     set_admin_state(&ctx, node, AdminState::Draining).await
 }
 
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FlipBody {
+    role: String,
+}
+
+/// The node's engines change role; answers with the engines now on the node.
+async fn flip(
+    State(ctx): Ctx,
+    UrlPath(node): UrlPath<String>,
+    Json(body): Json<FlipBody>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let role = match body.role.as_str() {
+        "prefill" => pd_raft::EngineRole::Prefill,
+        "decode" => pd_raft::EngineRole::Decode,
+        other => {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                "invalid_role",
+                format!("role {other:?}: a node flips to \"prefill\" or \"decode\""),
+            ));
+        }
+    };
+    ctx.write(Command::FlipNode {
+        node: node.clone(),
+        role,
+    })
+    .await?;
+    let state = ctx.control.state_snapshot();
+    let engines: Vec<serde_json::Value> = state
+        .assignments
+        .values()
+        .filter(|a| a.node == node)
+        .map(|a| json!({"engine": a.engine, "role": a.role.to_string(), "gpus": a.gpus, "generation": a.generation}))
+        .collect();
+    Ok(Json(json!({"changed": true, "engines": engines})))
+}
+
 async fn remove(
     State(ctx): Ctx,
     UrlPath(node): UrlPath<String>,
@@ -400,6 +439,7 @@ pub fn router(ctx: Arc<AdminCtx>) -> Router {
         .route("/v1/nodes/{node}/cordon", post(cordon))
         .route("/v1/nodes/{node}/uncordon", post(uncordon))
         .route("/v1/nodes/{node}/drain", post(drain))
+        .route("/v1/nodes/{node}/flip", post(flip))
         .route("/v1/nodes/{node}", axum::routing::delete(remove))
         .route("/v1/deployments", get(deployments).post(create_deployment))
         .route("/v1/engines", get(engines))

@@ -409,6 +409,15 @@ impl Supervisor {
             }
             *draining = still;
         }
+        // GPUs still held by draining engines: a new engine on them waits for the drain (a
+        // flip restarts an engine on its own GPUs).
+        let held: std::collections::BTreeSet<u32> = self
+            .draining
+            .lock()
+            .await
+            .iter()
+            .flat_map(|m| m.assignment.gpus.iter().copied())
+            .collect();
         for (id, (a, model)) in &desired {
             if !engines.contains_key(id) {
                 self.acted
@@ -436,6 +445,9 @@ impl Supervisor {
         let ids: Vec<String> = engines.keys().cloned().collect();
         for id in ids {
             if let Some(m) = engines.get_mut(&id) {
+                if m.pid.is_none() && m.assignment.gpus.iter().any(|g| held.contains(g)) {
+                    continue;
+                }
                 self.tend(m).await;
                 if m.state == EngineState::Ready
                     && let Some(c) = m.client.clone()

@@ -65,6 +65,14 @@ enum Command {
     Uncordon { node: String },
     /// Move work off a node.
     Drain { node: String },
+    /// Change the role of a node's engines (of disaggregated deployments): they drain
+    /// (running requests finish) and start again in the other role on the same GPUs; their
+    /// deployments' prefill and decode counts move with them.
+    Flip {
+        node: String,
+        #[arg(long, value_parser = ["prefill", "decode"])]
+        role: String,
+    },
     /// Remove a node from the cluster and revoke its certificates; its agent is refused from
     /// then on.
     Remove { node: String },
@@ -575,6 +583,34 @@ fn run(cli: Cli) -> Result<()> {
                     "unchanged".into()
                 }
             );
+        }
+        Command::Flip { node, role } => {
+            let c = admin(&cli.config)?;
+            let r = block_on(c.request(
+                "POST",
+                &format!("/v1/nodes/{}/flip", seg(&node)),
+                Some(serde_json::json!({ "role": role })),
+            ))??;
+            if json {
+                print_json(&r)?;
+            } else {
+                let engines: Vec<String> = r["engines"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|e| {
+                        format!(
+                            "{} ({})",
+                            e["engine"].as_str().unwrap_or_default(),
+                            e["role"].as_str().unwrap_or_default()
+                        )
+                    })
+                    .collect();
+                println!(
+                    "{node}: flipped to {role}; its engines now: {} (the old ones drain first: running requests finish)",
+                    engines.join(", ")
+                );
+            }
         }
         Command::Deploy {
             name,

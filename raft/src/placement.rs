@@ -31,14 +31,33 @@ pub struct PlacementError {
 }
 
 /// The engine ids of a deployment, in placement order: prefill and decode interleaved so that
-/// pairs land together.
-pub fn engine_ids(d: &Deployment) -> Vec<(String, crate::state::EngineRole)> {
+/// pairs land together. Per role, the ids already assigned stay (the lowest indexes when
+/// there are more than the layout asks for), and new ones take the lowest free indexes: a
+/// flip or a scale never renames an engine that keeps running.
+pub fn engine_ids(d: &Deployment, state: &ClusterState) -> Vec<(String, crate::state::EngineRole)> {
     let mut per_role: Vec<Vec<(String, crate::state::EngineRole)>> = d
         .layout
         .engines()
         .into_iter()
         .map(|(role, n)| {
-            (0..n)
+            let mut held: Vec<u32> = state
+                .assignments
+                .values()
+                .filter(|a| a.deployment == d.name && a.role == role)
+                .filter_map(|a| crate::state::engine_index(&a.engine))
+                .collect();
+            held.sort_unstable();
+            held.truncate(n as usize);
+            let mut ks = held.clone();
+            let mut k = 0;
+            while ks.len() < n as usize {
+                if !held.contains(&k) {
+                    ks.push(k);
+                }
+                k += 1;
+            }
+            ks.sort_unstable();
+            ks.into_iter()
                 .map(|k| (format!("{}/{role}-{k}", d.name), role))
                 .collect()
         })
@@ -87,7 +106,7 @@ pub fn place(state: &ClusterState, deployment: &str) -> Result<Vec<Placed>, Plac
             placed: 0,
             free: "(no such deployment)".into(),
         })?;
-    let wanted = engine_ids(d);
+    let wanted = engine_ids(d, state);
     let wanted_ids: BTreeSet<&str> = wanted.iter().map(|(e, _)| e.as_str()).collect();
     // GPUs held by other deployments' engines, and by this deployment's engines that stay.
     let mut used: BTreeSet<(String, u32)> = BTreeSet::new();
@@ -543,5 +562,118 @@ mod tests {
         s.apply(i, &Command::DeleteDeployment { name: "x".into() })
             .unwrap();
         assert!(s.assignments.is_empty());
+    }
+
+    /// A flip changes the role of a node's engines in place (same node and GPUs, new ids and
+    /// generation), moves the deployment's counts, leaves every other engine alone (ids and
+    /// generations), is stable under placement, and is refused when it would leave a role
+    /// empty or when the node has nothing to flip.
+    #[test]
+    fn flip_changes_roles_in_place_and_nothing_else() {
+        use crate::state::{ApplyError, EngineRole};
+        let (mut s, mut i) = cluster(&[("a", 1, None), ("b", 1, None), ("c", 1, None)]);
+        deploy(
+            &mut s,
+            &mut i,
+            "x",
+            1,
+            Layout::Disaggregated {
+                prefill: 2,
+                decode: 1,
+            },
+        );
+        commit(&mut s, &mut i, "x");
+        let before = s.assignments.clone();
+        let (node, old) = before
+            .values()
+            .find(|a| a.role == EngineRole::Prefill)
+            .map(|a| (a.node.clone(), a.clone()))
+            .unwrap();
+        i += 1;
+        s.apply(
+            i,
+            &Command::FlipNode {
+                node: node.clone(),
+                role: EngineRole::Decode,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            s.deployments["x"].layout,
+            Layout::Disaggregated {
+                prefill: 1,
+                decode: 2
+            }
+        );
+        let flipped = s.assignments.values().find(|a| a.node == node).unwrap();
+        assert_eq!(flipped.role, EngineRole::Decode);
+        assert_eq!(flipped.engine, "x/decode-1");
+        assert_eq!(flipped.gpus, old.gpus);
+        assert_eq!(flipped.generation, i);
+        for a in before.values().filter(|a| a.node != node) {
+            assert_eq!(s.assignments.get(&a.engine), Some(a), "untouched");
+        }
+        // Placement keeps it all as it is.
+        let again = place(&s, "x").unwrap();
+        assert_eq!(again.len(), 3);
+        for p in &again {
+            let a = &s.assignments[&p.engine];
+            assert_eq!((&a.node, &a.gpus, a.role), (&p.node, &p.gpus, p.role));
+        }
+        // The last prefill engine cannot go; a node with no decode engine has nothing to flip
+        // to prefill... the other way round it does.
+        let last = s
+            .assignments
+            .values()
+            .find(|a| a.role == EngineRole::Prefill)
+            .unwrap()
+            .node
+            .clone();
+        i += 1;
+        let e = s
+            .apply(
+                i,
+                &Command::FlipNode {
+                    node: last.clone(),
+                    role: EngineRole::Decode,
+                },
+            )
+            .unwrap_err();
+        assert!(
+            matches!(e, ApplyError::Refused(ref m) if m.contains("without a prefill")),
+            "{e}"
+        );
+        let e = s
+            .apply(
+                i,
+                &Command::FlipNode {
+                    node: last,
+                    role: EngineRole::Prefill,
+                },
+            )
+            .unwrap_err();
+        assert!(
+            matches!(e, ApplyError::Refused(ref m) if m.contains("no decode engine")),
+            "{e}"
+        );
+        // Scaling down keeps the lowest ids; scaling up fills the lowest free ones.
+        i += 1;
+        s.apply(
+            i,
+            &Command::ScaleDeployment {
+                name: "x".into(),
+                layout: Layout::Disaggregated {
+                    prefill: 1,
+                    decode: 1,
+                },
+            },
+        )
+        .unwrap();
+        let ids: Vec<String> = engine_ids(&s.deployments["x"], &s)
+            .into_iter()
+            .map(|(e, _)| e)
+            .collect();
+        assert_eq!(ids.len(), 2);
+        assert!(ids.contains(&"x/decode-0".to_string()), "{ids:?}");
     }
 }

@@ -230,6 +230,20 @@ pub enum Command {
     RequireApiKeys {
         required: bool,
     },
+    /// The node's engines of disaggregated deployments change role (to `role`, prefill or
+    /// decode): each keeps its node and GPUs under an id of the new role, and its deployment's
+    /// counts move with it. The node's agent drains the old engines (running requests finish)
+    /// and starts the new ones once their GPUs are free. Refused when a deployment would be
+    /// left without an engine of the other role.
+    FlipNode {
+        node: String,
+        role: EngineRole,
+    },
+}
+
+/// The index `k` of an engine id `<deployment>/<role>-<k>`.
+pub fn engine_index(engine: &str) -> Option<u32> {
+    engine.rsplit_once('-')?.1.parse().ok()
 }
 
 /// Bounds on API keys.
@@ -408,6 +422,94 @@ impl ClusterState {
         self.nodes
             .get(name)
             .ok_or_else(|| ApplyError::UnknownNode(name.to_string()))
+    }
+
+    /// See [`Command::FlipNode`].
+    fn flip_node(
+        &mut self,
+        node: &str,
+        role: EngineRole,
+        index: u64,
+    ) -> Result<Applied, ApplyError> {
+        self.node(node)?;
+        let from = match role {
+            EngineRole::Prefill => EngineRole::Decode,
+            EngineRole::Decode => EngineRole::Prefill,
+            EngineRole::Both => {
+                return Err(ApplyError::Refused(
+                    "a node flips to prefill or to decode".into(),
+                ));
+            }
+        };
+        let mut flips: BTreeMap<String, Vec<Assignment>> = BTreeMap::new();
+        for a in self.assignments.values() {
+            if a.node == node && a.role == from {
+                flips
+                    .entry(a.deployment.clone())
+                    .or_default()
+                    .push(a.clone());
+            }
+        }
+        if flips.is_empty() {
+            return Err(ApplyError::Refused(format!(
+                "node {node} runs no {from} engine to flip"
+            )));
+        }
+        // Check every deployment before changing any.
+        let mut layouts = BTreeMap::new();
+        for (dep, engines) in &flips {
+            let d = self
+                .deployments
+                .get(dep)
+                .ok_or_else(|| ApplyError::UnknownDeployment(dep.clone()))?;
+            let Layout::Disaggregated { prefill, decode } = d.layout else {
+                continue;
+            };
+            let m = engines.len() as u32;
+            let layout = match role {
+                EngineRole::Prefill => Layout::Disaggregated {
+                    prefill: prefill + m,
+                    decode: decode.saturating_sub(m),
+                },
+                _ => Layout::Disaggregated {
+                    prefill: prefill.saturating_sub(m),
+                    decode: decode + m,
+                },
+            };
+            if let Layout::Disaggregated { prefill: 0, .. }
+            | Layout::Disaggregated { decode: 0, .. } = layout
+            {
+                return Err(ApplyError::Refused(format!(
+                    "flipping {node} would leave {dep} without a {from} engine; scale it first (pdctl scale {dep} --prefill P --decode D)"
+                )));
+            }
+            layouts.insert(dep.clone(), layout);
+        }
+        for (dep, layout) in layouts {
+            let mut taken: BTreeSet<u32> = self
+                .assignments
+                .values()
+                .filter(|a| a.deployment == dep && a.role == role)
+                .filter_map(|a| engine_index(&a.engine))
+                .collect();
+            for old in &flips[&dep] {
+                let k = (0..).find(|k| !taken.contains(k)).expect("a free index");
+                taken.insert(k);
+                let engine = format!("{dep}/{role}-{k}");
+                self.assignments.remove(&old.engine);
+                self.assignments.insert(
+                    engine.clone(),
+                    Assignment {
+                        engine,
+                        role,
+                        generation: index,
+                        ..old.clone()
+                    },
+                );
+            }
+            self.deployments.get_mut(&dep).expect("checked").layout = layout;
+        }
+        Ok(Applied::Done)
     }
 
     fn node_mut(&mut self, name: &str) -> Result<&mut NodeRecord, ApplyError> {
@@ -752,6 +854,7 @@ impl ClusterState {
                 self.assignments.extend(next);
                 Ok(Applied::Done)
             }
+            Command::FlipNode { node, role } => self.flip_node(node, *role, index),
             Command::RecordCertificate {
                 node,
                 cert_serial,

@@ -589,3 +589,11 @@ pub fn start_stream(addr: &str, body: &serde_json::Value) -> std::net::TcpStream
     .unwrap();
     s
 }
+
+/// `pdctl engines -o json`: the engines.
+pub fn engines(l: &LocalCluster) -> Vec<serde_json::Value> {
+    let out = l.pdctl(&["engines", "-o", "json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["engines"].as_array().unwrap().clone()
+}

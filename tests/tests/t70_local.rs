@@ -465,13 +465,6 @@ fn deployments_are_placed_and_replaced_when_a_node_dies() {
     assert!(placements(&l).is_empty());
 }
 
-fn engines(l: &Local) -> Vec<serde_json::Value> {
-    let out = l.pdctl(&["engines", "-o", "json"]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["engines"].as_array().unwrap().clone()
-}
-
 fn engine_pid(l: &Local, engine: &str) -> Option<u64> {
     engines(l)
         .iter()
@@ -627,5 +620,114 @@ fn agents_start_restart_and_readopt_engines() {
                 .all(|p| !std::path::Path::new(&format!("/proc/{p}")).exists())
                 .then_some(())
         },
+    );
+}
+
+/// `pdctl flip NODE --role prefill`: the decode engine on that node drains (a stream running
+/// on it ends with all its tokens and `[DONE]`), then starts again as a prefill engine on the
+/// same GPU; the deployment's counts follow; flipping the last decode engine is refused.
+#[test]
+fn flip_changes_a_nodes_engines_role_after_their_requests_finish() {
+    use std::io::Read;
+    let _g = serial();
+    let l = LocalCluster::up_with(3, 1, free_base(3));
+    deploy(
+        &l,
+        &["pd", "--model", "tiny", "--prefill", "1", "--decode", "2"],
+    );
+    let api = node_addr(&l, "node-1");
+    wait_for("serving", deadline(Duration::from_secs(30)), || {
+        let body =
+            serde_json::json!({"model": "pd", "prompt": "Flip: warming up.", "max_tokens": 2});
+        (post_json(&api, "/v1/completions", &body).status == 200).then_some(())
+    });
+    // A long stream (a prompt that runs to max_tokens on `tiny`), and the node of the decode
+    // engine that streams it.
+    let body = serde_json::json!({"model": "pd", "prompt": "November: a long answer that is still running when its deployment goes away.", "max_tokens": 1500, "temperature": 0, "stream": true, "stream_options": {"include_usage": true}});
+    let mut s = start_stream(&api, &body);
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut b).unwrap(), 1);
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let route = head
+        .lines()
+        .find_map(|x| x.strip_prefix("x-pdagent-route: "))
+        .unwrap_or_else(|| panic!("{head}"))
+        .trim()
+        .to_string();
+    let (engine, node) = route.rsplit(' ').next().unwrap().split_once('@').unwrap();
+    assert!(engine.starts_with("pd/decode-"), "{route}");
+    let before = engines(&l);
+    let gpus = before.iter().find(|e| e["engine"] == engine).unwrap()["gpus"].clone();
+    let out = l.pdctl(&["flip", node, "--role", "prefill"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("pd/prefill-1"),
+        "{}",
+        text(&out.stdout)
+    );
+    // The stream was not cut: its engine drained.
+    let events = read_sse(&mut s);
+    let (_, finish, usage) = stream_text(&events);
+    assert_eq!(finish, "length");
+    assert_eq!(usage.unwrap()["completion_tokens"], 1500);
+    // Then the node runs a prefill engine on the same GPU.
+    wait_for(
+        "the flipped engine ready",
+        deadline(Duration::from_secs(60)),
+        || {
+            let e = engines(&l);
+            let on_node: Vec<&serde_json::Value> = e.iter().filter(|x| x["node"] == node).collect();
+            (e.len() == 3
+                && e.iter().all(|x| x["state"] == "ready")
+                && on_node.len() == 1
+                && on_node[0]["engine"] == "pd/prefill-1"
+                && on_node[0]["gpus"] == gpus)
+                .then_some(())
+        },
+    );
+    let d = l.pdctl(&["deployments", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&d.stdout).unwrap();
+    let dep = v["deployments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["name"] == "pd")
+        .unwrap()
+        .clone();
+    assert_eq!(dep["layout"]["disaggregated"]["prefill"], 2, "{dep}");
+    assert_eq!(dep["layout"]["disaggregated"]["decode"], 1, "{dep}");
+    // The cluster serves.
+    wait_for(
+        "served after the flip",
+        deadline(Duration::from_secs(30)),
+        || {
+            let body =
+                serde_json::json!({"model": "pd", "prompt": "Flip: after.", "max_tokens": 4});
+            (post_json(&api, "/v1/completions", &body).status == 200).then_some(())
+        },
+    );
+    // The last decode engine cannot flip; a node with nothing to flip says so.
+    let last = engines(&l)
+        .into_iter()
+        .find(|e| e["role"] == "decode")
+        .map(|e| e["node"].as_str().unwrap().to_string())
+        .unwrap();
+    let out = l.pdctl(&["flip", &last, "--role", "prefill"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("without a decode engine"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = l.pdctl(&["flip", node, "--role", "prefill"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("no decode engine to flip"),
+        "{}",
+        text(&out.stderr)
     );
 }

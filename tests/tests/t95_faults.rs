@@ -12,13 +12,6 @@ use std::time::{Duration, Instant};
 use pd_tests::*;
 use serde_json::{Value, json};
 
-fn engines(l: &LocalCluster) -> Vec<Value> {
-    let out = l.pdctl(&["engines", "-o", "json"]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["engines"].as_array().unwrap().clone()
-}
-
 fn wait_all_ready(l: &LocalCluster, what: &str, secs: u64) -> Vec<Value> {
     wait_for(what, deadline(Duration::from_secs(secs)), || {
         let out = l.pdctl(&["engines", "-o", "json"]);
