@@ -395,26 +395,29 @@ impl ControlPlane {
             .clone()
     }
 
-    /// The transport address of node `name`, from the replicated state.
-    pub fn node_address(&self, name: &str) -> Option<SocketAddr> {
+    /// Reads node `name`'s record in the replicated state.
+    fn with_node<T>(
+        &self,
+        name: &str,
+        f: impl FnOnce(&pd_raft::NodeRecord) -> Option<T>,
+    ) -> Option<T> {
         self.state
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .state
             .nodes
             .get(name)
-            .and_then(|n| n.address.parse().ok())
+            .and_then(f)
+    }
+
+    /// The transport address of node `name`, from the replicated state.
+    pub fn node_address(&self, name: &str) -> Option<SocketAddr> {
+        self.with_node(name, |n| n.address.parse().ok())
     }
 
     /// Node `name`'s health as the coordinator last recorded it (heartbeats).
     pub fn node_health(&self, name: &str) -> Option<NodeHealth> {
-        self.state
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .state
-            .nodes
-            .get(name)
-            .map(|n| n.health)
+        self.with_node(name, |n| Some(n.health))
     }
 
     /// This agent's node name.

@@ -95,18 +95,9 @@ pub fn run(requests: usize, rate: f64, json_out: bool) -> Result<FaultsReport> {
             eprintln!("{s}");
         }
     };
-    let tmp = std::env::temp_dir().join(format!("pdctl-bench-faults-{}", std::process::id()));
-    let base = crate::local::free_base_port(4)?;
-    let (dir, _) = crate::local::create(4, 1, &tmp, base, base + 2, true)?;
-    let result = measure(&dir, base + 2, requests, rate, &say);
-    let _ = crate::local::down(&dir, true);
-    match &result {
-        Ok(_) => {
-            let _ = std::fs::remove_dir_all(&dir);
-        }
-        Err(_) => eprintln!("the cluster's files and logs are kept in {}", dir.display()),
-    }
-    result
+    crate::local::with_cluster("bench-faults", 4, 1, |dir, api_port| {
+        measure(dir, api_port, requests, rate, &say)
+    })
 }
 
 /// One engine as `GET /v1/engines` lists it.

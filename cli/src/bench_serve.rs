@@ -98,18 +98,9 @@ pub fn run(requests: usize, json_out: bool) -> Result<ServeReport> {
             eprintln!("{s}");
         }
     };
-    let tmp = std::env::temp_dir().join(format!("pdctl-bench-serve-{}", std::process::id()));
-    let base = crate::local::free_base_port(2)?;
-    let (dir, _) = crate::local::create(2, 1, &tmp, base, base + 2, true)?;
-    let result = measure(&dir, base + 2, requests, &say);
-    let _ = crate::local::down(&dir, true);
-    match &result {
-        Ok(_) => {
-            let _ = std::fs::remove_dir_all(&dir);
-        }
-        Err(_) => eprintln!("the cluster's files and logs are kept in {}", dir.display()),
-    }
-    result
+    crate::local::with_cluster("bench-serve", 2, 1, |dir, api_port| {
+        measure(dir, api_port, requests, &say)
+    })
 }
 
 fn measure(

@@ -21,6 +21,8 @@ use anyhow::{Context, Result, bail};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
+use crate::load::Rng;
+
 /// Which way a datagram goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dir {
@@ -230,25 +232,6 @@ impl Faults {
     }
 }
 
-/// A seeded uniform stream (splitmix64): the same seed drops the same datagrams.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-
-    pub fn next_f64(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        (z >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
 #[derive(Debug, Default, Clone, Copy)]
 struct Counts {
     forwarded: u64,
@@ -268,7 +251,7 @@ struct Shared {
 
 impl Shared {
     fn decide(&mut self, peer: SocketAddr, dir: Dir, len: usize) -> Verdict {
-        let roll = self.rng.next_f64();
+        let roll = self.rng.unit();
         let flow = self.flows.entry(peer).or_default();
         let v = self.faults.decide(flow, peer.ip(), dir, len, roll);
         let c = match dir {
@@ -624,7 +607,7 @@ mod tests {
         let mut rng = Rng::new(7);
         let mut flow = FlowState::default();
         let dropped = (0..10_000)
-            .filter(|_| f.decide(&mut flow, ip(), Dir::Up, 10, rng.next_f64()) == Verdict::Drop)
+            .filter(|_| f.decide(&mut flow, ip(), Dir::Up, 10, rng.unit()) == Verdict::Drop)
             .count();
         assert!((2_700..3_300).contains(&dropped), "{dropped}");
         assert_eq!(
@@ -634,13 +617,13 @@ mod tests {
         let a: Vec<f64> = (0..5)
             .map({
                 let mut r = Rng::new(1);
-                move |_| r.next_f64()
+                move |_| r.unit()
             })
             .collect();
         let b: Vec<f64> = (0..5)
             .map({
                 let mut r = Rng::new(1);
-                move |_| r.next_f64()
+                move |_| r.unit()
             })
             .collect();
         assert_eq!(a, b);

@@ -359,6 +359,29 @@ fn proxy(dir: &Path, node: &str, args: &crate::faultproxy::FaultArgs) -> Result<
     result
 }
 
+/// Runs `f` on a new local cluster of `nodes` agents with `gpus` fixture GPUs each (in a
+/// temporary folder; `f` gets the folder and the OpenAI API port), then stops it. Its files are
+/// removed on success and kept, with a line saying where, on failure.
+pub fn with_cluster<T>(
+    what: &str,
+    nodes: usize,
+    gpus: u32,
+    f: impl FnOnce(&Path, u16) -> Result<T>,
+) -> Result<T> {
+    let tmp = std::env::temp_dir().join(format!("pdctl-{what}-{}", std::process::id()));
+    let base = free_base_port(nodes)?;
+    let (dir, _) = create(nodes, gpus, &tmp, base, base + 2, true)?;
+    let result = f(&dir, base + 2);
+    let _ = down(&dir, true);
+    match &result {
+        Ok(_) => {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        Err(_) => eprintln!("the cluster's files and logs are kept in {}", dir.display()),
+    }
+    result
+}
+
 /// The OpenAI API port of local clusters (node-k on 127.0.0.k:8000).
 pub const DEFAULT_API_PORT: u16 = 8000;
 

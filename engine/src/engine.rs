@@ -358,16 +358,7 @@ impl Engine {
         sampling: SamplingParams,
         kind: RequestKind,
     ) -> Result<(), EngineError> {
-        if self.live.contains(&id) {
-            return Err(EngineError::DuplicateRequest { id });
-        }
-        if self.waiting.len() >= self.cfg.queue_max {
-            return Err(EngineError::QueueFull {
-                id,
-                queue_max: self.cfg.queue_max,
-            });
-        }
-        sampling.validate(id)?;
+        self.check_new(id, &sampling)?;
         let tokens = self.tokenize(&prompt)?;
         self.check_prompt(id, &tokens)?;
         let seq = self.new_seq(id, kind, tokens, sampling);
@@ -388,16 +379,7 @@ impl Engine {
         output: Vec<u32>,
         sampling: SamplingParams,
     ) -> Result<(), EngineError> {
-        if self.live.contains(&id) {
-            return Err(EngineError::DuplicateRequest { id });
-        }
-        if self.waiting.len() >= self.cfg.queue_max {
-            return Err(EngineError::QueueFull {
-                id,
-                queue_max: self.cfg.queue_max,
-            });
-        }
-        sampling.validate(id)?;
+        self.check_new(id, &sampling)?;
         if output.len() >= sampling.max_tokens as usize {
             return Err(EngineError::Sampling {
                 id,
@@ -436,6 +418,20 @@ impl Engine {
         self.live.insert(id);
         self.waiting.push_back(seq);
         Ok(())
+    }
+
+    /// A new request's id is free, the queue has room and its sampling is valid.
+    fn check_new(&self, id: RequestId, sampling: &SamplingParams) -> Result<(), EngineError> {
+        if self.live.contains(&id) {
+            return Err(EngineError::DuplicateRequest { id });
+        }
+        if self.waiting.len() >= self.cfg.queue_max {
+            return Err(EngineError::QueueFull {
+                id,
+                queue_max: self.cfg.queue_max,
+            });
+        }
+        sampling.validate(id)
     }
 
     /// The prompt length of a request still waiting for admission (just added).
