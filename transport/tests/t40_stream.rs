@@ -139,14 +139,19 @@ async fn streams_end_fail_and_cancel() {
     assert_eq!(r, 2);
 }
 
-/// Serves `Counter` at `addr` on a thread with its own runtime for `secs`, then drops the
-/// runtime without closing anything (like a killed process); returns the bound address.
-fn serve_for(
+/// Serves `Counter` at `addr` on a thread with its own runtime until the returned sender is
+/// dropped, then drops the runtime without closing anything (like a killed process).
+/// Returns the bound address, and the thread to join.
+fn serve_until(
     id: Identity,
     addr: SocketAddr,
-    secs: u64,
-) -> (SocketAddr, std::thread::JoinHandle<()>) {
+) -> (
+    SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+    std::thread::JoinHandle<()>,
+) {
     let (tx, rx) = std::sync::mpsc::channel();
+    let (die, dead) = tokio::sync::oneshot::channel::<()>();
     let h = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -157,14 +162,14 @@ fn serve_for(
             let (c, _) = mpsc::unbounded_channel();
             let _serving = server.serve(Arc::new(Counter { cancelled: c }));
             tx.send(server.local_addr()).unwrap();
-            tokio::time::sleep(Duration::from_secs(secs)).await;
+            let _ = dead.await;
             server
         });
         // The runtime goes first: nothing is sent to the peers.
         drop(rt);
         drop(server);
     });
-    (rx.recv().unwrap(), h)
+    (rx.recv().unwrap(), die, h)
 }
 
 /// An endpoint that died without a word (its process killed) and came back on the same
@@ -178,15 +183,16 @@ async fn a_restarted_endpoint_resets_stale_connections() {
         Identity::from_pem(&ca.cert_pem, &i.cert_pem, &i.key_pem).unwrap()
     };
     let server_id = mk("server");
-    let (addr, first) = serve_for(server_id.clone(), local(), 1);
+    let (addr, kill_first, first) = serve_until(server_id.clone(), local());
     let client = Endpoint::bind(local(), &mk("client"), &TransportConfig::default()).unwrap();
     let conn = client.connect(addr, "server").await.unwrap();
     let r: u32 = conn.call(&Req::Unary(1)).await.unwrap();
     assert_eq!(r, 2);
+    drop(kill_first);
     tokio::task::spawn_blocking(move || first.join().unwrap())
         .await
         .unwrap();
-    let (_, second) = serve_for(server_id, addr, 10);
+    let (_, kill_second, second) = serve_until(server_id, addr);
     let t = std::time::Instant::now();
     let r = tokio::time::timeout(Duration::from_secs(5), conn.call::<_, u32>(&Req::Unary(1)))
         .await
@@ -200,5 +206,8 @@ async fn a_restarted_endpoint_resets_stale_connections() {
     let conn = client.connect(addr, "server").await.unwrap();
     let r: u32 = conn.call(&Req::Unary(5)).await.unwrap();
     assert_eq!(r, 6);
-    drop(second);
+    drop(kill_second);
+    tokio::task::spawn_blocking(move || second.join().unwrap())
+        .await
+        .unwrap();
 }
