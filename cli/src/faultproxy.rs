@@ -341,6 +341,9 @@ pub async fn run(
         let shared = shared.clone();
         tokio::spawn(async move {
             let mut flows: HashMap<SocketAddr, Queue> = HashMap::new();
+            // The return paths end with this task (the JoinSet aborts them when dropped), so
+            // no socket of the proxy outlives `run`.
+            let mut paths = tokio::task::JoinSet::new();
             let mut buf = vec![0u8; 65_536];
             loop {
                 let Ok((n, peer)) = front.recv_from(&mut buf).await else {
@@ -357,7 +360,12 @@ pub async fn run(
                             continue;
                         };
                         let back = Arc::new(back);
-                        spawn_return_path(back.clone(), front.clone(), peer, shared.clone());
+                        paths.spawn(return_path(
+                            back.clone(),
+                            front.clone(),
+                            peer,
+                            shared.clone(),
+                        ));
                         let q = sender(move |b| {
                             let _ = back.try_send(&b);
                         });
@@ -436,30 +444,27 @@ async fn open_upstream(upstream: SocketAddr) -> std::io::Result<UdpSocket> {
 }
 
 /// Datagrams from the agent back to `peer`.
-fn spawn_return_path(
+async fn return_path(
     back: Arc<UdpSocket>,
     front: Arc<UdpSocket>,
     peer: SocketAddr,
     shared: Arc<Mutex<Shared>>,
 ) {
-    tokio::spawn(async move {
-        let front2 = front.clone();
-        let queue = sender(move |b| {
-            let _ = front2.try_send_to(&b, peer);
-        });
-        let mut buf = vec![0u8; 65_536];
-        loop {
-            let Ok(n) = back.recv(&mut buf).await else {
-                // ICMP errors surface here on some systems; the flow stays.
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            };
-            let verdict = lock(&shared).decide(peer, Dir::Down, n);
-            if let Verdict::Forward(delay) = verdict {
-                let _ = queue.send((tokio::time::Instant::now() + delay, buf[..n].to_vec()));
-            }
-        }
+    let queue = sender(move |b| {
+        let _ = front.try_send_to(&b, peer);
     });
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let Ok(n) = back.recv(&mut buf).await else {
+            // ICMP errors surface here on some systems; the flow stays.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let verdict = lock(&shared).decide(peer, Dir::Down, n);
+        if let Verdict::Forward(delay) = verdict {
+            let _ = queue.send((tokio::time::Instant::now() + delay, buf[..n].to_vec()));
+        }
+    }
 }
 
 /// The faults to start with, as command-line flags (the same as the stdin commands).
