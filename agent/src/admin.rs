@@ -11,9 +11,12 @@
 //!   "decode"}`: the node's engines change role, see `Command::FlipNode`).
 //! - `DELETE /v1/nodes/{node}` — remove the node from the cluster.
 //! - `GET /v1/engines` — every assigned engine with its state as its agent reports it.
-//! - `GET /v1/deployments`; `POST /v1/deployments` with `{"name", "engine", "model", "tp",
-//!   "prefill", "decode" | "colocated", "ttft_ms", "tpot_ms"}` (refused with 409
-//!   `does_not_fit` and what is free when the engines cannot all be placed now);
+//! - `GET /v1/deployments` (each with its engines, the planner's prediction for a planned
+//!   layout, and the TTFT and TPOT the agents measured); `POST /v1/deployments` with
+//!   `{"name", "engine", "model", "tp", "prefill", "decode" | "colocated", "ttft_ms",
+//!   "tpot_ms"}`, or `"layout": "planned"` with the targets and optional `"isl"`, `"osl"`,
+//!   `"max_gpus"` (the planner sizes it on the free GPUs; see `planned`) (refused with 409
+//!   `does_not_fit` and what is missing when the engines cannot all be placed now);
 //!   `DELETE /v1/deployments/{name}`; `PUT /v1/deployments/{name}/layout` with `{"prefill",
 //!   "decode"}` or `{"colocated"}`.
 //! - `GET /v1/apikeys` (ids, names, creation times); `POST /v1/apikeys` with `{"name"}`
@@ -23,6 +26,7 @@
 //!
 //! Errors are `{"error": {"message": ..., "code": ...}}` with a 4xx or 5xx status.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -42,6 +46,7 @@ use tracing::{info, warn};
 
 use crate::control::{ControlPlane, SubmitError};
 use crate::peers::Peers;
+use crate::wire::{AgentRequest, AgentResponse};
 
 /// Bound on a TLS handshake from an admin client.
 const ADMIN_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -49,7 +54,15 @@ const ADMIN_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct AdminCtx {
     pub control: Arc<ControlPlane>,
     pub peers: Arc<Peers>,
+    /// This agent's serving metrics (the other agents' are asked for).
+    pub metrics: Arc<crate::serving::metrics::Metrics>,
 }
+
+/// Workload a planned layout is sized for when the deployment names none.
+pub const PLANNED_ISL_DEFAULT: u32 = 1024;
+pub const PLANNED_OSL_DEFAULT: u32 = 256;
+/// Bound on asking one agent for its measured latencies.
+const LATENCIES_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// An API error: status, code and message.
 pub struct ApiError(StatusCode, &'static str, String);
@@ -171,6 +184,11 @@ struct DeployBody {
     colocated: Option<u32>,
     ttft_ms: Option<u32>,
     tpot_ms: Option<u32>,
+    /// "planned": the planner chooses the engine counts.
+    layout: Option<String>,
+    isl: Option<u32>,
+    osl: Option<u32>,
+    max_gpus: Option<u32>,
 }
 
 impl DeployBody {
@@ -200,8 +218,77 @@ async fn engines(State(ctx): Ctx) -> Json<serde_json::Value> {
     Json(json!({ "engines": ctx.control.cluster_engines().await }))
 }
 
+/// TTFT and TPOT per model over every agent that answers within `LATENCIES_TIMEOUT`.
+async fn cluster_latencies(
+    ctx: &AdminCtx,
+    s: &pd_raft::ClusterState,
+) -> (
+    BTreeMap<String, crate::serving::metrics::ModelLatency>,
+    Vec<String>,
+) {
+    let me = ctx.control.node_name().to_string();
+    let mut asks = tokio::task::JoinSet::new();
+    for n in s.nodes.values() {
+        if n.name == me || n.health == pd_raft::NodeHealth::Down {
+            continue;
+        }
+        let (name, address, peers) = (n.name.clone(), n.address.clone(), ctx.peers.clone());
+        asks.spawn(async move {
+            let got = match address.parse::<SocketAddr>() {
+                Ok(addr) => {
+                    let req = AgentRequest::Latencies;
+                    match peers.call(&name, addr, &req, LATENCIES_TIMEOUT).await {
+                        Ok(AgentResponse::Latencies(l)) => Some(l),
+                        _ => None,
+                    }
+                }
+                Err(_) => None,
+            };
+            (name, got)
+        });
+    }
+    let mut answers = asks.join_all().await;
+    answers.push((me, Some(ctx.metrics.latencies())));
+    let mut by_model: BTreeMap<String, crate::serving::metrics::ModelLatency> = BTreeMap::new();
+    let mut silent = Vec::new();
+    for (node, got) in answers {
+        let Some(list) = got else {
+            silent.push(node);
+            continue;
+        };
+        for l in list {
+            match by_model.get_mut(&l.model) {
+                Some(sum) => {
+                    sum.ttft.merge(&l.ttft);
+                    sum.tpot.merge(&l.tpot);
+                }
+                None => {
+                    by_model.insert(l.model.clone(), l);
+                }
+            }
+        }
+    }
+    (by_model, silent)
+}
+
+/// What the agents measured for one model, in milliseconds.
+fn measured_json(l: Option<&crate::serving::metrics::ModelLatency>) -> serde_json::Value {
+    let Some(l) = l else {
+        return json!({"requests": 0});
+    };
+    let ms = |v: Option<f64>| v.map(|s| s * 1e3);
+    json!({
+        "requests": l.ttft.count,
+        "ttft_ms_mean": ms(l.ttft.mean()),
+        "ttft_ms_p90": ms(l.ttft.quantile(0.9)),
+        "tpot_ms_mean": ms(l.tpot.mean()),
+        "tpot_ms_p90": ms(l.tpot.quantile(0.9)),
+    })
+}
+
 async fn deployments(State(ctx): Ctx) -> Json<serde_json::Value> {
     let s = ctx.control.state_snapshot();
+    let (latencies, silent) = cluster_latencies(&ctx, &s).await;
     let list: Vec<serde_json::Value> = s
         .deployments
         .values()
@@ -214,32 +301,113 @@ async fn deployments(State(ctx): Ctx) -> Json<serde_json::Value> {
             let mut v = serde_json::to_value(d).unwrap_or_default();
             v["engines"] = serde_json::to_value(&engines).unwrap_or_default();
             v["placed"] = json!(engines.len() as u32 == d.layout.engine_count());
+            v["plan"] = s
+                .plans
+                .get(&d.name)
+                .map(crate::planned::plan_json)
+                .unwrap_or(serde_json::Value::Null);
+            v["measured"] = measured_json(latencies.get(&d.name));
             v
         })
         .collect();
-    Json(json!({ "deployments": list }))
+    Json(json!({ "deployments": list, "measured_without": silent }))
 }
 
 async fn create_deployment(
     State(ctx): Ctx,
     Json(body): Json<DeployBody>,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
-    let cmd = Command::CreateDeployment {
-        name: body.name.clone(),
-        engine: if body.engine.is_empty() {
-            "builtin".into()
-        } else {
-            body.engine.clone()
+    let engine = if body.engine.is_empty() {
+        "builtin".to_string()
+    } else {
+        body.engine.clone()
+    };
+    let tp = body.tp.unwrap_or(1);
+    let mut answer = json!({"created": body.name});
+    let cmd = match body.layout.as_deref() {
+        None => Command::CreateDeployment {
+            name: body.name.clone(),
+            engine,
+            model: body.model.clone(),
+            tp,
+            ttft_ms: body.ttft_ms,
+            tpot_ms: body.tpot_ms,
+            layout: body.layout()?,
         },
-        model: body.model.clone(),
-        tp: body.tp.unwrap_or(1),
-        ttft_ms: body.ttft_ms,
-        tpot_ms: body.tpot_ms,
-        layout: body.layout()?,
+        Some("planned") => {
+            let plan = plan_layout(&ctx, &body, tp).await?;
+            answer["plan"] = crate::planned::plan_json(&plan);
+            Command::CreatePlannedDeployment {
+                name: body.name.clone(),
+                engine,
+                model: body.model.clone(),
+                tp,
+                ttft_ms: body.ttft_ms,
+                tpot_ms: body.tpot_ms,
+                plan,
+            }
+        }
+        Some(other) => {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                "invalid_layout",
+                format!(
+                    "layout {other:?}: \"planned\" is the only named layout; otherwise give engine counts"
+                ),
+            ));
+        }
     };
     check_fit(&ctx, &cmd, &body.name)?;
     ctx.write(cmd).await?;
-    Ok((StatusCode::CREATED, Json(json!({"created": body.name}))))
+    Ok((StatusCode::CREATED, Json(answer)))
+}
+
+/// Runs the planner for a `"layout": "planned"` deployment (on a blocking thread: a plan
+/// simulates for up to about a second).
+async fn plan_layout(
+    ctx: &AdminCtx,
+    body: &DeployBody,
+    tp: u32,
+) -> Result<pd_raft::PlanRecord, ApiError> {
+    let bad = |m: String| ApiError(StatusCode::BAD_REQUEST, "invalid_layout", m);
+    if body.prefill.is_some() || body.decode.is_some() || body.colocated.is_some() {
+        return Err(bad(
+            "a planned layout takes no engine counts (the planner chooses them)".into(),
+        ));
+    }
+    let (Some(ttft_ms), Some(tpot_ms)) = (body.ttft_ms, body.tpot_ms) else {
+        return Err(bad(
+            "a planned layout needs ttft_ms and tpot_ms (the targets it is sized for)".into(),
+        ));
+    };
+    if ttft_ms == 0 || tpot_ms == 0 || body.max_gpus == Some(0) {
+        return Err(bad(
+            "ttft_ms, tpot_ms and max_gpus must be at least 1".into()
+        ));
+    }
+    let want = crate::planned::PlannedDeploy {
+        model: body.model.clone(),
+        tp,
+        ttft_ms,
+        tpot_ms,
+        isl: body.isl.unwrap_or(PLANNED_ISL_DEFAULT),
+        osl: body.osl.unwrap_or(PLANNED_OSL_DEFAULT),
+        max_gpus: body.max_gpus,
+    };
+    let state = ctx.control.state_snapshot();
+    let planned = tokio::task::spawn_blocking(move || crate::planned::plan(&state, &want))
+        .await
+        .map_err(|e| {
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("planner: {e}"),
+            )
+        })?;
+    planned.map_err(|e| match e {
+        crate::planned::PlanRefusal::Input(m) => bad(m),
+        crate::planned::PlanRefusal::NoFit(m) => ApiError(StatusCode::CONFLICT, "does_not_fit", m),
+    })
 }
 
 async fn delete_deployment(

@@ -29,6 +29,7 @@ pub struct AgentService {
     started: Instant,
     control: Arc<ControlPlane>,
     legs: Arc<crate::serving::legs::Legs>,
+    metrics: Arc<crate::serving::metrics::Metrics>,
 }
 
 impl Service for AgentService {
@@ -87,6 +88,7 @@ impl Service for AgentService {
                 self.legs.inbox.seal(seal);
                 Ok(AgentResponse::KvSealed)
             }
+            AgentRequest::Latencies => Ok(AgentResponse::Latencies(self.metrics.latencies())),
         }
     }
 
@@ -267,7 +269,7 @@ pub async fn run(
         control.clone(),
         peers.clone(),
         legs.clone(),
-        metrics,
+        metrics.clone(),
     );
     let refreshing = serving.spawn_refresher();
     let api_addr = match cfg.serving_listen {
@@ -285,6 +287,7 @@ pub async fn run(
     let admin = crate::admin::router(Arc::new(crate::admin::AdminCtx {
         control: control.clone(),
         peers,
+        metrics: metrics.clone(),
     }));
     let admin_addr = crate::admin::serve_https(cfg.admin_listen, &endpoint, admin.clone()).await?;
     crate::admin::serve_unix(&cfg.admin_socket, admin).await?;
@@ -293,6 +296,7 @@ pub async fn run(
         started: Instant::now(),
         control: control.clone(),
         legs,
+        metrics,
     });
     let server = endpoint.serve(service);
     info!(

@@ -19,6 +19,7 @@ pub mod gpus;
 pub mod logging;
 pub mod notify;
 pub mod peers;
+pub mod planned;
 pub mod serving;
 pub mod supervisor;
 pub mod wire;

@@ -56,6 +56,8 @@ pub enum AgentRequest {
     Serve(crate::serving::legs::Leg),
     /// A prefill host tells a decode host that a KV shipment is whole.
     KvSeal(crate::engine::kv_ship::Seal),
+    /// The TTFT and TPOT this agent's ingress measured, per model.
+    Latencies,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -93,6 +95,7 @@ pub enum AgentResponse {
     /// One event of a `Serve` stream.
     Serve(crate::serving::legs::ServeEvent),
     KvSealed,
+    Latencies(Vec<crate::serving::metrics::ModelLatency>),
 }
 
 /// One GPU's live readings, sent with every liveness report.

@@ -91,7 +91,7 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         tp: u32,
         #[command(flatten)]
-        layout: LayoutArgs,
+        layout: DeployLayoutArgs,
         /// Time-to-first-token target, ms.
         #[arg(long)]
         ttft_ms: Option<u32>,
@@ -181,6 +181,61 @@ enum Command {
     },
 }
 
+/// A layout as the admin API gives it, in words: `2P + 2D` or `3 colocated`.
+fn layout_text(l: &serde_json::Value) -> String {
+    if l["disaggregated"].is_object() {
+        format!(
+            "{}P + {}D",
+            l["disaggregated"]["prefill"], l["disaggregated"]["decode"]
+        )
+    } else {
+        format!("{} colocated", l["colocated"]["engines"])
+    }
+}
+
+/// Engines a layout of the admin API asks for.
+fn layout_engines(l: &serde_json::Value) -> u64 {
+    let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+    n(&l["disaggregated"]["prefill"])
+        + n(&l["disaggregated"]["decode"])
+        + n(&l["colocated"]["engines"])
+}
+
+/// A deployment's predicted (for a planned layout) and measured latencies, as table rows.
+fn latency_lines(d: &serde_json::Value) -> Vec<String> {
+    let name = d["name"].as_str().unwrap_or("");
+    let ms = |v: &serde_json::Value| match v.as_f64() {
+        Some(x) => format!("{x:.1} ms"),
+        None => "-".into(),
+    };
+    let mut out = Vec::new();
+    let p = &d["plan"]["predicted"];
+    if p.is_object() {
+        out.push(format!(
+            "{name:<24} {:<10} {:>8} {:>9} {:>9} {:>9} {:>9}",
+            "predicted",
+            format!("{:.1}/s", p["request_rate_per_s"].as_f64().unwrap_or(0.0)),
+            ms(&p["ttft_ms_mean"]),
+            ms(&p["ttft_ms_p90"]),
+            ms(&p["tpot_ms_mean"]),
+            ms(&p["tpot_ms_p90"]),
+        ));
+    }
+    let m = &d["measured"];
+    if m["requests"].as_u64().unwrap_or(0) > 0 || !out.is_empty() {
+        out.push(format!(
+            "{name:<24} {:<10} {:>8} {:>9} {:>9} {:>9} {:>9}",
+            "measured",
+            m["requests"].as_u64().unwrap_or(0).to_string(),
+            ms(&m["ttft_ms_mean"]),
+            ms(&m["ttft_ms_p90"]),
+            ms(&m["tpot_ms_mean"]),
+            ms(&m["tpot_ms_p90"]),
+        ));
+    }
+    out
+}
+
 /// A deployment's engine counts: `--prefill X --decode Y`, or `--colocated N`.
 #[derive(clap::Args, Debug, Clone)]
 struct LayoutArgs {
@@ -205,9 +260,37 @@ impl LayoutArgs {
             "prefill": self.prefill, "decode": self.decode, "colocated": self.colocated,
         }))
     }
+}
 
-    fn engines(&self) -> u32 {
-        self.colocated.unwrap_or(0) + self.prefill.unwrap_or(0) + self.decode.unwrap_or(0)
+/// `pdctl deploy`'s layout: engine counts, or `--layout planned` with the workload to plan for.
+#[derive(clap::Args, Debug, Clone)]
+struct DeployLayoutArgs {
+    #[command(flatten)]
+    counts: LayoutArgs,
+    /// `planned`: the coordinator's planner chooses prefill and decode (or colocated) engine
+    /// counts from the free GPUs, the model and the --ttft-ms/--tpot-ms targets.
+    #[arg(long, value_parser = ["planned"], conflicts_with_all = ["prefill", "decode", "colocated"],
+          requires_all = ["ttft_ms", "tpot_ms"])]
+    layout: Option<String>,
+    /// Prompt tokens per request the planned layout is sized for.
+    #[arg(long, requires = "layout")]
+    isl: Option<u32>,
+    /// Output tokens per request the planned layout is sized for.
+    #[arg(long, requires = "layout")]
+    osl: Option<u32>,
+    /// Plan on at most this many of the free GPUs.
+    #[arg(long, requires = "layout")]
+    max_gpus: Option<u32>,
+}
+
+impl DeployLayoutArgs {
+    fn body(&self) -> Result<serde_json::Value> {
+        if self.layout.is_none() {
+            return self.counts.body();
+        }
+        Ok(serde_json::json!({
+            "layout": self.layout, "isl": self.isl, "osl": self.osl, "max_gpus": self.max_gpus,
+        }))
     }
 }
 
@@ -624,7 +707,6 @@ fn run(cli: Cli) -> Result<()> {
             wait_timeout_s,
         } => {
             let mut body = layout.body()?;
-            let engines_wanted = layout.engines();
             let c = admin(&cli.config)?;
             for (k, v) in [
                 ("name", serde_json::json!(name)),
@@ -636,10 +718,32 @@ fn run(cli: Cli) -> Result<()> {
             ] {
                 body[k] = v;
             }
-            block_on(c.request("POST", "/v1/deployments", Some(body)))??;
+            let created = block_on(c.request("POST", "/v1/deployments", Some(body)))??;
+            let plan = &created["plan"];
+            if plan.is_object() {
+                let p = &plan["predicted"];
+                println!(
+                    "{name}: planned {} on {} for {} → {} tokens: {:.2} req/s, TTFT p90 {:.1} ms, TPOT p90 {:.2} ms predicted",
+                    plan["describe"].as_str().unwrap_or(""),
+                    plan["gpus"].as_str().unwrap_or(""),
+                    plan["isl"],
+                    plan["osl"],
+                    p["request_rate_per_s"].as_f64().unwrap_or(0.0),
+                    p["ttft_ms_p90"].as_f64().unwrap_or(0.0),
+                    p["tpot_ms_p90"].as_f64().unwrap_or(0.0),
+                );
+            }
             if !wait {
                 println!("{name}: deployment created; `pdctl engines` shows its engines");
             } else {
+                let d = block_on(c.request("GET", "/v1/deployments", None))??;
+                let engines_wanted = d["deployments"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|d| d["name"] == name.as_str())
+                    .map(|d| layout_engines(&d["layout"]))
+                    .context("the deployment is gone")?;
                 wait_engines_ready(
                     &c,
                     &name,
@@ -771,14 +875,13 @@ fn run(cli: Cli) -> Result<()> {
                     "{:<24} {:<8} {:<16} {:>3} {:<28} ENGINE PLACES",
                     "DEPLOYMENT", "ENGINE", "MODEL", "TP", "LAYOUT"
                 );
+                let mut latency = Vec::new();
                 for d in v["deployments"].as_array().into_iter().flatten() {
-                    let layout = match &d["layout"] {
-                        l if l["disaggregated"].is_object() => format!(
-                            "{}P + {}D",
-                            l["disaggregated"]["prefill"], l["disaggregated"]["decode"]
-                        ),
-                        l => format!("{} colocated", l["colocated"]["engines"]),
-                    };
+                    let mut layout = layout_text(&d["layout"]);
+                    if d["plan"].is_object() {
+                        layout += " (planned)";
+                    }
+                    latency.push(latency_lines(d));
                     let places: Vec<String> = d["engines"]
                         .as_array()
                         .into_iter()
@@ -809,6 +912,22 @@ fn run(cli: Cli) -> Result<()> {
                         } else {
                             places.join(" ")
                         }
+                    );
+                }
+                if latency.iter().any(|l| !l.is_empty()) {
+                    println!();
+                    println!(
+                        "{:<24} {:<10} {:>8} {:>9} {:>9} {:>9} {:>9}",
+                        "DEPLOYMENT", "", "REQUESTS", "TTFT", "TTFT p90", "TPOT", "TPOT p90"
+                    );
+                    for l in latency.into_iter().flatten() {
+                        println!("{l}");
+                    }
+                }
+                if let Some(silent) = v["measured_without"].as_array().filter(|s| !s.is_empty()) {
+                    println!(
+                        "(measured without {}: no answer)",
+                        serde_json::Value::from(silent.clone())
                     );
                 }
             }

@@ -58,6 +58,10 @@ pub struct PlanArgs {
     /// Seed of the simulated arrivals.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Only this TP size (1, 2, 4 or 8) for prefill and decode alike, as one `pdctl deploy
+    /// --tp` gives. Default: the search picks each phase's TP.
+    #[arg(long)]
+    tp: Option<u32>,
 }
 
 const EX_USAGE: i32 = 64;
@@ -192,6 +196,7 @@ pub fn run(args: PlanArgs, json_out: bool) -> Result<()> {
             tpot_s: args.tpot_ms / 1e3,
         },
         seed: args.seed,
+        tp: args.tp,
     };
     let started = Instant::now();
     let plan = pd_planner::plan(&req).unwrap_or_else(|e| usage(e));
@@ -299,12 +304,7 @@ fn deployment_name(model: &str) -> String {
 /// comes later). Per-phase TP sizes that differ get `--tp-prefill/--tp-decode`, which the
 /// documented syntax's single `--tp` cannot say.
 fn deploy_command(args: &PlanArgs, req: &PlanRequest, plan: &Plan) -> Option<String> {
-    let pick = match (&plan.disaggregated, &plan.colocated) {
-        (Some(d), Some(c)) if c.output_tokens_per_s_per_gpu > d.output_tokens_per_s_per_gpu => c,
-        (Some(d), _) => d,
-        (None, Some(c)) => c,
-        (None, None) => return None,
-    };
+    let pick = plan.best()?;
     let mut cmd = format!(
         "pdctl deploy {} --engine {} --model {}",
         deployment_name(&req.model.name),

@@ -118,7 +118,7 @@ impl ModelConfig {
     }
 
     /// The HF `config.json` of this model.
-    fn to_hf_json(&self) -> serde_json::Value {
+    pub fn to_hf_json(&self) -> serde_json::Value {
         let mut v = serde_json::json!({
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",

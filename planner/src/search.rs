@@ -41,6 +41,9 @@ pub struct PlanRequest {
     pub slo: Slo,
     /// Seed of the simulated arrivals.
     pub seed: u64,
+    /// Only this TP size, for prefill and decode alike (a deployment with one `--tp`); `None`
+    /// searches 1, 2, 4 and 8 per phase.
+    pub tp: Option<u32>,
 }
 
 /// One evaluated layout.
@@ -127,6 +130,19 @@ pub struct Plan {
     pub simulations: u32,
     /// Why a mode or a pool found nothing (model too large, targets out of reach).
     pub notes: Vec<String>,
+}
+
+impl Plan {
+    /// The layout to deploy: the mode with more output tokens/s/GPU.
+    pub fn best(&self) -> Option<&Candidate> {
+        match (&self.disaggregated, &self.colocated) {
+            (Some(d), Some(c)) if c.output_tokens_per_s_per_gpu > d.output_tokens_per_s_per_gpu => {
+                Some(c)
+            }
+            (Some(d), _) => Some(d),
+            (None, c) => c.as_ref(),
+        }
+    }
 }
 
 /// Analytic targets sit below the real ones: p90s and admission waits add to the means.
@@ -264,6 +280,7 @@ pub fn plan(req: &PlanRequest) -> Result<Plan, PlanError> {
         let mut row = Vec::new();
         for tp in TP_SIZES {
             let allowed = tp <= pool.gpus
+                && req.tp.is_none_or(|t| t == tp)
                 && tp <= pool.system.gpus_per_node
                 && (tp == 1 || matches!(pool.cost, StepCost::Roofline(_)));
             let perf = if allowed {
@@ -276,13 +293,16 @@ pub fn plan(req: &PlanRequest) -> Result<Plan, PlanError> {
         }
         if row.iter().all(Option::is_none) {
             notes.push(format!(
-                "{} ({} GPUs): {} in {} does not fit with a {}-token sequence at any TP up to {}",
+                "{} ({} GPUs): {} in {} does not fit with a {}-token sequence at {}",
                 pool.system.name,
                 req.pools[i].gpus,
                 req.model.name,
                 req.dtypes.weights,
                 longest,
-                pool.system.gpus_per_node.min(pool.gpus)
+                match req.tp {
+                    Some(tp) => format!("TP {tp}"),
+                    None => format!("any TP up to {}", pool.system.gpus_per_node.min(pool.gpus)),
+                }
             ));
         }
         perfs.push(row);
@@ -419,6 +439,14 @@ fn validate(req: &PlanRequest) -> Result<(), PlanError> {
                 "ISL {} + OSL {}: each must be ≥ 1 token, together at most {MAX_SEQUENCE_TOKENS}",
                 req.isl, req.osl
             ),
+        ));
+    }
+    if let Some(tp) = req.tp
+        && !TP_SIZES.contains(&tp)
+    {
+        return Err(PlanError::invalid(
+            "TP",
+            format!("TP {tp}: one of 1, 2, 4 or 8"),
         ));
     }
     let ok = |v: f64| v > 0.0 && v.is_finite();
@@ -1255,6 +1283,7 @@ mod tests {
                 tpot_s: tpot_ms / 1e3,
             },
             seed: 1,
+            tp: None,
         }
     }
 
@@ -1517,11 +1546,46 @@ mod tests {
                 tpot_s: 0.05,
             },
             seed: 3,
+            tp: None,
         };
         let plan = plan(&req).unwrap();
         let d = plan.disaggregated.expect("a disaggregated layout");
         check_meets(&d, &req.slo);
         assert!(d.layout.groups.iter().all(|g| g.perf.tp == 1));
         assert!(plan.colocated.is_some());
+    }
+
+    /// A deployment has one TP: `tp` keeps every engine of both modes at it, and says so when
+    /// the model does not fit at that size.
+    #[test]
+    fn a_fixed_tp_holds_for_every_engine() {
+        let mut req = request(
+            "Llama-3.1-70B",
+            vec![pool("h100_sxm", 16)],
+            2048,
+            256,
+            2000.0,
+            50.0,
+        );
+        req.tp = Some(4);
+        let p = plan(&req).unwrap();
+        for c in [&p.disaggregated, &p.colocated].into_iter().flatten() {
+            assert!(
+                c.layout.groups.iter().all(|g| g.perf.tp == 4),
+                "{}",
+                c.describe()
+            );
+        }
+        assert!(p.best().is_some());
+        req.tp = Some(1);
+        let p = plan(&req).unwrap();
+        assert!(p.best().is_none());
+        assert!(
+            p.notes.iter().any(|n| n.contains("at TP 1")),
+            "{:?}",
+            p.notes
+        );
+        req.tp = Some(3);
+        assert!(plan(&req).unwrap_err().to_string().contains("TP 3"));
     }
 }

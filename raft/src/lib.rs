@@ -18,7 +18,7 @@ pub mod store;
 pub mod types;
 
 pub use state::{
-    AdminState, Applied, ApplyError, Assignment, ClusterState, Command, CommandResult, Deployment,
-    EngineRole, Layout, NodeHealth, NodeRecord, Placed,
+    AdminState, ApiKey, Applied, ApplyError, Assignment, ClusterState, Command, CommandResult,
+    Deployment, EngineRole, Layout, NodeHealth, NodeRecord, Placed, PlanRecord, SCHEMA_VERSION,
 };
 pub use types::{NodeId, RaftPeer, TypeConfig};

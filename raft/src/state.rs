@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 /// Version of the replicated state's shape. An agent refuses a snapshot or log with a newer
 /// schema than it knows.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 /// Bounds on what one command may carry.
 pub const LABELS_PER_NODE_MAX: usize = 64;
 pub const LABEL_BYTES_MAX: usize = 253;
@@ -145,6 +145,40 @@ pub struct Assignment {
     pub generation: u64,
 }
 
+/// What the planner predicted for a deployment whose layout it chose (`--layout planned`),
+/// kept beside the deployment so that operators see the prediction next to what is measured.
+/// Figures are integers (the replicated state holds no floats, so that every agent's copy
+/// compares equal).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanRecord {
+    /// The layout the planner chose. The deployment's own layout may differ later, after a
+    /// scale or a flip.
+    pub layout: Layout,
+    /// The workload planned for: prompt and output tokens per request.
+    pub isl: u32,
+    pub osl: u32,
+    /// The GPUs it planned over, as `type:count` joined by commas (`h100_sxm:8`).
+    pub gpus: String,
+    /// How the planner describes the layout, e.g. `1P (TP1) + 2D (TP1)`.
+    pub describe: String,
+    /// The simulated layout at the highest request rate at which 90% of requests meet both
+    /// targets.
+    pub request_rate_milli: u64,
+    pub output_tokens_per_s_per_gpu_milli: u64,
+    pub output_tokens_per_s_per_user_milli: u64,
+    pub ttft_mean_us: u64,
+    pub ttft_p90_us: u64,
+    pub tpot_mean_us: u64,
+    pub tpot_p90_us: u64,
+    /// Share of simulated requests within both targets, in parts per million.
+    pub slo_attainment_ppm: u32,
+    /// Log index of the command that recorded it.
+    pub planned_at: u64,
+}
+
+/// Longest `PlanRecord` text field.
+pub const PLAN_TEXT_BYTES_MAX: usize = 1024;
+
 /// A change to the cluster. Variants are only appended, never renumbered.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
@@ -238,6 +272,17 @@ pub enum Command {
     FlipNode {
         node: String,
         role: EngineRole,
+    },
+    /// `CreateDeployment` with the layout the planner chose (`plan.layout`), and the plan kept
+    /// beside the deployment until it is deleted.
+    CreatePlannedDeployment {
+        name: String,
+        engine: String,
+        model: String,
+        tp: u32,
+        ttft_ms: Option<u32>,
+        tpot_ms: Option<u32>,
+        plan: PlanRecord,
     },
 }
 
@@ -337,6 +382,42 @@ pub struct ClusterState {
     /// Whether the OpenAI API asks for a key (see `Command::RequireApiKeys`).
     #[serde(default)]
     pub api_keys_required: bool,
+    /// The planner's record of each `--layout planned` deployment, by deployment name.
+    /// (Schema 2.)
+    pub plans: BTreeMap<String, PlanRecord>,
+}
+
+/// `ClusterState` as schema 1 stored it (before `plans`): an upgraded agent reads the
+/// snapshots its previous version wrote through this. Frozen: never change it.
+#[derive(Deserialize)]
+pub(crate) struct ClusterStateV1 {
+    #[allow(dead_code)]
+    schema_version: u32,
+    nodes: BTreeMap<String, NodeRecord>,
+    revoked_serials: BTreeSet<String>,
+    retired_ids: BTreeSet<u64>,
+    certificates: BTreeMap<String, BTreeMap<String, i64>>,
+    deployments: BTreeMap<String, Deployment>,
+    assignments: BTreeMap<String, Assignment>,
+    api_keys: BTreeMap<String, ApiKey>,
+    api_keys_required: bool,
+}
+
+impl From<ClusterStateV1> for ClusterState {
+    fn from(v1: ClusterStateV1) -> ClusterState {
+        ClusterState {
+            schema_version: SCHEMA_VERSION,
+            nodes: v1.nodes,
+            revoked_serials: v1.revoked_serials,
+            retired_ids: v1.retired_ids,
+            certificates: v1.certificates,
+            deployments: v1.deployments,
+            assignments: v1.assignments,
+            api_keys: v1.api_keys,
+            api_keys_required: v1.api_keys_required,
+            plans: BTreeMap::new(),
+        }
+    }
 }
 
 impl Default for ClusterState {
@@ -351,6 +432,7 @@ impl Default for ClusterState {
             assignments: BTreeMap::new(),
             api_keys: BTreeMap::new(),
             api_keys_required: false,
+            plans: BTreeMap::new(),
         }
     }
 }
@@ -519,6 +601,15 @@ impl ClusterState {
     }
 
     /// Whether the node with this id was removed from the cluster.
+    fn create_deployment(&mut self, d: Deployment) -> CommandResult {
+        check_deployment(&d.name, &d.engine, &d.model, d.tp, &d.layout)?;
+        if self.deployments.contains_key(&d.name) {
+            return Err(ApplyError::DeploymentExists(d.name));
+        }
+        self.deployments.insert(d.name.clone(), d);
+        Ok(Applied::Done)
+    }
+
     pub fn is_removed(&self, id: u64) -> bool {
         self.retired_ids.contains(&id)
     }
@@ -695,23 +786,55 @@ impl ClusterState {
                 tpot_ms,
                 layout,
             } => {
-                check_deployment(name, engine, model, *tp, layout)?;
-                if self.deployments.contains_key(name) {
-                    return Err(ApplyError::DeploymentExists(name.clone()));
+                let d = Deployment {
+                    name: name.clone(),
+                    engine: engine.clone(),
+                    model: model.clone(),
+                    tp: *tp,
+                    ttft_ms: *ttft_ms,
+                    tpot_ms: *tpot_ms,
+                    layout: *layout,
+                    created_at: index,
+                };
+                self.create_deployment(d)
+            }
+            Command::CreatePlannedDeployment {
+                name,
+                engine,
+                model,
+                tp,
+                ttft_ms,
+                tpot_ms,
+                plan,
+            } => {
+                if ttft_ms.is_none() || tpot_ms.is_none() {
+                    return Err(ApplyError::BadDeployment(
+                        "a planned layout needs TTFT and TPOT targets".into(),
+                    ));
                 }
-                self.deployments.insert(
-                    name.clone(),
-                    Deployment {
-                        name: name.clone(),
-                        engine: engine.clone(),
-                        model: model.clone(),
-                        tp: *tp,
-                        ttft_ms: *ttft_ms,
-                        tpot_ms: *tpot_ms,
-                        layout: *layout,
-                        created_at: index,
-                    },
-                );
+                if plan.gpus.len() > PLAN_TEXT_BYTES_MAX
+                    || plan.describe.len() > PLAN_TEXT_BYTES_MAX
+                {
+                    return Err(ApplyError::BadDeployment(format!(
+                        "plan text over {PLAN_TEXT_BYTES_MAX} bytes"
+                    )));
+                }
+                let d = Deployment {
+                    name: name.clone(),
+                    engine: engine.clone(),
+                    model: model.clone(),
+                    tp: *tp,
+                    ttft_ms: *ttft_ms,
+                    tpot_ms: *tpot_ms,
+                    layout: plan.layout,
+                    created_at: index,
+                };
+                self.create_deployment(d)?;
+                let plan = PlanRecord {
+                    planned_at: index,
+                    ..plan.clone()
+                };
+                self.plans.insert(name.clone(), plan);
                 Ok(Applied::Done)
             }
             Command::DeleteDeployment { name } => {
@@ -719,6 +842,7 @@ impl ClusterState {
                     .remove(name)
                     .ok_or_else(|| ApplyError::UnknownDeployment(name.clone()))?;
                 self.assignments.retain(|_, a| a.deployment != *name);
+                self.plans.remove(name);
                 Ok(Applied::Done)
             }
             Command::ScaleDeployment { name, layout } => {

@@ -126,8 +126,8 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
         .read_snapshot()
         .map_err(|e| StoreError::Read(e.to_string()))?
     {
-        let data: StateMachineData =
-            decode(&stored.data).map_err(|e| StoreError::Read(e.to_string()))?;
+        let data =
+            StateMachineData::decode(&stored.data).map_err(|e| StoreError::Read(e.to_string()))?;
         if data.state.schema_version > SCHEMA_VERSION {
             return Err(StoreError::NewerSchema {
                 found: data.state.schema_version,
@@ -293,6 +293,32 @@ pub struct StateMachineData {
     pub state: ClusterState,
 }
 
+impl StateMachineData {
+    /// Reads a snapshot's state machine, of this schema or an older one (converted).
+    fn decode(bytes: &[u8]) -> Result<StateMachineData, AnyError> {
+        let current = match decode::<StateMachineData>(bytes) {
+            Ok(d) => return Ok(d),
+            Err(e) => e,
+        };
+        match decode::<StateMachineDataV1>(bytes) {
+            Ok(v1) => Ok(StateMachineData {
+                last_applied: v1.last_applied,
+                last_membership: v1.last_membership,
+                state: v1.state.into(),
+            }),
+            Err(_) => Err(current),
+        }
+    }
+}
+
+/// `StateMachineData` as schema 1 wrote it (before plans).
+#[derive(Deserialize)]
+struct StateMachineDataV1 {
+    last_applied: Option<LogId<NodeId>>,
+    last_membership: StoredMembership<NodeId, crate::types::RaftPeer>,
+    state: crate::state::ClusterStateV1,
+}
+
 #[derive(Serialize, Deserialize)]
 struct StoredSnapshot {
     meta: SnapshotMeta<NodeId, crate::types::RaftPeer>,
@@ -439,8 +465,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> SResult<()> {
         let bytes = snapshot.into_inner();
-        let data: StateMachineData =
-            decode(&bytes).map_err(|e| err::read_snapshot(Some(meta.signature()), e))?;
+        let data = StateMachineData::decode(&bytes)
+            .map_err(|e| err::read_snapshot(Some(meta.signature()), e))?;
         if data.state.schema_version > SCHEMA_VERSION {
             let e = AnyError::error(format!(
                 "snapshot has schema {}, this pdagent knows up to {SCHEMA_VERSION}",

@@ -731,3 +731,136 @@ fn flip_changes_a_nodes_engines_role_after_their_requests_finish() {
         text(&out.stderr)
     );
 }
+
+/// `pdctl deploy --layout planned`: the planner sizes the deployment on the free fixture GPUs
+/// within `--max-gpus`, the engines run that layout, `pdctl deployments -o json` shows the
+/// prediction beside the TTFT and TPOT that every agent's ingress measured (summed over the
+/// cluster), and a deployment no layout fits is refused saying why.
+#[test]
+fn a_planned_deployment_shows_its_prediction_beside_what_is_measured() {
+    let _g = serial();
+    let base = free_base(3);
+    let l = Local::up(3, base);
+    let out = l.pdctl(&[
+        "deploy",
+        "tiny",
+        "--model",
+        "tiny",
+        "--layout",
+        "planned",
+        "--ttft-ms",
+        "500",
+        "--tpot-ms",
+        "20",
+        "--isl",
+        "512",
+        "--osl",
+        "128",
+        "--max-gpus",
+        "3",
+        "--wait",
+        "--wait-timeout-s",
+        "120",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stdout).contains("planned"),
+        "{}",
+        text(&out.stdout)
+    );
+    let deployment = |l: &Local| {
+        let out = l.pdctl(&["deployments", "-o", "json"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["deployments"][0].clone()
+    };
+    let d = deployment(&l);
+    let plan = &d["plan"];
+    assert_eq!(plan["layout"], d["layout"], "{d}");
+    assert_eq!(plan["gpus"], "h100_sxm:3", "{d}");
+    assert_eq!(
+        (plan["isl"].as_u64(), plan["osl"].as_u64()),
+        (Some(512), Some(128))
+    );
+    let engines = d["engines"].as_array().unwrap().len();
+    let wanted = ["prefill", "decode"]
+        .iter()
+        .map(|r| d["layout"]["disaggregated"][r].as_u64().unwrap_or(0))
+        .sum::<u64>()
+        + d["layout"]["colocated"]["engines"].as_u64().unwrap_or(0);
+    assert!((1..=3).contains(&wanted) && engines as u64 == wanted, "{d}");
+    let p = &plan["predicted"];
+    assert!(p["request_rate_per_s"].as_f64().unwrap() > 0.0, "{p}");
+    assert!(p["ttft_ms_p90"].as_f64().unwrap() <= 500.0, "{p}");
+    assert!(p["tpot_ms_p90"].as_f64().unwrap() <= 20.0, "{p}");
+    assert!(p["slo_attainment"].as_f64().unwrap() >= 0.9, "{p}");
+    assert_eq!(d["measured"]["requests"], 0, "{d}");
+
+    // Requests through two agents' APIs: the measurement is the cluster's.
+    for k in 0..4 {
+        let addr = node_addr(&l, &format!("node-{}", 1 + k % 2));
+        let body = serde_json::json!({
+            "model": "tiny", "prompt": format!("planned {k}"), "max_tokens": 16, "temperature": 0,
+        });
+        let r = post_json(&addr, "/v1/completions", &body);
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let m = deployment(&l)["measured"].clone();
+    assert_eq!(m["requests"], 4, "{m}");
+    for k in ["ttft_ms_mean", "ttft_ms_p90", "tpot_ms_mean", "tpot_ms_p90"] {
+        assert!(m[k].as_f64().is_some_and(|v| v > 0.0), "{k}: {m}");
+    }
+    let out = l.pdctl(&["deployments"]);
+    let table = text(&out.stdout);
+    assert!(
+        table.contains("(planned)") && table.contains("predicted") && table.contains("measured"),
+        "{table}"
+    );
+
+    // No layout meets a 1 ms TPOT; an unknown model folder is named.
+    let out = l.pdctl(&[
+        "deploy",
+        "fast",
+        "--model",
+        "tiny",
+        "--layout",
+        "planned",
+        "--ttft-ms",
+        "1",
+        "--tpot-ms",
+        "1",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("no layout of tiny"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = l.pdctl(&[
+        "deploy",
+        "other",
+        "--model",
+        "/no/such/model",
+        "--layout",
+        "planned",
+        "--ttft-ms",
+        "500",
+        "--tpot-ms",
+        "20",
+    ]);
+    assert!(
+        text(&out.stderr).contains("/no/such/model/config.json"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = l.pdctl(&["undeploy", "tiny"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = l.pdctl(&["deployments", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["deployments"], serde_json::json!([]));
+}

@@ -52,6 +52,55 @@ impl Hist {
     }
 }
 
+/// One series of a histogram as it stands: per-bucket (not cumulative) counts, for summing
+/// several agents' series and reading a mean and quantiles from them.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct HistSnapshot {
+    /// Upper bounds; observations above the last count in `count` only.
+    pub bounds: Vec<f64>,
+    pub counts: Vec<u64>,
+    pub count: u64,
+    pub sum: f64,
+}
+
+impl HistSnapshot {
+    /// Adds `other` (same buckets) into `self`; a series with other buckets is refused.
+    pub fn merge(&mut self, other: &HistSnapshot) -> bool {
+        if self.bounds != other.bounds || self.counts.len() != other.counts.len() {
+            return false;
+        }
+        for (a, b) in self.counts.iter_mut().zip(&other.counts) {
+            *a += b;
+        }
+        self.count += other.count;
+        self.sum += other.sum;
+        true
+    }
+
+    pub fn mean(&self) -> Option<f64> {
+        (self.count > 0).then(|| self.sum / self.count as f64)
+    }
+
+    /// The `q` quantile, linearly interpolated inside its bucket as Prometheus'
+    /// `histogram_quantile` does (the first bucket from 0; beyond the last bound, that bound).
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        if self.count == 0 {
+            return None;
+        }
+        let rank = q.clamp(0.0, 1.0) * self.count as f64;
+        let mut below = 0u64;
+        for (i, (&bound, &c)) in self.bounds.iter().zip(&self.counts).enumerate() {
+            if c > 0 && (below + c) as f64 >= rank {
+                let lower = if i == 0 { 0.0 } else { self.bounds[i - 1] };
+                let into = ((rank - below as f64) / c as f64).clamp(0.0, 1.0);
+                return Some(lower + (bound - lower) * into);
+            }
+            below += c;
+        }
+        self.bounds.last().copied()
+    }
+}
+
 /// A labelled histogram family.
 pub struct Histogram {
     name: &'static str,
@@ -90,6 +139,22 @@ impl Histogram {
             }
         };
         h.observe(v);
+    }
+
+    /// Every series, by label value.
+    pub fn snapshot(&self) -> BTreeMap<String, HistSnapshot> {
+        let s = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        s.iter()
+            .map(|(label, h)| {
+                let snap = HistSnapshot {
+                    bounds: h.bounds.to_vec(),
+                    counts: h.counts.iter().map(|c| c.load(Ordering::Relaxed)).collect(),
+                    count: h.count.load(Ordering::Relaxed),
+                    sum: h.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9,
+                };
+                (label.clone(), snap)
+            })
+            .collect()
     }
 
     fn render(&self, out: &mut String) {
@@ -292,7 +357,29 @@ impl Default for Metrics {
     }
 }
 
+/// What one agent's ingress measured for one model, for the cluster-wide view
+/// (`GET /v1/deployments`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ModelLatency {
+    pub model: String,
+    pub ttft: HistSnapshot,
+    pub tpot: HistSnapshot,
+}
+
 impl Metrics {
+    /// TTFT and TPOT per model, as this agent's ingress measured them since it started.
+    pub fn latencies(&self) -> Vec<ModelLatency> {
+        let mut tpot = self.tpot.snapshot();
+        self.ttft
+            .snapshot()
+            .into_iter()
+            .filter_map(|(model, ttft)| {
+                let tpot = tpot.remove(&model)?;
+                Some(ModelLatency { model, ttft, tpot })
+            })
+            .collect()
+    }
+
     /// The exposition text, with `gauges` read by the caller now.
     pub fn render(&self, gauges: &[GaugeSample]) -> String {
         let mut out = String::with_capacity(8192);
@@ -381,6 +468,46 @@ mod tests {
                 "no TYPE for {name}"
             );
         }
+    }
+
+    #[test]
+    fn snapshots_merge_and_give_means_and_quantiles() {
+        let m = Metrics::default();
+        for v in [0.02, 0.02, 0.02, 0.02, 0.02, 0.02, 0.02, 0.02, 0.2, 0.2] {
+            m.ttft.observe("tiny", v);
+            m.tpot.observe("tiny", v / 10.0);
+        }
+        m.ttft.observe("other", 1.0);
+        let l = m.latencies();
+        assert_eq!(l.len(), 1, "a model with no TPOT yet is left out");
+        let mut t = l[0].ttft.clone();
+        assert_eq!(t.count, 10);
+        assert!((t.mean().unwrap() - 0.056).abs() < 1e-9);
+        // 8 of 10 in (0.01, 0.025], 2 in (0.1, 0.25]: p50 inside the first, p90 halfway
+        // through the second.
+        let p50 = t.quantile(0.5).unwrap();
+        assert!(p50 > 0.01 && p50 <= 0.025, "{p50}");
+        assert!((t.quantile(0.9).unwrap() - 0.175).abs() < 1e-9);
+        // Two agents' series add up; other buckets are refused.
+        let other = t.clone();
+        assert!(t.merge(&other));
+        assert_eq!(t.count, 20);
+        assert!((t.mean().unwrap() - 0.056).abs() < 1e-9);
+        assert!(!t.merge(&l[0].tpot));
+        assert_eq!(t.count, 20);
+        // Beyond the last bound: the last bound. Empty: none.
+        let big = m.ttft.snapshot().remove("other").unwrap();
+        assert_eq!(big.quantile(1.0), Some(1.0));
+        m.e2e.observe("x", 100.0);
+        assert_eq!(m.e2e.snapshot()["x"].quantile(0.5), Some(60.0));
+        let empty = HistSnapshot {
+            bounds: vec![1.0],
+            counts: vec![0],
+            count: 0,
+            sum: 0.0,
+        };
+        assert_eq!(empty.quantile(0.9), None);
+        assert_eq!(empty.mean(), None);
     }
 
     #[test]
