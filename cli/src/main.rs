@@ -905,7 +905,7 @@ fn run(cli: Cli) -> Result<()> {
                         d["name"].as_str().unwrap_or(""),
                         d["engine"].as_str().unwrap_or(""),
                         d["model"].as_str().unwrap_or(""),
-                        d["tp"],
+                        d["tp"].as_u64().unwrap_or(0),
                         layout,
                         if places.is_empty() {
                             "(not placed yet)".to_string()
