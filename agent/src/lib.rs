@@ -13,6 +13,7 @@ pub mod agent;
 pub mod config;
 pub mod control;
 pub mod custody;
+pub mod driver;
 pub mod engine;
 pub mod enrollment;
 pub mod gpus;

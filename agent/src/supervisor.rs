@@ -1,50 +1,80 @@
 //! The engine supervisor: every agent makes the engines that the replicated assignments give
-//! its node run, and keeps them running.
+//! its node run, and keeps them running. How one kind of engine runs is its driver's business
+//! (`driver`, chosen by the deployment's `engine`); when and where is decided here.
 //!
-//! - Start: `pdagent engine serve` as a child process in its own process group (so it
-//!   outlives an agent restart), `CUDA_VISIBLE_DEVICES` set to the GPUs' UUIDs, one compute
-//!   thread; its socket, log and a record (`<id>.json`: engine, pid, generation, role, model)
-//!   under `<data_dir>/engines/`.
-//! - Ready: the engine's hello plus a one-token probe, not a bare connect.
+//! - Start: through the driver, with `CUDA_VISIBLE_DEVICES` set to the GPUs' UUIDs; its
+//!   socket, log and a record (`<id>.json`: engine, pid, generation, role, model, driver, and
+//!   once ready its identity) under `<data_dir>/engines/`.
+//! - Ready: the driver's probe (for the builtin engine: the hello plus a one-token request,
+//!   not a bare connect).
 //! - Restart on exit with exponential backoff; after `CRASH_LOOP_RESTARTS_MAX` restarts within
 //!   `CRASH_LOOP_WINDOW` the engine is `failed` and left alone until its assignment changes.
 //! - Stop: when an assignment goes away or changes, `Shutdown`, then SIGKILL after a grace.
 //! - Fencing: the highest generation acted on per GPU; an assignment older than that for any
 //!   of its GPUs is ignored (`is_fresh`).
-//! - Re-adoption: a new agent (after `kill -9` or an upgrade) reads the records, connects to
-//!   each live engine's socket and checks its hello (role and model) before adopting it; it
-//!   restarts none of them.
+//! - Re-adoption: a new agent (after `kill -9` or an upgrade) reads the records and has each
+//!   engine's driver recover it: alive, answering on its socket as the recorded role, model
+//!   and fingerprint; it restarts none of them.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pd_engine::protocol::{AgentMessage, EngineMessage, EngineRole as WireRole};
-use pd_engine::{Prompt, SamplingParams};
-use pd_raft::{Assignment, EngineRole};
+use pd_raft::{Assignment, ClusterState, EngineRole};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use crate::control::ControlPlane;
+use crate::driver::{Driver, EngineSpec, Probe, Task, TaskRecord};
 use crate::engine::client::EngineClient;
 use crate::gpus::SharedInventory;
 
 /// Restarts within `CRASH_LOOP_WINDOW` after which an engine is left failed.
 pub const CRASH_LOOP_RESTARTS_MAX: usize = 5;
 pub const CRASH_LOOP_WINDOW: Duration = Duration::from_secs(120);
-const RESTART_BACKOFF_MIN: Duration = Duration::from_millis(200);
-const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(10);
-/// Bound on the hello and the one-token probe.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Longest an engine no longer assigned here may take to finish its running requests.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bound on the load sample of one engine.
 const STATS_TIMEOUT: Duration = Duration::from_millis(500);
-/// Grace for an engine told to shut down.
-const STOP_GRACE: Duration = Duration::from_secs(5);
-/// An engine with no agent connected this long exits by itself: longer than an agent restart.
-const ENGINE_ORPHAN_TIMEOUT_MS: u64 = 60_000;
+
+/// The supervisor's waits, settable so that its tests need no sleeps.
+#[derive(Debug, Clone, Copy)]
+pub struct Timings {
+    /// Restart backoff: doubles from `backoff_min` per recent restart, up to `backoff_max`.
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    /// Longest an engine no longer assigned here may take to finish its running requests.
+    pub drain_timeout: Duration,
+    /// Grace for an engine told to stop before it is killed.
+    pub stop_grace: Duration,
+}
+
+impl Default for Timings {
+    fn default() -> Self {
+        Timings {
+            backoff_min: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(30),
+            stop_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Where the supervisor takes its orders from and reports to: the control plane, or a test.
+pub trait Orders: Send + Sync {
+    /// The replicated state as this agent has applied it.
+    fn state(&self) -> ClusterState;
+    /// What this agent's engines are doing now (for liveness reports and `GET /v1/engines`).
+    fn publish(&self, engines: Vec<EngineReport>);
+}
+
+impl Orders for crate::control::ControlPlane {
+    fn state(&self) -> ClusterState {
+        self.state_snapshot()
+    }
+
+    fn publish(&self, engines: Vec<EngineReport>) {
+        self.set_local_engines(engines)
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -97,30 +127,23 @@ impl EngineLoad {
     }
 }
 
-/// What survives an agent restart, next to the engine's socket.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Record {
-    engine: String,
-    pid: u32,
-    generation: u64,
-    role: EngineRole,
-    model: String,
-    gpus: Vec<u32>,
-    deployment: String,
-}
-
 struct Managed {
+    spec: EngineSpec,
     assignment: Assignment,
-    model: String,
-    /// Our child, when we started it (not when adopted).
-    child: Option<std::process::Child>,
-    pid: Option<u32>,
-    client: Option<Arc<EngineClient>>,
+    /// The driver's name, from the deployment.
+    driver: String,
+    task: Option<Task>,
     state: EngineState,
     restarts: u32,
     recent: Vec<Instant>,
     next_start: Instant,
     load: EngineLoad,
+}
+
+impl Managed {
+    fn client(&self) -> Option<Arc<EngineClient>> {
+        self.task.as_ref().and_then(|t| t.client.clone())
+    }
 }
 
 /// Whether `a` is at least as new as what was acted on for each of its GPUs.
@@ -143,42 +166,16 @@ fn safe_name(engine: &str) -> String {
         .collect()
 }
 
-fn pid_alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit(')')
-                .next()
-                .and_then(|r| r.split_whitespace().next())
-                .map(|st| st != "Z")
-        })
-        .unwrap_or(false)
-}
-
-fn kill(pid: u32, sig: &str) {
-    let _ = std::process::Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status();
-}
-
-fn wire_role(r: EngineRole) -> WireRole {
-    match r {
-        EngineRole::Prefill => WireRole::Prefill,
-        EngineRole::Decode => WireRole::Decode,
-        EngineRole::Both => WireRole::Both,
-    }
-}
-
-/// Test-only: when set on the agent, the engines it starts from then on get these
-/// `--test-faults` (e.g. `crash_after_tokens=1`).
-pub const TEST_ENGINE_FAULTS_ENV: &str = "PDAGENT_TEST_ENGINE_FAULTS";
+/// Test-only: see `driver::builtin::TEST_ENGINE_FAULTS_ENV`.
+pub use crate::driver::builtin::TEST_ENGINE_FAULTS_ENV;
 
 pub struct Supervisor {
     node: String,
     dir: PathBuf,
-    control: Arc<ControlPlane>,
+    orders: Arc<dyn Orders>,
     inventory: Option<SharedInventory>,
+    drivers: BTreeMap<&'static str, Arc<dyn Driver>>,
+    timings: Timings,
     engines: tokio::sync::Mutex<BTreeMap<String, Managed>>,
     acted: std::sync::Mutex<HashMap<u32, u64>>,
     /// Connections to the ready engines, for the serving path (which must not wait for a
@@ -196,7 +193,7 @@ fn report_of(node: &str, m: &Managed) -> EngineReport {
         role: m.assignment.role,
         gpus: m.assignment.gpus.clone(),
         state: m.state,
-        pid: m.pid,
+        pid: m.task.as_ref().map(|t| t.pid),
         restarts: m.restarts,
         generation: m.assignment.generation,
         load: m.load,
@@ -204,19 +201,42 @@ fn report_of(node: &str, m: &Managed) -> EngineReport {
 }
 
 impl Supervisor {
+    /// The agent's supervisor: the builtin driver, default timings.
     pub fn new(
         node: &str,
         data_dir: &Path,
-        control: Arc<ControlPlane>,
+        control: Arc<crate::control::ControlPlane>,
         inventory: Option<SharedInventory>,
+    ) -> std::io::Result<Arc<Self>> {
+        let builtin: Arc<dyn Driver> = Arc::new(crate::driver::builtin::Builtin::new(node));
+        Self::with_drivers(
+            node,
+            data_dir,
+            control,
+            inventory,
+            vec![builtin],
+            Timings::default(),
+        )
+    }
+
+    /// A supervisor with these drivers (by their names) and timings.
+    pub fn with_drivers(
+        node: &str,
+        data_dir: &Path,
+        orders: Arc<dyn Orders>,
+        inventory: Option<SharedInventory>,
+        drivers: Vec<Arc<dyn Driver>>,
+        timings: Timings,
     ) -> std::io::Result<Arc<Self>> {
         let dir = data_dir.join("engines");
         std::fs::create_dir_all(&dir)?;
         Ok(Arc::new(Supervisor {
             node: node.to_string(),
             dir,
-            control,
+            orders,
             inventory,
+            drivers: drivers.into_iter().map(|d| (d.name(), d)).collect(),
+            timings,
             engines: tokio::sync::Mutex::new(BTreeMap::new()),
             acted: std::sync::Mutex::new(HashMap::new()),
             ready: std::sync::RwLock::new(HashMap::new()),
@@ -227,12 +247,12 @@ impl Supervisor {
     /// Publishes what this agent's engines are doing (read by liveness reports without
     /// waiting for a reconcile pass).
     fn publish(&self, engines: &BTreeMap<String, Managed>) {
-        self.control
-            .set_local_engines(engines.values().map(|m| report_of(&self.node, m)).collect());
+        self.orders
+            .publish(engines.values().map(|m| report_of(&self.node, m)).collect());
         let ready = engines
             .iter()
             .filter(|(_, m)| m.state == EngineState::Ready)
-            .filter_map(|(id, m)| m.client.clone().map(|c| (id.clone(), c)))
+            .filter_map(|(id, m)| m.client().map(|c| (id.clone(), c)))
             .collect();
         *self.ready.write().unwrap_or_else(|p| p.into_inner()) = ready;
     }
@@ -256,8 +276,46 @@ impl Supervisor {
         )
     }
 
-    /// Adopts engines that survived the previous agent: live pid, socket answering a hello
-    /// with the recorded role and model.
+    fn spec(&self, a: &Assignment, model: &str) -> EngineSpec {
+        let (socket, log, _) = self.paths(&a.engine);
+        EngineSpec {
+            engine: a.engine.clone(),
+            deployment: a.deployment.clone(),
+            role: a.role,
+            model: model.to_string(),
+            gpus: a.gpus.clone(),
+            generation: a.generation,
+            visible_devices: self.visible_devices(&a.gpus),
+            socket,
+            log,
+        }
+    }
+
+    fn write_record(&self, m: &Managed) -> std::io::Result<()> {
+        let Some(task) = &m.task else {
+            return Ok(());
+        };
+        let record = TaskRecord {
+            engine: m.spec.engine.clone(),
+            pid: task.pid,
+            generation: m.spec.generation,
+            role: m.spec.role,
+            model: m.spec.model.clone(),
+            gpus: m.spec.gpus.clone(),
+            deployment: m.spec.deployment.clone(),
+            driver: m.driver.clone(),
+            identity: task.identity.clone(),
+        };
+        let (_, _, path) = self.paths(&m.spec.engine);
+        crate::enrollment::write_atomic(
+            &path,
+            &serde_json::to_string(&record).unwrap_or_default(),
+            false,
+        )
+    }
+
+    /// Re-adopts engines that survived the previous agent: each one's driver recovers it from
+    /// its record, verifying it over its socket; those that fail the check are stopped.
     pub async fn adopt(&self) {
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return;
@@ -269,33 +327,31 @@ impl Supervisor {
             }
             let Some(rec) = std::fs::read_to_string(&path)
                 .ok()
-                .and_then(|t| serde_json::from_str::<Record>(&t).ok())
+                .and_then(|t| serde_json::from_str::<TaskRecord>(&t).ok())
             else {
                 let _ = std::fs::remove_file(&path);
                 continue;
             };
-            let (sock, _, _) = self.paths(&rec.engine);
-            let verified = if pid_alive(rec.pid) {
-                match EngineClient::connect(&sock, &self.node, Duration::from_secs(5)).await {
-                    Ok(c) if c.hello().role == wire_role(rec.role) => Some(c),
-                    Ok(c) => {
-                        warn!(engine = %rec.engine, role = ?c.hello().role, "engine on the socket is not the recorded one");
-                        None
-                    }
-                    Err(e) => {
-                        warn!(engine = %rec.engine, error = %e, "recorded engine does not answer");
-                        None
-                    }
-                }
-            } else {
-                None
-            };
-            let Some(client) = verified else {
-                if pid_alive(rec.pid) {
-                    kill(rec.pid, "KILL");
-                }
-                let _ = std::fs::remove_file(&path);
+            let Some(driver) = self.drivers.get(rec.driver.as_str()).cloned() else {
+                warn!(engine = %rec.engine, driver = %rec.driver, "recorded engine of an unknown driver: left alone");
                 continue;
+            };
+            let assignment = Assignment {
+                engine: rec.engine.clone(),
+                deployment: rec.deployment.clone(),
+                role: rec.role,
+                node: self.node.clone(),
+                gpus: rec.gpus.clone(),
+                generation: rec.generation,
+            };
+            let spec = self.spec(&assignment, &rec.model);
+            let task = match driver.recover(&spec, &rec).await {
+                Ok(t) => t,
+                Err(why) => {
+                    warn!(engine = %rec.engine, pid = rec.pid, %why, "recorded engine not re-adopted");
+                    let _ = std::fs::remove_file(&path);
+                    continue;
+                }
             };
             info!(engine = %rec.engine, pid = rec.pid, "re-adopted a running engine");
             self.acted
@@ -305,18 +361,10 @@ impl Supervisor {
             self.engines.lock().await.insert(
                 rec.engine.clone(),
                 Managed {
-                    assignment: Assignment {
-                        engine: rec.engine.clone(),
-                        deployment: rec.deployment.clone(),
-                        role: rec.role,
-                        node: self.node.clone(),
-                        gpus: rec.gpus.clone(),
-                        generation: rec.generation,
-                    },
-                    model: rec.model.clone(),
-                    child: None,
-                    pid: Some(rec.pid),
-                    client: Some(Arc::new(client)),
+                    spec,
+                    assignment,
+                    driver: rec.driver.clone(),
+                    task: Some(task),
                     state: EngineState::Ready,
                     restarts: 0,
                     recent: Vec::new(),
@@ -340,9 +388,10 @@ impl Supervisor {
     /// One pass: stop what is no longer assigned, start what is, restart what died, probe
     /// what is starting.
     pub async fn reconcile(&self) {
-        let state = self.control.state_snapshot();
+        let state = self.orders.state();
         let acted = self.acted.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let desired: BTreeMap<String, (Assignment, String)> = state
+        // Engine id -> (assignment, model, driver).
+        let desired: BTreeMap<String, (Assignment, String, String)> = state
             .assignments
             .values()
             .filter(|a| a.node == self.node)
@@ -354,10 +403,12 @@ impl Supervisor {
                 fresh
             })
             .filter_map(|a| {
-                state
-                    .deployments
-                    .get(&a.deployment)
-                    .map(|d| (a.engine.clone(), (a.clone(), d.model.clone())))
+                state.deployments.get(&a.deployment).map(|d| {
+                    (
+                        a.engine.clone(),
+                        (a.clone(), d.model.clone(), d.engine.clone()),
+                    )
+                })
             })
             .collect();
         let mut engines = self.engines.lock().await;
@@ -365,22 +416,22 @@ impl Supervisor {
         let stale: Vec<String> = engines
             .iter()
             .filter(|(id, m)| {
-                desired
-                    .get(*id)
-                    .is_none_or(|(a, model)| *a != m.assignment || *model != m.model)
+                desired.get(*id).is_none_or(|(a, model, driver)| {
+                    *a != m.assignment || *model != m.spec.model || *driver != m.driver
+                })
             })
             .map(|(id, _)| id.clone())
             .collect();
         // Engines no longer assigned here drain: no new requests (they leave the ready set),
-        // those running finish, then they stop (at the latest after `DRAIN_TIMEOUT`).
+        // those running finish, then they stop (at the latest after the drain timeout).
         {
             let mut draining = self.draining.lock().await;
             for id in stale {
                 if let Some(mut m) = engines.remove(&id) {
-                    if m.state == EngineState::Ready && m.client.is_some() {
+                    if m.state == EngineState::Ready && m.task.is_some() {
                         info!(engine = %id, "draining engine: running requests finish first");
                         m.state = EngineState::Draining;
-                        m.next_start = Instant::now() + DRAIN_TIMEOUT;
+                        m.next_start = Instant::now() + self.timings.drain_timeout;
                         draining.push(m);
                     } else {
                         self.stop(m).await;
@@ -388,20 +439,22 @@ impl Supervisor {
                 }
             }
             let mut still = Vec::new();
-            for m in draining.drain(..) {
-                let idle = match &m.client {
-                    Some(c) if c.is_connected() => {
-                        matches!(
-                            tokio::time::timeout(STATS_TIMEOUT, c.stats()).await,
-                            Ok(Ok(s)) if s.queue_depth == 0 && s.running == 0 && s.importing == 0
-                        )
+            for mut m in draining.drain(..) {
+                // Idle: gone, or nothing queued or running. Silent but alive: still busy.
+                let idle = match (m.task.as_mut(), self.drivers.get(m.driver.as_str())) {
+                    (Some(t), Some(d)) => {
+                        d.wait(t).is_some()
+                            || matches!(
+                                d.stats(t, STATS_TIMEOUT).await,
+                                Some(s) if s.queue_depth == 0 && s.running == 0 && s.importing == 0
+                            )
                     }
                     _ => true,
                 };
                 if idle {
                     self.stop(m).await;
                 } else if Instant::now() >= m.next_start {
-                    warn!(engine = %m.assignment.engine, timeout_s = DRAIN_TIMEOUT.as_secs(), "engine still busy after the drain timeout: stopping it");
+                    warn!(engine = %m.assignment.engine, timeout_s = self.timings.drain_timeout.as_secs(), "engine still busy after the drain timeout: stopping it");
                     self.stop(m).await;
                 } else {
                     still.push(m);
@@ -411,14 +464,14 @@ impl Supervisor {
         }
         // GPUs still held by draining engines: a new engine on them waits for the drain (a
         // flip restarts an engine on its own GPUs).
-        let held: std::collections::BTreeSet<u32> = self
+        let held: BTreeSet<u32> = self
             .draining
             .lock()
             .await
             .iter()
             .flat_map(|m| m.assignment.gpus.iter().copied())
             .collect();
-        for (id, (a, model)) in &desired {
+        for (id, (a, model, driver)) in &desired {
             if !engines.contains_key(id) {
                 self.acted
                     .lock()
@@ -427,11 +480,10 @@ impl Supervisor {
                 engines.insert(
                     id.clone(),
                     Managed {
+                        spec: self.spec(a, model),
                         assignment: a.clone(),
-                        model: model.clone(),
-                        child: None,
-                        pid: None,
-                        client: None,
+                        driver: driver.clone(),
+                        task: None,
                         state: EngineState::Starting,
                         restarts: 0,
                         recent: Vec::new(),
@@ -445,13 +497,13 @@ impl Supervisor {
         let ids: Vec<String> = engines.keys().cloned().collect();
         for id in ids {
             if let Some(m) = engines.get_mut(&id) {
-                if m.pid.is_none() && m.assignment.gpus.iter().any(|g| held.contains(g)) {
+                if m.task.is_none() && m.assignment.gpus.iter().any(|g| held.contains(g)) {
                     continue;
                 }
                 self.tend(m).await;
                 if m.state == EngineState::Ready
-                    && let Some(c) = m.client.clone()
-                    && let Ok(Ok(s)) = tokio::time::timeout(STATS_TIMEOUT, c.stats()).await
+                    && let (Some(t), Some(d)) = (&m.task, self.drivers.get(m.driver.as_str()))
+                    && let Some(s) = d.stats(t, STATS_TIMEOUT).await
                 {
                     m.load = EngineLoad::of(&s);
                 }
@@ -465,22 +517,18 @@ impl Supervisor {
         if m.state == EngineState::Failed {
             return;
         }
-        let alive = match (&mut m.child, m.pid) {
-            (Some(child), _) => matches!(child.try_wait(), Ok(None)),
-            (None, Some(pid)) => pid_alive(pid),
-            (None, None) => false,
+        let Some(driver) = self.drivers.get(m.driver.as_str()).cloned() else {
+            warn!(engine = %m.assignment.engine, driver = %m.driver, "no such engine driver on this agent");
+            m.state = EngineState::Failed;
+            return;
         };
-        let connected = m.client.as_ref().is_none_or(|c| c.is_connected());
-        if m.pid.is_some() && (!alive || !connected) {
-            warn!(engine = %m.assignment.engine, pid = ?m.pid, "engine exited");
-            if let Some(pid) = m.pid.filter(|_| alive) {
-                kill(pid, "KILL");
+        let exited = m.task.as_mut().and_then(|t| driver.wait(t));
+        if let Some(why) = exited {
+            warn!(engine = %m.assignment.engine, pid = ?m.task.as_ref().map(|t| t.pid), %why, "engine exited");
+            if let Some(task) = m.task.take() {
+                // Make sure of it (an engine that closed its socket may still run).
+                driver.stop(task, Duration::ZERO).await;
             }
-            if let Some(mut c) = m.child.take() {
-                let _ = c.wait();
-            }
-            m.pid = None;
-            m.client = None;
             m.restarts += 1;
             let now = Instant::now();
             m.recent
@@ -491,92 +539,45 @@ impl Supervisor {
                 m.state = EngineState::Failed;
                 return;
             }
-            let backoff = (RESTART_BACKOFF_MIN * 2u32.pow(m.recent.len() as u32 - 1))
-                .min(RESTART_BACKOFF_MAX);
+            let backoff = (self.timings.backoff_min * 2u32.pow(m.recent.len() as u32 - 1))
+                .min(self.timings.backoff_max);
             m.next_start = now + backoff;
             m.state = EngineState::Starting;
         }
-        if m.pid.is_none() {
+        let Some(task) = m.task.as_mut() else {
             if Instant::now() < m.next_start {
                 return;
             }
-            match self.spawn(m) {
-                Ok(pid) => {
-                    info!(engine = %m.assignment.engine, pid, "engine started");
-                    m.pid = Some(pid);
+            match driver.start(&m.spec) {
+                Ok(task) => {
+                    info!(engine = %m.assignment.engine, pid = task.pid, driver = driver.name(), "engine started");
+                    m.task = Some(task);
+                    if let Err(e) = self.write_record(m) {
+                        warn!(engine = %m.assignment.engine, error = %e, "cannot record the engine");
+                    }
                 }
                 Err(e) => {
                     warn!(engine = %m.assignment.engine, error = %e, "cannot start the engine");
-                    m.next_start = Instant::now() + RESTART_BACKOFF_MAX;
+                    m.next_start = Instant::now() + self.timings.backoff_max;
                 }
             }
             return;
-        }
+        };
         if m.state == EngineState::Starting {
-            let (sock, _, _) = self.paths(&m.assignment.engine);
-            if m.client.is_none() {
-                match EngineClient::connect(&sock, &self.node, Duration::from_millis(50)).await {
-                    Ok(c) => m.client = Some(Arc::new(c)),
-                    Err(_) => return,
-                }
-            }
-            let Some(client) = m.client.clone() else {
-                return;
-            };
-            match probe(&client).await {
-                Ok(()) => {
+            match driver.probe(&m.spec, task).await {
+                Probe::Ready => {
                     info!(engine = %m.assignment.engine, "engine ready");
                     m.state = EngineState::Ready;
+                    if let Err(e) = self.write_record(m) {
+                        warn!(engine = %m.assignment.engine, error = %e, "cannot record the engine");
+                    }
                 }
-                Err(e) => warn!(engine = %m.assignment.engine, error = %e, "engine probe failed"),
+                Probe::NotYet => {}
+                Probe::Failed(e) => {
+                    warn!(engine = %m.assignment.engine, error = %e, "engine probe failed")
+                }
             }
         }
-    }
-
-    fn spawn(&self, m: &mut Managed) -> std::io::Result<u32> {
-        use std::os::unix::process::CommandExt;
-        let a = &m.assignment;
-        let (sock, log, rec) = self.paths(&a.engine);
-        let _ = std::fs::remove_file(&sock);
-        let exe = std::env::current_exe()?;
-        let mut cmd = std::process::Command::new(exe);
-        cmd.args(["engine", "serve", "--socket"])
-            .arg(&sock)
-            .args(["--role", &a.role.to_string(), "--model", &m.model])
-            .args(["--orphan-timeout-ms", &ENGINE_ORPHAN_TIMEOUT_MS.to_string()]);
-        // Test-only: the engine's fault knobs, for fault tests (`pdctl local start
-        // --engine-faults`).
-        if let Ok(f) = std::env::var(TEST_ENGINE_FAULTS_ENV)
-            && !f.is_empty()
-        {
-            cmd.args(["--test-faults", &f]);
-        }
-        cmd.env("CUDA_VISIBLE_DEVICES", self.visible_devices(&a.gpus))
-            .env("RAYON_NUM_THREADS", "1")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            // Its own process group: the engine outlives an agent restart and is re-adopted.
-            .process_group(0);
-        let child = cmd.spawn()?;
-        let pid = child.id();
-        let record = Record {
-            engine: a.engine.clone(),
-            pid,
-            generation: a.generation,
-            role: a.role,
-            model: m.model.clone(),
-            gpus: a.gpus.clone(),
-            deployment: a.deployment.clone(),
-        };
-        crate::enrollment::write_atomic(
-            &rec,
-            &serde_json::to_string(&record).unwrap_or_default(),
-            false,
-        )?;
-        m.child = Some(child);
-        m.client = None;
-        Ok(pid)
     }
 
     /// GPU UUIDs for `CUDA_VISIBLE_DEVICES` (MIG instance UUIDs when MIG is on), indexes when
@@ -600,66 +601,14 @@ impl Supervisor {
             .join(",")
     }
 
-    async fn stop(&self, mut m: Managed) {
+    async fn stop(&self, m: Managed) {
         info!(engine = %m.assignment.engine, "stopping engine");
-        if let Some(c) = &m.client {
-            c.shutdown().await;
-        }
-        let until = Instant::now() + STOP_GRACE;
-        if let Some(pid) = m.pid {
-            while pid_alive(pid) && Instant::now() < until {
-                if let Some(child) = &mut m.child
-                    && !matches!(child.try_wait(), Ok(None))
-                {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            if pid_alive(pid) {
-                kill(pid, "KILL");
-            }
-        }
-        if let Some(mut c) = m.child.take() {
-            let _ = c.wait();
+        if let (Some(task), Some(d)) = (m.task, self.drivers.get(m.driver.as_str())) {
+            d.stop(task, self.timings.stop_grace).await;
         }
         let (sock, _, rec) = self.paths(&m.assignment.engine);
         let _ = std::fs::remove_file(sock);
         let _ = std::fs::remove_file(rec);
-    }
-}
-
-/// A one-token request: the engine computes, not just accepts connections.
-async fn probe(c: &EngineClient) -> Result<(), String> {
-    let id = u64::MAX - 1;
-    let prompt = Prompt::Tokens(vec![1]);
-    let sampling = SamplingParams {
-        max_tokens: 1,
-        ..SamplingParams::default()
-    };
-    // A prefill engine only prefills; the others generate.
-    let msg = if c.hello().role == WireRole::Prefill {
-        AgentMessage::Prefill {
-            id,
-            prompt,
-            sampling,
-        }
-    } else {
-        AgentMessage::Generate {
-            id,
-            prompt,
-            sampling,
-        }
-    };
-    let mut rx = c.submit(msg).await.map_err(|e| e.to_string())?;
-    let until = tokio::time::Instant::now() + PROBE_TIMEOUT;
-    loop {
-        match tokio::time::timeout_at(until, rx.recv()).await {
-            Ok(Some((EngineMessage::Finished { .. }, _, _))) => return Ok(()),
-            Ok(Some((EngineMessage::Error { message, .. }, _, _))) => return Err(message),
-            Ok(Some(_)) => {}
-            Ok(None) => return Err("connection lost".into()),
-            Err(_) => return Err("no answer to the probe".into()),
-        }
     }
 }
 
@@ -687,5 +636,289 @@ mod tests {
         assert!(!is_fresh(&a(&[0], 9), &acted));
         assert!(!is_fresh(&a(&[1, 0], 7), &acted));
         assert!(is_fresh(&a(&[2], 1), &acted));
+    }
+
+    // The supervisor's decisions with the fake driver: no processes, no sleeps (every wait is
+    // zero), one reconcile pass at a time.
+
+    use crate::driver::fake::{Fake, FakeFaults};
+    use pd_raft::{Deployment, Layout};
+
+    struct TestOrders {
+        state: std::sync::Mutex<ClusterState>,
+        published: std::sync::Mutex<Vec<EngineReport>>,
+    }
+
+    impl Orders for TestOrders {
+        fn state(&self) -> ClusterState {
+            self.state.lock().unwrap().clone()
+        }
+        fn publish(&self, engines: Vec<EngineReport>) {
+            *self.published.lock().unwrap() = engines;
+        }
+    }
+
+    struct Rig {
+        dir: tempfile::TempDir,
+        orders: Arc<TestOrders>,
+        fake: Arc<Fake>,
+        sup: Arc<Supervisor>,
+    }
+
+    const NO_WAITS: Timings = Timings {
+        backoff_min: Duration::ZERO,
+        backoff_max: Duration::ZERO,
+        drain_timeout: Duration::from_secs(3600),
+        stop_grace: Duration::ZERO,
+    };
+
+    fn assigned(engines: &[(&str, u32, u64)], driver: &str) -> ClusterState {
+        let mut s = ClusterState::default();
+        s.deployments.insert(
+            "d".into(),
+            Deployment {
+                name: "d".into(),
+                engine: driver.into(),
+                model: "m".into(),
+                tp: 1,
+                ttft_ms: None,
+                tpot_ms: None,
+                layout: Layout::Colocated { engines: 1 },
+                created_at: 1,
+            },
+        );
+        for (engine, gpu, generation) in engines {
+            s.assignments.insert(
+                engine.to_string(),
+                Assignment {
+                    engine: engine.to_string(),
+                    deployment: "d".into(),
+                    role: EngineRole::Both,
+                    node: "n".into(),
+                    gpus: vec![*gpu],
+                    generation: *generation,
+                },
+            );
+        }
+        s
+    }
+
+    fn rig(faults: &str, timings: Timings) -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = Arc::new(Fake::new(FakeFaults::parse(faults).unwrap()));
+        let orders = Arc::new(TestOrders {
+            state: std::sync::Mutex::new(assigned(&[("d/both-0", 0, 10)], "fake")),
+            published: std::sync::Mutex::new(Vec::new()),
+        });
+        let sup = Supervisor::with_drivers(
+            "n",
+            dir.path(),
+            orders.clone(),
+            None,
+            vec![fake.clone()],
+            timings,
+        )
+        .unwrap();
+        Rig {
+            dir,
+            orders,
+            fake,
+            sup,
+        }
+    }
+
+    impl Rig {
+        fn report(&self, engine: &str) -> Option<EngineReport> {
+            let p = self.orders.published.lock().unwrap();
+            p.iter().find(|r| r.engine == engine).cloned()
+        }
+
+        fn set(&self, s: ClusterState) {
+            *self.orders.state.lock().unwrap() = s;
+        }
+
+        async fn passes(&self, n: usize) {
+            for _ in 0..n {
+                self.sup.reconcile().await;
+            }
+        }
+    }
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn an_engine_starts_is_probed_ready_and_restarts_after_a_crash() {
+        rt().block_on(async {
+            let r = rig("slow_start_probes=1", NO_WAITS);
+            r.passes(1).await;
+            let first = r.report("d/both-0").unwrap();
+            assert_eq!(first.state, EngineState::Starting);
+            let pid = first.pid.expect("started");
+            // The first probe says "not yet", the second is answered.
+            r.passes(1).await;
+            assert_eq!(r.report("d/both-0").unwrap().state, EngineState::Starting);
+            r.passes(1).await;
+            let ready = r.report("d/both-0").unwrap();
+            assert_eq!(
+                (ready.state, ready.pid, ready.restarts),
+                (EngineState::Ready, Some(pid), 0)
+            );
+            assert_eq!(ready.generation, 10);
+            assert!(r.dir.path().join("engines/d_both-0.json").exists());
+
+            // kill -9: noticed, started again at once (zero backoff), ready after its probes.
+            r.fake.kill(pid);
+            r.passes(3).await;
+            let again = r.report("d/both-0").unwrap();
+            assert_eq!((again.state, again.restarts), (EngineState::Ready, 1));
+            assert_ne!(again.pid, Some(pid));
+            assert_eq!(r.fake.alive(), vec![again.pid.unwrap()]);
+        });
+    }
+
+    #[test]
+    fn a_crash_loop_ends_failed_and_failed_starts_are_retried() {
+        rt().block_on(async {
+            let r = rig("exit_after_polls=1", NO_WAITS);
+            r.passes(20).await;
+            let rep = r.report("d/both-0").unwrap();
+            assert_eq!(rep.state, EngineState::Failed);
+            assert_eq!(rep.restarts as usize, CRASH_LOOP_RESTARTS_MAX + 1);
+            assert_eq!(r.fake.starts() as usize, CRASH_LOOP_RESTARTS_MAX + 1);
+            assert!(r.fake.alive().is_empty());
+
+            let r = rig("start_failures=2", NO_WAITS);
+            r.passes(2).await;
+            assert_eq!(r.report("d/both-0").unwrap().pid, None);
+            r.passes(2).await;
+            assert_eq!(r.report("d/both-0").unwrap().state, EngineState::Ready);
+            assert_eq!(r.fake.starts(), 3);
+        });
+    }
+
+    #[test]
+    fn an_older_generation_for_the_same_gpu_is_ignored() {
+        rt().block_on(async {
+            let r = rig("", NO_WAITS);
+            r.passes(2).await;
+            let pid = r.report("d/both-0").unwrap().pid.unwrap();
+            // A stale writer's assignment (generation 5 < 10) for GPU 0: ignored.
+            r.set(assigned(&[("d/both-9", 0, 5)], "fake"));
+            r.passes(3).await;
+            assert!(r.report("d/both-9").is_none());
+            assert!(
+                r.fake
+                    .engines()
+                    .values()
+                    .all(|e| e.spec.engine != "d/both-9"),
+                "never started"
+            );
+            // A newer one is acted on.
+            r.set(assigned(&[("d/both-9", 0, 11)], "fake"));
+            r.passes(2).await;
+            assert_eq!(r.report("d/both-9").unwrap().state, EngineState::Ready);
+            assert!(r.fake.engines()[&pid].stopped);
+        });
+    }
+
+    #[test]
+    fn an_unassigned_engine_drains_before_it_stops() {
+        rt().block_on(async {
+            let r = rig("busy_polls=3", NO_WAITS);
+            r.passes(2).await;
+            let pid = r.report("d/both-0").unwrap().pid.unwrap();
+            // Busy for three load samples: the pass that samples it as ready, then two drain
+            // passes; stopped on the third.
+            r.set(assigned(&[], "fake"));
+            r.passes(2).await;
+            assert!(
+                r.report("d/both-0").is_none(),
+                "out of the routers' choice at once"
+            );
+            assert!(!r.fake.engines()[&pid].stopped, "still draining");
+            r.passes(1).await;
+            assert!(r.fake.engines()[&pid].stopped);
+            assert!(!r.dir.path().join("engines/d_both-0.json").exists());
+
+            // A drain timeout of zero stops a busy engine at once.
+            let r = rig(
+                "busy_polls=100",
+                Timings {
+                    drain_timeout: Duration::ZERO,
+                    ..NO_WAITS
+                },
+            );
+            r.passes(2).await;
+            let pid = r.report("d/both-0").unwrap().pid.unwrap();
+            r.set(assigned(&[], "fake"));
+            r.passes(2).await;
+            assert!(r.fake.engines()[&pid].stopped);
+        });
+    }
+
+    #[test]
+    fn a_new_supervisor_recovers_running_engines_by_identity() {
+        rt().block_on(async {
+            let r = rig("fingerprint=7", NO_WAITS);
+            r.passes(2).await;
+            let pid = r.report("d/both-0").unwrap().pid.unwrap();
+            let record: TaskRecord = serde_json::from_str(
+                &std::fs::read_to_string(r.dir.path().join("engines/d_both-0.json")).unwrap(),
+            )
+            .unwrap();
+            assert_eq!(record.driver, "fake");
+            assert_eq!(record.identity.as_ref().unwrap().model_fingerprint, 7);
+
+            // The agent restarts: the new supervisor takes the engine back, starts nothing.
+            let again = |r: &Rig| {
+                Supervisor::with_drivers(
+                    "n",
+                    r.dir.path(),
+                    r.orders.clone(),
+                    None,
+                    vec![r.fake.clone() as Arc<dyn Driver>],
+                    NO_WAITS,
+                )
+                .unwrap()
+            };
+            let sup = again(&r);
+            sup.adopt().await;
+            sup.reconcile().await;
+            let rep = r.report("d/both-0").unwrap();
+            assert_eq!(
+                (rep.state, rep.pid, rep.restarts),
+                (EngineState::Ready, Some(pid), 0)
+            );
+            assert_eq!(r.fake.starts(), 1);
+
+            // An engine that answers as another model is not adopted: stopped and replaced.
+            r.fake
+                .set_faults(FakeFaults::parse("fingerprint=8").unwrap());
+            let sup = again(&r);
+            sup.adopt().await;
+            assert!(!r.fake.engines()[&pid].alive);
+            sup.reconcile().await;
+            sup.reconcile().await;
+            let rep = r.report("d/both-0").unwrap();
+            assert_eq!(rep.state, EngineState::Ready);
+            assert_ne!(rep.pid, Some(pid));
+            assert_eq!(r.fake.starts(), 2);
+        });
+    }
+
+    #[test]
+    fn an_engine_of_an_unknown_driver_is_failed_not_started() {
+        rt().block_on(async {
+            let r = rig("", NO_WAITS);
+            r.set(assigned(&[("d/both-0", 0, 10)], "vllm"));
+            r.passes(2).await;
+            assert_eq!(r.report("d/both-0").unwrap().state, EngineState::Failed);
+            assert_eq!(r.fake.starts(), 0);
+        });
     }
 }

@@ -101,6 +101,8 @@ impl Timing {
 struct ModelView {
     created: u64,
     candidates: Vec<Candidate>,
+    /// The deployment's driver continues a replayed stream exactly: migration is allowed.
+    exact_replay: bool,
 }
 
 #[derive(Debug, Default)]
@@ -231,6 +233,8 @@ impl Serving {
                     ModelView {
                         created: self.boot,
                         candidates: Vec::new(),
+                        exact_replay: crate::driver::capabilities(&d.engine)
+                            .is_some_and(|c| c.exact_replay),
                     },
                 )
             })
@@ -518,8 +522,15 @@ impl Serving {
                     // Before the first token the request is tried again on other engines; after
                     // it, moved to another engine that replays the prompt and the tokens so far
                     // (sampling depends only on the seed and the output index: exact).
+                    // Only where the driver replays exactly.
                     let (used, limit, what) = if emit.started() {
-                        (&mut migrations, self.cfg.migrations, "migration")
+                        let exact = self
+                            .view()
+                            .models
+                            .get(&g.model)
+                            .is_some_and(|m| m.exact_replay);
+                        let limit = if exact { self.cfg.migrations } else { 0 };
+                        (&mut migrations, limit, "migration")
                     } else {
                         (&mut retries, self.cfg.retries, "retry")
                     };

@@ -1,0 +1,168 @@
+//! Engine drivers, in the manner of Nomad's task drivers: the supervisor decides which engines
+//! run where and when they restart; a driver knows how to run one kind of engine.
+//!
+//! - `start` an engine for a spec (its GPUs as `CUDA_VISIBLE_DEVICES`, its socket and log);
+//! - `wait`: has it exited (never blocks);
+//! - `probe`: is it ready (for the builtin engine: the hello plus a one-token request), and
+//!   what it says it is (model and fingerprint: the inspection recorded to verify it later);
+//! - `stats`: its load;
+//! - `stop` with a grace period, then kill;
+//! - `recover`: after an agent restart, take back an engine from its record, verifying its
+//!   identity over its socket (not by pid alone).
+//!
+//! `Capabilities` say what the serving path may do with a driver's engines: whether the agent
+//! ships their KV (the builtin engine hands its KV to the agent; vLLM or SGLang move KV
+//! themselves) and whether replaying a prompt and the tokens so far continues a stream
+//! exactly (which migration needs).
+//!
+//! Drivers: `builtin` (the reference engine as a child process) and, for tests, `fake`
+//! (in-memory engines with fault settings, no process).
+
+pub mod builtin;
+pub mod fake;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pd_raft::EngineRole;
+use serde::{Deserialize, Serialize};
+
+use crate::engine::client::EngineClient;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Who moves a prefill's KV to the decode engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvPath {
+    /// The engine hands its KV to the agent, which ships it over QUIC (builtin).
+    Agent,
+    /// The engine moves its KV itself (NIXL, Mooncake...): the agent only routes.
+    Engine,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    pub kv: KvPath,
+    /// Sampling is a function of the seed and the token index, so a stream replayed on another
+    /// engine continues exactly: migration after the first token is allowed.
+    pub exact_replay: bool,
+}
+
+/// What the engines of the driver named `driver` (a deployment's `engine`) allow; `None` for
+/// a driver this agent does not have.
+pub fn capabilities(driver: &str) -> Option<Capabilities> {
+    match driver {
+        builtin::NAME => Some(builtin::CAPABILITIES),
+        fake::NAME => Some(fake::CAPABILITIES),
+        _ => None,
+    }
+}
+
+/// One engine to run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineSpec {
+    pub engine: String,
+    pub deployment: String,
+    pub role: EngineRole,
+    /// A preset or a model folder on this host.
+    pub model: String,
+    pub gpus: Vec<u32>,
+    pub generation: u64,
+    /// `CUDA_VISIBLE_DEVICES`: GPU (or MIG instance) UUIDs.
+    pub visible_devices: String,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+}
+
+/// What an engine says it is: recorded at readiness, checked on recovery.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    pub model_name: String,
+    pub model_fingerprint: u64,
+}
+
+/// A running engine.
+pub struct Task {
+    pub pid: u32,
+    /// The engine protocol connection, once connected (serving uses it).
+    pub client: Option<Arc<EngineClient>>,
+    /// What the engine said it is, once it answered.
+    pub identity: Option<Identity>,
+    /// Our child process, when this agent started it (not when recovered).
+    pub(crate) child: Option<std::process::Child>,
+}
+
+impl Task {
+    pub fn new(pid: u32) -> Task {
+        Task {
+            pid,
+            client: None,
+            identity: None,
+            child: None,
+        }
+    }
+}
+
+/// What survives an agent restart, next to the engine's socket (`<id>.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    pub engine: String,
+    pub pid: u32,
+    pub generation: u64,
+    pub role: EngineRole,
+    pub model: String,
+    pub gpus: Vec<u32>,
+    pub deployment: String,
+    /// The driver that started it (absent in records of older agents: builtin).
+    #[serde(default = "builtin_name")]
+    pub driver: String,
+    /// The identity it gave once ready (absent until then, and in older records).
+    #[serde(default)]
+    pub identity: Option<Identity>,
+}
+
+fn builtin_name() -> String {
+    builtin::NAME.to_string()
+}
+
+/// A probe's outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    /// Ready to serve.
+    Ready,
+    /// Not answering yet (still starting).
+    NotYet,
+    /// Answered, but wrongly.
+    Failed(String),
+}
+
+/// One kind of engine. Object safe: the supervisor holds `Arc<dyn Driver>` by name.
+pub trait Driver: Send + Sync {
+    fn name(&self) -> &'static str;
+    fn capabilities(&self) -> Capabilities;
+    /// Starts the engine (returns once it is launched, not once it is ready).
+    fn start(&self, spec: &EngineSpec) -> Result<Task, String>;
+    /// Whether the engine has exited, and why (never blocks).
+    fn wait(&self, task: &mut Task) -> Option<String>;
+    /// Readiness: connects if needed and checks that the engine computes.
+    fn probe<'a>(&'a self, spec: &'a EngineSpec, task: &'a mut Task) -> BoxFuture<'a, Probe>;
+    /// Its load now, or `None` when it does not answer within `timeout`.
+    fn stats<'a>(
+        &'a self,
+        task: &'a Task,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Option<pd_engine::EngineStats>>;
+    /// Asks it to stop, and kills it after `grace`.
+    fn stop<'a>(&'a self, task: Task, grace: Duration) -> BoxFuture<'a, ()>;
+    /// Takes back an engine a previous agent started, from its record: it must be alive and
+    /// answer on its socket as the recorded role and identity. An engine that fails the check
+    /// is killed (when alive) and an error returned.
+    fn recover<'a>(
+        &'a self,
+        spec: &'a EngineSpec,
+        record: &'a TaskRecord,
+    ) -> BoxFuture<'a, Result<Task, String>>;
+}
