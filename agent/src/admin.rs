@@ -15,8 +15,10 @@
 //!   layout, and the TTFT and TPOT the agents measured); `POST /v1/deployments` with
 //!   `{"name", "engine", "model", "tp", "prefill", "decode" | "colocated", "ttft_ms",
 //!   "tpot_ms"}`, or `"layout": "planned"` with the targets and optional `"isl"`, `"osl"`,
-//!   `"max_gpus"` (the planner sizes it on the free GPUs; see `planned`) (refused with 409
-//!   `does_not_fit` and what is missing when the engines cannot all be placed now);
+//!   `"max_gpus"` (the planner sizes it on the free GPUs; see `planned`), and optionally
+//!   `"model_fingerprint"`. A model folder is looked for on every node (`models`): engines go
+//!   only where a copy matches (409 `model_not_found` when none does). Refused with 409
+//!   `does_not_fit` and what is missing when the engines cannot all be placed now;
 //!   `DELETE /v1/deployments/{name}`; `PUT /v1/deployments/{name}/layout` with `{"prefill",
 //!   "decode"}` or `{"colocated"}`.
 //! - `GET /v1/apikeys` (ids, names, creation times); `POST /v1/apikeys` with `{"name"}`
@@ -56,6 +58,8 @@ pub struct AdminCtx {
     pub peers: Arc<Peers>,
     /// This agent's serving metrics (the other agents' are asked for).
     pub metrics: Arc<crate::serving::metrics::Metrics>,
+    /// `node.models_dir`: where this host's relative model names are.
+    pub models_dir: std::path::PathBuf,
 }
 
 /// Workload a planned layout is sized for when the deployment names none.
@@ -189,6 +193,9 @@ struct DeployBody {
     isl: Option<u32>,
     osl: Option<u32>,
     max_gpus: Option<u32>,
+    /// The checkpoint fingerprint the model folder must have on a host (default: the one most
+    /// hosts that have the folder agree on).
+    model_fingerprint: Option<String>,
 }
 
 impl DeployBody {
@@ -307,6 +314,11 @@ async fn deployments(State(ctx): Ctx) -> Json<serde_json::Value> {
                 .map(crate::planned::plan_json)
                 .unwrap_or(serde_json::Value::Null);
             v["measured"] = measured_json(latencies.get(&d.name));
+            v["model_hosts"] = s
+                .model_hosts
+                .get(&d.name)
+                .map(|h| json!(h))
+                .unwrap_or(serde_json::Value::Null);
             v
         })
         .collect();
@@ -324,28 +336,21 @@ async fn create_deployment(
     };
     let tp = body.tp.unwrap_or(1);
     let mut answer = json!({"created": body.name});
-    let cmd = match body.layout.as_deref() {
-        None => Command::CreateDeployment {
-            name: body.name.clone(),
-            engine,
-            model: body.model.clone(),
-            tp,
-            ttft_ms: body.ttft_ms,
-            tpot_ms: body.tpot_ms,
-            layout: body.layout()?,
-        },
+    // A model folder must be on the hosts: placement uses only those with a matching copy.
+    let model_hosts = if crate::models::is_preset(&body.model) || body.model.is_empty() {
+        None
+    } else {
+        let (hosts, missing) = model_hosts(&ctx, &body).await?;
+        answer["model_hosts"] = json!(hosts);
+        answer["model_missing"] = json!(missing);
+        Some(hosts)
+    };
+    let (layout, plan) = match body.layout.as_deref() {
+        None => (body.layout()?, None),
         Some("planned") => {
-            let plan = plan_layout(&ctx, &body, tp).await?;
+            let plan = plan_layout(&ctx, &body, tp, model_hosts.as_ref()).await?;
             answer["plan"] = crate::planned::plan_json(&plan);
-            Command::CreatePlannedDeployment {
-                name: body.name.clone(),
-                engine,
-                model: body.model.clone(),
-                tp,
-                ttft_ms: body.ttft_ms,
-                tpot_ms: body.tpot_ms,
-                plan,
-            }
+            (plan.layout, Some(plan))
         }
         Some(other) => {
             return Err(ApiError(
@@ -357,9 +362,151 @@ async fn create_deployment(
             ));
         }
     };
+    let cmd = if plan.is_none() && model_hosts.is_none() {
+        Command::CreateDeployment {
+            name: body.name.clone(),
+            engine,
+            model: body.model.clone(),
+            tp,
+            ttft_ms: body.ttft_ms,
+            tpot_ms: body.tpot_ms,
+            layout,
+        }
+    } else {
+        Command::CreateCheckedDeployment {
+            name: body.name.clone(),
+            engine,
+            model: body.model.clone(),
+            tp,
+            ttft_ms: body.ttft_ms,
+            tpot_ms: body.tpot_ms,
+            layout,
+            plan,
+            model_hosts,
+        }
+    };
     check_fit(&ctx, &cmd, &body.name)?;
     ctx.write(cmd).await?;
     Ok((StatusCode::CREATED, Json(answer)))
+}
+
+/// Bound on one agent's look at a model folder.
+const MODEL_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Asks every node that is not down whether it has the model folder and its checkpoint
+/// fingerprint. The hosts are those whose copy has the expected fingerprint (given, or the one
+/// most copies agree on); the others are returned with why not. None: refused, saying why.
+async fn model_hosts(
+    ctx: &AdminCtx,
+    body: &DeployBody,
+) -> Result<(pd_raft::ModelHosts, BTreeMap<String, String>), ApiError> {
+    let s = ctx.control.state_snapshot();
+    let me = ctx.control.node_name().to_string();
+    let mut asks = tokio::task::JoinSet::new();
+    for n in s.nodes.values() {
+        if n.health == pd_raft::NodeHealth::Down {
+            continue;
+        }
+        let (name, address, model) = (n.name.clone(), n.address.clone(), body.model.clone());
+        if name == me {
+            let dir = ctx.models_dir.clone();
+            asks.spawn(async move {
+                let c = tokio::task::spawn_blocking(move || crate::models::check(&dir, &model))
+                    .await
+                    .map_err(|e| e.to_string());
+                (name, c)
+            });
+            continue;
+        }
+        let peers = ctx.peers.clone();
+        asks.spawn(async move {
+            let req = AgentRequest::CheckModel { model };
+            let got = match address.parse::<SocketAddr>() {
+                Ok(addr) => match peers.call(&name, addr, &req, MODEL_CHECK_TIMEOUT).await {
+                    Ok(AgentResponse::ModelCheck(c)) => Ok(c),
+                    Ok(_) => Err("an unexpected answer".to_string()),
+                    Err(e) => Err(e.to_string()),
+                },
+                Err(e) => Err(e.to_string()),
+            };
+            (name, got)
+        });
+    }
+    let answers = asks.join_all().await;
+    let mut found: BTreeMap<String, String> = BTreeMap::new();
+    let mut missing: BTreeMap<String, String> = BTreeMap::new();
+    for (node, got) in answers {
+        match got {
+            Ok(c) => match c.fingerprint {
+                Some(f) => {
+                    found.insert(node, f);
+                }
+                None => {
+                    missing.insert(node, c.why.unwrap_or_default());
+                }
+            },
+            Err(e) => {
+                missing.insert(node, format!("did not answer: {e}"));
+            }
+        }
+    }
+    let conflict = |m: String| ApiError(StatusCode::CONFLICT, "model_not_found", m);
+    let expected = match &body.model_fingerprint {
+        Some(f) => f.to_ascii_lowercase(),
+        None => {
+            let mut votes: BTreeMap<&str, usize> = BTreeMap::new();
+            for f in found.values() {
+                *votes.entry(f.as_str()).or_default() += 1;
+            }
+            let most = votes.values().copied().max().unwrap_or(0);
+            let top: Vec<&str> = votes
+                .iter()
+                .filter(|(_, n)| **n == most)
+                .map(|(f, _)| *f)
+                .collect();
+            match top.as_slice() {
+                [] => String::new(),
+                [one] => one.to_string(),
+                _ => {
+                    let list: Vec<String> =
+                        found.iter().map(|(n, f)| format!("{n}: {f}")).collect();
+                    return Err(conflict(format!(
+                        "model {}: the hosts' copies differ as many against as many ({}); give the one to use with --model-fingerprint",
+                        body.model,
+                        list.join(", ")
+                    )));
+                }
+            }
+        }
+    };
+    for (node, f) in &found {
+        if *f != expected {
+            missing.insert(
+                node.clone(),
+                format!("its copy has fingerprint {f}, not {expected}"),
+            );
+        }
+    }
+    found.retain(|_, f| *f == expected);
+    if found.is_empty() {
+        let list: Vec<String> = missing.iter().map(|(n, w)| format!("{n}: {w}")).collect();
+        return Err(conflict(format!(
+            "model {}: no node has it{}",
+            body.model,
+            if list.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", list.join("; "))
+            }
+        )));
+    }
+    Ok((
+        pd_raft::ModelHosts {
+            fingerprint: expected,
+            nodes: found.into_keys().collect(),
+        },
+        missing,
+    ))
 }
 
 /// Runs the planner for a `"layout": "planned"` deployment (on a blocking thread: a plan
@@ -368,6 +515,7 @@ async fn plan_layout(
     ctx: &AdminCtx,
     body: &DeployBody,
     tp: u32,
+    hosts: Option<&pd_raft::ModelHosts>,
 ) -> Result<pd_raft::PlanRecord, ApiError> {
     let bad = |m: String| ApiError(StatusCode::BAD_REQUEST, "invalid_layout", m);
     if body.prefill.is_some() || body.decode.is_some() || body.colocated.is_some() {
@@ -393,6 +541,7 @@ async fn plan_layout(
         isl: body.isl.unwrap_or(PLANNED_ISL_DEFAULT),
         osl: body.osl.unwrap_or(PLANNED_OSL_DEFAULT),
         max_gpus: body.max_gpus,
+        hosts: hosts.map(|h| h.nodes.clone()),
     };
     let state = ctx.control.state_snapshot();
     let planned = tokio::task::spawn_blocking(move || crate::planned::plan(&state, &want))

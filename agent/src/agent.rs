@@ -30,6 +30,7 @@ pub struct AgentService {
     control: Arc<ControlPlane>,
     legs: Arc<crate::serving::legs::Legs>,
     metrics: Arc<crate::serving::metrics::Metrics>,
+    models_dir: std::path::PathBuf,
 }
 
 impl Service for AgentService {
@@ -89,6 +90,13 @@ impl Service for AgentService {
                 Ok(AgentResponse::KvSealed)
             }
             AgentRequest::Latencies => Ok(AgentResponse::Latencies(self.metrics.latencies())),
+            AgentRequest::CheckModel { model } => {
+                let dir = self.models_dir.clone();
+                tokio::task::spawn_blocking(move || crate::models::check(&dir, &model))
+                    .await
+                    .map(AgentResponse::ModelCheck)
+                    .map_err(|e| format!("checking the model: {e}"))
+            }
         }
     }
 
@@ -252,6 +260,7 @@ pub async fn run(
     let supervisor = crate::supervisor::Supervisor::new(
         &cfg.node_name,
         &cfg.config.node.data_dir,
+        &cfg.models_dir,
         control.clone(),
         control.inventory(),
     )?;
@@ -288,6 +297,7 @@ pub async fn run(
         control: control.clone(),
         peers,
         metrics: metrics.clone(),
+        models_dir: cfg.models_dir.clone(),
     }));
     let admin_addr = crate::admin::serve_https(cfg.admin_listen, &endpoint, admin.clone()).await?;
     crate::admin::serve_unix(&cfg.admin_socket, admin).await?;
@@ -297,6 +307,7 @@ pub async fn run(
         control: control.clone(),
         legs,
         metrics,
+        models_dir: cfg.models_dir.clone(),
     });
     let server = endpoint.serve(service);
     info!(

@@ -237,6 +237,9 @@ pub struct NodeSection {
     pub advertise: String,
     /// Tokio worker threads; 0 means one per core.
     pub worker_threads: usize,
+    /// Where deployments' model folders given by a relative name are. Empty:
+    /// `<data_dir>/models`.
+    pub models_dir: PathBuf,
 }
 
 impl Default for NodeSection {
@@ -247,6 +250,7 @@ impl Default for NodeSection {
             listen: DEFAULT_LISTEN.to_string(),
             advertise: String::new(),
             worker_threads: 0,
+            models_dir: PathBuf::new(),
         }
     }
 }
@@ -340,6 +344,8 @@ pub struct Validated {
     /// The OpenAI API's address; `None` when `serving.listen` is empty.
     pub serving_listen: Option<SocketAddr>,
     pub admin_socket: PathBuf,
+    /// `node.models_dir`, defaulted.
+    pub models_dir: PathBuf,
     pub ca_cert: PathBuf,
     pub node_cert: PathBuf,
     pub node_key: PathBuf,
@@ -595,6 +601,11 @@ impl AgentConfig {
             admin_listen,
             admin_socket,
             serving_listen,
+            models_dir: if self.node.models_dir.as_os_str().is_empty() {
+                self.node.data_dir.join("models")
+            } else {
+                self.node.models_dir.clone()
+            },
             ca_cert: pick(&self.tls.ca_cert, pki::CA_CERT_FILE),
             node_cert: pick(&self.tls.node_cert, pki::NODE_CERT_FILE),
             node_key: pick(&self.tls.node_key, pki::NODE_KEY_FILE),

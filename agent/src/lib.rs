@@ -18,6 +18,7 @@ pub mod engine;
 pub mod enrollment;
 pub mod gpus;
 pub mod logging;
+pub mod models;
 pub mod notify;
 pub mod peers;
 pub mod planned;

@@ -4,7 +4,7 @@
 //!
 //! Pure except `planner_model`, which may read a model folder's `config.json`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use pd_planner::{Dtype, Dtypes, GpuPool, PlanRequest, Slo, StepCost};
@@ -25,6 +25,8 @@ pub struct PlannedDeploy {
     pub osl: u32,
     /// At most this many GPUs (default: every free GPU of a known type).
     pub max_gpus: Option<u32>,
+    /// Only the GPUs of these nodes (those that hold the model folder); `None`: any node.
+    pub hosts: Option<BTreeSet<String>>,
 }
 
 /// Why no plan: what is missing, for the operator.
@@ -61,11 +63,17 @@ pub fn planner_model(model: &str) -> Result<pd_planner::ModelSpec, PlanRefusal> 
 
 /// GPUs free for a new deployment, by planner system: on nodes that are ready and active,
 /// healthy, held by no engine. GPUs the planner knows no system for are listed apart.
-pub fn free_gpus(state: &ClusterState) -> (BTreeMap<String, u32>, BTreeMap<String, u32>) {
+pub fn free_gpus(
+    state: &ClusterState,
+    hosts: Option<&BTreeSet<String>>,
+) -> (BTreeMap<String, u32>, BTreeMap<String, u32>) {
     let mut known = BTreeMap::new();
     let mut unknown = BTreeMap::new();
     for n in state.nodes.values() {
-        if n.health != NodeHealth::Ready || n.admin_state != AdminState::Active {
+        if n.health != NodeHealth::Ready
+            || n.admin_state != AdminState::Active
+            || hosts.is_some_and(|h| !h.contains(&n.name))
+        {
             continue;
         }
         for g in &n.gpus {
@@ -89,7 +97,7 @@ pub fn free_gpus(state: &ClusterState) -> (BTreeMap<String, u32>, BTreeMap<Strin
 /// best disaggregated and the best colocated one, as a record for the replicated state.
 pub fn plan(state: &ClusterState, want: &PlannedDeploy) -> Result<PlanRecord, PlanRefusal> {
     let model = planner_model(&want.model)?;
-    let (known, unknown) = free_gpus(state);
+    let (known, unknown) = free_gpus(state, want.hosts.as_ref());
     let mut left = want.max_gpus.unwrap_or(u32::MAX);
     let mut pools = Vec::new();
     for (system, count) in &known {
@@ -250,6 +258,7 @@ mod tests {
             isl: 1024,
             osl: 256,
             max_gpus: None,
+            hosts: None,
         }
     }
 
@@ -267,7 +276,7 @@ mod tests {
     #[test]
     fn the_plan_is_sized_on_free_healthy_gpus_of_ready_active_nodes() {
         let mut s = cluster(4, 8, "NVIDIA H100 80GB HBM3");
-        let (known, _) = free_gpus(&s);
+        let (known, _) = free_gpus(&s, None);
         assert_eq!(known.get("h100_sxm"), Some(&32));
         // A cordoned node, a down node, a failed GPU and an engine's GPUs do not count.
         let mut i = 100;
@@ -322,8 +331,12 @@ mod tests {
                 }],
             },
         );
-        let (known, _) = free_gpus(&s);
+        let (known, _) = free_gpus(&s, None);
         assert_eq!(known.get("h100_sxm"), Some(&(7 + 6)));
+        // Only the nodes that hold the model.
+        let hosts: BTreeSet<String> = ["node-3".to_string()].into();
+        let (known, _) = free_gpus(&s, Some(&hosts));
+        assert_eq!(known.get("h100_sxm"), Some(&7));
     }
 
     #[test]
@@ -350,14 +363,16 @@ mod tests {
         let mut s2 = s.clone();
         s2.apply(
             1000,
-            &Command::CreatePlannedDeployment {
+            &Command::CreateCheckedDeployment {
                 name: "llama".into(),
                 engine: "builtin".into(),
                 model: "Llama-3.1-8B".into(),
                 tp: 1,
                 ttft_ms: Some(2000),
                 tpot_ms: Some(50),
-                plan: p3.clone(),
+                layout: p3.layout,
+                plan: Some(p3.clone()),
+                model_hosts: None,
             },
         )
         .unwrap();

@@ -171,6 +171,8 @@ pub use crate::driver::builtin::TEST_ENGINE_FAULTS_ENV;
 
 pub struct Supervisor {
     node: String,
+    /// Where relative model names are (`node.models_dir`).
+    models_dir: PathBuf,
     dir: PathBuf,
     orders: Arc<dyn Orders>,
     inventory: Option<SharedInventory>,
@@ -205,6 +207,7 @@ impl Supervisor {
     pub fn new(
         node: &str,
         data_dir: &Path,
+        models_dir: &Path,
         control: Arc<crate::control::ControlPlane>,
         inventory: Option<SharedInventory>,
     ) -> std::io::Result<Arc<Self>> {
@@ -212,6 +215,7 @@ impl Supervisor {
         Self::with_drivers(
             node,
             data_dir,
+            models_dir,
             control,
             inventory,
             vec![builtin],
@@ -223,6 +227,7 @@ impl Supervisor {
     pub fn with_drivers(
         node: &str,
         data_dir: &Path,
+        models_dir: &Path,
         orders: Arc<dyn Orders>,
         inventory: Option<SharedInventory>,
         drivers: Vec<Arc<dyn Driver>>,
@@ -232,6 +237,7 @@ impl Supervisor {
         std::fs::create_dir_all(&dir)?;
         Ok(Arc::new(Supervisor {
             node: node.to_string(),
+            models_dir: models_dir.to_path_buf(),
             dir,
             orders,
             inventory,
@@ -282,7 +288,7 @@ impl Supervisor {
             engine: a.engine.clone(),
             deployment: a.deployment.clone(),
             role: a.role,
-            model: model.to_string(),
+            model: crate::models::resolve(&self.models_dir, model),
             gpus: a.gpus.clone(),
             generation: a.generation,
             visible_devices: self.visible_devices(&a.gpus),
@@ -417,7 +423,9 @@ impl Supervisor {
             .iter()
             .filter(|(id, m)| {
                 desired.get(*id).is_none_or(|(a, model, driver)| {
-                    *a != m.assignment || *model != m.spec.model || *driver != m.driver
+                    *a != m.assignment
+                        || crate::models::resolve(&self.models_dir, model) != m.spec.model
+                        || *driver != m.driver
                 })
             })
             .map(|(id, _)| id.clone())
@@ -713,6 +721,7 @@ mod tests {
         let sup = Supervisor::with_drivers(
             "n",
             dir.path(),
+            &dir.path().join("models"),
             orders.clone(),
             None,
             vec![fake.clone()],
@@ -879,6 +888,7 @@ mod tests {
                 Supervisor::with_drivers(
                     "n",
                     r.dir.path(),
+                    &r.dir.path().join("models"),
                     r.orders.clone(),
                     None,
                     vec![r.fake.clone() as Arc<dyn Driver>],

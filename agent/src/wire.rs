@@ -58,6 +58,8 @@ pub enum AgentRequest {
     KvSeal(crate::engine::kv_ship::Seal),
     /// The TTFT and TPOT this agent's ingress measured, per model.
     Latencies,
+    /// Whether this host has a deployment's model folder, and its checkpoint fingerprint.
+    CheckModel { model: String },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -96,6 +98,7 @@ pub enum AgentResponse {
     Serve(crate::serving::legs::ServeEvent),
     KvSealed,
     Latencies(Vec<crate::serving::metrics::ModelLatency>),
+    ModelCheck(crate::models::ModelCheck),
 }
 
 /// One GPU's live readings, sent with every liveness report.

@@ -84,9 +84,14 @@ enum Command {
         /// Engine driver.
         #[arg(long, default_value = "builtin")]
         engine: String,
-        /// A preset (tiny, small) or a model folder present on the hosts.
+        /// A preset (tiny, small) or a model folder on the hosts: absolute, or relative to each
+        /// agent's `node.models_dir`. Engines are placed only on hosts whose copy matches.
         #[arg(long)]
         model: String,
+        /// The checkpoint fingerprint (hex) the hosts' copies must have. Default: the one most
+        /// copies agree on.
+        #[arg(long)]
+        model_fingerprint: Option<String>,
         /// GPUs per engine.
         #[arg(long, default_value_t = 1)]
         tp: u32,
@@ -699,6 +704,7 @@ fn run(cli: Cli) -> Result<()> {
             name,
             engine,
             model,
+            model_fingerprint,
             tp,
             layout,
             ttft_ms,
@@ -715,10 +721,27 @@ fn run(cli: Cli) -> Result<()> {
                 ("tp", serde_json::json!(tp)),
                 ("ttft_ms", serde_json::json!(ttft_ms)),
                 ("tpot_ms", serde_json::json!(tpot_ms)),
+                ("model_fingerprint", serde_json::json!(model_fingerprint)),
             ] {
                 body[k] = v;
             }
             let created = block_on(c.request("POST", "/v1/deployments", Some(body)))??;
+            if let Some(h) = created["model_hosts"].as_object() {
+                let nodes: Vec<&str> = h["nodes"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|n| n.as_str())
+                    .collect();
+                println!(
+                    "{name}: model {model} (fingerprint {}) on {}",
+                    h["fingerprint"].as_str().unwrap_or(""),
+                    nodes.join(", ")
+                );
+                for (node, why) in created["model_missing"].as_object().into_iter().flatten() {
+                    println!("  not on {node}: {}", why.as_str().unwrap_or(""));
+                }
+            }
             let plan = &created["plan"];
             if plan.is_object() {
                 let p = &plan["predicted"];

@@ -19,6 +19,7 @@ pub mod types;
 
 pub use state::{
     AdminState, ApiKey, Applied, ApplyError, Assignment, ClusterState, Command, CommandResult,
-    Deployment, EngineRole, Layout, NodeHealth, NodeRecord, Placed, PlanRecord, SCHEMA_VERSION,
+    Deployment, EngineRole, Layout, ModelHosts, NodeHealth, NodeRecord, Placed, PlanRecord,
+    SCHEMA_VERSION,
 };
 pub use types::{NodeId, RaftPeer, TypeConfig};

@@ -5,6 +5,8 @@
 //! - an engine needs `tp` GPUs on one node; a GPU never runs two engines;
 //! - only nodes that are ready and active (not cordoned, not draining) receive new engines,
 //!   and only their GPUs that are not failed;
+//! - a deployment whose model is a folder runs only on the nodes that had a matching copy
+//!   when it was created (`ClusterState::model_hosts`);
 //! - an engine keeps its place while its node is ready and its GPUs are usable (placement is
 //!   stable: a healthy engine is never moved to make the layout prettier); cordoning a node
 //!   keeps its engines, draining moves them;
@@ -85,6 +87,14 @@ fn usable_node(state: &ClusterState, node: &str, for_new: bool) -> bool {
     })
 }
 
+/// Whether the node holds the deployment's model (always, for presets).
+fn has_model(state: &ClusterState, deployment: &str, node: &str) -> bool {
+    state
+        .model_hosts
+        .get(deployment)
+        .is_none_or(|h| h.nodes.contains(node))
+}
+
 fn usable_gpu(state: &ClusterState, node: &str, gpu: u32) -> bool {
     state.nodes.get(node).is_some_and(|n| {
         n.gpus
@@ -117,6 +127,7 @@ pub fn place(state: &ClusterState, deployment: &str) -> Result<Vec<Placed>, Plac
                 && wanted.iter().any(|(e, r)| *e == a.engine && *r == a.role)
                 && a.gpus.len() == d.tp as usize
                 && usable_node(state, &a.node, false)
+                && has_model(state, &d.name, &a.node)
                 && a.gpus.iter().all(|g| usable_gpu(state, &a.node, *g)));
         if !stays {
             continue;
@@ -170,7 +181,7 @@ pub fn place(state: &ClusterState, deployment: &str) -> Result<Vec<Placed>, Plac
         let best = state
             .nodes
             .keys()
-            .filter(|n| usable_node(state, n, true))
+            .filter(|n| usable_node(state, n, true) && has_model(state, &d.name, n))
             .map(|n| (n.as_str(), free_on(&used, n)))
             .filter(|(_, free)| free.len() >= d.tp as usize)
             .max_by_key(|(n, free)| {
@@ -207,6 +218,8 @@ pub fn place(state: &ClusterState, deployment: &str) -> Result<Vec<Placed>, Plac
             .map(|n| {
                 if !usable_node(state, &n.name, true) {
                     format!("{} ({:?}, {:?}): -", n.name, n.health, n.admin_state).to_lowercase()
+                } else if !has_model(state, &d.name, &n.name) {
+                    format!("{} (no copy of the model): -", n.name)
                 } else {
                     format!(
                         "{}: {} of {}",
@@ -320,6 +333,55 @@ mod tests {
             .collect();
         let set: BTreeSet<_> = all.iter().cloned().collect();
         set.len() == all.len()
+    }
+
+    /// A deployment with model hosts runs only there; the refusal names the nodes without a
+    /// copy; deleting the deployment forgets its hosts.
+    #[test]
+    fn a_model_folder_deployment_runs_only_on_its_hosts() {
+        let (mut s, mut i) = cluster(&[("a", 2, None), ("b", 2, None), ("c", 4, None)]);
+        let create = |layout| Command::CreateCheckedDeployment {
+            name: "ck".into(),
+            engine: "builtin".into(),
+            model: "/models/ck".into(),
+            tp: 1,
+            ttft_ms: None,
+            tpot_ms: None,
+            layout,
+            plan: None,
+            model_hosts: Some(crate::state::ModelHosts {
+                fingerprint: "00000000000000ff".into(),
+                nodes: ["a".to_string(), "b".to_string()].into(),
+            }),
+        };
+        i += 1;
+        s.apply(i, &create(Layout::Colocated { engines: 4 }))
+            .unwrap();
+        let p = commit(&mut s, &mut i, "ck");
+        assert!(p.iter().all(|p| p.node != "c"), "{p:?}");
+        // One more does not fit, although c has 4 free GPUs.
+        i += 1;
+        s.apply(
+            i,
+            &Command::ScaleDeployment {
+                name: "ck".into(),
+                layout: Layout::Colocated { engines: 5 },
+            },
+        )
+        .unwrap();
+        let e = place(&s, "ck").unwrap_err();
+        assert!(e.free.contains("c (no copy of the model): -"), "{e}");
+        // An empty host list is refused; deleting forgets the hosts.
+        i += 1;
+        s.apply(i, &Command::DeleteDeployment { name: "ck".into() })
+            .unwrap();
+        assert!(s.model_hosts.is_empty());
+        let mut bad = create(Layout::Colocated { engines: 1 });
+        if let Command::CreateCheckedDeployment { model_hosts, .. } = &mut bad {
+            model_hosts.as_mut().unwrap().nodes.clear();
+        }
+        assert!(s.apply(i + 1, &bad).is_err());
+        assert!(s.deployments.is_empty());
     }
 
     /// 2 prefill + 2 decode engines on four 2-GPU nodes: distinct GPUs, each prefill engine on

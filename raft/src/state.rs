@@ -179,6 +179,15 @@ pub struct PlanRecord {
 /// Longest `PlanRecord` text field.
 pub const PLAN_TEXT_BYTES_MAX: usize = 1024;
 
+/// Where a deployment's model folder was found, with the fingerprint it should have, when the
+/// deployment was created: its engines are placed only on these nodes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelHosts {
+    /// The checkpoint fingerprint (hex) every host's copy had to match.
+    pub fingerprint: String,
+    pub nodes: BTreeSet<String>,
+}
+
 /// A change to the cluster. Variants are only appended, never renumbered.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
@@ -273,16 +282,20 @@ pub enum Command {
         node: String,
         role: EngineRole,
     },
-    /// `CreateDeployment` with the layout the planner chose (`plan.layout`), and the plan kept
-    /// beside the deployment until it is deleted.
-    CreatePlannedDeployment {
+    /// `CreateDeployment` with what the agent that took it checked: the planner's record when
+    /// the planner chose the layout (`plan.layout` is then `layout`), and the nodes that hold
+    /// the model folder with the expected fingerprint (placement uses only those). Both are
+    /// kept beside the deployment until it is deleted.
+    CreateCheckedDeployment {
         name: String,
         engine: String,
         model: String,
         tp: u32,
         ttft_ms: Option<u32>,
         tpot_ms: Option<u32>,
-        plan: PlanRecord,
+        layout: Layout,
+        plan: Option<PlanRecord>,
+        model_hosts: Option<ModelHosts>,
     },
 }
 
@@ -385,6 +398,8 @@ pub struct ClusterState {
     /// The planner's record of each `--layout planned` deployment, by deployment name.
     /// (Schema 2.)
     pub plans: BTreeMap<String, PlanRecord>,
+    /// Where each deployment with a model folder may run, by deployment name. (Schema 2.)
+    pub model_hosts: BTreeMap<String, ModelHosts>,
 }
 
 /// `ClusterState` as schema 1 stored it (before `plans`): an upgraded agent reads the
@@ -416,6 +431,7 @@ impl From<ClusterStateV1> for ClusterState {
             api_keys: v1.api_keys,
             api_keys_required: v1.api_keys_required,
             plans: BTreeMap::new(),
+            model_hosts: BTreeMap::new(),
         }
     }
 }
@@ -433,6 +449,7 @@ impl Default for ClusterState {
             api_keys: BTreeMap::new(),
             api_keys_required: false,
             plans: BTreeMap::new(),
+            model_hosts: BTreeMap::new(),
         }
     }
 }
@@ -798,26 +815,38 @@ impl ClusterState {
                 };
                 self.create_deployment(d)
             }
-            Command::CreatePlannedDeployment {
+            Command::CreateCheckedDeployment {
                 name,
                 engine,
                 model,
                 tp,
                 ttft_ms,
                 tpot_ms,
+                layout,
                 plan,
+                model_hosts,
             } => {
-                if ttft_ms.is_none() || tpot_ms.is_none() {
-                    return Err(ApplyError::BadDeployment(
-                        "a planned layout needs TTFT and TPOT targets".into(),
-                    ));
+                let bad = |why: String| Err(ApplyError::BadDeployment(why));
+                if let Some(plan) = plan {
+                    if ttft_ms.is_none() || tpot_ms.is_none() {
+                        return bad("a planned layout needs TTFT and TPOT targets".into());
+                    }
+                    if plan.layout != *layout {
+                        return bad("the layout is not the plan's".into());
+                    }
+                    if plan.gpus.len() > PLAN_TEXT_BYTES_MAX
+                        || plan.describe.len() > PLAN_TEXT_BYTES_MAX
+                    {
+                        return bad(format!("plan text over {PLAN_TEXT_BYTES_MAX} bytes"));
+                    }
                 }
-                if plan.gpus.len() > PLAN_TEXT_BYTES_MAX
-                    || plan.describe.len() > PLAN_TEXT_BYTES_MAX
-                {
-                    return Err(ApplyError::BadDeployment(format!(
-                        "plan text over {PLAN_TEXT_BYTES_MAX} bytes"
-                    )));
+                if let Some(h) = model_hosts {
+                    if h.nodes.is_empty() {
+                        return bad(format!("model {model}: no node has it"));
+                    }
+                    if h.fingerprint.len() > 64 || h.nodes.len() > 100_000 {
+                        return bad("model hosts out of bounds".into());
+                    }
                 }
                 let d = Deployment {
                     name: name.clone(),
@@ -826,15 +855,20 @@ impl ClusterState {
                     tp: *tp,
                     ttft_ms: *ttft_ms,
                     tpot_ms: *tpot_ms,
-                    layout: plan.layout,
+                    layout: *layout,
                     created_at: index,
                 };
                 self.create_deployment(d)?;
-                let plan = PlanRecord {
-                    planned_at: index,
-                    ..plan.clone()
-                };
-                self.plans.insert(name.clone(), plan);
+                if let Some(plan) = plan {
+                    let plan = PlanRecord {
+                        planned_at: index,
+                        ..plan.clone()
+                    };
+                    self.plans.insert(name.clone(), plan);
+                }
+                if let Some(h) = model_hosts {
+                    self.model_hosts.insert(name.clone(), h.clone());
+                }
                 Ok(Applied::Done)
             }
             Command::DeleteDeployment { name } => {
@@ -843,6 +877,7 @@ impl ClusterState {
                     .ok_or_else(|| ApplyError::UnknownDeployment(name.clone()))?;
                 self.assignments.retain(|_, a| a.deployment != *name);
                 self.plans.remove(name);
+                self.model_hosts.remove(name);
                 Ok(Applied::Done)
             }
             Command::ScaleDeployment { name, layout } => {

@@ -864,3 +864,96 @@ fn a_planned_deployment_shows_its_prediction_beside_what_is_measured() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["deployments"], serde_json::json!([]));
 }
+
+/// A deployment whose model is a folder runs only where a matching copy is: every agent is
+/// asked for its copy's checkpoint fingerprint (relative names are under each agent's
+/// `node.models_dir`), engines are placed on the hosts that agree, a host with another copy or
+/// none is named, and `--model-fingerprint` picks the copy to use.
+#[test]
+fn a_model_folder_is_checked_on_the_hosts_before_placement() {
+    let _g = serial();
+    let base = free_base(3);
+    let l = Local::up(3, base);
+    let models = |node: &str| l.dir.path().join(node).join("data/models/ck");
+    for node in ["node-1", "node-2", "node-3"] {
+        pd_engine::save_preset_checkpoint(pd_engine::Preset::Tiny, 1, &models(node)).unwrap();
+    }
+    // node-3's copy differs (its config has one more byte).
+    let cfg = models("node-3").join("config.json");
+    let json = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, format!("{json}\n")).unwrap();
+
+    let out = l.pdctl(&[
+        "deploy",
+        "ck",
+        "--model",
+        "ck",
+        "--colocated",
+        "4",
+        "--wait",
+        "--wait-timeout-s",
+        "120",
+    ]);
+    let said = text(&out.stdout);
+    assert!(out.status.success(), "{said}{}", text(&out.stderr));
+    assert!(said.contains("on node-1, node-2"), "{said}");
+    assert!(
+        said.contains("not on node-3: its copy has fingerprint"),
+        "{said}"
+    );
+    let nodes = engine_nodes(&l);
+    assert_eq!(nodes.len(), 4);
+    assert!(nodes.values().all(|n| n != "node-3"), "{nodes:?}");
+    let r = post_json(
+        &node_addr(&l, "node-3"),
+        "/v1/completions",
+        &serde_json::json!({"model": "ck", "prompt": "from a checkpoint", "max_tokens": 8}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    // The hosts with the model are full; node-3 is free but has no matching copy.
+    let out = l.pdctl(&["deploy", "more", "--model", "ck", "--colocated", "1"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("node-3 (no copy of the model)"),
+        "{}",
+        text(&out.stderr)
+    );
+    // A folder no host has.
+    let out = l.pdctl(&["deploy", "none", "--model", "nothing", "--colocated", "1"]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("no node has it") && err.contains("nothing/config.json"),
+        "{err}"
+    );
+    // Asking for node-3's copy places the engine there.
+    let v: serde_json::Value =
+        serde_json::from_slice(&l.pdctl(&["deployments", "-o", "json"]).stdout).unwrap();
+    let theirs = v["deployments"][0]["model_hosts"]["fingerprint"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mine = pdagent::models::fingerprint(&models("node-3")).unwrap();
+    assert_ne!(theirs, mine);
+    let out = l.pdctl(&[
+        "deploy",
+        "ck3",
+        "--model",
+        "ck",
+        "--model-fingerprint",
+        &mine,
+        "--colocated",
+        "1",
+        "--wait",
+        "--wait-timeout-s",
+        "120",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert_eq!(engine_nodes(&l)["ck3/both-0"], "node-3");
+}
