@@ -90,6 +90,9 @@ impl Service for AgentService {
                 Ok(AgentResponse::KvSealed)
             }
             AgentRequest::Latencies => Ok(AgentResponse::Latencies(self.metrics.latencies())),
+            AgentRequest::Directive { term, directive } => {
+                self.control.directive(peer, term, directive).await
+            }
             AgentRequest::CheckModel { model } => {
                 let dir = self.models_dir.clone();
                 tokio::task::spawn_blocking(move || crate::models::check(&dir, &model))
@@ -285,9 +288,10 @@ pub async fn run(
         Some(addr) => Some(crate::serving::ingress::serve(addr, serving.clone()).await?),
         None => None,
     };
-    let supervising = tokio::spawn(supervisor.run(Duration::from_millis(
-        cfg.config.raft.coordinator_interval_ms,
-    )));
+    let supervising = tokio::spawn(supervisor.run(
+        Duration::from_millis(cfg.config.raft.coordinator_interval_ms),
+        control.engines_kick.clone(),
+    ));
     let renewal = tokio::spawn(crate::enrollment::renewal_loop(
         control.clone(),
         cfg.clone(),
@@ -391,6 +395,20 @@ pub async fn ping(
         AgentResponse::Pong { nonce: n, .. } if *n == nonce => Ok((resp, rtt)),
         other => anyhow::bail!("{peer} answered ping {nonce} with {other:?}"),
     }
+}
+
+/// Sends a directive with this node's identity (as a coordinator does); the answer says
+/// whether it was carried out or refused.
+pub async fn directive(
+    cfg: &Validated,
+    identity: &Identity,
+    peer: &str,
+    addr: SocketAddr,
+    term: u64,
+    directive: crate::wire::Directive,
+) -> anyhow::Result<AgentResponse> {
+    let req = AgentRequest::Directive { term, directive };
+    Ok(request(cfg, identity, peer, addr, &req).await?.0)
 }
 
 /// The cluster as the agent at `addr` (by default this host's own agent) sees it.

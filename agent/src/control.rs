@@ -28,7 +28,7 @@ use crate::config::{Seed, Validated};
 use crate::gpus::SharedInventory;
 use crate::peers::Peers;
 use crate::wire::{
-    AgentRequest, AgentResponse, GpuTelemetry, NodeStatus, NodeTelemetry, StatusReport,
+    AgentRequest, AgentResponse, Directive, GpuTelemetry, NodeStatus, NodeTelemetry, StatusReport,
 };
 
 /// Bound on one control-plane request to another agent.
@@ -73,10 +73,38 @@ pub struct ControlPlane {
     engine_reports: std::sync::Mutex<HashMap<String, Vec<crate::supervisor::EngineReport>>>,
     /// Placement failures already logged (so each is logged once).
     unplaced: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// The newest Raft term a directive came with (an agent may learn of a term from a
+    /// directive before its Raft does).
+    directive_term: std::sync::atomic::AtomicU64,
+    /// Wakes the supervisor for a pass now (a `Reconcile` directive).
+    pub engines_kick: Arc<tokio::sync::Notify>,
+    /// Coordinator only: each engine's (node, generation) when directives were last pushed.
+    pushed: std::sync::Mutex<BTreeMap<String, (String, u64)>>,
     /// The CA key, while this agent is a voter and has it.
     custody: Arc<CaCustody>,
     /// The cluster CA certificate (PEM), handed to enrolling hosts.
     ca_pem: String,
+}
+
+/// The fencing of directives (DESIGN.md "Fencing"), pure: a directive of term `term` is
+/// refused when this agent has seen a newer term (`seen`: its Raft's, or a directive's), and,
+/// in the term its Raft is in (`raft_term`), when it does not come from that term's leader.
+pub fn fence_directive(
+    term: u64,
+    seen: u64,
+    raft_term: u64,
+    leader: Option<NodeId>,
+    from: NodeId,
+) -> Result<(), String> {
+    if term < seen {
+        return Err(format!(
+            "stale term {term}: this agent has seen term {seen}"
+        ));
+    }
+    if term == raft_term && leader.is_some_and(|l| l != from) {
+        return Err(format!("the sender is not the coordinator of term {term}"));
+    }
+    Ok(())
 }
 
 /// Liveness timings from `[cluster]`.
@@ -149,6 +177,9 @@ impl ControlPlane {
             unplaced: std::sync::Mutex::new(std::collections::HashSet::new()),
             local_engines: std::sync::Mutex::new(Vec::new()),
             engine_reports: std::sync::Mutex::new(HashMap::new()),
+            directive_term: std::sync::atomic::AtomicU64::new(0),
+            engines_kick: Arc::new(tokio::sync::Notify::new()),
+            pushed: std::sync::Mutex::new(BTreeMap::new()),
             custody,
             ca_pem,
         });
@@ -471,6 +502,117 @@ impl ControlPlane {
         Ok(())
     }
 
+    /// Coordinator: tells the agents whose engines' assignments changed since the last push to
+    /// reconcile now (a `Reconcile` directive with this term), instead of at their next pass.
+    fn push_directives(self: &Arc<Self>) {
+        let (now, index): (BTreeMap<String, (String, u64)>, u64) = {
+            let s = self.state.read().unwrap_or_else(|p| p.into_inner());
+            let now = s
+                .state
+                .assignments
+                .values()
+                .map(|a| (a.engine.clone(), (a.node.clone(), a.generation)))
+                .collect();
+            (now, s.last_applied.map_or(0, |l| l.index))
+        };
+        let changed: BTreeSet<String> = {
+            let mut pushed = self.pushed.lock().unwrap_or_else(|p| p.into_inner());
+            let mut nodes = BTreeSet::new();
+            for (engine, (node, generation)) in &now {
+                if pushed.get(engine) != Some(&(node.clone(), *generation)) {
+                    nodes.insert(node.clone());
+                }
+            }
+            for (engine, (node, _)) in pushed.iter() {
+                if !now.contains_key(engine) {
+                    nodes.insert(node.clone());
+                }
+            }
+            *pushed = now;
+            nodes
+        };
+        let term = self.raft.metrics().borrow().current_term;
+        for node in changed {
+            if node == self.me.name {
+                self.engines_kick.notify_one();
+                continue;
+            }
+            let Some(addr) = self.with_node(&node, |n| n.address.parse::<SocketAddr>().ok()) else {
+                continue;
+            };
+            let this = self.clone();
+            tokio::spawn(async move {
+                let req = AgentRequest::Directive {
+                    term,
+                    directive: Directive::Reconcile { index },
+                };
+                match this
+                    .peers
+                    .call(&node, addr, &req, this.attempt_timeout)
+                    .await
+                {
+                    Ok(AgentResponse::DirectiveRefused { why, .. }) => {
+                        warn!(%node, %why, "directive refused");
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::debug!(%node, error = %e, "directive not delivered (the agent reconciles at its next pass anyway)")
+                    }
+                }
+            });
+        }
+    }
+
+    /// A directive from a coordinator: refused when its term is older than one this agent has
+    /// seen (from Raft or from another directive), or when it comes from a node that is not
+    /// the leader of the term this agent is in.
+    pub async fn directive(
+        &self,
+        peer: &PeerIdentity,
+        term: u64,
+        directive: Directive,
+    ) -> Result<AgentResponse, String> {
+        let PeerIdentity::Node(from) = peer else {
+            return Err("only agents give directives".into());
+        };
+        let m = self.raft.metrics().borrow().clone();
+        let seen = self
+            .directive_term
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .max(m.current_term);
+        if let Err(why) =
+            fence_directive(term, seen, m.current_term, m.current_leader, node_id(from))
+        {
+            warn!(%from, term, seen, %why, "refused a directive");
+            return Ok(AgentResponse::DirectiveRefused {
+                seen_term: seen,
+                why,
+            });
+        }
+        self.directive_term
+            .fetch_max(term, std::sync::atomic::Ordering::Relaxed);
+        match directive {
+            Directive::Reconcile { index } => {
+                // Wait (briefly) for the log to bring the change here, then wake the
+                // supervisor.
+                let mut metrics = self.raft.metrics();
+                let until = tokio::time::Instant::now() + self.attempt_timeout;
+                loop {
+                    let applied = metrics.borrow().last_applied.map_or(0, |l| l.index);
+                    if applied >= index {
+                        break;
+                    }
+                    match tokio::time::timeout_at(until, metrics.changed()).await {
+                        Ok(Ok(())) => {}
+                        _ => break,
+                    }
+                }
+                self.engines_kick.notify_one();
+                Ok(AgentResponse::DirectiveDone)
+            }
+        }
+    }
+
     /// Whether `name` was removed from the cluster (its agent is refused from then on).
     pub fn is_removed(&self, name: &str) -> bool {
         self.state
@@ -539,6 +681,7 @@ impl ControlPlane {
             if let Err(e) = self.coordinate().await {
                 warn!(error = %e, "coordinator duty failed; will retry");
             }
+            self.push_directives();
         }
     }
 
@@ -1250,5 +1393,29 @@ impl ControlPlane {
         if let Err(e) = self.raft.shutdown().await {
             warn!(error = %e, "Raft did not shut down cleanly");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Directives are fenced by term: an older term than one seen is refused; in the current
+    /// term only its leader is obeyed; a newer term (the agent's Raft lags) is accepted.
+    #[test]
+    fn directives_with_a_stale_term_are_refused() {
+        assert!(super::fence_directive(5, 5, 5, Some(1), 1).is_ok());
+        let e = super::fence_directive(4, 5, 5, Some(1), 1).unwrap_err();
+        assert!(
+            e.contains("stale term 4") && e.contains("seen term 5"),
+            "{e}"
+        );
+        // Seen from an earlier directive, ahead of this agent's Raft.
+        assert!(super::fence_directive(6, 7, 5, Some(1), 2).is_err());
+        assert!(
+            super::fence_directive(5, 5, 5, Some(1), 2)
+                .unwrap_err()
+                .contains("not the coordinator")
+        );
+        assert!(super::fence_directive(5, 5, 5, None, 2).is_ok());
+        assert!(super::fence_directive(8, 5, 5, Some(1), 2).is_ok());
     }
 }

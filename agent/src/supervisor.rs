@@ -381,12 +381,16 @@ impl Supervisor {
         }
     }
 
-    /// Reconciles forever, every `interval`.
-    pub async fn run(self: Arc<Self>, interval: Duration) {
+    /// Reconciles forever, every `interval`, and at once when `kick` is notified (a
+    /// coordinator's `Reconcile` directive).
+    pub async fn run(self: Arc<Self>, interval: Duration, kick: Arc<tokio::sync::Notify>) {
         self.adopt().await;
         let mut tick = tokio::time::interval(interval);
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = kick.notified() => {}
+            }
             self.reconcile().await;
         }
     }

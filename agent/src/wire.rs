@@ -60,6 +60,17 @@ pub enum AgentRequest {
     Latencies,
     /// Whether this host has a deployment's model folder, and its checkpoint fingerprint.
     CheckModel { model: String },
+    /// A direct command from the coordinator of Raft term `term`; refused by an agent that has
+    /// seen a newer term (DESIGN.md "Fencing").
+    Directive { term: u64, directive: Directive },
+}
+
+/// What a coordinator may tell an agent directly, outside the log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Directive {
+    /// The log holds a change to this node's engines at or before `index`: once this agent has
+    /// applied it, reconcile now rather than at the next pass.
+    Reconcile { index: u64 },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -99,6 +110,13 @@ pub enum AgentResponse {
     KvSealed,
     Latencies(Vec<crate::serving::metrics::ModelLatency>),
     ModelCheck(crate::models::ModelCheck),
+    /// A directive was carried out.
+    DirectiveDone,
+    /// A directive was refused: `why` says (a stale term names the newer one seen).
+    DirectiveRefused {
+        seen_term: u64,
+        why: String,
+    },
 }
 
 /// One GPU's live readings, sent with every liveness report.

@@ -957,3 +957,77 @@ fn a_model_folder_is_checked_on_the_hosts_before_placement() {
     );
     assert_eq!(engine_nodes(&l)["ck3/both-0"], "node-3");
 }
+
+/// Directives (direct commands outside the log) are fenced by the Raft term: the coordinator's
+/// in the current term is carried out; one with an older term is refused naming the newer
+/// term; one from a node that is not the term's coordinator is refused; once an agent has seen
+/// a newer term in a directive, the older one is refused too. Sent with the nodes' own
+/// certificates, over the real transport.
+#[test]
+fn a_directive_with_a_stale_term_is_refused() {
+    use pdagent::wire::{AgentResponse, Directive};
+    let _g = serial();
+    let base = free_base(3);
+    let l = Local::up(3, base);
+    let config = |n: &str| l.dir.path().join(n).join("pdagent.toml");
+    let s = wait_for("a coordinator", deadline(Duration::from_secs(20)), || {
+        let s = status(&config("node-1"), None)?;
+        s["coordinator"].is_string().then_some(s)
+    });
+    let coordinator = s["coordinator"].as_str().unwrap().to_string();
+    let term = s["term"].as_u64().unwrap();
+    let others: Vec<String> = ["node-1", "node-2", "node-3"]
+        .iter()
+        .map(|n| n.to_string())
+        .filter(|n| *n != coordinator)
+        .collect();
+    let (target, bystander) = (&others[0], &others[1]);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let send = |from: &str, term: u64| {
+        let cfg = pdagent::config::read_config(&config(from), true)
+            .unwrap()
+            .validate()
+            .unwrap();
+        let id = cfg.load_identity(pdagent::enrollment::now_unix()).unwrap();
+        let k = target.trim_start_matches("node-");
+        let addr = format!("127.0.0.{k}:{base}").parse().unwrap();
+        rt.block_on(pdagent::agent::directive(
+            &cfg,
+            &id,
+            target,
+            addr,
+            term,
+            Directive::Reconcile { index: 0 },
+        ))
+        .unwrap()
+    };
+    assert!(
+        matches!(send(&coordinator, term), AgentResponse::DirectiveDone),
+        "the coordinator's directive in its term is carried out"
+    );
+    match send(&coordinator, term - 1) {
+        AgentResponse::DirectiveRefused { seen_term, why } => {
+            assert_eq!(seen_term, term);
+            assert!(why.contains("stale term"), "{why}");
+        }
+        other => panic!("a stale term was not refused: {other:?}"),
+    }
+    match send(bystander, term) {
+        AgentResponse::DirectiveRefused { why, .. } => {
+            assert!(why.contains("not the coordinator"), "{why}")
+        }
+        other => panic!("a non-coordinator was obeyed: {other:?}"),
+    }
+    // A newer term, seen first in a directive, fences the current one.
+    assert!(matches!(
+        send(bystander, term + 1),
+        AgentResponse::DirectiveDone
+    ));
+    assert!(matches!(
+        send(&coordinator, term),
+        AgentResponse::DirectiveRefused { seen_term, .. } if seen_term == term + 1
+    ));
+}
