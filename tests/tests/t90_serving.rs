@@ -378,15 +378,18 @@ fn openai_api_serves_disaggregated_and_colocated() {
         },
     );
 
-    // A deployment with no engine ready (its model folder does not exist on the hosts: the
-    // engine cannot start): 503 with Retry-After and OpenAI's body.
+    // A deployment with no engine ready (its model folder is on the hosts, but its
+    // config.json is not a model's: the engine cannot start): 503 with Retry-After and
+    // OpenAI's body. (A folder on no host is refused at deploy time: t70.)
     let out = l.pdctl(&["undeploy", "co"]);
     assert!(out.status.success(), "{}", pd_tests::text(&out.stderr));
+    let broken = tempfile::tempdir().unwrap();
+    std::fs::write(broken.path().join("config.json"), "{}").unwrap();
     let out = l.pdctl(&[
         "deploy",
         "broken",
         "--model",
-        "/nonexistent/model",
+        broken.path().to_str().unwrap(),
         "--colocated",
         "1",
     ]);
