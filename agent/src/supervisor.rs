@@ -185,6 +185,8 @@ pub struct Supervisor {
     ready: std::sync::RwLock<HashMap<String, Arc<EngineClient>>>,
     /// Engines no longer assigned here, finishing their running requests.
     draining: tokio::sync::Mutex<Vec<Managed>>,
+    /// The latest stats of each ready engine (load, step times), sampled every pass.
+    stats: std::sync::RwLock<HashMap<String, pd_engine::EngineStats>>,
 }
 
 fn report_of(node: &str, m: &Managed) -> EngineReport {
@@ -247,6 +249,7 @@ impl Supervisor {
             acted: std::sync::Mutex::new(HashMap::new()),
             ready: std::sync::RwLock::new(HashMap::new()),
             draining: tokio::sync::Mutex::new(Vec::new()),
+            stats: std::sync::RwLock::new(HashMap::new()),
         }))
     }
 
@@ -518,10 +521,27 @@ impl Supervisor {
                     && let Some(s) = d.stats(t, STATS_TIMEOUT).await
                 {
                     m.load = EngineLoad::of(&s);
+                    self.stats
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(id.clone(), s);
                 }
             }
             self.publish(&engines);
         }
+        self.stats
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|id, _| {
+                engines
+                    .get(id)
+                    .is_some_and(|m| m.state == EngineState::Ready)
+            });
+    }
+
+    /// The latest stats of this node's ready engines, by engine id.
+    pub fn engine_stats(&self) -> HashMap<String, pd_engine::EngineStats> {
+        self.stats.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Moves one engine along: start it, notice it died, probe it.

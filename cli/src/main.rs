@@ -14,6 +14,7 @@ use pd_transport::bench::{BenchOptions, BenchReport};
 use pd_transport::config::Congestion;
 use pd_transport::{TransportConfig, pki};
 
+mod bench_calibrate;
 mod bench_failover;
 mod bench_faults;
 mod bench_serve;
@@ -389,6 +390,23 @@ enum BenchCommand {
         /// Poisson arrival rate, requests per second.
         #[arg(long, default_value_t = 4.0)]
         rate: f64,
+        /// Print one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Whether the planner predicts the reference engine: calibrate its step times from the
+    /// engines' measurements on one workload (1 prefill + 1 decode engine on a local cluster),
+    /// then predict mean TTFT and TPOT of another workload at half its measured capacity and
+    /// compare with `reps` measured runs.
+    Calibrate {
+        /// Preset: tiny or small.
+        #[arg(long, default_value = "small")]
+        model: String,
+        /// Requests per measured run.
+        #[arg(long, default_value_t = 40)]
+        requests: usize,
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
         /// Print one JSON object on stdout.
         #[arg(long)]
         json: bool,
@@ -1064,6 +1082,19 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 if r.hung > 0 || r.lost > 0 {
                     anyhow::bail!("{} request(s) hung and {} lost", r.hung, r.lost);
+                }
+            }
+            BenchCommand::Calibrate {
+                model,
+                requests,
+                reps,
+                json,
+            } => {
+                let r = bench_calibrate::run(&model, requests, reps, json)?;
+                if json {
+                    println!("{}", serde_json::to_string(&r)?);
+                } else {
+                    bench_calibrate::print(&r);
                 }
             }
             BenchCommand::Serve { requests, json } => {

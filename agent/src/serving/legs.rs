@@ -175,6 +175,13 @@ pub struct Legs {
     metrics: Arc<Metrics>,
 }
 
+impl Legs {
+    /// This node's engine supervisor.
+    pub fn supervisor(&self) -> &Arc<Supervisor> {
+        &self.supervisor
+    }
+}
+
 type Events = mpsc::Sender<ServeEvent>;
 
 /// Ends a leg with a failure event.

@@ -259,6 +259,8 @@ pub struct GaugeSample {
     pub help: &'static str,
     pub labels: &'static [&'static str],
     pub values: Vec<(Vec<String>, f64)>,
+    /// A counter read at render time (an engine's own totals), not a gauge.
+    pub counter: bool,
 }
 
 /// Everything `/metrics` shows.
@@ -408,7 +410,8 @@ impl Metrics {
         );
         for g in gauges {
             let _ = writeln!(out, "# HELP {} {}", g.name, g.help);
-            let _ = writeln!(out, "# TYPE {} gauge", g.name);
+            let kind = if g.counter { "counter" } else { "gauge" };
+            let _ = writeln!(out, "# TYPE {} {kind}", g.name);
             for (values, v) in &g.values {
                 let _ = writeln!(out, "{}{} {v}", g.name, labels(g.labels, values));
             }
@@ -436,6 +439,7 @@ mod tests {
             help: "Requests waiting in each engine of this host.",
             labels: &["engine"],
             values: vec![(vec!["tiny/prefill-0".into()], 2.0)],
+            counter: false,
         }]);
         assert!(text.contains("pdagent_requests_total{model=\"tiny\",outcome=\"ok\"} 2\n"));
         assert!(text.contains("# TYPE pdagent_time_to_first_token_seconds histogram\n"));
