@@ -2,10 +2,11 @@
 //!
 //! On a local cluster of two agents (one fixture GPU each) running one prefill and one decode
 //! engine of a preset:
-//! 1. calibration: a closed-loop workload (prompts of 64, 160 and 320 bytes, 32 output tokens,
-//!    at concurrency 1, 2, 4 and 8); the engines' measured step times (the
+//! 1. calibration: prompts of 48, 112, 240 and 352 bytes with 32 output tokens, first one at a
+//!    time (every prefill step one whole prompt), then closed loops at concurrency 2, 4 and 8
+//!    (decode batches); the engines' measured step times (the
 //!    `pdagent_engine_{prefill,decode}_step_*` counters of `/metrics`) fit the planner's
-//!    `Calibration`;
+//!    `Calibration`: prefill from the first phase, decode from both;
 //! 2. a different workload (448-byte prompts, 24 output tokens): its capacity measured with a
 //!    closed loop at concurrency 8, then `reps` open-loop Poisson runs at half that rate;
 //! 3. for each run, the planner's simulator replays the same arrivals and lengths through a
@@ -27,9 +28,12 @@ use crate::demo::{deploy_ready, ingress};
 use crate::load::{self, LoadRequest, Rng};
 
 const SEED: u64 = 11;
-const CAL_PROMPT_BYTES: [usize; 3] = [64, 160, 320];
+const CAL_PROMPT_BYTES: [usize; 4] = [48, 112, 240, 352];
 const CAL_MAX_TOKENS: u32 = 32;
-const CAL_CONCURRENCY: [usize; 4] = [1, 2, 4, 8];
+/// Prefill samples come from one request at a time (each step one whole prompt, as the fit
+/// assumes); decode samples from every phase, batches growing with the concurrency.
+const CAL_PREFILL_REPEATS: usize = 2;
+const CAL_CONCURRENCY: [usize; 3] = [2, 4, 8];
 const CAL_REQUESTS_PER_CONCURRENCY: usize = 3;
 const PROMPT_BYTES: usize = 448;
 const MAX_TOKENS: u32 = 24;
@@ -40,6 +44,8 @@ const STEP_TOKENS_MAX: u32 = 512;
 const RUNNING_MAX: u32 = 64;
 /// A decode bucket's mean context is in (max/2, max]: taken as 3/4 of its bound.
 const CONTEXT_IN_BUCKET: f64 = 0.75;
+/// Longer than the local agents' reconcile pass, in which they sample their engines' stats.
+const STATS_SETTLE: Duration = Duration::from_millis(600);
 /// What "within" means for the check.
 const TOLERANCE: f64 = 0.15;
 
@@ -190,8 +196,28 @@ fn measure(
             .collect()
     };
 
-    // 1. Calibration: closed loops at rising concurrency, prompts of three lengths.
+    // 1. Calibration: one request at a time for prefill step times, then closed loops at
+    // rising concurrency for decode batches.
     let mut rng = Rng::new(SEED);
+    let reqs: Vec<LoadRequest> = (0..CAL_PREFILL_REPEATS)
+        .flat_map(|_| CAL_PROMPT_BYTES)
+        .map(|bytes| LoadRequest {
+            prompt: load::text(&mut rng, bytes),
+            max_tokens: CAL_MAX_TOKENS,
+            at_s: 0.0,
+        })
+        .collect();
+    say(format!(
+        "calibration: {} requests one at a time (prefill step times)",
+        reqs.len()
+    ));
+    let out = rt.block_on(load::closed_loop(&agents, name, &reqs, 1, SEED));
+    if let Some(e) = out.iter().find_map(|o| o.error.clone()) {
+        bail!("calibration run failed: {e}");
+    }
+    // The agents sample their engines' stats every pass: let one pass go by.
+    std::thread::sleep(STATS_SETTLE);
+    let (prefill, _) = samples(&scrape(&rt)?);
     for c in CAL_CONCURRENCY {
         let reqs: Vec<LoadRequest> = (0..CAL_REQUESTS_PER_CONCURRENCY * c)
             .map(|i| LoadRequest {
@@ -209,9 +235,8 @@ fn measure(
             bail!("calibration run failed: {e}");
         }
     }
-    // The agents sample their engines' stats every pass: let one pass go by.
-    std::thread::sleep(Duration::from_millis(600));
-    let (prefill, decode) = samples(&scrape(&rt)?);
+    std::thread::sleep(STATS_SETTLE);
+    let (_, decode) = samples(&scrape(&rt)?);
     let cal = Calibration::fit(&prefill, &decode).context("fitting the step times")?;
     say(format!(
         "calibrated from {} prefill and {} decode buckets: prefill {:.2} ms + {:.3} ms/token, decode {:.2} ms + {:.3} ms/sequence",
@@ -332,7 +357,7 @@ fn measure(
         model: name.to_string(),
         layout: "1 prefill + 1 decode engine, one compute thread each".into(),
         calibration_workload: format!(
-            "prompts of {CAL_PROMPT_BYTES:?} bytes, {CAL_MAX_TOKENS} output tokens, closed loops at concurrency {CAL_CONCURRENCY:?}"
+            "prompts of {CAL_PROMPT_BYTES:?} bytes, {CAL_MAX_TOKENS} output tokens, one at a time then closed loops at concurrency {CAL_CONCURRENCY:?}"
         ),
         workload: format!(
             "prompts of {PROMPT_BYTES} bytes, {MAX_TOKENS} output tokens, Poisson arrivals at half the measured capacity"
@@ -407,4 +432,43 @@ pub fn print(r: &CalibrateReport) {
         },
         r.tolerance * 100.0
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two agents' `/metrics`: series add up by label set; buckets become per-step means.
+    #[test]
+    fn step_counters_become_planner_samples() {
+        let a = "\
+# TYPE pdagent_engine_prefill_steps_total counter
+pdagent_engine_prefill_steps_total{engine=\"m/prefill-0\",tokens_max=\"128\"} 4
+pdagent_engine_prefill_step_tokens_total{engine=\"m/prefill-0\",tokens_max=\"128\"} 400
+pdagent_engine_prefill_step_seconds_total{engine=\"m/prefill-0\",tokens_max=\"128\"} 0.2
+pdagent_engine_prefill_steps_total{engine=\"m/prefill-0\",tokens_max=\"512\"} 0
+pdagent_engine_decode_steps_total{engine=\"m/decode-0\",batch_max=\"4\",context_tokens_max=\"256\"} 10
+pdagent_engine_decode_step_sequences_total{engine=\"m/decode-0\",batch_max=\"4\",context_tokens_max=\"256\"} 35
+pdagent_engine_decode_step_seconds_total{engine=\"m/decode-0\",batch_max=\"4\",context_tokens_max=\"256\"} 0.05
+pdagent_engine_decode_steps_total_other 7
+"
+        .to_string();
+        let b = "pdagent_engine_prefill_steps_total{engine=\"m/prefill-0\",tokens_max=\"128\"} 1\n\
+pdagent_engine_prefill_step_tokens_total{engine=\"m/prefill-0\",tokens_max=\"128\"} 100\n\
+pdagent_engine_prefill_step_seconds_total{engine=\"m/prefill-0\",tokens_max=\"128\"} 0.05\n"
+            .to_string();
+        let (p, d) = samples(&[a, b]);
+        // 5 steps, 500 tokens, 0.25 s; the empty bucket is left out.
+        assert_eq!(p.len(), 1);
+        assert!((p[0].tokens - 100.0).abs() < 1e-9 && (p[0].seconds - 0.05).abs() < 1e-9);
+        assert_eq!(d.len(), 1);
+        assert!((d[0].batch - 3.5).abs() < 1e-9);
+        assert!((d[0].context_tokens - 192.0).abs() < 1e-9);
+        assert!((d[0].seconds - 0.005).abs() < 1e-9);
+        assert_eq!(
+            label("engine=\"x\",batch_max=\"8\"", "batch_max"),
+            Some(8.0)
+        );
+        assert_eq!(label("engine=\"x\"", "batch_max"), None);
+    }
 }

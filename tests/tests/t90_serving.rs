@@ -631,6 +631,50 @@ fn demo_runs_both_layouts() {
 /// A Python with the official `openai` SDK and `prometheus_client`: `PDAGENT_TEST_PYTHON`, or
 /// `python3` when it has both. CI installs them (`.ci/run`); elsewhere the test says it
 /// skipped.
+/// `pdctl bench calibrate --json` (tiny, one short run): the engines' step-time counters fit
+/// the planner and its prediction stands beside the measurement, one JSON object on stdout.
+/// (Accuracy is not asserted here: a loaded CI machine is not the quiet one the README figures
+/// come from.)
+#[test]
+fn bench_calibrate_reports_prediction_and_measurement() {
+    let _g = serial();
+    let out = pdctl(&[
+        "bench",
+        "calibrate",
+        "--model",
+        "tiny",
+        "--requests",
+        "8",
+        "--reps",
+        "1",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert_eq!(stdout.trim().lines().count(), 1, "{stdout}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert!(v["prefill_samples"].as_u64().unwrap() >= 2, "{v}");
+    assert!(v["decode_samples"].as_u64().unwrap() >= 2, "{v}");
+    assert_eq!(v["runs"].as_array().unwrap().len(), 1, "{v}");
+    for k in [
+        "measured_ttft_ms",
+        "predicted_ttft_ms",
+        "measured_tpot_ms",
+        "predicted_tpot_ms",
+        "capacity_per_s",
+    ] {
+        assert!(v[k].as_f64().is_some_and(|x| x > 0.0), "{k}: {v}");
+    }
+    assert!(v["ttft_error"].as_f64().unwrap().is_finite(), "{v}");
+    let out = pdctl(&["bench", "calibrate", "--model", "huge"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("tiny or small"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
 fn python_with_clients() -> Option<String> {
     let candidates: Vec<String> = std::env::var("PDAGENT_TEST_PYTHON")
         .into_iter()
