@@ -65,6 +65,8 @@ pub struct AdminCtx {
 /// Workload a planned layout is sized for when the deployment names none.
 pub const PLANNED_ISL_DEFAULT: u32 = 1024;
 pub const PLANNED_OSL_DEFAULT: u32 = 256;
+/// Bound on asking the coordinator for every node's engines.
+const ENGINES_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bound on asking one agent for its measured latencies.
 const LATENCIES_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -222,7 +224,8 @@ fn check_fit(ctx: &AdminCtx, cmd: &Command, name: &str) -> Result<(), ApiError> 
 }
 
 async fn engines(State(ctx): Ctx) -> Json<serde_json::Value> {
-    Json(json!({ "engines": ctx.control.cluster_engines().await }))
+    let engines = ctx.control.cluster_engines_within(ENGINES_TIMEOUT).await;
+    Json(json!({ "engines": engines }))
 }
 
 /// TTFT and TPOT per model over every agent that answers within `LATENCIES_TIMEOUT`.

@@ -873,6 +873,16 @@ impl ControlPlane {
     /// The engines of the cluster, from the coordinator (this agent's view if it cannot be
     /// asked).
     pub async fn cluster_engines(&self) -> Vec<crate::supervisor::EngineReport> {
+        self.cluster_engines_within(self.attempt_timeout).await
+    }
+
+    /// `cluster_engines`, waiting up to `timeout` for the coordinator (the admin API waits
+    /// longer than the serving path's frequent refresh: an operator's listing should not fall
+    /// back to this node's own engines because a loaded coordinator answered late).
+    pub async fn cluster_engines_within(
+        &self,
+        timeout: Duration,
+    ) -> Vec<crate::supervisor::EngineReport> {
         if self.is_coordinator() {
             return self.engines();
         }
@@ -881,7 +891,7 @@ impl ControlPlane {
             let addr: SocketAddr = c.address.parse().ok()?;
             match self
                 .peers
-                .call(&c.name, addr, &AgentRequest::Engines, self.attempt_timeout)
+                .call(&c.name, addr, &AgentRequest::Engines, timeout)
                 .await
             {
                 Ok(AgentResponse::Engines(e)) => Some(e),

@@ -44,8 +44,10 @@ const STEP_TOKENS_MAX: u32 = 512;
 const RUNNING_MAX: u32 = 64;
 /// A decode bucket's mean context is in (max/2, max]: taken as 3/4 of its bound.
 const CONTEXT_IN_BUCKET: f64 = 0.75;
-/// Longer than the local agents' reconcile pass, in which they sample their engines' stats.
-const STATS_SETTLE: Duration = Duration::from_millis(600);
+/// The agents sample their engines' stats once a reconcile pass (200 ms on local clusters):
+/// the counters are read until two reads this far apart agree, for at most `STATS_WAIT`.
+const STATS_SETTLE: Duration = Duration::from_millis(500);
+const STATS_WAIT: Duration = Duration::from_secs(15);
 /// What "within" means for the check.
 const TOLERANCE: f64 = 0.15;
 
@@ -195,6 +197,20 @@ fn measure(
             .map(|a| rt.block_on(load::get(*a, "/metrics")).map(|(_, body)| body))
             .collect()
     };
+    // The step counters once the agents have sampled the engines after the last request.
+    let settled = |rt: &tokio::runtime::Runtime| -> Result<Vec<String>> {
+        let until = Instant::now() + STATS_WAIT;
+        let mut last = samples(&scrape(rt)?);
+        loop {
+            std::thread::sleep(STATS_SETTLE);
+            let bodies = scrape(rt)?;
+            let now = samples(&bodies);
+            if now == last || Instant::now() >= until {
+                return Ok(bodies);
+            }
+            last = now;
+        }
+    };
 
     // 1. Calibration: one request at a time for prefill step times, then closed loops at
     // rising concurrency for decode batches.
@@ -215,9 +231,7 @@ fn measure(
     if let Some(e) = out.iter().find_map(|o| o.error.clone()) {
         bail!("calibration run failed: {e}");
     }
-    // The agents sample their engines' stats every pass: let one pass go by.
-    std::thread::sleep(STATS_SETTLE);
-    let (prefill, _) = samples(&scrape(&rt)?);
+    let (prefill, _) = samples(&settled(&rt)?);
     for c in CAL_CONCURRENCY {
         let reqs: Vec<LoadRequest> = (0..CAL_REQUESTS_PER_CONCURRENCY * c)
             .map(|i| LoadRequest {
@@ -235,8 +249,7 @@ fn measure(
             bail!("calibration run failed: {e}");
         }
     }
-    std::thread::sleep(STATS_SETTLE);
-    let (_, decode) = samples(&scrape(&rt)?);
+    let (_, decode) = samples(&settled(&rt)?);
     let cal = Calibration::fit(&prefill, &decode).context("fitting the step times")?;
     say(format!(
         "calibrated from {} prefill and {} decode buckets: prefill {:.2} ms + {:.3} ms/token, decode {:.2} ms + {:.3} ms/sequence",

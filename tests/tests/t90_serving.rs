@@ -501,15 +501,19 @@ fn overload_and_failures_are_explicit() {
     drop(first);
 
     // kill -9 of the decode engine mid-stream: an SSE error event ends the stream.
-    let engines: Value =
-        serde_json::from_slice(&l.pdctl(&["engines", "-o", "json"]).stdout).unwrap();
-    let decode_pid = engines["engines"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["engine"] == "pd/decode-0")
-        .and_then(|e| e["pid"].as_u64())
-        .unwrap();
+    let decode_pid = wait_for(
+        "the decode engine's pid",
+        deadline(Duration::from_secs(10)),
+        || {
+            let engines: Value =
+                serde_json::from_slice(&l.pdctl(&["engines", "-o", "json"]).stdout).ok()?;
+            engines["engines"]
+                .as_array()?
+                .iter()
+                .find(|e| e["engine"] == "pd/decode-0")
+                .and_then(|e| e["pid"].as_u64())
+        },
+    );
     let a1 = format!("127.0.0.1:{}", l.api_port);
     wait_for(
         "node-1's API ready",
