@@ -308,11 +308,26 @@ pub fn stdin_lines() -> mpsc::UnboundedReceiver<String> {
     rx
 }
 
-/// The proxy's socket, where peers send.
+/// How long the proxy retries an address still held (by the agent that just left it).
+const BIND_BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The proxy's socket, where peers send. An address in use is retried for a few seconds: the
+/// agent that held it may still be exiting.
 pub async fn bind(listen: SocketAddr) -> Result<UdpSocket> {
-    UdpSocket::bind(listen)
-        .await
-        .with_context(|| format!("binding the proxy's UDP address {listen}"))
+    let until = tokio::time::Instant::now() + BIND_BUSY_WAIT;
+    loop {
+        match UdpSocket::bind(listen).await {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && tokio::time::Instant::now() < until =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            r => {
+                return r.with_context(|| format!("binding the proxy's UDP address {listen}"));
+            }
+        }
+    }
 }
 
 /// Runs the proxy on `front` (from [`bind`]) until `quit` or the end of `lines` (stdin:

@@ -231,12 +231,22 @@ pub fn start(dir: &Path, node: &str, engine_faults: Option<&str>) -> Result<u32>
 /// Waits until process `pid` is gone (its sockets closed).
 fn wait_gone(pid: u32) -> Result<()> {
     let deadline = Instant::now() + STOP_GRACE;
-    // A zombie (a child of this process that nobody reaped) holds no sockets: gone.
+    // A zombie (a child of this process that nobody reaped) holds no sockets: gone. But a
+    // killed multi-threaded process shows its main thread as a zombie while its other threads
+    // are still exiting, and those still hold its sockets: gone only when the main thread is
+    // all that is left.
     let alive = || {
-        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|st| {
+        let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat")).map(|st| {
             st.rsplit_once(") ")
-                .is_some_and(|(_, rest)| !rest.starts_with('Z'))
-        })
+                .is_some_and(|(_, rest)| rest.starts_with('Z'))
+        });
+        match zombie {
+            Err(_) => false,
+            Ok(false) => true,
+            Ok(true) => {
+                std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|tasks| tasks.count() > 1)
+            }
+        }
     };
     while alive() {
         if Instant::now() > deadline {
