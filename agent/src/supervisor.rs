@@ -25,7 +25,7 @@ use pd_raft::{Assignment, ClusterState, EngineRole};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use crate::driver::{Driver, EngineSpec, Probe, Task, TaskRecord};
+use crate::driver::{Driver, EngineSpec, HttpEngine, Probe, Task, TaskRecord};
 use crate::engine::client::EngineClient;
 use crate::gpus::SharedInventory;
 
@@ -100,6 +100,15 @@ pub struct EngineReport {
     pub generation: u64,
     /// Load as the engine last reported it (ready engines only).
     pub load: EngineLoad,
+    /// The driver that runs it.
+    pub driver: String,
+    /// How long it has been in this state, ms.
+    pub state_ms: u64,
+    /// Starting: the last line of its log; failed: why, and its log's last lines.
+    pub note: String,
+    /// HTTP engines: the port it serves on (127.0.0.1) and its first NIXL side-channel port.
+    pub port: Option<u16>,
+    pub kv_port: Option<u16>,
 }
 
 /// An engine's load, sampled by its agent every reconcile pass, for routers on every agent.
@@ -138,12 +147,72 @@ struct Managed {
     recent: Vec<Instant>,
     next_start: Instant,
     load: EngineLoad,
+    /// When it entered its state (starting: when the process started).
+    since: Instant,
+    /// Why it last exited or failed, with its log's tail.
+    note: String,
 }
 
 impl Managed {
-    fn client(&self) -> Option<Arc<EngineClient>> {
-        self.task.as_ref().and_then(|t| t.client.clone())
+    fn new(spec: EngineSpec, assignment: Assignment, driver: String, state: EngineState) -> Self {
+        Managed {
+            spec,
+            assignment,
+            driver,
+            task: None,
+            state,
+            restarts: 0,
+            recent: Vec::new(),
+            next_start: Instant::now(),
+            load: EngineLoad::default(),
+            since: Instant::now(),
+            note: String::new(),
+        }
     }
+
+    fn ready_handle(&self) -> Option<ReadyEngine> {
+        let t = self.task.as_ref()?;
+        match (&t.client, &t.http) {
+            (Some(c), _) => Some(ReadyEngine::Builtin(c.clone())),
+            (None, Some(h)) => Some(ReadyEngine::Http(h.clone())),
+            _ => None,
+        }
+    }
+
+    fn set_state(&mut self, state: EngineState) {
+        if self.state != state {
+            self.state = state;
+            self.since = Instant::now();
+        }
+    }
+}
+
+/// How the serving path reaches a ready engine of this node.
+#[derive(Clone)]
+pub enum ReadyEngine {
+    /// The reference engine's protocol connection.
+    Builtin(Arc<EngineClient>),
+    /// An engine's HTTP server on 127.0.0.1.
+    Http(Arc<HttpEngine>),
+}
+
+/// The last `lines` non-empty lines of a log file (its last 64 KiB read).
+pub fn log_tail(path: &Path, lines: usize) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(64 << 10)));
+    let mut buf = Vec::new();
+    let _ = f.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf);
+    let all: Vec<&str> = text
+        .split(['\n', '\r'])
+        .map(str::trim_end)
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// Whether `a` is at least as new as what was acted on for each of its GPUs.
@@ -180,9 +249,9 @@ pub struct Supervisor {
     timings: Timings,
     engines: tokio::sync::Mutex<BTreeMap<String, Managed>>,
     acted: std::sync::Mutex<HashMap<u32, u64>>,
-    /// Connections to the ready engines, for the serving path (which must not wait for a
+    /// How to reach the ready engines, for the serving path (which must not wait for a
     /// reconcile pass holding `engines`).
-    ready: std::sync::RwLock<HashMap<String, Arc<EngineClient>>>,
+    ready: std::sync::RwLock<HashMap<String, ReadyEngine>>,
     /// Engines no longer assigned here, finishing their running requests.
     draining: tokio::sync::Mutex<Vec<Managed>>,
     /// The latest stats of each ready engine (load, step times), sampled every pass.
@@ -190,7 +259,18 @@ pub struct Supervisor {
 }
 
 fn report_of(node: &str, m: &Managed) -> EngineReport {
+    let http = m.task.as_ref().and_then(|t| t.http.as_ref());
+    let note = match m.state {
+        EngineState::Starting if m.task.is_some() => log_tail(&m.spec.log, 1),
+        EngineState::Starting | EngineState::Failed => m.note.clone(),
+        _ => String::new(),
+    };
     EngineReport {
+        driver: m.driver.clone(),
+        state_ms: m.since.elapsed().as_millis() as u64,
+        note,
+        port: http.map(|h| h.port),
+        kv_port: http.and_then(|h| h.kv_port),
         engine: m.assignment.engine.clone(),
         deployment: m.assignment.deployment.clone(),
         node: node.to_string(),
@@ -205,22 +285,25 @@ fn report_of(node: &str, m: &Managed) -> EngineReport {
 }
 
 impl Supervisor {
-    /// The agent's supervisor: the builtin driver, default timings.
+    /// The agent's supervisor: the builtin driver and `others`, default timings.
     pub fn new(
         node: &str,
         data_dir: &Path,
         models_dir: &Path,
         control: Arc<crate::control::ControlPlane>,
         inventory: Option<SharedInventory>,
+        others: Vec<Arc<dyn Driver>>,
     ) -> std::io::Result<Arc<Self>> {
-        let builtin: Arc<dyn Driver> = Arc::new(crate::driver::builtin::Builtin::new(node));
+        let mut drivers: Vec<Arc<dyn Driver>> =
+            vec![Arc::new(crate::driver::builtin::Builtin::new(node))];
+        drivers.extend(others);
         Self::with_drivers(
             node,
             data_dir,
             models_dir,
             control,
             inventory,
-            vec![builtin],
+            drivers,
             Timings::default(),
         )
     }
@@ -261,19 +344,30 @@ impl Supervisor {
         let ready = engines
             .iter()
             .filter(|(_, m)| m.state == EngineState::Ready)
-            .filter_map(|(id, m)| m.client().map(|c| (id.clone(), c)))
+            .filter_map(|(id, m)| m.ready_handle().map(|c| (id.clone(), c)))
             .collect();
         *self.ready.write().unwrap_or_else(|p| p.into_inner()) = ready;
     }
 
-    /// The connection to a ready engine of this node.
-    pub fn ready_engine(&self, engine: &str) -> Option<Arc<EngineClient>> {
+    /// How to reach a ready engine of this node.
+    pub fn ready(&self, engine: &str) -> Option<ReadyEngine> {
         self.ready
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(engine)
-            .filter(|c| c.is_connected())
+            .filter(|c| match c {
+                ReadyEngine::Builtin(c) => c.is_connected(),
+                ReadyEngine::Http(_) => true,
+            })
             .cloned()
+    }
+
+    /// The connection to a ready builtin engine of this node.
+    pub fn ready_engine(&self, engine: &str) -> Option<Arc<EngineClient>> {
+        match self.ready(engine)? {
+            ReadyEngine::Builtin(c) => Some(c),
+            ReadyEngine::Http(_) => None,
+        }
     }
 
     fn paths(&self, engine: &str) -> (PathBuf, PathBuf, PathBuf) {
@@ -285,7 +379,7 @@ impl Supervisor {
         )
     }
 
-    fn spec(&self, a: &Assignment, model: &str) -> EngineSpec {
+    fn spec(&self, a: &Assignment, model: &str, engine_args: &[String]) -> EngineSpec {
         let (socket, log, _) = self.paths(&a.engine);
         EngineSpec {
             engine: a.engine.clone(),
@@ -297,6 +391,7 @@ impl Supervisor {
             visible_devices: self.visible_devices(&a.gpus),
             socket,
             log,
+            engine_args: engine_args.to_vec(),
         }
     }
 
@@ -314,6 +409,8 @@ impl Supervisor {
             deployment: m.spec.deployment.clone(),
             driver: m.driver.clone(),
             identity: task.identity.clone(),
+            port: task.http.as_ref().map(|h| h.port),
+            kv_port: task.http.as_ref().and_then(|h| h.kv_port),
         };
         let (_, _, path) = self.paths(&m.spec.engine);
         crate::enrollment::write_atomic(
@@ -353,7 +450,14 @@ impl Supervisor {
                 gpus: rec.gpus.clone(),
                 generation: rec.generation,
             };
-            let spec = self.spec(&assignment, &rec.model);
+            let args = self
+                .orders
+                .state()
+                .engine_args
+                .get(&rec.deployment)
+                .cloned()
+                .unwrap_or_default();
+            let spec = self.spec(&assignment, &rec.model, &args);
             let task = match driver.recover(&spec, &rec).await {
                 Ok(t) => t,
                 Err(why) => {
@@ -367,20 +471,9 @@ impl Supervisor {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .extend(rec.gpus.iter().map(|g| (*g, rec.generation)));
-            self.engines.lock().await.insert(
-                rec.engine.clone(),
-                Managed {
-                    spec,
-                    assignment,
-                    driver: rec.driver.clone(),
-                    task: Some(task),
-                    state: EngineState::Ready,
-                    restarts: 0,
-                    recent: Vec::new(),
-                    next_start: Instant::now(),
-                    load: EngineLoad::default(),
-                },
-            );
+            let mut m = Managed::new(spec, assignment, rec.driver.clone(), EngineState::Ready);
+            m.task = Some(task);
+            self.engines.lock().await.insert(rec.engine.clone(), m);
         }
     }
 
@@ -445,7 +538,7 @@ impl Supervisor {
                 if let Some(mut m) = engines.remove(&id) {
                     if m.state == EngineState::Ready && m.task.is_some() {
                         info!(engine = %id, "draining engine: running requests finish first");
-                        m.state = EngineState::Draining;
+                        m.set_state(EngineState::Draining);
                         m.next_start = Instant::now() + self.timings.drain_timeout;
                         draining.push(m);
                     } else {
@@ -492,19 +585,19 @@ impl Supervisor {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .extend(a.gpus.iter().map(|g| (*g, a.generation)));
+                let args = state
+                    .engine_args
+                    .get(&a.deployment)
+                    .cloned()
+                    .unwrap_or_default();
                 engines.insert(
                     id.clone(),
-                    Managed {
-                        spec: self.spec(a, model),
-                        assignment: a.clone(),
-                        driver: driver.clone(),
-                        task: None,
-                        state: EngineState::Starting,
-                        restarts: 0,
-                        recent: Vec::new(),
-                        next_start: Instant::now(),
-                        load: EngineLoad::default(),
-                    },
+                    Managed::new(
+                        self.spec(a, model, &args),
+                        a.clone(),
+                        driver.clone(),
+                        EngineState::Starting,
+                    ),
                 );
             }
         }
@@ -551,12 +644,27 @@ impl Supervisor {
         }
         let Some(driver) = self.drivers.get(m.driver.as_str()).cloned() else {
             warn!(engine = %m.assignment.engine, driver = %m.driver, "no such engine driver on this agent");
-            m.state = EngineState::Failed;
+            m.note = format!("no driver {:?} on this agent", m.driver);
+            m.set_state(EngineState::Failed);
             return;
         };
-        let exited = m.task.as_mut().and_then(|t| driver.wait(t));
+        let mut exited = m.task.as_mut().and_then(|t| driver.wait(t));
+        if exited.is_none()
+            && m.state == EngineState::Starting
+            && m.task.is_some()
+            && let Some(limit) = driver.start_timeout()
+            && m.since.elapsed() > limit
+        {
+            exited = Some(format!("not ready within {} s", limit.as_secs()));
+        }
         if let Some(why) = exited {
             warn!(engine = %m.assignment.engine, pid = ?m.task.as_ref().map(|t| t.pid), %why, "engine exited");
+            let tail = log_tail(&m.spec.log, 5);
+            m.note = if tail.is_empty() {
+                why.clone()
+            } else {
+                format!("{why}; its log ends:\n{tail}")
+            };
             if let Some(task) = m.task.take() {
                 // Make sure of it (an engine that closed its socket may still run).
                 driver.stop(task, Duration::ZERO).await;
@@ -568,13 +676,13 @@ impl Supervisor {
             m.recent.push(now);
             if m.recent.len() > CRASH_LOOP_RESTARTS_MAX {
                 warn!(engine = %m.assignment.engine, restarts = m.restarts, "engine crash-looping: giving up until its assignment changes");
-                m.state = EngineState::Failed;
+                m.set_state(EngineState::Failed);
                 return;
             }
             let backoff = (self.timings.backoff_min * 2u32.pow(m.recent.len() as u32 - 1))
                 .min(self.timings.backoff_max);
             m.next_start = now + backoff;
-            m.state = EngineState::Starting;
+            m.set_state(EngineState::Starting);
         }
         let Some(task) = m.task.as_mut() else {
             if Instant::now() < m.next_start {
@@ -584,12 +692,14 @@ impl Supervisor {
                 Ok(task) => {
                     info!(engine = %m.assignment.engine, pid = task.pid, driver = driver.name(), "engine started");
                     m.task = Some(task);
+                    m.since = Instant::now();
                     if let Err(e) = self.write_record(m) {
                         warn!(engine = %m.assignment.engine, error = %e, "cannot record the engine");
                     }
                 }
                 Err(e) => {
                     warn!(engine = %m.assignment.engine, error = %e, "cannot start the engine");
+                    m.note = format!("cannot start: {e}");
                     m.next_start = Instant::now() + self.timings.backoff_max;
                 }
             }
@@ -598,8 +708,9 @@ impl Supervisor {
         if m.state == EngineState::Starting {
             match driver.probe(&m.spec, task).await {
                 Probe::Ready => {
-                    info!(engine = %m.assignment.engine, "engine ready");
-                    m.state = EngineState::Ready;
+                    info!(engine = %m.assignment.engine, elapsed_ms = m.since.elapsed().as_millis() as u64, "engine ready");
+                    m.set_state(EngineState::Ready);
+                    m.note.clear();
                     if let Err(e) = self.write_record(m) {
                         warn!(engine = %m.assignment.engine, error = %e, "cannot record the engine");
                     }

@@ -43,7 +43,15 @@ pub fn run(nodes: usize, rounds: usize, quiet: bool) -> Result<FailoverReport> {
     }
     let tmp = std::env::temp_dir().join(format!("pdctl-bench-failover-{}", std::process::id()));
     let base = local::free_base_port(nodes)?;
-    let (dir, _) = local::create(nodes, 0, &tmp, base, base + 2, true)?;
+    let (dir, _) = local::create(
+        nodes,
+        0,
+        &tmp,
+        base,
+        base + 2,
+        &local::VllmLocal::default(),
+        true,
+    )?;
     let result = rounds_on(&dir, nodes, rounds, quiet);
     let _ = local::down(&dir, true);
     let _ = std::fs::remove_dir_all(&dir);

@@ -101,7 +101,15 @@ pub fn run(opts: DemoOptions) -> Result<()> {
         opts.nodes
     ));
     let started = Instant::now();
-    let (dir, _status) = crate::local::create(opts.nodes, 1, &dir, base, api_port, true)?;
+    let (dir, _status) = crate::local::create(
+        opts.nodes,
+        1,
+        &dir,
+        base,
+        api_port,
+        &crate::local::VllmLocal::default(),
+        true,
+    )?;
     say(&format!(
         "   up in {:.1} s; files in {}",
         started.elapsed().as_secs_f64(),

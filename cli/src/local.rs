@@ -47,6 +47,8 @@ pub enum LocalCommand {
         /// node-k serves the OpenAI API on 127.0.0.k:API_PORT.
         #[arg(long, default_value_t = DEFAULT_API_PORT)]
         api_port: u16,
+        #[command(flatten)]
+        vllm: VllmLocal,
     },
     /// Stop every agent of the local cluster (SIGTERM, then SIGKILL after 10 s).
     Down {
@@ -380,7 +382,15 @@ pub fn with_cluster<T>(
 ) -> Result<T> {
     let tmp = std::env::temp_dir().join(format!("pdctl-{what}-{}", std::process::id()));
     let base = free_base_port(nodes)?;
-    let (dir, _) = create(nodes, gpus, &tmp, base, base + 2, true)?;
+    let (dir, _) = create(
+        nodes,
+        gpus,
+        &tmp,
+        base,
+        base + 2,
+        &VllmLocal::default(),
+        true,
+    )?;
     let result = f(&dir, base + 2);
     let _ = down(&dir, true);
     match &result {
@@ -466,6 +476,51 @@ fn wait_whole(client: &AdminClient, n: usize, gpus: u32, quiet: bool) -> Result<
     }
 }
 
+/// The vLLM settings of a local cluster's agents (`[drivers.vllm]`); node-k takes ports
+/// 20000+100(k-1) to +99, so that engines of different agents never race for one.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct VllmLocal {
+    /// vLLM's OpenAI server as one argv string, split on spaces (drivers.vllm.command), e.g.
+    /// "/opt/vllm/bin/python -m vllm.entrypoints.openai.api_server".
+    #[arg(long)]
+    pub vllm_command: Option<String>,
+    /// Where NIXL stages KV (drivers.vllm.kv_buffer_device): cpu on hosts without GPUs.
+    #[arg(long)]
+    pub vllm_kv_device: Option<String>,
+    /// Extra environment for vLLM, K=V (repeatable; drivers.vllm.env).
+    #[arg(long = "vllm-env")]
+    pub vllm_env: Vec<String>,
+}
+
+impl VllmLocal {
+    /// The `[drivers.vllm]` section for node `k` (1-based).
+    fn section(&self, k: usize) -> Result<String> {
+        let q = |s: &str| toml::Value::String(s.to_string()).to_string();
+        let lo = 20_000 + 100 * (k - 1);
+        let mut out = format!("[drivers.vllm]\nport_range = \"{lo}-{}\"\n", lo + 99);
+        if let Some(c) = &self.vllm_command {
+            let argv: Vec<String> = c.split_whitespace().map(q).collect();
+            if argv.is_empty() {
+                bail!("--vllm-command is empty");
+            }
+            out.push_str(&format!("command = [{}]\n", argv.join(", ")));
+        }
+        if let Some(d) = &self.vllm_kv_device {
+            out.push_str(&format!("kv_buffer_device = {}\n", q(d)));
+        }
+        if !self.vllm_env.is_empty() {
+            out.push_str("[drivers.vllm.env]\n");
+            for kv in &self.vllm_env {
+                let Some((key, value)) = kv.split_once('=') else {
+                    bail!("--vllm-env {kv:?}: give K=V");
+                };
+                out.push_str(&format!("{} = {}\n", q(key), q(value)));
+            }
+        }
+        Ok(out)
+    }
+}
+
 pub fn run(cmd: LocalCommand, json: bool) -> Result<()> {
     match cmd {
         LocalCommand::Up {
@@ -474,7 +529,8 @@ pub fn run(cmd: LocalCommand, json: bool) -> Result<()> {
             dir,
             base_port,
             api_port,
-        } => up(nodes, gpus_per_node, &dir, base_port, api_port, json),
+            vllm,
+        } => up(nodes, gpus_per_node, &dir, base_port, api_port, &vllm, json),
         LocalCommand::Down { dir } => down(&dir, false),
         LocalCommand::Kill {
             dir,
@@ -504,8 +560,16 @@ pub fn run(cmd: LocalCommand, json: bool) -> Result<()> {
     }
 }
 
-fn up(n: usize, gpus: u32, dir: &Path, base_port: u16, api_port: u16, json: bool) -> Result<()> {
-    let (dir, status) = create(n, gpus, dir, base_port, api_port, json)?;
+fn up(
+    n: usize,
+    gpus: u32,
+    dir: &Path,
+    base_port: u16,
+    api_port: u16,
+    vllm: &VllmLocal,
+    json: bool,
+) -> Result<()> {
+    let (dir, status) = create(n, gpus, dir, base_port, api_port, vllm, json)?;
     let api: Vec<String> = (1..=n)
         .map(|k| format!("http://127.0.0.{k}:{api_port}/v1"))
         .collect();
@@ -551,6 +615,7 @@ pub fn create(
     dir: &Path,
     base_port: u16,
     api_port: u16,
+    vllm: &VllmLocal,
     quiet: bool,
 ) -> Result<(PathBuf, serde_json::Value)> {
     let json = quiet;
@@ -622,9 +687,10 @@ pub fn create(
                  [cluster]\nseeds = [\"{seed}\"]\n{join}voters = {voters}\nheartbeat_ms = 100\nsuspect_after_ms = 1000\ndown_after_ms = 4000\n\
                  [raft]\nheartbeat_ms = {LOCAL_HEARTBEAT_MS}\nelection_timeout_min_ms = {LOCAL_ELECTION_MIN_MS}\nelection_timeout_max_ms = {LOCAL_ELECTION_MAX_MS}\n\
                  coordinator_interval_ms = 200\n\
-                 [serving]\nlisten = \"{ip}:{api_port}\"\nview_refresh_ms = 100\n",
+                 [serving]\nlisten = \"{ip}:{api_port}\"\nview_refresh_ms = 100\n{}",
                 nd.join("data").display(),
-                base_port + 1
+                base_port + 1,
+                vllm.section(k)?
             ),
         )?;
         agents.push(format!("\"{node}@{ip}:{}\"", base_port + 1));

@@ -82,9 +82,14 @@ enum Command {
     Deploy {
         /// The deployment's name (also the model id clients will ask for).
         name: String,
-        /// Engine driver.
+        /// Engine driver: builtin (the reference engine) or vllm (vLLM's OpenAI server, a
+        /// model folder on the hosts; see `[drivers.vllm]` in pdagent.toml).
         #[arg(long, default_value = "builtin")]
         engine: String,
+        /// An extra argument for every engine of the deployment (repeatable), e.g.
+        /// `--engine-arg=--max-model-len=1024`. Flags the driver sets itself are refused.
+        #[arg(long = "engine-arg", allow_hyphen_values = true)]
+        engine_args: Vec<String>,
         /// A preset (tiny, small) or a model folder on the hosts: absolute, or relative to each
         /// agent's `node.models_dir`. Engines are placed only on hosts whose copy matches.
         #[arg(long)]
@@ -107,8 +112,8 @@ enum Command {
         /// Return once every engine is ready (hello and a one-token probe), showing progress.
         #[arg(long)]
         wait: bool,
-        /// Give up waiting after this many seconds.
-        #[arg(long, default_value_t = 300)]
+        /// Give up waiting after this many seconds (vLLM engines load for minutes).
+        #[arg(long, default_value_t = 1200)]
         wait_timeout_s: u64,
     },
     /// Delete a deployment and its engines' places.
@@ -721,6 +726,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Deploy {
             name,
             engine,
+            engine_args,
             model,
             model_fingerprint,
             tp,
@@ -740,6 +746,7 @@ fn run(cli: Cli) -> Result<()> {
                 ("ttft_ms", serde_json::json!(ttft_ms)),
                 ("tpot_ms", serde_json::json!(tpot_ms)),
                 ("model_fingerprint", serde_json::json!(model_fingerprint)),
+                ("engine_args", serde_json::json!(engine_args)),
             ] {
                 body[k] = v;
             }
@@ -823,21 +830,41 @@ fn run(cli: Cli) -> Result<()> {
                 print_json(&v)?;
             } else {
                 println!(
-                    "{:<28} {:<12} {:<8} {:<8} {:<9} {:>8} {:>8} {:>10}",
-                    "ENGINE", "NODE", "GPUS", "ROLE", "STATE", "PID", "RESTARTS", "GENERATION"
+                    "{:<28} {:<12} {:<8} {:<8} {:<8} {:<14} {:>8} {:>8} {:>10} {:>11}",
+                    "ENGINE",
+                    "NODE",
+                    "DRIVER",
+                    "GPUS",
+                    "ROLE",
+                    "STATE",
+                    "PID",
+                    "RESTARTS",
+                    "GENERATION",
+                    "PORT/KV"
                 );
                 for e in v["engines"].as_array().into_iter().flatten() {
                     println!(
-                        "{:<28} {:<12} {:<8} {:<8} {:<9} {:>8} {:>8} {:>10}",
+                        "{:<28} {:<12} {:<8} {:<8} {:<8} {:<14} {:>8} {:>8} {:>10} {:>11}",
                         e["engine"].as_str().unwrap_or(""),
                         e["node"].as_str().unwrap_or(""),
+                        e["driver"].as_str().unwrap_or("builtin"),
                         e["gpus"].to_string(),
                         e["role"].as_str().unwrap_or(""),
-                        e["state"].as_str().unwrap_or(""),
+                        state_with_age(e),
                         e["pid"].as_u64().map_or("-".to_string(), |p| p.to_string()),
                         e["restarts"].to_string(),
-                        e["generation"].to_string()
+                        e["generation"].to_string(),
+                        match (e["port"].as_u64(), e["kv_port"].as_u64()) {
+                            (Some(p), Some(k)) => format!("{p}/{k}"),
+                            (Some(p), None) => p.to_string(),
+                            _ => "-".to_string(),
+                        }
                     );
+                    if let Some(note) = e["note"].as_str().filter(|n| !n.is_empty()) {
+                        for line in note.lines() {
+                            println!("    {line}");
+                        }
+                    }
                 }
             }
         }
@@ -1242,6 +1269,22 @@ fn with_telemetry(gpu: &serde_json::Value, node: &serde_json::Value) -> serde_js
 
 /// Waits until `wanted` engines of deployment `name` are ready, printing progress lines on
 /// stderr; fails when one is failed (crash loop) or at the timeout.
+/// `starting 1m05s`: an engine's state and how long it has been in it, for states that last.
+fn state_with_age(e: &serde_json::Value) -> String {
+    let state = e["state"].as_str().unwrap_or("");
+    match (state, e["state_ms"].as_u64()) {
+        ("starting" | "draining", Some(ms)) => {
+            let s = ms / 1000;
+            if s >= 60 {
+                format!("{state} {}m{:02}s", s / 60, s % 60)
+            } else {
+                format!("{state} {s}s")
+            }
+        }
+        _ => state.to_string(),
+    }
+}
+
 pub(crate) fn wait_engines_ready(
     c: &client::AdminClient,
     name: &str,
@@ -1259,10 +1302,31 @@ pub(crate) fn wait_engines_ready(
             .filter(|e| e["deployment"] == name)
             .collect();
         let ready = mine.iter().filter(|e| e["state"] == "ready").count();
-        let failed = mine.iter().filter(|e| e["state"] == "failed").count();
+        let failed: Vec<&&serde_json::Value> =
+            mine.iter().filter(|e| e["state"] == "failed").collect();
+        // The slowest engine still starting: how long, and what its log says last.
+        let loading = mine
+            .iter()
+            .filter(|e| e["state"] == "starting")
+            .max_by_key(|e| e["state_ms"].as_u64().unwrap_or(0))
+            .map(|e| {
+                let note: String = e["note"].as_str().unwrap_or("").chars().take(100).collect();
+                format!(
+                    "; {} {}{}",
+                    e["engine"].as_str().unwrap_or(""),
+                    state_with_age(e),
+                    if note.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {note}")
+                    }
+                )
+            })
+            .unwrap_or_default();
         let line = format!(
-            "{ready}/{wanted} engines ready, {} placed, {failed} failed",
-            mine.len()
+            "{ready}/{wanted} engines ready, {} placed, {} failed{loading}",
+            mine.len(),
+            failed.len()
         );
         if line != last {
             eprintln!("  {line}");
@@ -1271,9 +1335,18 @@ pub(crate) fn wait_engines_ready(
         if ready == wanted {
             return Ok(());
         }
-        if failed > 0 {
+        if !failed.is_empty() {
+            for e in &failed {
+                eprintln!(
+                    "  {} on {} failed: {}",
+                    e["engine"].as_str().unwrap_or(""),
+                    e["node"].as_str().unwrap_or(""),
+                    e["note"].as_str().unwrap_or("")
+                );
+            }
             anyhow::bail!(
-                "{name}: {failed} engine(s) failed (crash loop); see `pdctl engines` and the agents' engine logs"
+                "{name}: {} engine(s) failed (crash loop); see `pdctl engines` and the agents' engine logs",
+                failed.len()
             );
         }
         if std::time::Instant::now() > until {

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 /// Version of the replicated state's shape. An agent refuses a snapshot or log with a newer
 /// schema than it knows.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 /// Bounds on what one command may carry.
 pub const LABELS_PER_NODE_MAX: usize = 64;
 pub const LABEL_BYTES_MAX: usize = 253;
@@ -297,7 +297,18 @@ pub enum Command {
         plan: Option<PlanRecord>,
         model_hosts: Option<ModelHosts>,
     },
+    /// A deployment whose engines take extra arguments (`pdctl deploy --engine-arg`): `create`
+    /// is a `CreateDeployment` or `CreateCheckedDeployment`, applied as it is, and the arguments
+    /// are kept beside the deployment (schema 3). Refused whole if either part is.
+    CreateDeploymentWithArgs {
+        create: Box<Command>,
+        engine_args: Vec<String>,
+    },
 }
+
+/// Bounds on a deployment's extra engine arguments.
+pub const ENGINE_ARGS_MAX: usize = 64;
+pub const ENGINE_ARG_BYTES_MAX: usize = 1024;
 
 /// The index `k` of an engine id `<deployment>/<role>-<k>`.
 pub fn engine_index(engine: &str) -> Option<u32> {
@@ -400,6 +411,45 @@ pub struct ClusterState {
     pub plans: BTreeMap<String, PlanRecord>,
     /// Where each deployment with a model folder may run, by deployment name. (Schema 2.)
     pub model_hosts: BTreeMap<String, ModelHosts>,
+    /// Extra arguments for the engines of a deployment, by deployment name (`pdctl deploy
+    /// --engine-arg`). (Schema 3.)
+    pub engine_args: BTreeMap<String, Vec<String>>,
+}
+
+/// `ClusterState` as schema 2 stored it (before `engine_args`). Frozen: never change it.
+#[derive(Deserialize)]
+pub(crate) struct ClusterStateV2 {
+    #[allow(dead_code)]
+    schema_version: u32,
+    nodes: BTreeMap<String, NodeRecord>,
+    revoked_serials: BTreeSet<String>,
+    retired_ids: BTreeSet<u64>,
+    certificates: BTreeMap<String, BTreeMap<String, i64>>,
+    deployments: BTreeMap<String, Deployment>,
+    assignments: BTreeMap<String, Assignment>,
+    api_keys: BTreeMap<String, ApiKey>,
+    api_keys_required: bool,
+    plans: BTreeMap<String, PlanRecord>,
+    model_hosts: BTreeMap<String, ModelHosts>,
+}
+
+impl From<ClusterStateV2> for ClusterState {
+    fn from(v2: ClusterStateV2) -> ClusterState {
+        ClusterState {
+            schema_version: SCHEMA_VERSION,
+            nodes: v2.nodes,
+            revoked_serials: v2.revoked_serials,
+            retired_ids: v2.retired_ids,
+            certificates: v2.certificates,
+            deployments: v2.deployments,
+            assignments: v2.assignments,
+            api_keys: v2.api_keys,
+            api_keys_required: v2.api_keys_required,
+            plans: v2.plans,
+            model_hosts: v2.model_hosts,
+            engine_args: BTreeMap::new(),
+        }
+    }
 }
 
 /// `ClusterState` as schema 1 stored it (before `plans`): an upgraded agent reads the
@@ -432,6 +482,7 @@ impl From<ClusterStateV1> for ClusterState {
             api_keys_required: v1.api_keys_required,
             plans: BTreeMap::new(),
             model_hosts: BTreeMap::new(),
+            engine_args: BTreeMap::new(),
         }
     }
 }
@@ -450,6 +501,7 @@ impl Default for ClusterState {
             api_keys_required: false,
             plans: BTreeMap::new(),
             model_hosts: BTreeMap::new(),
+            engine_args: BTreeMap::new(),
         }
     }
 }
@@ -472,9 +524,10 @@ fn check_deployment(
             "name {name:?}: 1 to {DEPLOYMENT_NAME_BYTES_MAX} of a-z, 0-9, '-', '.', not starting with '-' or '.'"
         ));
     }
-    if engine != "builtin" {
+    if !ENGINES.contains(&engine) {
         return bad(format!(
-            "engine {engine:?}: only \"builtin\" is available (vllm and sglang drivers come later)"
+            "engine {engine:?}: one of {} (sglang is not available yet)",
+            ENGINES.join(", ")
         ));
     }
     if model.is_empty() || model.len() > 4096 {
@@ -495,6 +548,27 @@ fn check_deployment(
         return bad(
             "a disaggregated layout needs at least one prefill and one decode engine".into(),
         );
+    }
+    Ok(())
+}
+
+/// The engine drivers a deployment may name.
+pub const ENGINES: &[&str] = &["builtin", "vllm"];
+
+fn check_engine_args(args: &[String]) -> Result<(), ApplyError> {
+    if args.len() > ENGINE_ARGS_MAX {
+        return Err(ApplyError::BadDeployment(format!(
+            "{} engine arguments: at most {ENGINE_ARGS_MAX}",
+            args.len()
+        )));
+    }
+    if let Some(a) = args
+        .iter()
+        .find(|a| a.is_empty() || a.len() > ENGINE_ARG_BYTES_MAX || a.contains('\0'))
+    {
+        return Err(ApplyError::BadDeployment(format!(
+            "engine argument {a:?}: 1 to {ENGINE_ARG_BYTES_MAX} bytes, no NUL"
+        )));
     }
     Ok(())
 }
@@ -871,6 +945,27 @@ impl ClusterState {
                 }
                 Ok(Applied::Done)
             }
+            Command::CreateDeploymentWithArgs {
+                create,
+                engine_args,
+            } => {
+                check_engine_args(engine_args)?;
+                let name = match create.as_ref() {
+                    Command::CreateDeployment { name, .. }
+                    | Command::CreateCheckedDeployment { name, .. } => name.clone(),
+                    _ => {
+                        return Err(ApplyError::BadDeployment(
+                            "engine arguments come with a deployment's creation".into(),
+                        ));
+                    }
+                };
+                // A refused creation changes nothing; after it, nothing here can fail.
+                self.apply(index, create)?;
+                if !engine_args.is_empty() {
+                    self.engine_args.insert(name, engine_args.clone());
+                }
+                Ok(Applied::Done)
+            }
             Command::DeleteDeployment { name } => {
                 self.deployments
                     .remove(name)
@@ -878,6 +973,7 @@ impl ClusterState {
                 self.assignments.retain(|_, a| a.deployment != *name);
                 self.plans.remove(name);
                 self.model_hosts.remove(name);
+                self.engine_args.remove(name);
                 Ok(Applied::Done)
             }
             Command::ScaleDeployment { name, layout } => {

@@ -300,6 +300,13 @@ impl StateMachineData {
             Ok(d) => return Ok(d),
             Err(e) => e,
         };
+        if let Ok(v2) = decode::<StateMachineDataV2>(bytes) {
+            return Ok(StateMachineData {
+                last_applied: v2.last_applied,
+                last_membership: v2.last_membership,
+                state: v2.state.into(),
+            });
+        }
         match decode::<StateMachineDataV1>(bytes) {
             Ok(v1) => Ok(StateMachineData {
                 last_applied: v1.last_applied,
@@ -309,6 +316,14 @@ impl StateMachineData {
             Err(_) => Err(current),
         }
     }
+}
+
+/// `StateMachineData` as schema 2 wrote it (before engine arguments).
+#[derive(Deserialize)]
+struct StateMachineDataV2 {
+    last_applied: Option<LogId<NodeId>>,
+    last_membership: StoredMembership<NodeId, crate::types::RaftPeer>,
+    state: crate::state::ClusterStateV2,
 }
 
 /// `StateMachineData` as schema 1 wrote it (before plans).

@@ -259,21 +259,34 @@ impl LocalCluster {
     /// `nodes` nodes with `gpus` fixture GPUs each, transport on `port`, admin on `port + 1`,
     /// OpenAI API on `port + 2`.
     pub fn up_with(nodes: usize, gpus: u32, port: u16) -> Self {
+        Self::up_args(nodes, gpus, port, &[])
+    }
+
+    /// As `up_with`, with more `pdctl local up` arguments.
+    pub fn up_args(nodes: usize, gpus: u32, port: u16, extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let out = pdctl(&[
+        let (nodes, port_s, api_s, gpus) = (
+            nodes.to_string(),
+            port.to_string(),
+            (port + 2).to_string(),
+            gpus.to_string(),
+        );
+        let mut args = vec![
             "local",
             "up",
             "--nodes",
-            &nodes.to_string(),
+            &nodes,
             "--dir",
             dir.path().to_str().unwrap(),
             "--base-port",
-            &port.to_string(),
+            &port_s,
             "--api-port",
-            &(port + 2).to_string(),
+            &api_s,
             "--gpus-per-node",
-            &gpus.to_string(),
-        ]);
+            &gpus,
+        ];
+        args.extend_from_slice(extra);
+        let out = pdctl(&args);
         assert!(
             out.status.success(),
             "local up: {}{}",

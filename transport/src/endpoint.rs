@@ -38,7 +38,7 @@ use crate::tls::{Identity, TlsError};
 
 /// The wire protocol version this build speaks. Bumped when a message changes incompatibly
 /// (messages are only appended, never renumbered, so most changes need no bump).
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// First bytes on every connection.
 pub const HELLO_MAGIC: [u8; 4] = *b"PDAG";
 const HELLO_REASON_BYTES_MAX: u32 = 4096;

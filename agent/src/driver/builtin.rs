@@ -19,6 +19,7 @@ pub const NAME: &str = "builtin";
 pub const CAPABILITIES: Capabilities = Capabilities {
     kv: KvPath::Agent,
     exact_replay: true,
+    resume: true,
 };
 
 /// Test-only: when set on the agent, the engines it starts from then on get these

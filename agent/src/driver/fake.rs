@@ -22,6 +22,7 @@ pub const NAME: &str = "fake";
 pub const CAPABILITIES: Capabilities = Capabilities {
     kv: KvPath::Engine,
     exact_replay: false,
+    resume: false,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -15,11 +15,14 @@
 //! themselves) and whether replaying a prompt and the tokens so far continues a stream
 //! exactly (which migration needs).
 //!
-//! Drivers: `builtin` (the reference engine as a child process) and, for tests, `fake`
-//! (in-memory engines with fault settings, no process).
+//! Drivers: `builtin` (the reference engine as a child process), `vllm` (vLLM's OpenAI
+//! server, reached over HTTP on 127.0.0.1) and, for tests, `fake` (in-memory engines with
+//! fault settings, no process).
 
 pub mod builtin;
 pub mod fake;
+pub mod http;
+pub mod vllm;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -47,8 +50,11 @@ pub enum KvPath {
 pub struct Capabilities {
     pub kv: KvPath,
     /// Sampling is a function of the seed and the token index, so a stream replayed on another
-    /// engine continues exactly: migration after the first token is allowed.
+    /// engine continues exactly.
     pub exact_replay: bool,
+    /// The engine continues a stream from the prompt and the tokens so far (exactly or not):
+    /// migration after the first token is allowed.
+    pub resume: bool,
 }
 
 /// What the engines of the driver named `driver` (a deployment's `engine`) allow; `None` for
@@ -56,6 +62,7 @@ pub struct Capabilities {
 pub fn capabilities(driver: &str) -> Option<Capabilities> {
     match driver {
         builtin::NAME => Some(builtin::CAPABILITIES),
+        vllm::NAME => Some(vllm::CAPABILITIES),
         fake::NAME => Some(fake::CAPABILITIES),
         _ => None,
     }
@@ -75,6 +82,20 @@ pub struct EngineSpec {
     pub visible_devices: String,
     pub socket: PathBuf,
     pub log: PathBuf,
+    /// The deployment's extra engine arguments (`pdctl deploy --engine-arg`).
+    pub engine_args: Vec<String>,
+}
+
+/// An engine that serves HTTP on this host (vLLM's OpenAI server on 127.0.0.1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpEngine {
+    pub port: u16,
+    /// The NIXL side-channel port (one listener for all TP ranks), for prefill and decode
+    /// engines.
+    pub kv_port: Option<u16>,
+    pub kv_ports: u16,
+    /// The model name the engine answers to.
+    pub served_name: String,
 }
 
 /// What an engine says it is: recorded at readiness, checked on recovery.
@@ -91,6 +112,8 @@ pub struct Task {
     pub client: Option<Arc<EngineClient>>,
     /// What the engine said it is, once it answered.
     pub identity: Option<Identity>,
+    /// Its HTTP server, for engines that serve HTTP (serving uses it).
+    pub http: Option<Arc<HttpEngine>>,
     /// Our child process, when this agent started it (not when recovered).
     pub(crate) child: Option<std::process::Child>,
 }
@@ -101,6 +124,7 @@ impl Task {
             pid,
             client: None,
             identity: None,
+            http: None,
             child: None,
         }
     }
@@ -122,6 +146,11 @@ pub struct TaskRecord {
     /// The identity it gave once ready (absent until then, and in older records).
     #[serde(default)]
     pub identity: Option<Identity>,
+    /// HTTP engines: their port and first NIXL side-channel port.
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub kv_port: Option<u16>,
 }
 
 fn builtin_name() -> String {
@@ -143,6 +172,11 @@ pub enum Probe {
 pub trait Driver: Send + Sync {
     fn name(&self) -> &'static str;
     fn capabilities(&self) -> Capabilities;
+    /// Longest an engine may take from its start to readiness before it is restarted (none:
+    /// no bound).
+    fn start_timeout(&self) -> Option<Duration> {
+        None
+    }
     /// Starts the engine (returns once it is launched, not once it is ready).
     fn start(&self, spec: &EngineSpec) -> Result<Task, String>;
     /// Whether the engine has exited, and why (never blocks).

@@ -105,6 +105,20 @@ pub enum EngineCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Write a preset as a Llama checkpoint folder (config.json, model.safetensors,
+    /// tokenizer.json, tokenizer_config.json with a chat template) that other engines such as
+    /// vLLM load: the same weights as the preset, no download.
+    Export {
+        /// The preset: tiny or small.
+        #[arg(long)]
+        model: String,
+        /// Seed of the preset's weights (the builtin engine's default is 0).
+        #[arg(long, default_value_t = 0)]
+        weights_seed: u64,
+        /// The folder to write (created; refused when it holds a config.json already).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Prefill and decode throughput on one compute thread (in this process).
     Bench {
         #[command(flatten)]
@@ -126,6 +140,36 @@ pub enum EngineFailure {
 
 pub fn run(cmd: EngineCommand) -> Result<(), EngineFailure> {
     match cmd {
+        EngineCommand::Export {
+            model,
+            weights_seed,
+            out,
+        } => {
+            let preset = match model.as_str() {
+                "tiny" => pd_engine::Preset::Tiny,
+                "small" => pd_engine::Preset::Small,
+                other => {
+                    return Err(EngineFailure::Usage(format!(
+                        "--model {other:?}: a preset, tiny or small"
+                    )));
+                }
+            };
+            if out.join("config.json").exists() {
+                return Err(EngineFailure::Usage(format!(
+                    "--out {}: already holds a checkpoint (config.json); give a new folder",
+                    out.display()
+                )));
+            }
+            pd_engine::save_preset_checkpoint(preset, weights_seed, &out)
+                .map_err(|e| EngineFailure::Failed(e.into()))?;
+            let fp = crate::models::fingerprint(&out)
+                .map_err(|e| EngineFailure::Failed(anyhow::anyhow!(e)))?;
+            println!(
+                "{}: the {model} preset (weights seed {weights_seed}) as a Llama checkpoint, fingerprint {fp}",
+                out.display()
+            );
+            Ok(())
+        }
         EngineCommand::Serve {
             socket,
             role,

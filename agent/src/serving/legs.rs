@@ -18,12 +18,14 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::control::ControlPlane;
+use crate::driver::HttpEngine;
 use crate::engine::client::{EngineClient, Reply};
 use crate::engine::kv_ship::{KvInbox, KvSender, Seal};
 use crate::peers::Peers;
-use crate::supervisor::Supervisor;
+use crate::supervisor::{ReadyEngine, Supervisor};
 use crate::wire::{AgentRequest, AgentResponse};
 
+use super::http_legs;
 use super::metrics::Metrics;
 
 /// Prefill on `engine`, shipping the KV to `decode_node` as shipment `shipment`.
@@ -96,6 +98,14 @@ pub enum ServeEvent {
         failure: Failure,
         message: String,
     },
+    /// An engine that moves its own KV finished a prefill: what a decode engine needs to pull
+    /// the KV (vLLM's `kv_transfer_params`, opaque JSON).
+    KvParams {
+        params: String,
+        prompt_tokens: u32,
+        /// From the request's submission to the engine until its answer was read.
+        engine_us: u64,
+    },
 }
 
 /// What failed, for the ingress's answer (and retry decisions).
@@ -144,12 +154,28 @@ impl Failure {
     }
 }
 
+/// The request id both legs of a disaggregated request give an engine that moves its own KV.
+pub fn request_id_of(shipment: u64) -> String {
+    http_legs::request_id(shipment)
+}
+
 /// One leg, as sent to the agent that owns its engine.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Leg {
     Prefill(PrefillLeg),
     Decode(DecodeLeg),
     Generate(GenerateLeg),
+    /// Decode on an engine that pulls the KV itself, with what the prefill engine gave.
+    EngineKvDecode(EngineKvDecodeLeg),
+}
+
+/// Decode on an engine that moves its own KV: the request again (`generate.resume` empty),
+/// with the prefill engine's `kv_transfer_params` and the request id both legs share.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EngineKvDecodeLeg {
+    pub generate: GenerateLeg,
+    pub kv_transfer_params: String,
+    pub request_id: String,
 }
 
 impl Leg {
@@ -158,6 +184,7 @@ impl Leg {
             Leg::Prefill(l) => &l.engine,
             Leg::Decode(l) => &l.engine,
             Leg::Generate(l) => &l.engine,
+            Leg::EngineKvDecode(l) => &l.generate.engine,
         }
     }
 }
@@ -236,10 +263,18 @@ impl Legs {
     /// reader went away first).
     pub async fn run(&self, leg: Leg, tx: Events) {
         let engine = leg.engine().to_string();
-        let (kind, result) = match leg {
-            Leg::Prefill(l) => ("prefill", self.prefill(l, &tx).await),
-            Leg::Decode(l) => ("decode", self.decode(l, &tx).await),
-            Leg::Generate(l) => ("generate", self.generate(l, &tx).await),
+        let (kind, result) = match (self.supervisor.ready(&engine), leg) {
+            (Some(ReadyEngine::Http(h)), leg) => self.run_http(&h, leg, &tx).await,
+            (_, Leg::Prefill(l)) => ("prefill", self.prefill(l, &tx).await),
+            (_, Leg::Decode(l)) => ("decode", self.decode(l, &tx).await),
+            (_, Leg::Generate(l)) => ("generate", self.generate(l, &tx).await),
+            (_, Leg::EngineKvDecode(_)) => (
+                "decode",
+                Err(Fail(
+                    Failure::NoEngine,
+                    format!("engine {engine} is not ready on node {}", self.node),
+                )),
+            ),
         };
         let outcome = match &result {
             Ok(Ended::Gone) => "cancelled",
@@ -250,6 +285,42 @@ impl Legs {
         if let Err(Fail(failure, message)) = result {
             let _ = tx.send(ServeEvent::Failed { failure, message }).await;
         }
+    }
+
+    /// A leg on an engine that serves HTTP and moves its own KV.
+    async fn run_http(
+        &self,
+        h: &HttpEngine,
+        leg: Leg,
+        tx: &Events,
+    ) -> (&'static str, Result<Ended, Fail>) {
+        let (kind, r) = match leg {
+            Leg::Prefill(l) => ("prefill", http_legs::prefill(h, l, tx).await),
+            Leg::Generate(l) => ("generate", http_legs::generate(h, l, None, tx).await),
+            Leg::EngineKvDecode(l) => (
+                "decode",
+                http_legs::generate(
+                    h,
+                    l.generate,
+                    Some((l.kv_transfer_params, l.request_id)),
+                    tx,
+                )
+                .await,
+            ),
+            Leg::Decode(_) => (
+                "decode",
+                Err(http_legs::HttpFail(
+                    Failure::Internal,
+                    "this engine pulls its own KV: no shipment to decode from".into(),
+                )),
+            ),
+        };
+        let r = match r {
+            Ok(true) => Ok(Ended::Done),
+            Ok(false) => Ok(Ended::Gone),
+            Err(http_legs::HttpFail(f, m)) => Err(Fail(f, m)),
+        };
+        (kind, r)
     }
 
     async fn prefill(&self, leg: PrefillLeg, tx: &Events) -> Result<Ended, Fail> {

@@ -21,6 +21,7 @@
 //! (engine gone, busy, KV transfer cut) is retried on other engines, a bounded number of times.
 
 pub mod apikey;
+pub mod http_legs;
 pub mod ingress;
 pub mod legs;
 pub mod metrics;
@@ -40,7 +41,7 @@ use crate::control::ControlPlane;
 use crate::peers::Peers;
 use crate::supervisor::EngineState;
 use crate::wire::{AgentRequest, AgentResponse};
-use legs::{DecodeLeg, Failure, GenerateLeg, Leg, Legs, PrefillLeg, ServeEvent};
+use legs::{DecodeLeg, EngineKvDecodeLeg, Failure, GenerateLeg, Leg, Legs, PrefillLeg, ServeEvent};
 use metrics::Metrics;
 
 /// The serving settings (from the `[serving]` section).
@@ -101,8 +102,11 @@ impl Timing {
 struct ModelView {
     created: u64,
     candidates: Vec<Candidate>,
-    /// The deployment's driver continues a replayed stream exactly: migration is allowed.
-    exact_replay: bool,
+    /// The deployment's driver continues a stream from the prompt and the tokens so far:
+    /// migration is allowed.
+    resume: bool,
+    /// Its engines move their own KV (vLLM's two-step flow).
+    engine_kv: bool,
 }
 
 #[derive(Debug, Default)]
@@ -233,8 +237,9 @@ impl Serving {
                     ModelView {
                         created: self.boot,
                         candidates: Vec::new(),
-                        exact_replay: crate::driver::capabilities(&d.engine)
-                            .is_some_and(|c| c.exact_replay),
+                        resume: crate::driver::capabilities(&d.engine).is_some_and(|c| c.resume),
+                        engine_kv: crate::driver::capabilities(&d.engine)
+                            .is_some_and(|c| c.kv == crate::driver::KvPath::Engine),
                     },
                 )
             })
@@ -501,7 +506,16 @@ impl Serving {
                     DecisionKind::Disaggregated => {
                         let p = &candidates[decision.prefill.expect("a prefill engine")];
                         let d = &candidates[decision.decode];
-                        self.disaggregated(p, d, &prompt, &sampling, emit).await
+                        if self
+                            .view()
+                            .models
+                            .get(&g.model)
+                            .is_some_and(|m| m.engine_kv)
+                        {
+                            self.engine_kv(p, d, &prompt, &sampling, emit).await
+                        } else {
+                            self.disaggregated(p, d, &prompt, &sampling, emit).await
+                        }
                     }
                     DecisionKind::Colocated | DecisionKind::DecodeOnly => {
                         let e = &candidates[decision.decode];
@@ -524,12 +538,8 @@ impl Serving {
                     // (sampling depends only on the seed and the output index: exact).
                     // Only where the driver replays exactly.
                     let (used, limit, what) = if emit.started() {
-                        let exact = self
-                            .view()
-                            .models
-                            .get(&g.model)
-                            .is_some_and(|m| m.exact_replay);
-                        let limit = if exact { self.cfg.migrations } else { 0 };
+                        let resume = self.view().models.get(&g.model).is_some_and(|m| m.resume);
+                        let limit = if resume { self.cfg.migrations } else { 0 };
                         (&mut migrations, limit, "migration")
                     } else {
                         (&mut retries, self.cfg.retries, "retry")
@@ -753,6 +763,77 @@ impl Serving {
             .await
     }
 
+    /// Disaggregated on engines that move their own KV: the prefill engine computes the
+    /// prompt and keeps its KV; what it answers (`kv_transfer_params`) goes with the request to
+    /// the decode engine, which pulls the KV and streams every token.
+    async fn engine_kv(
+        &self,
+        p: &Candidate,
+        d: &Candidate,
+        prompt: &Prompt,
+        sampling: &SamplingParams,
+        emit: &mut Emitter,
+    ) -> Result<(FinishReason, Usage), Attempt> {
+        let _pg = self.count(&p.engine);
+        let _dg = self.count(&d.engine);
+        let shipment = self.new_id();
+        let mut pre = self
+            .open_leg(
+                p,
+                Leg::Prefill(PrefillLeg {
+                    engine: p.engine.clone(),
+                    prompt: prompt.clone(),
+                    sampling: sampling.clone(),
+                    decode_node: d.node.clone(),
+                    shipment,
+                }),
+            )
+            .await?;
+        let (params, prompt_len) = loop {
+            match pre.next(&p.engine).await? {
+                ServeEvent::KvParams {
+                    params,
+                    prompt_tokens,
+                    engine_us,
+                } => {
+                    emit.engine_us += engine_us;
+                    break (params, prompt_tokens);
+                }
+                ServeEvent::Failed { failure, message } => {
+                    return Err(Attempt::Failed(AttemptFail {
+                        failure,
+                        message,
+                        engine: p.engine.clone(),
+                    }));
+                }
+                _ => {}
+            }
+        };
+        drop(pre);
+        drop(_pg);
+        let mut dec = self
+            .open_leg(
+                d,
+                Leg::EngineKvDecode(EngineKvDecodeLeg {
+                    generate: GenerateLeg {
+                        engine: d.engine.clone(),
+                        prompt: prompt.clone(),
+                        sampling: sampling.clone(),
+                        resume: Vec::new(),
+                    },
+                    kv_transfer_params: params,
+                    request_id: legs::request_id_of(shipment),
+                }),
+            )
+            .await?;
+        emit.serving_from(format!(
+            "{}@{} -> {}@{}",
+            p.engine, p.node, d.engine, d.node
+        ));
+        self.follow(&mut dec, Vec::new(), &d.engine, emit, prompt_len)
+            .await
+    }
+
     async fn generate(
         &self,
         e: &Candidate,
@@ -831,7 +912,7 @@ impl Serving {
                         engine: engine.to_string(),
                     }));
                 }
-                ServeEvent::Prefilled { .. } => {}
+                ServeEvent::Prefilled { .. } | ServeEvent::KvParams { .. } => {}
             }
         }
     }

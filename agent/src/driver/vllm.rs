@@ -1,0 +1,540 @@
+//! The `vllm` driver: vLLM's OpenAI server as a child process in its own process group,
+//! reached only through its agent (HTTP on 127.0.0.1), moving its own KV between engines with
+//! NixlConnector (`KvPath::Engine`).
+//!
+//! - start: the model folder, `--served-model-name` (the deployment), `--host 127.0.0.1` and a
+//!   port from `drivers.vllm.port_range`, `--tensor-parallel-size`, for prefill and decode
+//!   engines `--kv-transfer-config` (NixlConnector, `kv_producer` or `kv_consumer`) with the
+//!   NIXL side channel on the node's address and a port of its own, the air-gapped
+//!   environment, then the deployment's own engine arguments (those the driver owns are
+//!   refused);
+//! - probe: `/health` answers 200 and `/v1/models` lists the served name;
+//! - stats: the engine's `/metrics` (renamed metrics across versions tolerated);
+//! - stop: SIGTERM to the group, the grace, SIGKILL;
+//! - recover: pid alive, and `/v1/models` on the recorded port names the recorded model.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pd_raft::EngineRole;
+
+use super::http;
+use super::{
+    BoxFuture, Capabilities, Driver, EngineSpec, HttpEngine, Identity, KvPath, Probe, Task,
+    TaskRecord,
+};
+use crate::config::VllmSection;
+
+pub const NAME: &str = "vllm";
+pub const CAPABILITIES: Capabilities = Capabilities {
+    kv: KvPath::Engine,
+    // A replayed stream continues validly (greedy: the same text), not bit for bit.
+    exact_replay: false,
+    resume: true,
+};
+
+/// Flags the driver sets itself: a deployment's `--engine-arg` may not.
+pub const OWNED_FLAGS: &[&str] = &[
+    "--served-model-name",
+    "--host",
+    "--port",
+    "--tensor-parallel-size",
+    "-tp",
+    "--kv-transfer-config",
+    "--model",
+    "--uds",
+    "--data-parallel-size",
+    "-dp",
+    "--api-key",
+];
+
+/// Bound on one readiness or identity request.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Checks a deployment's engine arguments: none may set what the driver owns.
+pub fn check_engine_args(args: &[String]) -> Result<(), String> {
+    for a in args {
+        let flag = a.split('=').next().unwrap_or(a);
+        if OWNED_FLAGS.contains(&flag) {
+            return Err(format!(
+                "engine argument {a:?}: the vllm driver sets {flag} itself (owned: {})",
+                OWNED_FLAGS.join(", ")
+            ));
+        }
+        if !a.starts_with('-') && !args.iter().any(|x| x.starts_with('-')) {
+            return Err(format!(
+                "engine argument {a:?}: the model is the deployment's --model; give flags"
+            ));
+        }
+    }
+    Ok(())
+}
+
+pub struct Vllm {
+    cfg: VllmSection,
+    /// The address other hosts reach this one on (NIXL's side channel listens there).
+    host_ip: String,
+    ports: std::ops::RangeInclusive<u16>,
+    /// Ports held by this driver's engines.
+    taken: Mutex<BTreeSet<u16>>,
+}
+
+fn kill_group(pid: u32, sig: &str) {
+    let _ = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg("--")
+        .arg(format!("-{pid}"))
+        .status();
+}
+
+impl Vllm {
+    pub fn new(cfg: VllmSection, host_ip: String) -> Result<Self, String> {
+        let ports = cfg.ports().map_err(|e| e.to_string())?;
+        Ok(Vllm {
+            cfg,
+            host_ip,
+            ports,
+            taken: Mutex::new(BTreeSet::new()),
+        })
+    }
+
+    /// `n` consecutive free ports (bindable now, held by no engine of this driver).
+    fn take_ports(&self, n: u16) -> Result<u16, String> {
+        let mut taken = self.taken.lock().unwrap_or_else(|p| p.into_inner());
+        let (lo, hi) = (*self.ports.start(), *self.ports.end());
+        let mut base = lo;
+        while base.checked_add(n - 1).is_some_and(|top| top <= hi) {
+            let free = (base..base + n).all(|p| {
+                !taken.contains(&p)
+                    && std::net::TcpListener::bind(("0.0.0.0", p)).is_ok()
+                    && std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()
+            });
+            if free {
+                taken.extend(base..base + n);
+                return Ok(base);
+            }
+            base += 1;
+        }
+        Err(format!(
+            "no {n} free ports left in drivers.vllm.port_range {}",
+            self.cfg.port_range
+        ))
+    }
+
+    fn release(&self, e: &HttpEngine) {
+        let mut taken = self.taken.lock().unwrap_or_else(|p| p.into_inner());
+        taken.remove(&e.port);
+        if let Some(k) = e.kv_port {
+            for p in k..k.saturating_add(e.kv_ports) {
+                taken.remove(&p);
+            }
+        }
+    }
+
+    fn argv(&self, spec: &EngineSpec, port: u16) -> Vec<String> {
+        let mut argv = self.cfg.command.clone();
+        // `--model`, not the positional form: `python -m vllm.entrypoints.openai.api_server`
+        // ignores a positional model.
+        for (k, v) in [
+            ("--model", spec.model.clone()),
+            ("--served-model-name", spec.deployment.clone()),
+            ("--host", "127.0.0.1".to_string()),
+            ("--port", port.to_string()),
+            ("--tensor-parallel-size", spec.gpus.len().max(1).to_string()),
+        ] {
+            argv.push(k.to_string());
+            argv.push(v);
+        }
+        if let Some(role) = kv_role(spec.role) {
+            argv.push("--kv-transfer-config".into());
+            argv.push(
+                serde_json::json!({
+                    "kv_connector": "NixlConnector",
+                    "kv_role": role,
+                    "kv_buffer_device": self.cfg.kv_buffer_device,
+                    "kv_connector_extra_config": {"kv_lease_duration": self.cfg.kv_lease_s},
+                })
+                .to_string(),
+            );
+        }
+        argv.extend(spec.engine_args.iter().cloned());
+        argv
+    }
+}
+
+/// NIXL's role for an engine: none for a colocated one.
+fn kv_role(role: EngineRole) -> Option<&'static str> {
+    match role {
+        EngineRole::Prefill => Some("kv_producer"),
+        EngineRole::Decode => Some("kv_consumer"),
+        EngineRole::Both => None,
+    }
+}
+
+/// The fingerprint (hex) of a model folder as a number; 0 when it cannot be read.
+fn folder_fingerprint(model: &str) -> u64 {
+    crate::models::fingerprint(std::path::Path::new(model))
+        .ok()
+        .and_then(|h| u64::from_str_radix(&h, 16).ok())
+        .unwrap_or(0)
+}
+
+/// Whether `/v1/models` on `port` serves `name` from `root`: (served, the root it names).
+async fn serves(port: u16, name: &str) -> Result<Option<String>, String> {
+    let a = http::get(port, "/v1/models", PROBE_TIMEOUT).await?;
+    if a.status != 200 {
+        return Err(format!("/v1/models answered {}: {}", a.status, a.text()));
+    }
+    let v = a.json()?;
+    Ok(v["data"]
+        .as_array()
+        .and_then(|d| d.iter().find(|m| m["id"] == name))
+        .map(|m| m["root"].as_str().unwrap_or_default().to_string()))
+}
+
+impl Driver for Vllm {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        CAPABILITIES
+    }
+
+    fn start_timeout(&self) -> Option<Duration> {
+        Some(Duration::from_millis(self.cfg.start_timeout_ms))
+    }
+
+    fn start(&self, spec: &EngineSpec) -> Result<Task, String> {
+        use std::os::unix::process::CommandExt;
+        check_engine_args(&spec.engine_args)?;
+        if crate::models::is_preset(&spec.model) {
+            return Err(format!(
+                "model {:?} is a builtin preset; vLLM needs a model folder (pdagent engine export --model {} --out DIR)",
+                spec.model, spec.model
+            ));
+        }
+        let port = self.take_ports(1)?;
+        // One NIXL side-channel listener per engine serves all its TP ranks.
+        let kv_port = match kv_role(spec.role) {
+            Some(_) => match self.take_ports(1) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    self.taken
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&port);
+                    return Err(e);
+                }
+            },
+            None => None,
+        };
+        let engine = HttpEngine {
+            port,
+            kv_port,
+            kv_ports: u16::from(kv_port.is_some()),
+            served_name: spec.deployment.clone(),
+        };
+        let fail = |e: String| {
+            self.release(&engine);
+            Err(e)
+        };
+        let log = match std::fs::File::create(&spec.log) {
+            Ok(f) => f,
+            Err(e) => return fail(format!("{}: {e}", spec.log.display())),
+        };
+        let err_log = match log.try_clone() {
+            Ok(f) => f,
+            Err(e) => return fail(format!("{}: {e}", spec.log.display())),
+        };
+        let argv = self.argv(spec, port);
+        let mut cmd = std::process::Command::new(&argv[0]);
+        cmd.args(&argv[1..])
+            .env("CUDA_VISIBLE_DEVICES", &spec.visible_devices)
+            .env("HF_HUB_OFFLINE", "1")
+            .env("TRANSFORMERS_OFFLINE", "1")
+            .env("VLLM_NO_USAGE_STATS", "1")
+            .env("DO_NOT_TRACK", "1")
+            .env("VLLM_NIXL_SIDE_CHANNEL_HOST", &self.host_ip)
+            .env("PYTHONUNBUFFERED", "1");
+        if let Some(k) = kv_port {
+            cmd.env("VLLM_NIXL_SIDE_CHANNEL_PORT", k.to_string());
+        }
+        cmd.envs(&self.cfg.env)
+            .stdin(std::process::Stdio::null())
+            .stdout(log)
+            .stderr(err_log)
+            // Its own process group: it outlives an agent restart, and stops whole.
+            .process_group(0);
+        let child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                return fail(format!(
+                    "cannot run {:?} (drivers.vllm.command): {e}",
+                    argv[0]
+                ));
+            }
+        };
+        let mut task = Task::new(child.id());
+        task.child = Some(child);
+        task.identity = Some(Identity {
+            model_name: spec.deployment.clone(),
+            model_fingerprint: folder_fingerprint(&spec.model),
+        });
+        task.http = Some(Arc::new(engine));
+        Ok(task)
+    }
+
+    fn wait(&self, task: &mut Task) -> Option<String> {
+        let status = match &mut task.child {
+            Some(child) => match child.try_wait() {
+                Ok(None) => return None,
+                Ok(Some(s)) => s.to_string(),
+                Err(e) => e.to_string(),
+            },
+            None if super::builtin::pid_alive(task.pid) => return None,
+            None => "gone".to_string(),
+        };
+        task.child = None;
+        // Its workers may outlive it: the group goes with it.
+        kill_group(task.pid, "KILL");
+        if let Some(e) = &task.http {
+            self.release(e);
+        }
+        Some(format!("exited ({status})"))
+    }
+
+    fn probe<'a>(&'a self, spec: &'a EngineSpec, task: &'a mut Task) -> BoxFuture<'a, Probe> {
+        Box::pin(async move {
+            let Some(e) = task.http.clone() else {
+                return Probe::Failed("no port recorded".into());
+            };
+            match http::get(e.port, "/health", PROBE_TIMEOUT).await {
+                Ok(a) if a.status == 200 => {}
+                _ => return Probe::NotYet,
+            }
+            match serves(e.port, &e.served_name).await {
+                Ok(Some(root)) if root.is_empty() || root == spec.model => Probe::Ready,
+                Ok(Some(root)) => Probe::Failed(format!(
+                    "the engine on port {} serves {root}, not {}",
+                    e.port, spec.model
+                )),
+                Ok(None) => Probe::Failed(format!(
+                    "/v1/models on port {} does not list {}",
+                    e.port, e.served_name
+                )),
+                Err(_) => Probe::NotYet,
+            }
+        })
+    }
+
+    fn stats<'a>(
+        &'a self,
+        task: &'a Task,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Option<pd_engine::EngineStats>> {
+        Box::pin(async move {
+            let e = task.http.as_ref()?;
+            let a = http::get(e.port, "/metrics", timeout).await.ok()?;
+            if a.status != 200 {
+                return None;
+            }
+            Some(stats_of(&parse_metrics(&String::from_utf8_lossy(&a.body))))
+        })
+    }
+
+    fn stop<'a>(&'a self, mut task: Task, grace: Duration) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            kill_group(task.pid, "TERM");
+            let until = Instant::now() + grace;
+            loop {
+                let gone = match &mut task.child {
+                    Some(c) => !matches!(c.try_wait(), Ok(None)),
+                    None => !super::builtin::pid_alive(task.pid),
+                };
+                if gone || Instant::now() >= until {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            kill_group(task.pid, "KILL");
+            if let Some(mut c) = task.child.take() {
+                let _ = c.wait();
+            }
+            if let Some(e) = &task.http {
+                self.release(e);
+            }
+        })
+    }
+
+    fn recover<'a>(
+        &'a self,
+        spec: &'a EngineSpec,
+        record: &'a TaskRecord,
+    ) -> BoxFuture<'a, Result<Task, String>> {
+        Box::pin(async move {
+            if !super::builtin::pid_alive(record.pid) {
+                return Err(format!("pid {} is gone", record.pid));
+            }
+            let refuse = |why: String| {
+                kill_group(record.pid, "KILL");
+                Err(why)
+            };
+            let Some(port) = record.port else {
+                return refuse("the record has no port".into());
+            };
+            let name = record
+                .identity
+                .as_ref()
+                .map_or(spec.deployment.clone(), |i| i.model_name.clone());
+            match serves(port, &name).await {
+                Ok(Some(root)) if root.is_empty() || root == spec.model => {}
+                Ok(Some(root)) => {
+                    return refuse(format!(
+                        "port {port} serves {root}, the record says {}",
+                        spec.model
+                    ));
+                }
+                Ok(None) => return refuse(format!("port {port} does not serve {name}")),
+                Err(e) => return refuse(format!("port {port} does not answer: {e}")),
+            }
+            let engine = HttpEngine {
+                port,
+                kv_port: record.kv_port,
+                kv_ports: u16::from(record.kv_port.is_some()),
+                served_name: name,
+            };
+            {
+                let mut taken = self.taken.lock().unwrap_or_else(|p| p.into_inner());
+                taken.insert(port);
+                if let Some(k) = engine.kv_port {
+                    taken.extend(k..k.saturating_add(engine.kv_ports));
+                }
+            }
+            let mut task = Task::new(record.pid);
+            task.identity = record.identity.clone();
+            task.http = Some(Arc::new(engine));
+            Ok(task)
+        })
+    }
+}
+
+/// Prometheus text: each metric name's samples summed over label sets, and per `source`
+/// label for the prompt-token counter (`name{source=X}` keys).
+pub fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
+    let mut out: BTreeMap<String, f64> = BTreeMap::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (series, value) = match line.rfind('}') {
+            Some(i) => (&line[..=i], line[i + 1..].trim()),
+            None => match line.split_once(char::is_whitespace) {
+                Some((s, v)) => (s, v.trim()),
+                None => continue,
+            },
+        };
+        let value: f64 = match value.split_whitespace().next().and_then(|v| v.parse().ok()) {
+            Some(v) => v,
+            None => continue,
+        };
+        let (name, labels) = match series.split_once('{') {
+            Some((n, l)) => (n, l.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        *out.entry(name.to_string()).or_default() += value;
+        if let Some(src) = labels
+            .split(',')
+            .find_map(|kv| kv.trim().strip_prefix("source="))
+        {
+            *out.entry(format!("{name}{{source={}}}", src.trim_matches('"')))
+                .or_default() += value;
+        }
+    }
+    out
+}
+
+/// The first of `names` present (metrics renamed across vLLM versions).
+fn first(m: &BTreeMap<String, f64>, names: &[&str]) -> Option<f64> {
+    names.iter().find_map(|n| m.get(*n).copied())
+}
+
+/// Scale of the KV usage ratio in `EngineStats`' block counts (vLLM reports a ratio).
+const KV_USAGE_SCALE: f64 = 10_000.0;
+
+/// The load signals the router uses, from vLLM's metrics.
+pub fn stats_of(m: &BTreeMap<String, f64>) -> pd_engine::EngineStats {
+    let n = |names: &[&str]| first(m, names).unwrap_or(0.0).max(0.0);
+    let usage = n(&["vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"]).min(1.0);
+    let used = (usage * KV_USAGE_SCALE).round() as usize;
+    pd_engine::EngineStats {
+        queue_depth: n(&["vllm:num_requests_waiting"]) as usize,
+        running: n(&["vllm:num_requests_running"]) as usize,
+        kv_blocks_total: KV_USAGE_SCALE as usize,
+        kv_blocks_used: used,
+        kv_blocks_free: KV_USAGE_SCALE as usize - used,
+        prefix_cache_queries_blocks: n(&[
+            "vllm:prefix_cache_queries_total",
+            "vllm:gpu_prefix_cache_queries_total",
+        ]) as u64,
+        prefix_cache_hits_blocks: n(&[
+            "vllm:prefix_cache_hits_total",
+            "vllm:gpu_prefix_cache_hits_total",
+        ]) as u64,
+        prompt_tokens_computed_total: n(&[
+            "vllm:prompt_tokens_by_source_total{source=local_compute}",
+        ]) as u64,
+        prompt_tokens_cached_total: n(&[
+            "vllm:prompt_tokens_by_source_total{source=local_cache_hit}",
+        ]) as u64,
+        prompt_tokens_imported_total: n(&[
+            "vllm:prompt_tokens_by_source_total{source=external_kv_transfer}",
+        ]) as u64,
+        generated_tokens_total: n(&["vllm:generation_tokens_total"]) as u64,
+        preemptions_total: n(&["vllm:num_preemptions_total"]) as u64,
+        ..pd_engine::EngineStats::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_are_summed_and_split_by_source() {
+        let text = r#"# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="m"} 2.0
+vllm:num_requests_waiting{engine="0",model_name="m"} 1.0
+vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25
+vllm:prompt_tokens_by_source_total{engine="0",model_name="m",source="local_compute"} 3.0
+vllm:prompt_tokens_by_source_total{engine="0",model_name="m",source="external_kv_transfer"} 470.0
+vllm:nixl_bytes_transferred_sum{engine="0",model_name="m"} 1.048576e+06
+"#;
+        let m = parse_metrics(text);
+        assert_eq!(m["vllm:num_requests_running"], 2.0);
+        assert_eq!(m["vllm:prompt_tokens_by_source_total"], 473.0);
+        let s = stats_of(&m);
+        assert_eq!((s.running, s.queue_depth), (2, 1));
+        assert_eq!(s.kv_blocks_used * 4, s.kv_blocks_total);
+        assert_eq!(s.prompt_tokens_computed_total, 3);
+        assert_eq!(s.prompt_tokens_imported_total, 470);
+        // Older names are read too.
+        let old = parse_metrics("vllm:gpu_cache_usage_perc 0.5\n");
+        assert_eq!(stats_of(&old).kv_blocks_used, 5000);
+    }
+
+    #[test]
+    fn owned_flags_are_refused() {
+        let ok =
+            |a: &[&str]| check_engine_args(&a.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert!(ok(&["--max-model-len", "1024", "--enforce-eager"]).is_ok());
+        assert!(ok(&["--dtype=float32"]).is_ok());
+        let e = ok(&["--port", "9000"]).unwrap_err();
+        assert!(e.contains("--port"), "{e}");
+        assert!(ok(&["--kv-transfer-config={}"]).is_err());
+        assert!(ok(&["/models/other"]).is_err());
+    }
+}
