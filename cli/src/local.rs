@@ -199,10 +199,22 @@ fn engine_pids(dir: &Path, node: &str) -> Vec<u32> {
         .filter_map(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
         .filter_map(|v| v["pid"].as_u64().map(|p| p as u32))
         .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("engine"))
+            // Still an engine (the builtin engine or vLLM), not a pid reused since.
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                let c = String::from_utf8_lossy(&c);
+                c.contains("engine") || c.contains("vllm")
+            })
         })
         .collect()
+}
+
+/// Signals an engine's whole process group (it leads one: vLLM's workers are in it too).
+fn signal_group(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg("--")
+        .arg(format!("-{pid}"))
+        .status();
 }
 
 /// SIGKILLs a node's agent and, unless `agent_only`, its engines, as if the host lost power;
@@ -216,7 +228,7 @@ fn kill_node(dir: &Path, node: &str, agent_only: bool) -> Result<u32> {
     signal(pid, "KILL")?;
     if !agent_only {
         for e in engine_pids(dir, node) {
-            let _ = signal(e, "KILL");
+            signal_group(e, "KILL");
         }
     }
     Ok(pid)
@@ -735,9 +747,10 @@ pub fn down(dir: &Path, quiet: bool) -> Result<()> {
             running.push((node.clone(), pid));
         }
     }
-    // Engines outlive their agent on purpose (re-adoption); `down` stops them too.
-    for pid in engines {
-        let _ = signal(pid, "TERM");
+    // Engines outlive their agent on purpose (re-adoption); `down` stops them too, each with
+    // its process group, and kills what is left after the grace.
+    for pid in &engines {
+        signal_group(*pid, "TERM");
     }
     let until = Instant::now() + STOP_GRACE;
     for (node, pid) in running {
@@ -752,6 +765,16 @@ pub fn down(dir: &Path, quiet: bool) -> Result<()> {
         } else if !quiet {
             println!("{node}: stopped");
         }
+    }
+    while engines
+        .iter()
+        .any(|p| std::path::Path::new(&format!("/proc/{p}")).exists())
+        && Instant::now() < until
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for pid in engines {
+        signal_group(pid, "KILL");
     }
     Ok(())
 }

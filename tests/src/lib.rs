@@ -361,7 +361,7 @@ impl HttpReply {
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
-            .find(|(n, _)| n == name)
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
     }
 
@@ -609,4 +609,43 @@ pub fn engines(l: &LocalCluster) -> Vec<serde_json::Value> {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     v["engines"].as_array().unwrap().clone()
+}
+
+/// An engine's pid in `pdctl engines -o json`'s list.
+pub fn pid_of(engines: &[serde_json::Value], engine: &str) -> u64 {
+    engines
+        .iter()
+        .find(|e| e["engine"] == engine)
+        .and_then(|e| e["pid"].as_u64())
+        .unwrap_or_else(|| panic!("no pid for {engine}: {engines:?}"))
+}
+
+/// Reads an HTTP answer's head (through the blank line); the body stays on the socket.
+pub fn read_head(s: &mut std::net::TcpStream) -> String {
+    use std::io::Read;
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut b).unwrap(), 1, "the answer's head ended early");
+        head.push(b[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// The `x-pdagent-route` header of an answer's head.
+pub fn route_of(head: &str) -> String {
+    head.lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("x-pdagent-route")
+                .then(|| v.trim().to_string())
+        })
+        .unwrap_or_else(|| panic!("no route header in {head}"))
+}
+
+/// The engine that streams the tokens: the last one of a route.
+pub fn streaming_engine(route: &str) -> (String, String) {
+    let last = route.rsplit(['>', ' ']).next().unwrap();
+    let (engine, node) = last.split_once('@').unwrap();
+    (engine.to_string(), node.to_string())
 }

@@ -632,9 +632,6 @@ fn demo_runs_both_layouts() {
     assert_eq!(v["colocated"]["kv_mb_shipped"].as_f64().unwrap(), 0.0);
 }
 
-/// A Python with the official `openai` SDK and `prometheus_client`: `PDAGENT_TEST_PYTHON`, or
-/// `python3` when it has both. CI installs them (`.ci/run`); elsewhere the test says it
-/// skipped.
 /// `pdctl bench calibrate --json` (tiny, one short run): the engines' step-time counters fit
 /// the planner and its prediction stands beside the measurement, one JSON object on stdout.
 /// (Accuracy is not asserted here: a loaded CI machine is not the quiet one the README figures
@@ -679,10 +676,14 @@ fn bench_calibrate_reports_prediction_and_measurement() {
     );
 }
 
+/// A Python with the official `openai` SDK and `prometheus_client`: `PDAGENT_TEST_PYTHON`,
+/// `target/pyenv` (`tests/setup.sh`), or `python3` when it has both; elsewhere the test says it
+/// skipped (under CI it fails).
 fn python_with_clients() -> Option<String> {
+    let pyenv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/pyenv/bin/python");
     let candidates: Vec<String> = std::env::var("PDAGENT_TEST_PYTHON")
         .into_iter()
-        .chain(["python3".to_string()])
+        .chain([pyenv.to_string_lossy().into_owned(), "python3".to_string()])
         .collect();
     candidates.into_iter().find(|py| {
         std::process::Command::new(py)

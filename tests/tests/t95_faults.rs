@@ -6,7 +6,7 @@
 //! the first byte), and a prefill engine that dies at the end of its prefill (retried). Every
 //! request ends cleanly; the prefill engine holds no KV blocks afterwards.
 
-use std::io::{BufRead, Read, Write};
+use std::io::{BufRead, Write};
 use std::time::{Duration, Instant};
 
 use pd_tests::*;
@@ -43,43 +43,6 @@ fn wait_steady(l: &LocalCluster, api: &str, what: &str) -> Vec<Value> {
         });
         (ok && recoveries(api, "retry") == b && engines(l) == e).then_some(e)
     })
-}
-
-fn pid_of(engines: &[Value], engine: &str) -> u64 {
-    engines
-        .iter()
-        .find(|e| e["engine"] == engine)
-        .and_then(|e| e["pid"].as_u64())
-        .unwrap_or_else(|| panic!("no pid for {engine}: {engines:?}"))
-}
-
-/// Reads an HTTP answer's head (through the blank line); the body stays on the socket.
-fn read_head(s: &mut std::net::TcpStream) -> String {
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(s.read(&mut b).unwrap(), 1, "the answer's head ended early");
-        head.push(b[0]);
-    }
-    String::from_utf8_lossy(&head).into_owned()
-}
-
-/// The `x-pdagent-route` header of an answer's head.
-fn route_of(head: &str) -> String {
-    head.lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("x-pdagent-route")
-                .then(|| v.trim().to_string())
-        })
-        .unwrap_or_else(|| panic!("no route header in {head}"))
-}
-
-/// The engine that streams the tokens: the last one of a route.
-fn streaming_engine(route: &str) -> (String, String) {
-    let last = route.rsplit(['>', ' ']).next().unwrap();
-    let (engine, node) = last.split_once('@').unwrap();
-    (engine.to_string(), node.to_string())
 }
 
 fn complete(addr: &str, prompt: &str, max_tokens: u32) -> HttpReply {

@@ -238,11 +238,12 @@ fn vllm_disaggregated_through_nixl() {
             && external >= prompt_tokens as f64 - PROMPTS.len() as f64,
         "external KV tokens {external}, prompt tokens {prompt_tokens}"
     );
-    // The route names both engines.
+    // The route names both engines (a prompt not seen before: a cached one may be served by
+    // the decode engine alone).
     let r = post_json(
         &api,
         "/v1/completions",
-        &json!({"model": "pd", "prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0}),
+        &json!({"model": "pd", "prompt": "A prompt the engines have not seen: one, two, three, four, five.", "max_tokens": 4, "temperature": 0}),
     );
     let route = r.header("x-pdagent-route").unwrap_or_default().to_string();
     assert!(
@@ -312,4 +313,167 @@ fn vllm_disaggregated_through_nixl() {
             "vLLM (float32) and the builtin engine differ on prompt {k}"
         );
     }
+}
+
+fn recoveries(api: &str, model: &str, kind: &str) -> u64 {
+    metric(
+        &metrics_of(api),
+        &format!("pdagent_request_recoveries_total{{model=\"{model}\",kind=\"{kind}\"}}"),
+    )
+}
+
+fn kill9(pid: u64) {
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+}
+
+/// Waits until the deployment's engines are all ready; their list.
+fn wait_ready(l: &LocalCluster, deployment: &str, n: usize, secs: u64) -> Vec<Value> {
+    wait_for(
+        &format!("{n} engines of {deployment} ready"),
+        deadline(Duration::from_secs(secs)),
+        || {
+            let e: Vec<Value> = engines(l)
+                .into_iter()
+                .filter(|e| e["deployment"] == deployment)
+                .collect();
+            (e.len() == n && e.iter().all(|x| x["state"] == "ready")).then_some(e)
+        },
+    )
+}
+
+/// Failures with vLLM engines: an engine argument vLLM refuses ends the engine `failed` with
+/// its log's tail; `kill -9` of a vLLM mid-stream moves the stream to the other engine (the
+/// prompt and the tokens so far sent as token ids) and at temperature 0 the text equals the
+/// undisturbed one; the killed engine comes back; a client that goes away leaves no request
+/// running in the engines; `kill -9` of an agent and its restart re-adopt its vLLM (same pid)
+/// without restarting it.
+#[test]
+fn vllm_failures_are_recovered() {
+    let Some(py) = vllm_python() else { return };
+    let _g = serial();
+    let models = tempfile::tempdir().unwrap();
+    let model = export_tiny(models.path());
+    let l = vllm_cluster(&py);
+    let dir = l.dir.path().to_str().unwrap().to_string();
+
+    // vLLM refuses the argument: the engine crash-loops to `failed`, the deploy says why.
+    let out = l.pdctl(&[
+        "deploy",
+        "broken",
+        "--engine",
+        "vllm",
+        "--model",
+        model.to_str().unwrap(),
+        "--colocated",
+        "1",
+        "--engine-arg=--max-model-len=not-a-number",
+        "--wait",
+        "--wait-timeout-s",
+        "600",
+    ]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("failed"), "{err}");
+    assert!(
+        err.contains("max-model-len") || err.contains("max_model_len"),
+        "the log tail names the argument: {err}"
+    );
+    let out = l.pdctl(&["undeploy", "broken"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    deploy_vllm(&l, "co", &model, &["--colocated", "2"]);
+    let placed = wait_ready(&l, "co", 2, 60);
+    assert_ne!(placed[0]["node"], placed[1]["node"]);
+    let api = format!("127.0.0.1:{}", l.api_port);
+    let prompt = "Echo: a long answer that is moved to another engine half way through.";
+    let body = json!({"model": "co", "prompt": prompt, "max_tokens": 300, "temperature": 0, "stream": true, "stream_options": {"include_usage": true}});
+    let reference = complete(&api, "co", prompt, 300)["choices"][0]["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // kill -9 of the streaming engine: the stream moves and equals the undisturbed one.
+    let before = recoveries(&api, "co", "migration");
+    let mut s = start_stream(&api, &body);
+    let head = read_head(&mut s);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let (killed, _) = streaming_engine(&route_of(&head));
+    let killed_pid = pid_of(&placed, &killed);
+    kill9(killed_pid);
+    let events = read_sse(&mut s);
+    let (got, finish, usage) = stream_text(&events);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    assert_eq!(finish, "length", "{events:?}");
+    assert_eq!(usage.unwrap()["completion_tokens"], 300);
+    assert_eq!(
+        got, reference,
+        "the moved stream equals the undisturbed one"
+    );
+    assert_eq!(recoveries(&api, "co", "migration"), before + 1);
+    // The killed engine comes back, as a new process.
+    let back = wait_ready(&l, "co", 2, 600);
+    let again = back
+        .iter()
+        .find(|e| e["engine"] == killed.as_str())
+        .unwrap();
+    assert_ne!(again["pid"].as_u64(), Some(killed_pid));
+    assert!(again["restarts"].as_u64().unwrap() >= 1, "{again}");
+
+    // A client that goes away: both engines end with nothing running.
+    let running = |e: &Value| {
+        let port = e["port"].as_u64().unwrap();
+        let m = http(&format!("127.0.0.1:{port}"), "GET", "/metrics", &[], b"")
+            .map(|r| r.text())
+            .unwrap_or_default();
+        sum_metric(&m, "vllm:num_requests_running", "")
+    };
+    let mut s = start_stream(&api, &body);
+    let head = read_head(&mut s);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let (streaming, _) = streaming_engine(&route_of(&head));
+    let e = back
+        .iter()
+        .find(|e| e["engine"] == streaming.as_str())
+        .unwrap()
+        .clone();
+    assert!(running(&e) >= 1.0, "the request runs in {streaming}");
+    drop(s);
+    wait_for(
+        "no request running in the engines",
+        deadline(Duration::from_secs(60)),
+        || back.iter().all(|e| running(e) == 0.0).then_some(()),
+    );
+
+    // kill -9 of node-2's agent, then its restart: its vLLM is re-adopted, not restarted.
+    let on2 = back.iter().find(|e| e["node"] == "node-2").unwrap().clone();
+    let out = pdctl(&["local", "kill", "--dir", &dir, "--agent-only", "node-2"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = pdctl(&["local", "start", "--dir", &dir, "node-2"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let after = wait_for(
+        "node-2's engine ready again",
+        deadline(Duration::from_secs(120)),
+        || {
+            engines(&l).into_iter().find(|e| {
+                e["engine"] == on2["engine"] && e["state"] == "ready" && e["node"] == "node-2"
+            })
+        },
+    );
+    assert_eq!(after["pid"], on2["pid"], "the same vLLM process: {after}");
+    assert_eq!(after["restarts"], 0, "{after}");
+    let api2 = format!("127.0.0.2:{}", l.api_port);
+    wait_for("node-2 serving", deadline(Duration::from_secs(60)), || {
+        let r = post_json(
+            &api2,
+            "/v1/completions",
+            &json!({"model": "co", "prompt": "Foxtrot: still there?", "max_tokens": 4, "temperature": 0}),
+        );
+        (r.status == 200).then_some(())
+    });
 }

@@ -40,7 +40,8 @@ fn body(engine: &HttpEngine, prompt: &Prompt, sampling: &SamplingParams) -> (&'s
         "max_tokens": sampling.max_tokens,
         "temperature": sampling.temperature,
         "top_p": sampling.top_p,
-        "seed": sampling.seed,
+        // vLLM takes a signed 64-bit seed.
+        "seed": sampling.seed & (i64::MAX as u64),
         "return_token_ids": true,
     });
     if sampling.ignore_eos {
