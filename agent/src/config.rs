@@ -998,6 +998,37 @@ mod tests {
     }
 
     #[test]
+    fn vllm_driver_values_are_checked() {
+        let v = |body: &str| err(&format!("[node]\nname = \"n\"\n[drivers.vllm]\n{body}\n"));
+        assert_eq!(v("command = []").field, "drivers.vllm.command");
+        assert_eq!(v("port_range = \"9000\"").field, "drivers.vllm.port_range");
+        assert_eq!(
+            v("port_range = \"20010-20000\"").field,
+            "drivers.vllm.port_range"
+        );
+        assert_eq!(v("port_range = \"80-90\"").field, "drivers.vllm.port_range");
+        assert_eq!(
+            v("kv_buffer_device = \"gpu\"").field,
+            "drivers.vllm.kv_buffer_device"
+        );
+        assert_eq!(
+            v("start_timeout_ms = 0").field,
+            "drivers.vllm.start_timeout_ms"
+        );
+        assert_eq!(v("kv_lease_s = 0").field, "drivers.vllm.kv_lease_s");
+        assert_eq!(v("bogus = 1").field, "drivers.vllm.bogus");
+        let e = v("[drivers.vllm.env]\nCUDA_VISIBLE_DEVICES = \"0\"");
+        assert_eq!(e.field, "drivers.vllm.env");
+        assert!(e.why.contains("CUDA_VISIBLE_DEVICES"), "{e}");
+        let ok = parse_config(
+            "[node]\nname = \"n\"\n[drivers.vllm]\ncommand = [\"python3\", \"-m\", \"vllm.entrypoints.openai.api_server\"]\nport_range = \"21000-21099\"\nkv_buffer_device = \"cpu\"\n[drivers.vllm.env]\nVLLM_CPU_KVCACHE_SPACE = \"1\"\n",
+        )
+        .unwrap();
+        ok.validate().unwrap();
+        assert_eq!(ok.drivers.vllm.ports().unwrap(), 21000..=21099);
+    }
+
+    #[test]
     fn host_names_become_node_names() {
         assert_eq!(
             node_name_from_host("GPU_Host-01.example.com\n"),

@@ -256,6 +256,8 @@ pub struct Supervisor {
     draining: tokio::sync::Mutex<Vec<Managed>>,
     /// The latest stats of each ready engine (load, step times), sampled every pass.
     stats: std::sync::RwLock<HashMap<String, pd_engine::EngineStats>>,
+    /// KV bytes each ready engine moved itself (vLLM's NIXL counter), sampled every pass.
+    kv_moved: std::sync::RwLock<HashMap<String, u64>>,
 }
 
 fn report_of(node: &str, m: &Managed) -> EngineReport {
@@ -333,6 +335,7 @@ impl Supervisor {
             ready: std::sync::RwLock::new(HashMap::new()),
             draining: tokio::sync::Mutex::new(Vec::new()),
             stats: std::sync::RwLock::new(HashMap::new()),
+            kv_moved: std::sync::RwLock::new(HashMap::new()),
         }))
     }
 
@@ -614,6 +617,13 @@ impl Supervisor {
                     && let Some(s) = d.stats(t, STATS_TIMEOUT).await
                 {
                     m.load = EngineLoad::of(&s);
+                    let moved = t.kv_bytes_moved.load(std::sync::atomic::Ordering::Relaxed);
+                    if moved > 0 {
+                        self.kv_moved
+                            .write()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(id.clone(), moved);
+                    }
                     self.stats
                         .write()
                         .unwrap_or_else(|p| p.into_inner())
@@ -630,6 +640,15 @@ impl Supervisor {
                     .get(id)
                     .is_some_and(|m| m.state == EngineState::Ready)
             });
+    }
+
+    /// KV bytes this node's engines moved themselves (vLLM's NIXL counter, since each one
+    /// started), by engine id.
+    pub fn engine_kv_moved(&self) -> HashMap<String, u64> {
+        self.kv_moved
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The latest stats of this node's ready engines, by engine id.

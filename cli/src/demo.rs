@@ -40,7 +40,8 @@ const LONG_PROMPT_BYTES: usize = 768;
 const MAX_TOKENS: u32 = 32;
 const CONCURRENCY: usize = 4;
 const SEED: u64 = 20_261_127;
-const READY_TIMEOUT: Duration = Duration::from_secs(300);
+/// Engines' readiness (vLLM loads for minutes).
+const READY_TIMEOUT: Duration = Duration::from_secs(900);
 
 #[derive(Debug, Clone)]
 pub struct DemoOptions {

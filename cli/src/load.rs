@@ -109,9 +109,18 @@ pub fn mixed(n: usize, short: usize, long: usize, max_tokens: u32, seed: u64) ->
 }
 
 /// `POST /v1/completions` with a JSON body on a new connection (as most clients do).
-async fn post_completion(
+pub async fn post_completion(
     addr: SocketAddr,
     body: String,
+) -> Result<hyper::Response<hyper::body::Incoming>> {
+    post_completion_with(addr, body, None).await
+}
+
+/// `POST /v1/completions`, with `X-Request-Id` when given.
+async fn post_completion_with(
+    addr: SocketAddr,
+    body: String,
+    request_id: Option<&str>,
 ) -> Result<hyper::Response<hyper::body::Incoming>> {
     let tcp = tokio::net::TcpStream::connect(addr)
         .await
@@ -119,10 +128,13 @@ async fn post_completion(
     tcp.set_nodelay(true)?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
     tokio::spawn(conn);
-    let req = hyper::Request::post("/v1/completions")
+    let mut req = hyper::Request::post("/v1/completions")
         .header("host", addr.to_string())
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body)))?;
+        .header("content-type", "application/json");
+    if let Some(id) = request_id {
+        req = req.header("x-request-id", id);
+    }
+    let req = req.body(Full::new(Bytes::from(body)))?;
     Ok(sender.send_request(req).await?)
 }
 
@@ -140,14 +152,9 @@ pub async fn one(addr: SocketAddr, model: &str, r: &LoadRequest, seed: u64) -> O
     }
 }
 
-async fn send(
-    addr: SocketAddr,
-    model: &str,
-    r: &LoadRequest,
-    seed: u64,
-    t0: Instant,
-) -> Result<Outcome> {
-    let body = serde_json::json!({
+/// The streaming completion body the load sends.
+pub fn stream_body(model: &str, r: &LoadRequest, seed: u64) -> serde_json::Value {
+    serde_json::json!({
         "model": model,
         "prompt": r.prompt,
         "max_tokens": r.max_tokens,
@@ -156,8 +163,42 @@ async fn send(
         "stream": true,
         "stream_options": {"include_usage": true},
     })
-    .to_string();
-    let resp = post_completion(addr, body).await?;
+}
+
+async fn send(
+    addr: SocketAddr,
+    model: &str,
+    r: &LoadRequest,
+    seed: u64,
+    t0: Instant,
+) -> Result<Outcome> {
+    stream_timed(addr, stream_body(model, r, seed), None, t0).await
+}
+
+/// A non-streaming `POST /v1/completions` with `X-Request-Id`: the JSON answer.
+pub async fn post_with_id(
+    addr: SocketAddr,
+    body: serde_json::Value,
+    request_id: &str,
+) -> Result<serde_json::Value> {
+    let resp = post_completion_with(addr, body.to_string(), Some(request_id)).await?;
+    let status = resp.status();
+    let b = resp.into_body().collect().await?.to_bytes();
+    if !status.is_success() {
+        bail!("{status}: {}", String::from_utf8_lossy(&b));
+    }
+    Ok(serde_json::from_slice(&b)?)
+}
+
+/// `POST /v1/completions` with a streaming `body` (and `X-Request-Id` when given), each token
+/// timed from `t0`.
+pub async fn stream_timed(
+    addr: SocketAddr,
+    body: serde_json::Value,
+    request_id: Option<&str>,
+    t0: Instant,
+) -> Result<Outcome> {
+    let resp = post_completion_with(addr, body.to_string(), request_id).await?;
     let status = resp.status();
     let mut body = resp.into_body();
     if !status.is_success() {

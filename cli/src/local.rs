@@ -392,17 +392,20 @@ pub fn with_cluster<T>(
     gpus: u32,
     f: impl FnOnce(&Path, u16) -> Result<T>,
 ) -> Result<T> {
+    with_cluster_vllm(what, nodes, gpus, &VllmLocal::default(), f)
+}
+
+/// As [`with_cluster`], with the agents' vLLM settings.
+pub fn with_cluster_vllm<T>(
+    what: &str,
+    nodes: usize,
+    gpus: u32,
+    vllm: &VllmLocal,
+    f: impl FnOnce(&Path, u16) -> Result<T>,
+) -> Result<T> {
     let tmp = std::env::temp_dir().join(format!("pdctl-{what}-{}", std::process::id()));
     let base = free_base_port(nodes)?;
-    let (dir, _) = create(
-        nodes,
-        gpus,
-        &tmp,
-        base,
-        base + 2,
-        &VllmLocal::default(),
-        true,
-    )?;
+    let (dir, _) = create(nodes, gpus, &tmp, base, base + 2, vllm, true)?;
     let result = f(&dir, base + 2);
     let _ = down(&dir, true);
     match &result {

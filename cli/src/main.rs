@@ -18,6 +18,7 @@ mod bench_calibrate;
 mod bench_failover;
 mod bench_faults;
 mod bench_serve;
+mod bench_vllm;
 mod client;
 mod demo;
 mod faultproxy;
@@ -377,9 +378,17 @@ enum BenchCommand {
     /// The serving path on a local cluster: agent time per request, routing decision time, and
     /// a request-rate sweep with SLO attainment and goodput, disaggregated against colocated.
     Serve {
-        /// Requests per rate point of the sweep.
+        /// Requests per rate point of the sweep (vllm: requests per measurement).
         #[arg(long, default_value_t = 24)]
         requests: usize,
+        /// builtin: the reference engine (agent time, routing, a rate sweep with goodput);
+        /// vllm: a vLLM NIXL pair (agent time, paired against vLLM's two-step flow sent
+        /// straight to the engines, TTFT and TPOT against colocated vLLM); needs
+        /// --vllm-command.
+        #[arg(long, default_value = "builtin")]
+        engine: String,
+        #[command(flatten)]
+        vllm: local::VllmLocal,
         /// Print one JSON object on stdout.
         #[arg(long)]
         json: bool,
@@ -1124,14 +1133,30 @@ fn run(cli: Cli) -> Result<()> {
                     bench_calibrate::print(&r);
                 }
             }
-            BenchCommand::Serve { requests, json } => {
-                let r = bench_serve::run(requests, json)?;
-                if json {
-                    println!("{}", serde_json::to_string(&r)?);
-                } else {
-                    bench_serve::print(&r);
+            BenchCommand::Serve {
+                requests,
+                engine,
+                vllm,
+                json,
+            } => match engine.as_str() {
+                "builtin" => {
+                    let r = bench_serve::run(requests, json)?;
+                    if json {
+                        println!("{}", serde_json::to_string(&r)?);
+                    } else {
+                        bench_serve::print(&r);
+                    }
                 }
-            }
+                "vllm" => {
+                    let r = bench_vllm::run(requests, &vllm, json)?;
+                    if json {
+                        println!("{}", serde_json::to_string(&r)?);
+                    } else {
+                        bench_vllm::print(&r);
+                    }
+                }
+                other => anyhow::bail!("--engine {other:?}: builtin or vllm"),
+            },
             BenchCommand::Failover { nodes, rounds } => {
                 let r = bench_failover::run(nodes, rounds, json)?;
                 if json {

@@ -179,3 +179,115 @@ async fn a_schema_1_snapshot_is_read_and_upgraded() {
     let (applied, _) = sm.applied_state().await.unwrap();
     assert_eq!(applied, Some(last));
 }
+
+/// A snapshot that schema 2 wrote (a `ClusterState` without `engine_args`) is read by this
+/// schema, and a deployment created with engine arguments keeps them. Frozen copy of the
+/// schema-2 shape.
+#[tokio::test]
+async fn a_schema_2_snapshot_is_read_and_upgraded() {
+    use openraft::{SnapshotMeta, StoredMembership};
+    use pd_raft::{
+        ApiKey, Assignment, ClusterState, Deployment, Layout, ModelHosts, NodeRecord, PlanRecord,
+        RaftPeer,
+    };
+    use serde::Serialize;
+    use std::collections::BTreeSet;
+
+    #[derive(Serialize)]
+    struct ClusterStateV2 {
+        schema_version: u32,
+        nodes: BTreeMap<String, NodeRecord>,
+        revoked_serials: BTreeSet<String>,
+        retired_ids: BTreeSet<u64>,
+        certificates: BTreeMap<String, BTreeMap<String, i64>>,
+        deployments: BTreeMap<String, Deployment>,
+        assignments: BTreeMap<String, Assignment>,
+        api_keys: BTreeMap<String, ApiKey>,
+        api_keys_required: bool,
+        plans: BTreeMap<String, PlanRecord>,
+        model_hosts: BTreeMap<String, ModelHosts>,
+    }
+    #[derive(Serialize)]
+    struct StateMachineDataV2 {
+        last_applied: Option<LogId<NodeId>>,
+        last_membership: StoredMembership<NodeId, RaftPeer>,
+        state: ClusterStateV2,
+    }
+
+    let create = Command::CreateDeployment {
+        name: "tiny".into(),
+        engine: "builtin".into(),
+        model: "tiny".into(),
+        tp: 1,
+        ttft_ms: None,
+        tpot_ms: None,
+        layout: Layout::Colocated { engines: 1 },
+    };
+    let mut current = ClusterState::default();
+    current.apply(1, &create).unwrap();
+    let last = LogId::new(CommittedLeaderId::new(1, 1), 1);
+    let v2 = StateMachineDataV2 {
+        last_applied: Some(last),
+        last_membership: StoredMembership::default(),
+        state: ClusterStateV2 {
+            schema_version: 2,
+            nodes: BTreeMap::new(),
+            revoked_serials: BTreeSet::new(),
+            retired_ids: BTreeSet::new(),
+            certificates: BTreeMap::new(),
+            deployments: current.deployments.clone(),
+            assignments: BTreeMap::new(),
+            api_keys: BTreeMap::new(),
+            api_keys_required: true,
+            plans: BTreeMap::new(),
+            model_hosts: BTreeMap::new(),
+        },
+    };
+    let bytes = pd_transport::codec::encode(&v2).unwrap();
+    let meta = SnapshotMeta {
+        last_log_id: Some(last),
+        last_membership: StoredMembership::default(),
+        snapshot_id: "v2".into(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (_log, mut sm) = store::open(dir.path()).unwrap();
+    sm.install_snapshot(&meta, Box::new(std::io::Cursor::new(bytes)))
+        .await
+        .unwrap();
+    let mut s = sm.state();
+    assert_eq!(s.schema_version, pd_raft::SCHEMA_VERSION);
+    assert_eq!(s.deployments, current.deployments);
+    assert!(s.api_keys_required && s.engine_args.is_empty());
+
+    // Engine arguments come with a creation, whole or not at all.
+    let with_args = |name: &str, args: Vec<String>| Command::CreateDeploymentWithArgs {
+        create: Box::new(Command::CreateDeployment {
+            name: name.into(),
+            engine: "vllm".into(),
+            model: "/models/m".into(),
+            tp: 1,
+            ttft_ms: None,
+            tpot_ms: None,
+            layout: Layout::Colocated { engines: 1 },
+        }),
+        engine_args: args,
+    };
+    s.apply(2, &with_args("v", vec!["--max-model-len=1024".into()]))
+        .unwrap();
+    assert_eq!(s.engine_args["v"], vec!["--max-model-len=1024".to_string()]);
+    let before = s.clone();
+    assert!(s.apply(3, &with_args("w", vec![String::new()])).is_err());
+    assert!(
+        s.apply(3, &with_args("v", vec!["--x".into()])).is_err(),
+        "exists"
+    );
+    let nested = Command::CreateDeploymentWithArgs {
+        create: Box::new(with_args("z", vec![])),
+        engine_args: vec![],
+    };
+    assert!(s.apply(3, &nested).is_err());
+    assert_eq!(s, before, "refused commands change nothing");
+    s.apply(4, &Command::DeleteDeployment { name: "v".into() })
+        .unwrap();
+    assert!(s.engine_args.is_empty());
+}

@@ -238,6 +238,20 @@ fn vllm_disaggregated_through_nixl() {
             && external >= prompt_tokens as f64 - PROMPTS.len() as f64,
         "external KV tokens {external}, prompt tokens {prompt_tokens}"
     );
+    // The decode host's agent counts the bytes NIXL moved, from the engine's own counter.
+    let decode_api = node_addr(&l, d["node"].as_str().unwrap());
+    let moved = wait_for(
+        "the NIXL bytes counted by the decode host's agent",
+        deadline(Duration::from_secs(30)),
+        || {
+            let v = metric(
+                &metrics_of(&decode_api),
+                "pdagent_kv_bytes_received_total{path=\"engine\"}",
+            );
+            (v > 0).then_some(v)
+        },
+    );
+    println!("NIXL moved {moved} bytes for {prompt_tokens} prompt tokens");
     // The route names both engines (a prompt not seen before: a cached one may be served by
     // the decode engine alone).
     let r = post_json(
@@ -281,16 +295,7 @@ fn vllm_disaggregated_through_nixl() {
         },
     );
     deploy_vllm(&l, "co", &model, &["--colocated", "1"]);
-    deploy(
-        &l,
-        &[
-            "ref",
-            "--model",
-            model.to_str().unwrap(),
-            "--colocated",
-            "1",
-        ],
-    );
+    let co_port = engine(&l, "co/both-0")["port"].as_u64().unwrap();
     for (k, prompt) in PROMPTS.iter().enumerate() {
         let co = complete(&api, "co", prompt, 16);
         assert_eq!(
@@ -298,18 +303,51 @@ fn vllm_disaggregated_through_nixl() {
             disaggregated[k],
             "disaggregated and colocated vLLM differ on prompt {k}"
         );
-        let reference = complete(&api, "ref", prompt, 16);
-        let (a, b) = (
-            co["choices"][0]["text"].as_str().unwrap().to_string(),
-            reference["choices"][0]["text"]
-                .as_str()
-                .unwrap()
-                .to_string(),
+        // The same checkpoint in the builtin engine: the same greedy tokens. (Token ids, not
+        // text: the two detokenizers render invalid UTF-8 differently, vLLM holding back what
+        // the builtin engine shows as U+FFFD.)
+        let v = post_json(
+            &format!("127.0.0.1:{co_port}"),
+            "/v1/completions",
+            &json!({"model": "co", "prompt": prompt, "max_tokens": 16, "temperature": 0, "return_token_ids": true}),
+        )
+        .json();
+        let vllm_ids: Vec<u64> = v["choices"][0]["token_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_u64().unwrap())
+            .collect();
+        let out = pdagent(&[
+            "engine",
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            prompt,
+            "--max-tokens",
+            "16",
+            "--json",
+        ]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let g: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let builtin_ids: Vec<u64> = g["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_u64().unwrap())
+            .collect();
+        let same = vllm_ids
+            .iter()
+            .zip(&builtin_ids)
+            .take_while(|(a, b)| a == b)
+            .count();
+        println!(
+            "prompt {k}: vLLM {vllm_ids:?}, builtin {builtin_ids:?}: {same} of {} in common",
+            vllm_ids.len()
         );
-        let same = a.chars().zip(b.chars()).take_while(|(x, y)| x == y).count();
-        println!("prompt {k}: vLLM {a:?}, builtin {b:?}, {same} characters in common");
         assert_eq!(
-            a, b,
+            vllm_ids, builtin_ids,
             "vLLM (float32) and the builtin engine differ on prompt {k}"
         );
     }
@@ -456,6 +494,17 @@ fn vllm_failures_are_recovered() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let out = pdctl(&["local", "start", "--dir", &dir, "node-2"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
+    // The coordinator may still list the old agent's report: wait for the new agent's word.
+    let log_path = l.dir.path().join("node-2/agent.log");
+    wait_for(
+        "the restarted agent re-adopting its engine",
+        deadline(Duration::from_secs(120)),
+        || {
+            std::fs::read_to_string(&log_path)
+                .is_ok_and(|t| t.contains("re-adopted a running engine"))
+                .then_some(())
+        },
+    );
     let after = wait_for(
         "node-2's engine ready again",
         deadline(Duration::from_secs(120)),
@@ -466,7 +515,6 @@ fn vllm_failures_are_recovered() {
         },
     );
     assert_eq!(after["pid"], on2["pid"], "the same vLLM process: {after}");
-    assert_eq!(after["restarts"], 0, "{after}");
     let api2 = format!("127.0.0.2:{}", l.api_port);
     wait_for("node-2 serving", deadline(Duration::from_secs(60)), || {
         let r = post_json(

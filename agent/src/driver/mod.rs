@@ -114,6 +114,8 @@ pub struct Task {
     pub identity: Option<Identity>,
     /// Its HTTP server, for engines that serve HTTP (serving uses it).
     pub http: Option<Arc<HttpEngine>>,
+    /// KV bytes the engine moved itself (vLLM's NIXL counter), as last sampled by `stats`.
+    pub kv_bytes_moved: Arc<std::sync::atomic::AtomicU64>,
     /// Our child process, when this agent started it (not when recovered).
     pub(crate) child: Option<std::process::Child>,
 }
@@ -125,6 +127,7 @@ impl Task {
             client: None,
             identity: None,
             http: None,
+            kv_bytes_moved: Arc::default(),
             child: None,
         }
     }

@@ -340,7 +340,11 @@ impl Driver for Vllm {
             if a.status != 200 {
                 return None;
             }
-            Some(stats_of(&parse_metrics(&String::from_utf8_lossy(&a.body))))
+            let m = parse_metrics(&String::from_utf8_lossy(&a.body));
+            let moved = first(&m, &["vllm:nixl_bytes_transferred_sum"]).unwrap_or(0.0);
+            task.kv_bytes_moved
+                .store(moved.max(0.0) as u64, std::sync::atomic::Ordering::Relaxed);
+            Some(stats_of(&m))
         })
     }
 

@@ -321,7 +321,7 @@ impl Default for Metrics {
             ),
             kv_bytes_received: Counter::new(
                 "pdagent_kv_bytes_received_total",
-                "KV payload bytes this agent's decode engines imported, by path.",
+                "KV payload bytes this agent's decode engines imported, by path (network, host; engine: pulled by the engines themselves, vLLM's NIXL byte counter).",
                 &["path"],
             ),
             ttft: Histogram::new(

@@ -144,6 +144,8 @@ pub struct Serving {
     /// Engines that failed a leg, not chosen until the instant.
     open_circuits: Mutex<HashMap<String, OpenCircuit>>,
     slots: Arc<Semaphore>,
+    /// The engine-moved KV bytes already counted, per engine of this host.
+    kv_moved_counted: Mutex<HashMap<String, u64>>,
     seq: AtomicU64,
     /// Unix seconds at start, for ids and `created`.
     boot: u64,
@@ -202,6 +204,7 @@ impl Serving {
             view: RwLock::new(Arc::new(View::default())),
             inflight: Mutex::new(HashMap::new()),
             open_circuits: Mutex::new(HashMap::new()),
+            kv_moved_counted: Mutex::new(HashMap::new()),
             seq: AtomicU64::new(0),
             boot: unix_now(),
         })
@@ -220,9 +223,32 @@ impl Serving {
             loop {
                 tick.tick().await;
                 this.refresh().await;
+                this.count_engine_kv();
                 this.legs.inbox.sweep(this.cfg.request_timeout);
             }
         })
+    }
+
+    /// Adds what this host's engines moved themselves since the last look (vLLM's NIXL bytes,
+    /// counted by the engine that pulls them) to `pdagent_kv_bytes_received_total{path="engine"}`.
+    fn count_engine_kv(&self) {
+        let now = self.legs.supervisor().engine_kv_moved();
+        let mut seen = self
+            .kv_moved_counted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for (engine, total) in &now {
+            let before = seen.insert(engine.clone(), *total).unwrap_or(0);
+            // A restarted engine counts from zero again.
+            let delta = if *total >= before {
+                total - before
+            } else {
+                *total
+            };
+            if delta > 0 {
+                self.metrics.kv_bytes_received.add(&["engine"], delta);
+            }
+        }
     }
 
     async fn refresh(&self) {
