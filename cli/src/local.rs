@@ -214,6 +214,7 @@ fn signal_group(pid: u32, sig: &str) {
         .arg(format!("-{sig}"))
         .arg("--")
         .arg(format!("-{pid}"))
+        .stderr(std::process::Stdio::null())
         .status();
 }
 

@@ -85,6 +85,7 @@ fn kill_group(pid: u32, sig: &str) {
         .arg(format!("-{sig}"))
         .arg("--")
         .arg(format!("-{pid}"))
+        .stderr(std::process::Stdio::null())
         .status();
 }
 
