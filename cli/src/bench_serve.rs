@@ -130,15 +130,13 @@ fn measure(
             "agent time, {layout}: {OVERHEAD_REQUESTS} requests at concurrency 1"
         ));
         deploy_ready(&client, &rt, MODEL, MODEL, body, engines, &agents)?;
-        let mut agent = Vec::new();
-        let mut engine = Vec::new();
-        let mut e2e = Vec::new();
-        for (i, p) in prompts.iter().enumerate() {
-            let (a, e, t) = rt.block_on(load::timed(agents[i % agents.len()], MODEL, p, 8))?;
-            agent.push(Duration::from_secs_f64(a / 1e3));
-            engine.push(Duration::from_secs_f64(e / 1e3));
-            e2e.push(t);
-        }
+        let (agent, engine, e2e) = rt.block_on(load::timed_each(&agents, MODEL, &prompts, 8))?;
+        let ms = |v: Vec<f64>| -> Vec<Duration> {
+            v.into_iter()
+                .map(|x| Duration::from_secs_f64(x / 1e3))
+                .collect()
+        };
+        let (agent, engine) = (ms(agent), ms(engine));
         let p50 = |v: &[Duration]| load::percentile_ms(v, 50.0);
         agent_time.push(AgentTime {
             layout: layout.to_string(),

@@ -236,13 +236,9 @@ fn measure(
     say(format!(
         "1. agent time: {requests} requests at concurrency 1"
     ));
-    let (mut agent, mut engine, mut e2e) = (Vec::new(), Vec::new(), Vec::new());
-    for i in 0..requests {
-        let (a, e, t) = rt.block_on(load::timed(agents[i % 2], NAME, &prompt().prompt, 8))?;
-        agent.push(a);
-        engine.push(e);
-        e2e.push(ms(t));
-    }
+    let prompts: Vec<String> = (0..requests).map(|_| prompt().prompt).collect();
+    let (agent, engine, e2e) = rt.block_on(load::timed_each(&agents, NAME, &prompts, 8))?;
+    let e2e: Vec<f64> = e2e.into_iter().map(ms).collect();
 
     say(format!(
         "2. {requests} pairs: through pdagent and straight to the engines, alternating"

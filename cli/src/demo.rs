@@ -4,7 +4,9 @@
 //! hosts, the KV shipped between them over QUIC), sends a mixed workload through the OpenAI
 //! API, then serves the same workload colocated on the same cores (two engines doing both) and
 //! prints the two side by side. With `--keep` the disaggregated deployment stays up on
-//! 127.0.0.1:8000 until Ctrl-C.
+//! 127.0.0.1:8000 until Ctrl-C. With `--engine vllm` the same tour runs vLLM (the `small`
+//! preset exported as a checkpoint, KV moved by NixlConnector) where `--vllm-command` works,
+//! and says how to install vLLM where it does not.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -50,6 +52,69 @@ pub struct DemoOptions {
     pub requests: usize,
     pub keep: bool,
     pub json: bool,
+    /// builtin or vllm.
+    pub engine: String,
+    pub vllm: crate::local::VllmLocal,
+}
+
+/// How long vLLM may take to print its help (it imports torch).
+const VLLM_CHECK_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Checks that `--vllm-command` starts vLLM's OpenAI server (its `--help` answers), and fills
+/// the CPU settings in on a host without an NVIDIA GPU.
+fn vllm_ready(vllm: &mut crate::local::VllmLocal) -> Result<()> {
+    let how = "vLLM is needed: `tests/setup.sh` installs its CPU build into target/vllm-venv, then pass --vllm-command \"$PWD/target/vllm-venv/bin/python -m vllm.entrypoints.openai.api_server\" (on a GPU host: --vllm-command \"vllm serve\" where vLLM is installed)";
+    let Some(cmd) = vllm.vllm_command.clone() else {
+        bail!("{how}");
+    };
+    let argv: Vec<&str> = cmd.split_whitespace().collect();
+    let Some((exe, args)) = argv.split_first() else {
+        bail!("--vllm-command is empty; {how}");
+    };
+    let mut child = std::process::Command::new(exe)
+        .args(args)
+        .arg("--help")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot run {exe:?}; {how}"))?;
+    let until = Instant::now() + VLLM_CHECK_TIMEOUT;
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        if Instant::now() > until {
+            let _ = child.kill();
+            bail!(
+                "`{cmd} --help` did not answer within {} s; {how}",
+                VLLM_CHECK_TIMEOUT.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    if !status.success() {
+        bail!("`{cmd} --help` failed ({status}); {how}");
+    }
+    if !std::path::Path::new("/dev/nvidia0").exists() {
+        vllm.vllm_kv_device.get_or_insert_with(|| "cpu".to_string());
+        if vllm.vllm_env.is_empty() {
+            vllm.vllm_env = [
+                "VLLM_CPU_KVCACHE_SPACE=1",
+                "VLLM_CPU_OMP_THREADS_BIND=nobind",
+                "OMP_NUM_THREADS=1",
+            ]
+            .map(String::from)
+            .to_vec();
+        }
+    }
+    Ok(())
+}
+
+/// What the tour deploys: the deployment's model and the engine fields of its body.
+struct Engine {
+    model: String,
+    fields: Value,
 }
 
 /// What one layout did with the workload.
@@ -65,8 +130,13 @@ struct Phase {
     legs: serde_json::Map<String, Value>,
 }
 
-pub fn run(opts: DemoOptions) -> Result<()> {
-    find_pdagent()?;
+pub fn run(mut opts: DemoOptions) -> Result<()> {
+    let pdagent = find_pdagent()?;
+    match opts.engine.as_str() {
+        "builtin" => {}
+        "vllm" => vllm_ready(&mut opts.vllm)?,
+        other => bail!("--engine {other:?}: builtin or vllm"),
+    }
     if !(2..=8).contains(&opts.nodes) {
         bail!("--nodes must be between 2 and 8 (the prefill and decode engines need two hosts)");
     }
@@ -102,21 +172,40 @@ pub fn run(opts: DemoOptions) -> Result<()> {
         opts.nodes
     ));
     let started = Instant::now();
-    let (dir, _status) = crate::local::create(
-        opts.nodes,
-        1,
-        &dir,
-        base,
-        api_port,
-        &crate::local::VllmLocal::default(),
-        true,
-    )?;
+    let (dir, _status) =
+        crate::local::create(opts.nodes, 1, &dir, base, api_port, &opts.vllm, true)?;
     say(&format!(
         "   up in {:.1} s; files in {}",
         started.elapsed().as_secs_f64(),
         dir.display()
     ));
-    let result = tour(&opts, &dir, api_port);
+    let engine = if opts.engine == "vllm" {
+        let folder = dir.join("models").join(MODEL);
+        let out = std::process::Command::new(&pdagent)
+            .args(["engine", "export", "--model", MODEL, "--out"])
+            .arg(&folder)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "pdagent engine export: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        say(&format!(
+            "   vLLM: the `{MODEL}` preset exported as a checkpoint (pdagent engine export --model {MODEL} --out {})",
+            folder.display()
+        ));
+        Engine {
+            model: folder.to_string_lossy().into_owned(),
+            fields: json!({"engine": "vllm", "engine_args": ["--max-model-len=2048", "--max-num-seqs=8", "--enforce-eager"]}),
+        }
+    } else {
+        Engine {
+            model: MODEL.to_string(),
+            fields: json!({}),
+        }
+    };
+    let result = tour(&opts, &engine, &dir, api_port);
     if result.is_err() || !opts.keep {
         let _ = crate::local::down(&dir, true);
         say("\nall agents and engines stopped");
@@ -130,7 +219,7 @@ pub(crate) fn ingress(nodes: usize, api_port: u16) -> Vec<SocketAddr> {
         .collect()
 }
 
-fn tour(opts: &DemoOptions, dir: &std::path::Path, api_port: u16) -> Result<()> {
+fn tour(opts: &DemoOptions, engine: &Engine, dir: &std::path::Path, api_port: u16) -> Result<()> {
     let client = AdminClient::from_config(&dir.join("pdctl.toml"))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -150,9 +239,17 @@ fn tour(opts: &DemoOptions, dir: &std::path::Path, api_port: u16) -> Result<()> 
         }
     };
     say(&format!(
-        "\n2. deploy `{MODEL}` disaggregated: 1 prefill + 1 decode engine (pdctl deploy {MODEL} --model {MODEL} --prefill 1 --decode 1 --wait)"
+        "\n2. deploy `{MODEL}` disaggregated: 1 prefill + 1 decode engine (pdctl deploy {MODEL} --engine {} --model {} --prefill 1 --decode 1 --wait)",
+        opts.engine, engine.model
     ));
-    deploy(&client, &rt, json!({"prefill": 1, "decode": 1}), 2, &agents)?;
+    deploy(
+        &client,
+        &rt,
+        engine,
+        json!({"prefill": 1, "decode": 1}),
+        2,
+        &agents,
+    )?;
     say(&format!(
         "\n3. {} requests (half ~{SHORT_PROMPT_BYTES}-token prompts, half ~{LONG_PROMPT_BYTES}-token, some sharing a prefix; {MAX_TOKENS} tokens out; {CONCURRENCY} at a time) through the OpenAI API of every agent",
         opts.requests
@@ -165,7 +262,7 @@ fn tour(opts: &DemoOptions, dir: &std::path::Path, api_port: u16) -> Result<()> 
         "\n4. the same workload colocated on the same cores: 2 engines that prefill and decode (pdctl deploy --colocated 2)",
     );
     delete(&client, &rt)?;
-    deploy(&client, &rt, json!({"colocated": 2}), 2, &agents)?;
+    deploy(&client, &rt, engine, json!({"colocated": 2}), 2, &agents)?;
     let coloc = phase(&rt, "colocated 2", &agents, &workload)?;
     if !opts.json {
         print_phase(&coloc);
@@ -204,7 +301,14 @@ fn tour(opts: &DemoOptions, dir: &std::path::Path, api_port: u16) -> Result<()> 
     }
     if opts.keep {
         delete(&client, &rt)?;
-        deploy(&client, &rt, json!({"prefill": 1, "decode": 1}), 2, &agents)?;
+        deploy(
+            &client,
+            &rt,
+            engine,
+            json!({"prefill": 1, "decode": 1}),
+            2,
+            &agents,
+        )?;
         println!(
             "\nserving `{MODEL}` disaggregated on http://127.0.0.1:{api_port}/v1 (and every 127.0.0.k:{api_port}); Ctrl-C to stop\n  \
              curl http://127.0.0.1:{api_port}/v1/completions -H 'content-type: application/json' -d '{{\"model\": \"{MODEL}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'"
@@ -219,11 +323,16 @@ fn tour(opts: &DemoOptions, dir: &std::path::Path, api_port: u16) -> Result<()> 
 fn deploy(
     client: &AdminClient,
     rt: &tokio::runtime::Runtime,
+    engine: &Engine,
     layout: Value,
     engines: usize,
     agents: &[SocketAddr],
 ) -> Result<()> {
-    deploy_ready(client, rt, MODEL, MODEL, layout, engines, agents)
+    let mut body = engine.fields.clone();
+    for (k, v) in layout.as_object().into_iter().flatten() {
+        body[k] = v.clone();
+    }
+    deploy_ready(client, rt, MODEL, &engine.model, body, engines, agents)
 }
 
 fn delete(client: &AdminClient, rt: &tokio::runtime::Runtime) -> Result<()> {

@@ -434,6 +434,24 @@ pub fn metric_sum(bodies: &[String], series: &str) -> f64 {
 
 /// One non-streaming completion; returns the agent's `Server-Timing` split (agent ms, engine
 /// ms) and the client's end-to-end time.
+/// Agent time, engine time (ms, from `Server-Timing`) and the client's end-to-end time of
+/// each prompt, sent one at a time round-robin over the agents.
+pub async fn timed_each(
+    agents: &[SocketAddr],
+    model: &str,
+    prompts: &[String],
+    max_tokens: u32,
+) -> Result<(Vec<f64>, Vec<f64>, Vec<Duration>)> {
+    let (mut agent, mut engine, mut e2e) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, p) in prompts.iter().enumerate() {
+        let (a, e, t) = timed(agents[i % agents.len()], model, p, max_tokens).await?;
+        agent.push(a);
+        engine.push(e);
+        e2e.push(t);
+    }
+    Ok((agent, engine, e2e))
+}
+
 pub async fn timed(
     addr: SocketAddr,
     model: &str,

@@ -164,6 +164,12 @@ enum Command {
         /// Print one JSON object with both runs' figures.
         #[arg(long)]
         json: bool,
+        /// builtin (the reference engine) or vllm (needs --vllm-command; says how to install
+        /// vLLM where it is missing).
+        #[arg(long, default_value = "builtin")]
+        engine: String,
+        #[command(flatten)]
+        vllm: local::VllmLocal,
     },
     /// The cluster's PKI, offline: create it, issue node certificates.
     Cluster {
@@ -1058,12 +1064,16 @@ fn run(cli: Cli) -> Result<()> {
             requests,
             keep,
             json,
+            engine,
+            vllm,
         } => demo::run(demo::DemoOptions {
             dir,
             nodes,
             requests,
             keep,
             json,
+            engine,
+            vllm,
         })?,
         Command::Plan(args) => plan::run(args, json)?,
         Command::Cluster { command } => match command {

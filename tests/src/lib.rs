@@ -649,3 +649,22 @@ pub fn streaming_engine(route: &str) -> (String, String) {
     let (engine, node) = last.split_once('@').unwrap();
     (engine.to_string(), node.to_string())
 }
+
+/// Runs `tests/python/openai_client.py` (the official OpenAI SDK, completions and chat,
+/// streaming and not, errors, and the Prometheus parser on `/metrics`) with `python` against
+/// the API at `addr` for `model`, asserting it passed.
+pub fn openai_sdk_client(python: &str, addr: &str, model: &str) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/openai_client.py");
+    let out = Command::new(python)
+        .arg(&script)
+        .arg(format!("http://{addr}/v1"))
+        .arg(model)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && text(&out.stdout).contains("ok"),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}

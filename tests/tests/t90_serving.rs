@@ -716,19 +716,7 @@ fn openai_python_sdk_works() {
             .is_ok_and(|r| r.status == 200)
             .then_some(())
     });
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/openai_client.py");
-    let out = std::process::Command::new(&py)
-        .arg(&script)
-        .arg(format!("http://{a}/v1"))
-        .arg("pd")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success() && text(&out.stdout).contains("ok"),
-        "{}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
+    openai_sdk_client(&py, &a, "pd");
 }
 
 /// Generate legs each engine served, summed over the agents' `/metrics`.

@@ -266,19 +266,7 @@ fn vllm_disaggregated_through_nixl() {
     );
 
     // The official OpenAI SDK: completions and chat, streaming and not.
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/openai_client.py");
-    let out = std::process::Command::new(&py)
-        .arg(&script)
-        .arg(format!("http://{api}/v1"))
-        .arg("pd")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success() && text(&out.stdout).contains("ok"),
-        "{}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
+    openai_sdk_client(&py, &api, "pd");
 
     // Colocated vLLM (at most two vLLM at once on this machine: the pair goes first), and the
     // builtin engine on the same checkpoint.
