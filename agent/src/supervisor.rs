@@ -719,7 +719,18 @@ impl Supervisor {
                 Err(e) => {
                     warn!(engine = %m.assignment.engine, error = %e, "cannot start the engine");
                     m.note = format!("cannot start: {e}");
-                    m.next_start = Instant::now() + self.timings.backoff_max;
+                    // Start failures count as crashes: a command that cannot run ends failed,
+                    // not in an endless loop.
+                    let now = Instant::now();
+                    m.recent
+                        .retain(|t| now.duration_since(*t) < CRASH_LOOP_WINDOW);
+                    m.recent.push(now);
+                    if m.recent.len() > CRASH_LOOP_RESTARTS_MAX {
+                        warn!(engine = %m.assignment.engine, "engine cannot be started: giving up until its assignment changes");
+                        m.set_state(EngineState::Failed);
+                        return;
+                    }
+                    m.next_start = now + self.timings.backoff_max;
                 }
             }
             return;
@@ -961,6 +972,15 @@ mod tests {
             r.passes(2).await;
             assert_eq!(r.report("d/both-0").unwrap().state, EngineState::Ready);
             assert_eq!(r.fake.starts(), 3);
+
+            // An engine that can never be started (a command that does not run) ends failed,
+            // saying why.
+            let r = rig("start_failures=100", NO_WAITS);
+            r.passes(20).await;
+            let rep = r.report("d/both-0").unwrap();
+            assert_eq!(rep.state, EngineState::Failed);
+            assert!(rep.note.starts_with("cannot start"), "{}", rep.note);
+            assert_eq!(r.fake.starts() as usize, CRASH_LOOP_RESTARTS_MAX + 1);
         });
     }
 
