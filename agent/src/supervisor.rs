@@ -632,14 +632,19 @@ impl Supervisor {
             }
             self.publish(&engines);
         }
+        let ready = |id: &String| {
+            engines
+                .get(id)
+                .is_some_and(|m| m.state == EngineState::Ready)
+        };
         self.stats
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .retain(|id, _| {
-                engines
-                    .get(id)
-                    .is_some_and(|m| m.state == EngineState::Ready)
-            });
+            .retain(|id, _| ready(id));
+        self.kv_moved
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|id, _| ready(id));
     }
 
     /// KV bytes this node's engines moved themselves (vLLM's NIXL counter, since each one

@@ -154,11 +154,6 @@ impl Failure {
     }
 }
 
-/// The request id both legs of a disaggregated request give an engine that moves its own KV.
-pub fn request_id_of(shipment: u64) -> String {
-    http_legs::request_id(shipment)
-}
-
 /// One leg, as sent to the agent that owns its engine.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Leg {

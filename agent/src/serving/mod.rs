@@ -848,7 +848,7 @@ impl Serving {
                         resume: Vec::new(),
                     },
                     kv_transfer_params: params,
-                    request_id: legs::request_id_of(shipment),
+                    request_id: http_legs::request_id(shipment),
                 }),
             )
             .await?;
