@@ -453,8 +453,13 @@ fn phase(
     ));
     let wall = t.elapsed();
     let after = metrics(rt, agents);
-    let kv = load::metric_sum(&after, "pdagent_kv_bytes_sent_total")
-        - load::metric_sum(&before, "pdagent_kv_bytes_sent_total");
+    // Shipped by the agents, or pulled by the engines themselves (vLLM's NIXL, counted by
+    // the decode host's agent as received on the `engine` path).
+    let shipped = |m: &[String]| {
+        load::metric_sum(m, "pdagent_kv_bytes_sent_total")
+            + load::metric_sum(m, "pdagent_kv_bytes_received_total{path=\"engine\"}")
+    };
+    let kv = shipped(&after) - shipped(&before);
     Ok(Phase {
         layout: layout.to_string(),
         summary: load::summarize(&outcomes, wall),

@@ -432,8 +432,6 @@ pub fn metric_sum(bodies: &[String], series: &str) -> f64 {
         .sum()
 }
 
-/// One non-streaming completion; returns the agent's `Server-Timing` split (agent ms, engine
-/// ms) and the client's end-to-end time.
 /// Agent time, engine time (ms, from `Server-Timing`) and the client's end-to-end time of
 /// each prompt, sent one at a time round-robin over the agents.
 pub async fn timed_each(
@@ -452,6 +450,8 @@ pub async fn timed_each(
     Ok((agent, engine, e2e))
 }
 
+/// One non-streaming completion; returns the agent's `Server-Timing` split (agent ms, engine
+/// ms) and the client's end-to-end time.
 pub async fn timed(
     addr: SocketAddr,
     model: &str,
