@@ -263,7 +263,6 @@ pub struct Supervisor {
 fn report_of(node: &str, m: &Managed) -> EngineReport {
     let http = m.task.as_ref().and_then(|t| t.http.as_ref());
     let note = match m.state {
-        EngineState::Starting if m.task.is_some() => log_tail(&m.spec.log, 1),
         EngineState::Starting | EngineState::Failed => m.note.clone(),
         _ => String::new(),
     };
@@ -741,6 +740,8 @@ impl Supervisor {
             return;
         };
         if m.state == EngineState::Starting {
+            // What it is doing while it loads: its log's last line, read once a pass.
+            m.note = log_tail(&m.spec.log, 1);
             match driver.probe(&m.spec, task).await {
                 Probe::Ready => {
                     info!(engine = %m.assignment.engine, elapsed_ms = m.since.elapsed().as_millis() as u64, "engine ready");

@@ -3,7 +3,7 @@
 //! thread; ready after its hello and a one-token probe.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pd_engine::protocol::{AgentMessage, EngineMessage, EngineRole as WireRole};
 use pd_engine::{Prompt, SamplingParams};
@@ -185,15 +185,7 @@ impl Driver for Builtin {
             if let Some(c) = &task.client {
                 c.shutdown().await;
             }
-            let until = Instant::now() + grace;
-            while pid_alive(task.pid) && Instant::now() < until {
-                if let Some(child) = &mut task.child
-                    && !matches!(child.try_wait(), Ok(None))
-                {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            super::wait_exit(&mut task, grace).await;
             if pid_alive(task.pid) {
                 kill(task.pid, "KILL");
             }

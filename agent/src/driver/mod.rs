@@ -160,6 +160,22 @@ fn builtin_name() -> String {
     builtin::NAME.to_string()
 }
 
+/// Waits until the task's process has exited, at most `grace` (a child is reaped by
+/// `try_wait`; a recovered engine is watched by pid).
+pub(crate) async fn wait_exit(task: &mut Task, grace: Duration) {
+    let until = std::time::Instant::now() + grace;
+    loop {
+        let gone = match &mut task.child {
+            Some(c) => !matches!(c.try_wait(), Ok(None)),
+            None => !builtin::pid_alive(task.pid),
+        };
+        if gone || std::time::Instant::now() >= until {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A probe's outcome.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Probe {

@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pd_raft::EngineRole;
 
@@ -352,17 +352,7 @@ impl Driver for Vllm {
     fn stop<'a>(&'a self, mut task: Task, grace: Duration) -> BoxFuture<'a, ()> {
         Box::pin(async move {
             kill_group(task.pid, "TERM");
-            let until = Instant::now() + grace;
-            loop {
-                let gone = match &mut task.child {
-                    Some(c) => !matches!(c.try_wait(), Ok(None)),
-                    None => !super::builtin::pid_alive(task.pid),
-                };
-                if gone || Instant::now() >= until {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            super::wait_exit(&mut task, grace).await;
             kill_group(task.pid, "KILL");
             if let Some(mut c) = task.child.take() {
                 let _ = c.wait();
