@@ -1,11 +1,14 @@
 //! The admin API that `pdctl` speaks: JSON over HTTP/1.1, served on HTTPS with mutual TLS
 //! (only the admin certificate from `pdctl cluster init` is accepted) and on a local unix
 //! socket that only the agent's user can open. Any agent answers reads from its replicated
-//! state; writes go to the coordinator (forwarded over the transport when this agent is not
-//! it).
+//! state. Writes are applied only by the coordinator, which checks the caller's credential
+//! itself: another agent answers `421 not_coordinator` naming it (`error.coordinator`), and
+//! `pdctl` sends the write there. A local socket on a host that is not the coordinator may
+//! only cordon or drain that host (`authority`).
 //!
 //! Routes:
-//! - `GET /v1/status` — the cluster as this agent sees it.
+//! - `GET /v1/status` — the cluster as this agent sees it (`voters_short` says why it has
+//!   fewer Raft voters than it wants, when it has).
 //! - `PUT /v1/nodes/{node}/labels/{key}` with `{"value": "..."}`; `DELETE` removes the label.
 //! - `POST /v1/nodes/{node}/cordon`, `/uncordon`, `/drain`, `/flip` (`{"role": "prefill" |
 //!   "decode"}`: the node's engines change role, see `Command::FlipNode`).
@@ -60,6 +63,10 @@ pub struct AdminCtx {
     pub metrics: Arc<crate::serving::metrics::Metrics>,
     /// `node.models_dir`: where this host's relative model names are.
     pub models_dir: std::path::PathBuf,
+    /// Serving the local unix socket (rather than HTTPS with the admin certificate): on a
+    /// host that is not the coordinator it may write only what this node may say about
+    /// itself (`authority`).
+    pub local: bool,
 }
 
 /// Workload a planned layout is sized for when the deployment names none.
@@ -80,6 +87,48 @@ impl IntoResponse for ApiError {
             Json(json!({"error": {"message": self.2, "code": self.1}})),
         )
             .into_response()
+    }
+}
+
+/// A write this agent may not apply: `421 not_coordinator`, naming the coordinator whose
+/// admin API takes it (`error.coordinator`; `pdctl` sends the write there).
+struct NotCoordinator {
+    coordinator: String,
+    message: String,
+}
+
+impl IntoResponse for NotCoordinator {
+    fn into_response(self) -> Response {
+        (
+            StatusCode::MISDIRECTED_REQUEST,
+            Json(json!({"error": {
+                "message": self.message,
+                "code": "not_coordinator",
+                "coordinator": self.coordinator,
+            }})),
+        )
+            .into_response()
+    }
+}
+
+/// A refused admin write.
+enum WriteError {
+    Api(ApiError),
+    Elsewhere(NotCoordinator),
+}
+
+impl From<ApiError> for WriteError {
+    fn from(e: ApiError) -> Self {
+        WriteError::Api(e)
+    }
+}
+
+impl IntoResponse for WriteError {
+    fn into_response(self) -> Response {
+        match self {
+            WriteError::Api(e) => e.into_response(),
+            WriteError::Elsewhere(e) => e.into_response(),
+        }
     }
 }
 
@@ -123,7 +172,7 @@ struct ApiKeyBody {
 async fn create_api_key(
     State(ctx): Ctx,
     Json(body): Json<ApiKeyBody>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<serde_json::Value>, WriteError> {
     let (id, key, hash) = crate::serving::apikey::generate()
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "no_randomness", e))?;
     let created_unix = std::time::SystemTime::now()
@@ -162,7 +211,7 @@ struct RequiredBody {
 async fn require_api_keys(
     State(ctx): Ctx,
     Json(body): Json<RequiredBody>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<serde_json::Value>, WriteError> {
     ctx.write(Command::RequireApiKeys {
         required: body.required,
     })
@@ -173,7 +222,7 @@ async fn require_api_keys(
 async fn revoke_api_key(
     State(ctx): Ctx,
     UrlPath(id): UrlPath<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<serde_json::Value>, WriteError> {
     ctx.write(Command::RevokeApiKey { id }).await.map(done)
 }
 
@@ -334,7 +383,10 @@ async fn deployments(State(ctx): Ctx) -> Json<serde_json::Value> {
 async fn create_deployment(
     State(ctx): Ctx,
     Json(body): Json<DeployBody>,
-) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+) -> Result<(StatusCode, Json<serde_json::Value>), WriteError> {
+    // Checked here first, so an agent that must send the write on does not look at every
+    // host's model folder and run the planner for nothing.
+    ctx.redirect_early()?;
     let engine = if body.engine.is_empty() {
         "builtin".to_string()
     } else {
@@ -346,20 +398,20 @@ async fn create_deployment(
         crate::driver::vllm::NAME => {
             crate::driver::vllm::check_engine_args(&body.engine_args).map_err(bad_args)?;
             if crate::models::is_preset(&body.model) {
-                return Err(ApiError(
+                return Err(WriteError::from(ApiError(
                     StatusCode::BAD_REQUEST,
                     "invalid_model",
                     format!(
                         "vllm serves a model folder, not the builtin preset {:?}: write one with `pdagent engine export --model {} --out DIR` on each host",
                         body.model, body.model
                     ),
-                ));
+                )));
             }
         }
         _ if !body.engine_args.is_empty() => {
-            return Err(bad_args(format!(
+            return Err(WriteError::from(bad_args(format!(
                 "the {engine} engine takes no engine arguments"
-            )));
+            ))));
         }
         _ => {}
     }
@@ -381,13 +433,13 @@ async fn create_deployment(
             (plan.layout, Some(plan))
         }
         Some(other) => {
-            return Err(ApiError(
+            return Err(WriteError::from(ApiError(
                 StatusCode::BAD_REQUEST,
                 "invalid_layout",
                 format!(
                     "layout {other:?}: \"planned\" is the only named layout; otherwise give engine counts"
                 ),
-            ));
+            )));
         }
     };
     let cmd = if plan.is_none() && model_hosts.is_none() {
@@ -599,7 +651,7 @@ async fn plan_layout(
 async fn delete_deployment(
     State(ctx): Ctx,
     UrlPath(name): UrlPath<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<serde_json::Value>, WriteError> {
     ctx.write(Command::DeleteDeployment { name })
         .await
         .map(done)
@@ -609,7 +661,7 @@ async fn scale_deployment(
     State(ctx): Ctx,
     UrlPath(name): UrlPath<String>,
     Json(body): Json<DeployBody>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<serde_json::Value>, WriteError> {
     let cmd = Command::ScaleDeployment {
         name: name.clone(),
         layout: body.layout()?,
@@ -618,23 +670,72 @@ async fn scale_deployment(
     ctx.write(cmd).await.map(done)
 }
 
+fn submit_error(e: SubmitError) -> ApiError {
+    match e {
+        SubmitError::NoCoordinator => ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_coordinator",
+            e.to_string(),
+        ),
+        e => ApiError(
+            StatusCode::BAD_GATEWAY,
+            "coordinator_unreachable",
+            e.to_string(),
+        ),
+    }
+}
+
 impl AdminCtx {
-    /// Writes `cmd` through the coordinator.
-    async fn write(&self, cmd: Command) -> Result<Applied, ApiError> {
-        match self.control.submit(cmd).await {
-            Ok(Ok(a)) => Ok(a),
-            Ok(Err(e)) => Err(apply_error(e)),
-            Err(e @ SubmitError::NoCoordinator) => Err(ApiError(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "no_coordinator",
-                e.to_string(),
-            )),
-            Err(e) => Err(ApiError(
-                StatusCode::BAD_GATEWAY,
-                "coordinator_unreachable",
-                e.to_string(),
-            )),
+    /// A write that only the admin may make, sent to an agent that is not the coordinator:
+    /// refused at once, naming the coordinator (as `write` would, after the checks).
+    fn redirect_early(&self) -> Result<(), WriteError> {
+        let me = self.control.node_name();
+        match self.control.coordinator() {
+            Some(c) if c.name != me => Err(WriteError::Elsewhere(self.elsewhere(c.name))),
+            _ => Ok(()),
         }
+    }
+
+    fn elsewhere(&self, coordinator: String) -> NotCoordinator {
+        let me = self.control.node_name();
+        let message = if self.local {
+            format!(
+                "{me} is not the coordinator: its local socket may only cordon or drain {me}; \
+                 other changes need the admin credential at the coordinator's admin API ({coordinator})"
+            )
+        } else {
+            format!(
+                "{me} is not the coordinator: admin changes are applied by the coordinator, \
+                 {coordinator}; send them to its admin API"
+            )
+        };
+        NotCoordinator {
+            coordinator,
+            message,
+        }
+    }
+
+    /// Applies `cmd` when this agent is the coordinator (the caller's credential was checked
+    /// here: the admin certificate, or this host's local socket). Elsewhere it is not
+    /// forwarded on the caller's word: the answer names the coordinator, except for what the
+    /// local socket may say about this node itself, which goes to the coordinator as this
+    /// node's own proposal (`authority`).
+    async fn write(&self, cmd: Command) -> Result<Applied, WriteError> {
+        let coordinator = match self.control.propose_or_redirect(cmd.clone()).await {
+            Ok(Ok(Ok(a))) => return Ok(a),
+            Ok(Ok(Err(e))) => return Err(apply_error(e).into()),
+            Ok(Err(coordinator)) => coordinator,
+            Err(e) => return Err(submit_error(e).into()),
+        };
+        let me = self.control.node_name();
+        if self.local && crate::authority::node_may_propose(me, &cmd).is_ok() {
+            return match self.control.submit(cmd).await {
+                Ok(Ok(a)) => Ok(a),
+                Ok(Err(e)) => Err(apply_error(e).into()),
+                Err(e) => Err(submit_error(e).into()),
+            };
+        }
+        Err(WriteError::Elsewhere(self.elsewhere(coordinator)))
     }
 }
 
@@ -646,6 +747,7 @@ async fn status(State(ctx): Ctx) -> Json<serde_json::Value> {
     let report = ctx.control.status();
     let telemetry = ctx.control.cluster_telemetry().await;
     let mut v = serde_json::to_value(&report).unwrap_or_else(|_| json!({}));
+    v["voters_short"] = json!(ctx.control.voters_short());
     if let Some(nodes) = v["nodes"].as_array_mut() {
         for n in nodes {
             let t = telemetry
@@ -671,7 +773,7 @@ async fn set_label(
     State(ctx): Ctx,
     UrlPath((node, key)): UrlPath<(String, String)>,
     Json(body): Json<LabelBody>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<serde_json::Value>, WriteError> {
     ctx.write(Command::SetLabel {
         node,
         key,
@@ -684,7 +786,7 @@ async fn set_label(
 async fn delete_label(
     State(ctx): Ctx,
     UrlPath((node, key)): UrlPath<(String, String)>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<serde_json::Value>, WriteError> {
     ctx.write(Command::SetLabel {
         node,
         key,
@@ -698,7 +800,7 @@ async fn set_admin_state(
     ctx: &AdminCtx,
     node: String,
     state: AdminState,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<serde_json::Value>, WriteError> {
     ctx.write(Command::SetAdminState { node, state })
         .await
         .map(done)
@@ -707,21 +809,21 @@ async fn set_admin_state(
 async fn cordon(
     State(ctx): Ctx,
     UrlPath(node): UrlPath<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<serde_json::Value>, WriteError> {
     set_admin_state(&ctx, node, AdminState::Cordoned).await
 }
 
 async fn uncordon(
     State(ctx): Ctx,
     UrlPath(node): UrlPath<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<serde_json::Value>, WriteError> {
     set_admin_state(&ctx, node, AdminState::Active).await
 }
 
 async fn drain(
     State(ctx): Ctx,
     UrlPath(node): UrlPath<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<serde_json::Value>, WriteError> {
     set_admin_state(&ctx, node, AdminState::Draining).await
 }
 
@@ -736,16 +838,16 @@ async fn flip(
     State(ctx): Ctx,
     UrlPath(node): UrlPath<String>,
     Json(body): Json<FlipBody>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<serde_json::Value>, WriteError> {
     let role = match body.role.as_str() {
         "prefill" => pd_raft::EngineRole::Prefill,
         "decode" => pd_raft::EngineRole::Decode,
         other => {
-            return Err(ApiError(
+            return Err(WriteError::from(ApiError(
                 StatusCode::BAD_REQUEST,
                 "invalid_role",
                 format!("role {other:?}: a node flips to \"prefill\" or \"decode\""),
-            ));
+            )));
         }
     };
     ctx.write(Command::FlipNode {
@@ -766,7 +868,7 @@ async fn flip(
 async fn remove(
     State(ctx): Ctx,
     UrlPath(node): UrlPath<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<serde_json::Value>, WriteError> {
     ctx.write(Command::RemoveNode {
         node,
         cert_serial: None,

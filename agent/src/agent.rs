@@ -41,7 +41,7 @@ impl Service for AgentService {
         if let PeerIdentity::Node(name) = peer
             && self.control.is_removed(name)
         {
-            return Err(format!("node {name} was removed from the cluster"));
+            return Err(crate::wire::removal_message(name));
         }
         match req {
             AgentRequest::Ping { nonce } => Ok(AgentResponse::Pong {
@@ -59,7 +59,7 @@ impl Service for AgentService {
                 ))
             }
             AgentRequest::Join { name, address } => self.control.join(peer, name, address).await,
-            AgentRequest::Propose(cmd) => Ok(self.control.propose(cmd).await),
+            AgentRequest::Propose(cmd) => self.control.propose_from_peer(peer, cmd).await,
             AgentRequest::Status => Ok(AgentResponse::Status(self.control.status())),
             AgentRequest::Heartbeat { node } => self.control.heartbeat(peer, &node),
             AgentRequest::Enroll {
@@ -117,7 +117,7 @@ impl Service for AgentService {
             return Err("only agents send request legs".into());
         };
         if self.control.is_removed(name) {
-            return Err(format!("node {name} was removed from the cluster"));
+            return Err(crate::wire::removal_message(name));
         }
         let AgentRequest::Serve(leg) = req else {
             return Err("not a stream".into());
@@ -304,14 +304,17 @@ pub async fn run(
         cfg.clone(),
         Duration::from_millis(cfg.config.raft.coordinator_interval_ms),
     ));
-    let admin = crate::admin::router(Arc::new(crate::admin::AdminCtx {
-        control: control.clone(),
-        peers,
-        metrics: metrics.clone(),
-        models_dir: cfg.models_dir.clone(),
-    }));
-    let admin_addr = crate::admin::serve_https(cfg.admin_listen, &endpoint, admin.clone()).await?;
-    crate::admin::serve_unix(&cfg.admin_socket, admin).await?;
+    let admin = |local: bool| {
+        crate::admin::router(Arc::new(crate::admin::AdminCtx {
+            control: control.clone(),
+            peers: peers.clone(),
+            metrics: metrics.clone(),
+            models_dir: cfg.models_dir.clone(),
+            local,
+        }))
+    };
+    let admin_addr = crate::admin::serve_https(cfg.admin_listen, &endpoint, admin(false)).await?;
+    crate::admin::serve_unix(&cfg.admin_socket, admin(true)).await?;
     let service = Arc::new(AgentService {
         node: cfg.node_name.clone(),
         started: Instant::now(),

@@ -65,6 +65,8 @@ pub struct ControlPlane {
     liveness: Liveness,
     /// When each node last reported (coordinator only; not replicated).
     last_seen: std::sync::Mutex<HashMap<String, Instant>>,
+    /// What the coordinator last said about a voter shortage (said again only when it changes).
+    voters_said: std::sync::Mutex<Option<String>>,
     /// Each node's latest GPU telemetry and when it came (coordinator only; not replicated).
     telemetry: std::sync::Mutex<HashMap<String, (Instant, Vec<GpuTelemetry>)>>,
     /// This node's engines, as the supervisor last published them.
@@ -173,6 +175,7 @@ impl ControlPlane {
                 down_after: Duration::from_millis(cfg.config.cluster.down_after_ms),
             },
             last_seen: std::sync::Mutex::new(HashMap::new()),
+            voters_said: std::sync::Mutex::new(None),
             telemetry: std::sync::Mutex::new(HashMap::new()),
             unplaced: std::sync::Mutex::new(std::collections::HashSet::new()),
             local_engines: std::sync::Mutex::new(Vec::new()),
@@ -326,6 +329,48 @@ impl ControlPlane {
         Ok(AgentResponse::Joined {
             coordinator: self.me.name.clone(),
         })
+    }
+
+    /// A command another agent proposed over the transport: applied only when this agent is
+    /// the coordinator and the peer's certificate may propose it (`authority`: a node speaks
+    /// only for itself; admin changes come through the coordinator's admin API).
+    pub async fn propose_from_peer(
+        &self,
+        peer: &PeerIdentity,
+        cmd: Command,
+    ) -> Result<AgentResponse, String> {
+        let PeerIdentity::Node(node) = peer else {
+            return Err("admin changes go through the admin API, not the transport".into());
+        };
+        if let Err(e) = crate::authority::node_may_propose(node, &cmd) {
+            warn!(%node, command = crate::authority::command_name(&cmd), "refused a proposal: {e}");
+            return Err(format!("refused: {e}"));
+        }
+        Ok(self.propose(cmd).await)
+    }
+
+    /// Writes `cmd` here when this agent is the coordinator, or names the coordinator that
+    /// must take it (`Ok(Err(name))`). While none is elected it waits (until
+    /// `FORWARD_TIMEOUT`). The admin API's writes come here: a write the admin credential
+    /// authorized is applied only by the coordinator that checked the credential.
+    pub async fn propose_or_redirect(
+        &self,
+        cmd: Command,
+    ) -> Result<Result<CommandResult, String>, SubmitError> {
+        let deadline = tokio::time::Instant::now() + FORWARD_TIMEOUT;
+        loop {
+            match self.propose(cmd.clone()).await {
+                AgentResponse::Proposed(r) => return Ok(Ok(r)),
+                AgentResponse::NotCoordinator {
+                    coordinator: Some(c),
+                } if c.name != self.me.name => return Ok(Err(c.name)),
+                _ => {}
+            }
+            if tokio::time::Instant::now() + self.retry_pause > deadline {
+                return Err(SubmitError::NoCoordinator);
+            }
+            tokio::time::sleep(self.retry_pause).await;
+        }
     }
 
     /// Writes a command through Raft (coordinator only). Removing a node also takes it out of
@@ -691,11 +736,20 @@ impl ControlPlane {
             s.state.nodes.get(&self.me.name).map(|n| n.address.clone())
         };
         if registered.as_deref() != Some(self.me.address.as_str()) {
+            // A coordinator that was never registered bootstrapped the cluster: the operator
+            // chose it to hold the CA key, so it is eligible to vote.
+            let labels = match registered {
+                None => BTreeMap::from([(
+                    crate::voters::VOTER_LABEL.to_string(),
+                    crate::voters::VOTER_ELIGIBLE.to_string(),
+                )]),
+                Some(_) => BTreeMap::new(),
+            };
             let cmd = Command::RegisterNode {
                 name: self.me.name.clone(),
                 id: self.id,
                 address: self.me.address.clone(),
-                labels: BTreeMap::new(),
+                labels,
             };
             self.raft
                 .client_write(cmd)
@@ -708,65 +762,67 @@ impl ControlPlane {
         self.place_deployments().await
     }
 
-    /// Keeps `cluster.voters` voters: a voter recorded down is replaced by a ready learner, and
-    /// missing voters are filled from ready learners, preferring racks (the `rack` label) that
-    /// hold no voter yet, then names. The voter set never shrinks for want of a replacement.
-    async fn keep_voters(&self) -> Result<(), String> {
+    /// The members of the Raft group as the voter choice sees them: (voters, learners).
+    fn members(&self) -> (Vec<crate::voters::Member>, Vec<crate::voters::Member>) {
         let m = self.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();
-        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
-        let (health, rack): (
-            BTreeMap<NodeId, NodeHealth>,
-            BTreeMap<NodeId, Option<String>>,
-        ) = {
-            let s = self.state.read().unwrap_or_else(|p| p.into_inner());
-            let nodes = s.state.nodes.values();
-            (
-                nodes.clone().map(|n| (n.id, n.health)).collect(),
-                nodes
-                    .map(|n| (n.id, n.labels.get("rack").cloned()))
-                    .collect(),
-            )
+        let s = self.state.read().unwrap_or_else(|p| p.into_inner());
+        let member = |id: NodeId| {
+            let node = s.state.nodes.values().find(|n| n.id == id);
+            crate::voters::Member {
+                id,
+                name: membership
+                    .get_node(&id)
+                    .map_or_else(|| id.to_string(), |n| n.name.clone()),
+                health: node.map(|n| n.health),
+                rack: node.and_then(|n| n.labels.get("rack").cloned()),
+                eligible: node.is_some_and(|n| {
+                    n.labels.get(crate::voters::VOTER_LABEL).map(String::as_str)
+                        == Some(crate::voters::VOTER_ELIGIBLE)
+                }),
+            }
         };
-        let ready = |id: &NodeId| *id == self.id || health.get(id) == Some(&NodeHealth::Ready);
-        let mut keep: Vec<NodeId> = voters
-            .iter()
-            .copied()
-            .filter(|v| *v == self.id || health.get(v) != Some(&NodeHealth::Down))
-            .collect();
-        let mut racks: BTreeSet<Option<String>> = keep
-            .iter()
-            .map(|v| rack.get(v).cloned().flatten())
-            .collect();
-        let mut candidates: Vec<(String, NodeId)> = membership
-            .learner_ids()
-            .filter(|id| ready(id))
-            .filter_map(|id| membership.get_node(&id).map(|n| (n.name.clone(), id)))
-            .collect();
-        candidates.sort();
-        while keep.len() < self.voters && !candidates.is_empty() {
-            // Prefer a learner on a rack with no voter yet.
-            let i = candidates
-                .iter()
-                .position(|(_, id)| !racks.contains(&rack.get(id).cloned().flatten()))
-                .unwrap_or(0);
-            let (name, id) = candidates.remove(i);
-            racks.insert(rack.get(&id).cloned().flatten());
-            info!(node = %name, "promoting a learner to voter");
-            keep.push(id);
+        (
+            membership.voter_ids().map(member).collect(),
+            membership.learner_ids().map(member).collect(),
+        )
+    }
+
+    /// Why this cluster has fewer voters than `cluster.voters`, if it has.
+    pub fn voters_short(&self) -> Option<String> {
+        let (voters, learners) = self.members();
+        crate::voters::plan(self.id, self.voters, &voters, &learners).short
+    }
+
+    /// Keeps `cluster.voters` voters (`voters::plan`: eligible learners only) and says once
+    /// when it cannot.
+    async fn keep_voters(&self) -> Result<(), String> {
+        let (voters, learners) = self.members();
+        let plan = crate::voters::plan(self.id, self.voters, &voters, &learners);
+        {
+            let mut said = self.voters_said.lock().unwrap_or_else(|p| p.into_inner());
+            if *said != plan.short {
+                if let Some(why) = &plan.short {
+                    warn!("{why}");
+                }
+                *said = plan.short.clone();
+            }
         }
-        let next: BTreeSet<NodeId> = keep.into_iter().collect();
-        if next == voters || next.len() < voters.len().min(self.voters) {
+        let current: BTreeSet<NodeId> = voters.iter().map(|v| v.id).collect();
+        if plan.next == current {
             return Ok(());
         }
-        for gone in voters.difference(&next) {
-            let name = membership
-                .get_node(gone)
-                .map_or("?".to_string(), |n| n.name.clone());
+        for name in &plan.replaced {
             warn!(node = %name, "replacing a voter that is down");
         }
+        for name in &plan.retired {
+            warn!(node = %name, "retiring a voter that is no longer eligible");
+        }
+        for name in &plan.promoted {
+            info!(node = %name, "promoting an eligible learner to voter");
+        }
         self.raft
-            .change_membership(ChangeMembers::ReplaceAllVoters(next), true)
+            .change_membership(ChangeMembers::ReplaceAllVoters(plan.next), true)
             .await
             .map_err(|e| e.to_string())?;
         Ok(())
@@ -1105,7 +1161,15 @@ impl ControlPlane {
 
     /// CA key custody follows the voter set: a voter without the key fetches it from the
     /// coordinator; a learner that still holds it deletes it.
+    /// A node removed from the cluster deletes it too, once it learns of the removal (from its
+    /// own copy of the state, or from a peer that refuses it).
     async fn keep_custody(&self) -> Result<(), String> {
+        if self.peers.told_removed() || self.is_removed(&self.me.name) {
+            if self.custody.discard()? {
+                warn!("this node was removed from the cluster: deleted its copy of the CA key");
+            }
+            return Ok(());
+        }
         let m = self.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();
         let voter = membership.voter_ids().any(|v| v == self.id);
@@ -1304,7 +1368,7 @@ impl ControlPlane {
             });
         }
         if self.is_removed(node) {
-            return Err(format!("{node} was removed from the cluster"));
+            return Err(crate::wire::removal_message(node));
         }
         let ca = self
             .custody

@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod authority;
 pub mod config;
 pub mod control;
 pub mod custody;
@@ -24,4 +25,5 @@ pub mod peers;
 pub mod planned;
 pub mod serving;
 pub mod supervisor;
+pub mod voters;
 pub mod wire;

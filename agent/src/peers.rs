@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,6 +20,8 @@ type Slot = Arc<tokio::sync::Mutex<Option<Connection>>>;
 pub struct Peers {
     endpoint: Endpoint,
     slots: Mutex<HashMap<String, Slot>>,
+    /// A peer (its certificate verified) said this node was removed from the cluster.
+    removed: AtomicBool,
 }
 
 impl Peers {
@@ -26,6 +29,24 @@ impl Peers {
         Peers {
             endpoint,
             slots: Mutex::new(HashMap::new()),
+            removed: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether a peer refused this node as removed (its certificate revoked, or its name
+    /// removed from the replicated state).
+    pub fn told_removed(&self) -> bool {
+        self.removed.load(Ordering::Relaxed)
+    }
+
+    fn note_removal(&self, e: &TransportError) {
+        let removed = match e {
+            TransportError::Revoked { .. } => true,
+            TransportError::Remote(m) => crate::wire::is_removal(m, &self.endpoint.identity().info.identity),
+            _ => false,
+        };
+        if removed && !self.removed.swap(true, Ordering::Relaxed) {
+            tracing::error!(error = %e, "a peer refused this node: it was removed from the cluster");
         }
     }
 
@@ -80,6 +101,7 @@ impl Peers {
         match tokio::time::timeout(timeout, attempt).await {
             Ok(Ok(r)) => Ok(r),
             Ok(Err(e)) => {
+                self.note_removal(&e);
                 if !matches!(e, TransportError::Remote(_)) {
                     self.forget(name);
                 }

@@ -167,3 +167,14 @@ pub struct NodeStatus {
     pub labels: BTreeMap<String, String>,
     pub gpus: Vec<GpuRecord>,
 }
+
+/// What an agent answers a peer whose node was removed from the cluster (the peer, reading
+/// it, gives up the CA key: `ControlPlane::keep_custody`).
+pub fn removal_message(node: &str) -> String {
+    format!("node {node} was removed from the cluster")
+}
+
+/// Whether a peer's refusal `msg` says that this node (`me`) was removed.
+pub fn is_removal(msg: &str, me: &pd_transport::PeerIdentity) -> bool {
+    msg == removal_message(me.name())
+}

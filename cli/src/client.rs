@@ -153,16 +153,7 @@ impl AdminClient {
             )
             .await
             {
-                Ok(Ok((status, v))) => {
-                    if status.is_success() {
-                        return Ok(v);
-                    }
-                    let msg = v["error"]["message"]
-                        .as_str()
-                        .map(str::to_string)
-                        .unwrap_or_else(|| v.to_string());
-                    bail!("{status}: {msg}");
-                }
+                Ok(Ok((status, v))) => return self.answer(status, v, method, path, &body).await,
                 Ok(Err(e)) => last = Some(e),
                 Err(_) => last = Some(anyhow!("no answer within {} s", REQUEST_TIMEOUT.as_secs())),
             }
@@ -170,6 +161,47 @@ impl AdminClient {
         Err(last
             .unwrap_or_else(|| anyhow!("no admin endpoint"))
             .context("no agent's admin API answered"))
+    }
+
+    /// An agent's answer. A write sent to an agent that is not the coordinator is answered
+    /// `421 not_coordinator` with the coordinator's name: it is sent again to that agent's
+    /// admin API (which checks the admin credential itself), following a leadership change
+    /// or two.
+    async fn answer(
+        &self,
+        mut status: hyper::StatusCode,
+        mut v: Value,
+        method: &str,
+        path: &str,
+        body: &Option<Value>,
+    ) -> Result<Value> {
+        for _ in 0..MAX_REDIRECTS {
+            if status != hyper::StatusCode::MISDIRECTED_REQUEST
+                || v["error"]["code"] != "not_coordinator"
+            {
+                break;
+            }
+            let coordinator = v["error"]["coordinator"].as_str().unwrap_or_default();
+            let Some(t) = self.targets.iter().find(
+                |t| matches!(t, Target::Tls { name, .. } if name == coordinator),
+            ) else {
+                bail!(
+                    "{status}: {}\n(pdctl.toml's `agents` has no admin endpoint for {coordinator}: \
+                     add \"{coordinator}@IP:PORT\")",
+                    error_message(&v)
+                );
+            };
+            (status, v) = tokio::time::timeout(
+                REQUEST_TIMEOUT,
+                self.request_one(t, method, path, body.clone()),
+            )
+            .await
+            .map_err(|_| anyhow!("{coordinator}: no answer within {} s", REQUEST_TIMEOUT.as_secs()))??;
+        }
+        if status.is_success() {
+            return Ok(v);
+        }
+        bail!("{status}: {}", error_message(&v));
     }
 
     async fn request_one(
@@ -212,6 +244,17 @@ impl AdminClient {
         }
     }
 }
+
+/// The message of an admin API error body, or the whole answer.
+fn error_message(v: &Value) -> String {
+    v["error"]["message"]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| v.to_string())
+}
+
+/// Coordinator changes a write follows before giving up.
+const MAX_REDIRECTS: usize = 3;
 
 /// Percent-encodes one path segment (a node name or label key from the command line).
 pub fn segment(s: &str) -> String {

@@ -463,6 +463,22 @@ fn wait_whole(client: &AdminClient, n: usize, gpus: u32, quiet: bool) -> Result<
                     .filter(|x| x["gpus"].as_array().map_or(0, |g| g.len()) == gpus as usize)
                     .count();
                 let voters = list.iter().filter(|x| x["raft_role"] == "voter").count();
+                // The operator's choice of voters: node-1 to node-V (node-1 bootstrapped and
+                // is eligible already).
+                for x in &list {
+                    let Some(name) = x["name"].as_str() else {
+                        continue;
+                    };
+                    let k: usize = name
+                        .strip_prefix("node-")
+                        .and_then(|k| k.parse().ok())
+                        .unwrap_or(usize::MAX);
+                    if k <= voters_for(n) && x["labels"]["pdagent/voter"] != "eligible" {
+                        let path = format!("/v1/nodes/{name}/labels/pdagent%2Fvoter");
+                        let body = serde_json::json!({"value": "eligible"});
+                        let _ = rt.block_on(client.request("PUT", &path, Some(body)));
+                    }
+                }
                 let line = format!(
                     "{}/{n} nodes registered, {with_gpus}/{n} with GPUs, {voters}/{} voters",
                     list.len(),

@@ -59,7 +59,8 @@ enum Command {
     Nodes,
     /// GPUs of every node.
     Gpus,
-    /// Set (key=value) or remove (key-) a node label.
+    /// Set (key=value) or remove (key-) a node label. `pdagent/voter=eligible` lets a host
+    /// become a Raft voter (and so hold the CA key); `rack` spreads voters.
     Label { node: String, assignment: String },
     /// Stop placing new work on a node.
     Cordon { node: String },
@@ -561,6 +562,9 @@ fn print_status(v: &serde_json::Value, nodes_only: bool) {
             n["gpus"].as_array().map_or(0, |g| g.len()),
             labels.join(",")
         );
+    }
+    if let Some(why) = v["voters_short"].as_str() {
+        println!("note: {why}");
     }
 }
 

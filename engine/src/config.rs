@@ -75,6 +75,10 @@ pub struct EngineConfig {
     pub prefix_caching: bool,
     /// Override of the model's context limit in tokens (0 = the model's own).
     pub context_tokens_max: usize,
+    /// Tests only: block hashes are ANDed with this mask (`u64::MAX`, the default, keeps
+    /// them whole; 0 makes every block collide). Reuse must never depend on the hash alone.
+    #[doc(hidden)]
+    pub test_block_hash_mask: u64,
 }
 
 impl Default for EngineConfig {
@@ -90,6 +94,7 @@ impl Default for EngineConfig {
             compute_threads: 1,
             prefix_caching: true,
             context_tokens_max: 0,
+            test_block_hash_mask: u64::MAX,
         }
     }
 }

@@ -525,7 +525,7 @@ impl Engine {
                     seq.emit_first = true;
                     self.counters.prompt_tokens_imported_total += seq.prompt_len as u64;
                     if self.cfg.prefix_caching {
-                        register_blocks(&mut self.pool, &mut seq, self.cfg.block_size_tokens);
+                        register_blocks(&mut self.pool, &mut seq, self.cfg.block_size_tokens, self.cfg.test_block_hash_mask);
                     }
                     self.running.push(seq);
                 }
@@ -790,7 +790,7 @@ impl Engine {
             self.counters.prompt_tokens_computed_total += prompt_part as u64;
             s.computed += n;
             if self.cfg.prefix_caching {
-                register_blocks(&mut self.pool, s, bs);
+                register_blocks(&mut self.pool, s, bs, self.cfg.test_block_hash_mask);
             }
             if s.computed == s.tokens.len() {
                 let tok = sampling::sample(&logits[li], &s.sampling, s.output);
@@ -951,7 +951,15 @@ impl Engine {
         let hashes = if self.cfg.prefix_caching {
             // At least one token must be computed to get logits, so a prompt that is all
             // cached blocks recomputes its last block.
-            let mut h = hash::block_hashes(&front.tokens, bs);
+            let mask = self.cfg.test_block_hash_mask;
+            let mut h: Vec<u64> = front
+                .tokens
+                .chunks_exact(bs)
+                .scan(0u64, |parent, block| {
+                    *parent = hash::block_hash(*parent, block) & mask;
+                    Some(*parent)
+                })
+                .collect();
             if h.len() * bs >= front.tokens.len() {
                 h.pop();
             }
@@ -959,12 +967,12 @@ impl Engine {
         } else {
             Vec::new()
         };
-        let (hits, idle_hits) = self.pool.peek_prefix(&hashes);
+        let (hits, idle_hits) = self.pool.peek_prefix(&hashes, &front.tokens, bs);
         if self.pool.available() - idle_hits < total_blocks - hits {
             return None;
         }
         let mut seq = self.waiting.pop_front()?;
-        let matched = self.pool.match_prefix(&hashes[..hits]);
+        let matched = self.pool.match_prefix(&hashes[..hits], &seq.tokens, bs);
         seq.blocks = matched;
         seq.hashed_blocks = hits;
         seq.last_hash = hits.checked_sub(1).map(|k| hashes[k]);
@@ -1045,13 +1053,14 @@ impl Engine {
 }
 
 /// Registers every newly full block of `s` whose KV is computed, chaining hashes.
-fn register_blocks(pool: &mut BlockPool, s: &mut Seq, bs: usize) {
+fn register_blocks(pool: &mut BlockPool, s: &mut Seq, bs: usize, mask: u64) {
     let full = s.computed / bs;
     while s.hashed_blocks < full {
         let b = s.hashed_blocks;
         let toks = &s.tokens[b * bs..(b + 1) * bs];
-        let h = hash::block_hash(s.last_hash.unwrap_or(0), toks);
-        pool.register(s.blocks[b], h, s.last_hash, toks);
+        let h = hash::block_hash(s.last_hash.unwrap_or(0), toks) & mask;
+        let parent_block = b.checked_sub(1).map(|p| s.blocks[p]);
+        pool.register(s.blocks[b], h, s.last_hash, parent_block, toks);
         s.last_hash = Some(h);
         s.hashed_blocks += 1;
     }

@@ -120,6 +120,14 @@ struct BlockMeta {
     hash: Option<u64>,
     /// LRU key while unreferenced and cached.
     lru_tick: Option<u64>,
+    /// While cached: the block's tokens, and the cached block (id, registration) its KV was
+    /// computed after (`None` for a sequence's first block). A hit compares both, so reuse
+    /// never rests on the hash alone: a block is reused only after a prefix of the same
+    /// tokens, all the way to the sequence's start.
+    tokens: Vec<u32>,
+    parent: Option<(u32, u64)>,
+    /// Which registration this is (ids are reused after eviction).
+    registration: u64,
 }
 
 /// Block allocation, reference counts and the prefix cache.
@@ -132,6 +140,7 @@ pub(crate) struct BlockPool {
     /// Unreferenced cached blocks, oldest first.
     lru: BTreeMap<u64, u32>,
     tick: u64,
+    registrations: u64,
     events: Vec<KvEvent>,
     events_max: usize,
     pub events_dropped: u64,
@@ -148,6 +157,7 @@ impl BlockPool {
             cached: HashMap::new(),
             lru: BTreeMap::new(),
             tick: 0,
+            registrations: 0,
             events: Vec::new(),
             events_max,
             events_dropped: 0,
@@ -197,6 +207,8 @@ impl BlockPool {
             self.lru.remove(&tick);
             let m = &mut self.meta[id as usize];
             m.lru_tick = None;
+            m.tokens = Vec::new();
+            m.parent = None;
             if let Some(h) = m.hash.take() {
                 self.cached.remove(&h);
                 self.push_event(KvEvent::Removed { block_hash: h });
@@ -207,33 +219,48 @@ impl BlockPool {
         Some(id)
     }
 
-    /// How many leading `hashes` are cached, and how many of those are unreferenced (so that
-    /// taking them makes them unavailable to `allocate`). Changes nothing.
-    pub fn peek_prefix(&self, hashes: &[u64]) -> (usize, usize) {
-        let mut hits = 0;
-        let mut idle = 0;
-        for h in hashes {
+    /// The cached blocks that hold the leading blocks of `tokens` (`hashes` are their chained
+    /// hashes, one per full block of `block_size`): looked up by hash, and taken only when
+    /// the block's tokens and the block it followed are the ones asked for.
+    fn walk(&self, hashes: &[u64], tokens: &[u32], block_size: usize) -> Vec<u32> {
+        let mut out: Vec<u32> = Vec::new();
+        let mut parent = None;
+        for (i, h) in hashes.iter().enumerate() {
             let Some(&id) = self.cached.get(h) else { break };
-            hits += 1;
-            if self.meta[id as usize].refs == 0 {
-                idle += 1;
+            let m = &self.meta[id as usize];
+            let want = tokens.get(i * block_size..(i + 1) * block_size);
+            if want != Some(m.tokens.as_slice()) || m.parent != parent {
+                break;
             }
+            parent = Some((id, m.registration));
+            out.push(id);
         }
-        (hits, idle)
+        out
     }
 
-    /// The longest run of leading `hashes` that is cached; each hit block gains a reference.
-    pub fn match_prefix(&mut self, hashes: &[u64]) -> Vec<u32> {
+    /// How many leading blocks of `tokens` are cached (see `walk`), and how many of those are
+    /// unreferenced (so that taking them makes them unavailable to `allocate`). Changes
+    /// nothing.
+    pub fn peek_prefix(&self, hashes: &[u64], tokens: &[u32], block_size: usize) -> (usize, usize) {
+        let hit = self.walk(hashes, tokens, block_size);
+        let idle = hit
+            .iter()
+            .filter(|id| self.meta[**id as usize].refs == 0)
+            .count();
+        (hit.len(), idle)
+    }
+
+    /// The longest run of leading blocks of `tokens` that is cached (see `walk`); each hit
+    /// block gains a reference.
+    pub fn match_prefix(&mut self, hashes: &[u64], tokens: &[u32], block_size: usize) -> Vec<u32> {
         self.prefix_queries_blocks += hashes.len() as u64;
-        let mut out = Vec::new();
-        for h in hashes {
-            let Some(&id) = self.cached.get(h) else { break };
+        let out = self.walk(hashes, tokens, block_size);
+        for &id in &out {
             let m = &mut self.meta[id as usize];
             if let Some(t) = m.lru_tick.take() {
                 self.lru.remove(&t);
             }
             m.refs += 1;
-            out.push(id);
         }
         self.prefix_hits_blocks += out.len() as u64;
         out
@@ -256,14 +283,40 @@ impl BlockPool {
         }
     }
 
-    /// Registers a full, written block under its hash. When another block already holds that
-    /// hash (two sequences computed the same prefix at once), this one stays private.
-    pub fn register(&mut self, id: u32, hash: u64, parent: Option<u64>, tokens: &[u32]) {
+    /// Registers a full, written block under its hash, after `parent_block` (the sequence's
+    /// previous block; `None` for its first). It stays private when another block already
+    /// holds that hash (the same prefix computed twice at once, or a collision) or when its
+    /// parent block is not cached itself (no lookup could verify the chain through it).
+    pub fn register(
+        &mut self,
+        id: u32,
+        hash: u64,
+        parent: Option<u64>,
+        parent_block: Option<u32>,
+        tokens: &[u32],
+    ) {
         if self.cached.contains_key(&hash) || self.meta[id as usize].hash.is_some() {
             return;
         }
+        let parent_link = match parent_block {
+            None => None,
+            Some(p) => {
+                let pm = &self.meta[p as usize];
+                match (pm.hash, parent) {
+                    (Some(ph), Some(want)) if ph == want && self.cached.get(&ph) == Some(&p) => {
+                        Some((p, pm.registration))
+                    }
+                    _ => return,
+                }
+            }
+        };
+        self.registrations += 1;
         self.cached.insert(hash, id);
-        self.meta[id as usize].hash = Some(hash);
+        let m = &mut self.meta[id as usize];
+        m.hash = Some(hash);
+        m.tokens = tokens.to_vec();
+        m.parent = parent_link;
+        m.registration = self.registrations;
         self.push_event(KvEvent::Stored {
             block_hash: hash,
             parent_hash: parent,
@@ -281,14 +334,14 @@ mod tests {
         let mut p = BlockPool::new(3, 100);
         let a = p.allocate().unwrap();
         let b = p.allocate().unwrap();
-        p.register(a, 11, None, &[1]);
-        p.register(b, 22, Some(11), &[2]);
+        p.register(a, 11, None, None, &[1]);
+        p.register(b, 22, Some(11), Some(a), &[2]);
         p.release(a);
         p.release(b);
         assert_eq!(p.used(), 0);
         assert_eq!(p.cached_idle(), 2);
         // A prefix hit takes the cached block back out of the LRU list.
-        assert_eq!(p.match_prefix(&[11, 99]), vec![a]);
+        assert_eq!(p.match_prefix(&[11, 99], &[1, 3], 1), vec![a]);
         assert_eq!(p.used(), 1);
         // One free block, then the only evictable block (b) is taken.
         let c = p.allocate().unwrap();
@@ -298,7 +351,7 @@ mod tests {
         assert!(p.allocate().is_none());
         let ev = p.take_events();
         assert_eq!(ev.last(), Some(&KvEvent::Removed { block_hash: 22 }));
-        assert_eq!(p.match_prefix(&[11, 22]), vec![a]);
+        assert_eq!(p.match_prefix(&[11, 22], &[1, 2], 1), vec![a]);
     }
 
     #[test]
@@ -306,12 +359,59 @@ mod tests {
         let mut p = BlockPool::new(2, 100);
         let a = p.allocate().unwrap();
         let b = p.allocate().unwrap();
-        p.register(a, 5, None, &[]);
-        p.register(b, 5, None, &[]);
+        p.register(a, 5, None, None, &[]);
+        p.register(b, 5, None, None, &[]);
         p.release(b);
         // b was not cached, so it went straight back to the free list.
         assert_eq!(p.cached_idle(), 0);
         assert_eq!(p.available(), 1);
+    }
+
+    /// Forced collisions: every block hashes the same (or an attacker found two prefixes with
+    /// one hash). A lookup reuses nothing that was computed over other tokens.
+    #[test]
+    fn a_colliding_hash_never_hands_out_another_prompts_kv() {
+        let mut p = BlockPool::new(8, 100);
+        // The attacker's two blocks [9, 9] [5, 6] under hashes 1 and 2.
+        let a0 = p.allocate().unwrap();
+        let a1 = p.allocate().unwrap();
+        p.register(a0, 1, None, None, &[9, 9]);
+        p.register(a1, 2, Some(1), Some(a0), &[5, 6]);
+        // The victim's prompt [1, 2] [5, 6] collides with both hashes.
+        let victim = [1, 2, 5, 6];
+        assert_eq!(p.peek_prefix(&[1, 2], &victim, 2), (0, 0));
+        assert!(p.match_prefix(&[1, 2], &victim, 2).is_empty());
+        // The attacker's own prompt still hits.
+        assert_eq!(p.match_prefix(&[1, 2], &[9, 9, 5, 6], 2), vec![a0, a1]);
+    }
+
+    /// The other order: the victim's first block is cached, then the attacker computes a
+    /// colliding first block (kept private: the hash is taken) and a second block after it.
+    /// That second block must not be reused after the victim's first block.
+    #[test]
+    fn a_block_computed_after_a_colliding_prefix_is_not_reused() {
+        let mut p = BlockPool::new(8, 100);
+        let v0 = p.allocate().unwrap();
+        p.register(v0, 1, None, None, &[1, 2]);
+        let a0 = p.allocate().unwrap();
+        let a1 = p.allocate().unwrap();
+        p.register(a0, 1, None, None, &[9, 9]); // private: hash 1 is taken
+        p.register(a1, 2, Some(1), Some(a0), &[5, 6]); // private: its parent is not cached
+        assert_eq!(p.match_prefix(&[1, 2], &[1, 2, 5, 6], 2), vec![v0]);
+        // A child is reused only after the very registration it followed: once its parent's
+        // id is evicted and registered anew, the child's chain is broken (a miss, never a
+        // guess).
+        let mut p = BlockPool::new(2, 100);
+        let x0 = p.allocate().unwrap();
+        let x1 = p.allocate().unwrap();
+        p.register(x0, 1, None, None, &[1, 2]);
+        p.register(x1, 2, Some(1), Some(x0), &[5, 6]);
+        p.release(x0);
+        p.release(x1);
+        let y = p.allocate().unwrap();
+        assert_eq!(y, x0, "the oldest idle block is evicted");
+        p.register(y, 1, None, None, &[1, 2]);
+        assert_eq!(p.match_prefix(&[1, 2], &[1, 2, 5, 6], 2), vec![y]);
     }
 
     #[test]

@@ -141,6 +141,14 @@ pub enum TransportError {
         addr: SocketAddr,
         reason: String,
     },
+    /// The peer (whose certificate we verified) refused ours as revoked: this node was
+    /// removed from the cluster.
+    #[error("{peer} at {addr} refused us: {reason}")]
+    Revoked {
+        peer: String,
+        addr: SocketAddr,
+        reason: String,
+    },
     #[error("protocol version mismatch with {peer}: we speak {ours}, it speaks {theirs}")]
     VersionMismatch {
         peer: String,
@@ -536,6 +544,13 @@ impl Endpoint {
                     peer: peer.to_string(),
                     ours: self.version,
                     theirs,
+                });
+            }
+            STATUS_REVOKED => {
+                return Err(TransportError::Revoked {
+                    peer: peer.to_string(),
+                    addr,
+                    reason,
                 });
             }
             _ => {
@@ -966,6 +981,15 @@ fn quic_configs(
 
 fn refused_or_lost(peer: &str, addr: SocketAddr, e: &quinn::ConnectionError) -> TransportError {
     match e {
+        quinn::ConnectionError::ApplicationClosed(c)
+            if c.error_code == VarInt::from_u32(close_code::REVOKED) =>
+        {
+            TransportError::Revoked {
+                peer: peer.to_string(),
+                addr,
+                reason: String::from_utf8_lossy(&c.reason).into_owned(),
+            }
+        }
         quinn::ConnectionError::ApplicationClosed(c) => {
             let reason = String::from_utf8_lossy(&c.reason).into_owned();
             TransportError::Refused {
