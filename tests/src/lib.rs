@@ -158,6 +158,42 @@ impl TestPki {
     }
 }
 
+/// A pdctl configuration that speaks to the local admin socket of the agent with data dir
+/// `data_dir`.
+pub fn socket_config(data_dir: &Path) -> PathBuf {
+    let cfg = data_dir.join("socket-pdctl.toml");
+    std::fs::write(
+        &cfg,
+        format!("socket = \"{}\"\n", data_dir.join("admin.sock").display()),
+    )
+    .unwrap();
+    cfg
+}
+
+/// Makes `nodes` eligible to vote (the label `pdagent/voter=eligible`, an admin's decision)
+/// through the local admin socket of the agent with data dir `data_dir`, which must be the
+/// coordinator's (only the coordinator applies admin writes). Retries until each node is
+/// registered.
+pub fn make_eligible(data_dir: &Path, nodes: &[String]) {
+    let cfg = socket_config(data_dir);
+    for node in nodes {
+        wait_for(
+            &format!("{node} labelled eligible to vote"),
+            deadline(Duration::from_secs(60)),
+            || {
+                let out = pdctl(&[
+                    "--config",
+                    cfg.to_str().unwrap(),
+                    "label",
+                    node,
+                    "pdagent/voter=eligible",
+                ]);
+                out.status.success().then_some(())
+            },
+        );
+    }
+}
+
 /// `pdagent status --json` against the agent of `config` (or `agent`, name@addr).
 pub fn status(config: &Path, agent: Option<&str>) -> Option<serde_json::Value> {
     let mut args = vec!["status", "--json", "--config", config.to_str().unwrap()];

@@ -50,6 +50,9 @@ impl Cluster {
         for i in 0..n {
             c.start_node(i, i == 0);
         }
+        // Every host may vote (an admin's decision, through the bootstrap coordinator).
+        let names: Vec<String> = (2..=n).map(|i| format!("node-{i}")).collect();
+        make_eligible(&c.pki.root.path().join("node-1"), &names);
         c
     }
 

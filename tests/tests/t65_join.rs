@@ -117,6 +117,22 @@ fn hosts_join_with_a_token_and_voters_take_custody_of_the_ca_key() {
     for h in &hosts {
         f.agents.push(Agent::start(h, &[], &[]));
     }
+    // A join token is not a vote: the hosts join as learners, and the status says why the
+    // cluster has fewer voters than it wants.
+    f.wait_nodes(4, 1);
+    let cfg = socket_config(&data_dir(&f.seed_cfg));
+    let out = pdctl(&["--config", cfg.to_str().unwrap(), "status", "-o", "json"]);
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let why = s["voters_short"].as_str().unwrap_or_default().to_string();
+    assert!(why.contains("pdagent/voter=eligible"), "{s}");
+    for h in &hosts {
+        assert!(!data_dir(h).join("ca.key").exists());
+    }
+    // An admin makes two of them eligible (through the coordinator's local socket).
+    make_eligible(
+        &data_dir(&f.seed_cfg),
+        &["node-2".to_string(), "node-3".to_string()],
+    );
     f.wait_nodes(4, 3);
     for h in &hosts {
         let d = data_dir(h);
