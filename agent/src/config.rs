@@ -170,6 +170,15 @@ pub struct ServingSection {
     pub inflight_max: u32,
     /// Largest request body; larger ones get 413.
     pub body_bytes_max: u64,
+    /// A request's line and headers must arrive within this long of the connection opening,
+    /// or of the previous answer on a kept-alive connection (so it is also the idle limit of
+    /// a kept-alive connection); the connection is closed otherwise.
+    pub header_read_timeout_ms: u64,
+    /// A request's body must arrive within this long of its headers (408 and the connection
+    /// closed otherwise).
+    pub body_read_timeout_ms: u64,
+    /// Connections to the API open at once; one more is answered 503 and closed.
+    pub connections_max: u32,
     /// `max_tokens` when a request gives none.
     pub max_tokens_default: u32,
     /// Largest `max_tokens` a request may ask for (400 above).
@@ -200,6 +209,9 @@ impl Default for ServingSection {
             listen: DEFAULT_SERVING_LISTEN.to_string(),
             inflight_max: 256,
             body_bytes_max: 4 << 20,
+            header_read_timeout_ms: 10_000,
+            body_read_timeout_ms: 30_000,
+            connections_max: 4096,
             max_tokens_default: 256,
             max_tokens_max: 32_768,
             request_timeout_ms: 600_000,
@@ -751,6 +763,19 @@ impl ServingSection {
             }
         };
         range("inflight_max", self.inflight_max.into(), 1, 1_000_000)?;
+        range(
+            "header_read_timeout_ms",
+            self.header_read_timeout_ms,
+            100,
+            3_600_000,
+        )?;
+        range(
+            "body_read_timeout_ms",
+            self.body_read_timeout_ms,
+            100,
+            3_600_000,
+        )?;
+        range("connections_max", self.connections_max.into(), 1, 1_000_000)?;
         range("body_bytes_max", self.body_bytes_max, 1024, 1 << 30)?;
         range("max_tokens_max", self.max_tokens_max.into(), 1, 10_000_000)?;
         range(
@@ -781,6 +806,9 @@ impl ServingSection {
         crate::serving::ServingConfig {
             inflight_max: self.inflight_max as usize,
             body_bytes_max: self.body_bytes_max as usize,
+            header_read_timeout: Duration::from_millis(self.header_read_timeout_ms),
+            body_read_timeout: Duration::from_millis(self.body_read_timeout_ms),
+            connections_max: self.connections_max as usize,
             max_tokens_default: self.max_tokens_default,
             max_tokens_max: self.max_tokens_max,
             request_timeout: Duration::from_millis(self.request_timeout_ms),

@@ -42,7 +42,9 @@ impl Peers {
     fn note_removal(&self, e: &TransportError) {
         let removed = match e {
             TransportError::Revoked { .. } => true,
-            TransportError::Remote(m) => crate::wire::is_removal(m, &self.endpoint.identity().info.identity),
+            TransportError::Remote(m) => {
+                crate::wire::is_removal(m, &self.endpoint.identity().info.identity)
+            }
             _ => false,
         };
         if removed && !self.removed.swap(true, Ordering::Relaxed) {

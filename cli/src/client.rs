@@ -182,9 +182,11 @@ impl AdminClient {
                 break;
             }
             let coordinator = v["error"]["coordinator"].as_str().unwrap_or_default();
-            let Some(t) = self.targets.iter().find(
-                |t| matches!(t, Target::Tls { name, .. } if name == coordinator),
-            ) else {
+            let Some(t) = self
+                .targets
+                .iter()
+                .find(|t| matches!(t, Target::Tls { name, .. } if name == coordinator))
+            else {
                 bail!(
                     "{status}: {}\n(pdctl.toml's `agents` has no admin endpoint for {coordinator}: \
                      add \"{coordinator}@IP:PORT\")",
@@ -196,7 +198,12 @@ impl AdminClient {
                 self.request_one(t, method, path, body.clone()),
             )
             .await
-            .map_err(|_| anyhow!("{coordinator}: no answer within {} s", REQUEST_TIMEOUT.as_secs()))??;
+            .map_err(|_| {
+                anyhow!(
+                    "{coordinator}: no answer within {} s",
+                    REQUEST_TIMEOUT.as_secs()
+                )
+            })??;
         }
         if status.is_success() {
             return Ok(v);

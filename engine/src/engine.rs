@@ -525,7 +525,12 @@ impl Engine {
                     seq.emit_first = true;
                     self.counters.prompt_tokens_imported_total += seq.prompt_len as u64;
                     if self.cfg.prefix_caching {
-                        register_blocks(&mut self.pool, &mut seq, self.cfg.block_size_tokens, self.cfg.test_block_hash_mask);
+                        register_blocks(
+                            &mut self.pool,
+                            &mut seq,
+                            self.cfg.block_size_tokens,
+                            self.cfg.test_block_hash_mask,
+                        );
                     }
                     self.running.push(seq);
                 }

@@ -142,15 +142,26 @@ fn colliding_block_hashes_cannot_poison_the_prefix_cache() {
     let s = SamplingParams::greedy(12);
     let planted = "the attacker's prompt, long enough for a few blocks of KV; ".repeat(2);
     let victim = "the victim's own question, also long enough for a few blocks; ".repeat(2);
-    let alone = generate(&mut engine(Preset::Tiny), 1, Prompt::Text(victim.clone()), s.clone());
+    let alone = generate(
+        &mut engine(Preset::Tiny),
+        1,
+        Prompt::Text(victim.clone()),
+        s.clone(),
+    );
     let mut e = tiny(EngineConfig {
         test_block_hash_mask: 0,
         ..EngineConfig::default()
     });
     let first = generate(&mut e, 1, Prompt::Text(planted.clone()), s.clone());
-    assert!(e.stats().kv_blocks_cached > 0, "the planted blocks are cached");
+    assert!(
+        e.stats().kv_blocks_cached > 0,
+        "the planted blocks are cached"
+    );
     let second = generate(&mut e, 2, Prompt::Text(victim.clone()), s.clone());
-    assert_eq!(second.prompt_tokens_cached, 0, "nothing of the planted KV reused");
+    assert_eq!(
+        second.prompt_tokens_cached, 0,
+        "nothing of the planted KV reused"
+    );
     assert_eq!(second.prompt_tokens_computed, second.prompt_tokens);
     assert_eq!(second.tokens, alone.tokens);
     assert_eq!(second.text, alone.text);

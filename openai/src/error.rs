@@ -95,6 +95,16 @@ impl ApiError {
         .with_code("request_too_large")
     }
 
+    /// 408 for a request body that did not arrive within the server's bound.
+    pub fn body_timeout(limit_ms: u64) -> Self {
+        Self::new(
+            408,
+            INVALID_REQUEST,
+            format!("The request body did not arrive within {limit_ms} ms."),
+        )
+        .with_code("request_timeout")
+    }
+
     /// 401 for a missing or wrong API key.
     pub fn unauthorized(message: impl Into<String>) -> Self {
         Self::new(401, INVALID_REQUEST, message).with_code("invalid_api_key")

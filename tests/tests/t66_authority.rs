@@ -194,7 +194,11 @@ fn a_nodes_certificate_speaks_only_for_that_node() {
             other => panic!("{what}: expected a refusal, got {other:?}"),
         }
     }
-    assert_eq!(admin_view(&l), before, "a refused proposal changed the state");
+    assert_eq!(
+        admin_view(&l),
+        before,
+        "a refused proposal changed the state"
+    );
 
     // About itself: taking itself out of service is its own to say.
     let r = rt.block_on(propose_as(
@@ -265,7 +269,10 @@ fn a_nodes_certificate_speaks_only_for_that_node() {
     let out = pdctl(&["--config", cfg, "label", &coordinator, "team=x"]);
     assert!(!out.status.success());
     let err = text(&out.stderr);
-    assert!(err.contains("local socket may only cordon or drain"), "{err}");
+    assert!(
+        err.contains("local socket may only cordon or drain"),
+        "{err}"
+    );
     let out = pdctl(&["--config", cfg, "uncordon", &node]);
     assert!(!out.status.success(), "uncordon is the admin's");
     let out = pdctl(&["--config", cfg, "drain", &node]);

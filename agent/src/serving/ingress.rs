@@ -22,6 +22,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
 use axum::Router;
@@ -70,19 +71,84 @@ pub fn router(serving: Arc<Serving>) -> Router {
         .with_state(serving)
 }
 
-/// Binds and serves the API; returns the bound address.
+/// Binds and serves the API; returns the bound address. Each connection is bounded for
+/// untrusted clients: at most `connections_max` open (one more is answered 503 and closed), a
+/// request head within `header_read_timeout` (also a kept-alive connection's idle limit), a
+/// body within `body_read_timeout` (see `generate`).
 pub async fn serve(addr: SocketAddr, serving: Arc<Serving>) -> anyhow::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot bind the OpenAI API on {addr}: {e}"))?;
     let bound = listener.local_addr()?;
-    let app = router(serving);
+    let app = router(serving.clone());
+    let cfg = serving.config().clone();
+    let slots = Arc::new(tokio::sync::Semaphore::new(cfg.connections_max));
+    let metrics = serving.metrics().clone();
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "the OpenAI API stopped");
+        loop {
+            let (tcp, remote) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of descriptors, most likely: let some close before trying again.
+                    tracing::warn!(error = %e, "the OpenAI API cannot accept a connection");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    continue;
+                }
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                metrics.connections_closed.inc(&["full"]);
+                tokio::spawn(refuse_full(tcp, cfg.connections_max));
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+            let metrics = metrics.clone();
+            let header_timeout = cfg.header_read_timeout;
+            tokio::spawn(async move {
+                metrics.connections.fetch_add(1, Ordering::Relaxed);
+                let served = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(header_timeout)
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+                if let Err(e) = served {
+                    if e.is_timeout() {
+                        metrics.connections_closed.inc(&["header_timeout"]);
+                    }
+                    tracing::debug!(%remote, error = %e, "OpenAI API connection ended");
+                }
+                metrics.connections.fetch_sub(1, Ordering::Relaxed);
+                drop(slot);
+            });
         }
     });
     Ok(bound)
+}
+
+/// Pause after a failed accept.
+const ACCEPT_ERROR_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
+/// Bound on answering a connection over `connections_max`.
+const REFUSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Answers a connection over the bound with 503 (OpenAI's error body) and closes it.
+async fn refuse_full(mut tcp: tokio::net::TcpStream, max: usize) {
+    use tokio::io::AsyncWriteExt;
+    let e = ApiError::unavailable(
+        format!("this agent has {max} connections open, its limit; retry shortly"),
+        Some(1),
+    );
+    let body = e.body();
+    let head = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n\
+         connection: close\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    let _ = tokio::time::timeout(REFUSE_TIMEOUT, async {
+        tcp.write_all(head.as_bytes()).await?;
+        tcp.write_all(body.as_bytes()).await?;
+        tcp.shutdown().await
+    })
+    .await;
 }
 
 fn error_response(e: &ApiError, request_id: Option<&str>) -> Response {
@@ -226,9 +292,30 @@ async fn generate(s: Arc<Serving>, kind: ApiKind, req: Request) -> Response {
     if too_large {
         return error_response(&ApiError::too_large(limit), Some(&rid));
     }
-    let body = match axum::body::to_bytes(req.into_body(), limit).await {
-        Ok(b) => b,
-        Err(_) => return error_response(&ApiError::too_large(limit), Some(&rid)),
+    // The request holds a slot from here, while its body arrives.
+    let admission = match s.admit() {
+        Ok(a) => a,
+        Err(e) => return error_response(&e, Some(&rid)),
+    };
+    let read_timeout = s.config().body_read_timeout;
+    let body = match tokio::time::timeout(
+        read_timeout,
+        axum::body::to_bytes(req.into_body(), limit),
+    )
+    .await
+    {
+        Ok(Ok(b)) => b,
+        Ok(Err(_)) => return error_response(&ApiError::too_large(limit), Some(&rid)),
+        Err(_) => {
+            s.metrics().connections_closed.inc(&["body_timeout"]);
+            let mut r = error_response(
+                &ApiError::body_timeout(read_timeout.as_millis() as u64),
+                Some(&rid),
+            );
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return r;
+        }
     };
     let limits = Limits {
         max_tokens_max: s.config().max_tokens_max,
@@ -244,7 +331,7 @@ async fn generate(s: Arc<Serving>, kind: ApiKind, req: Request) -> Response {
     let stream = g.stream;
     let include_usage = g.include_usage;
     let model = g.model.clone();
-    let mut rx = match s.start(g, received) {
+    let mut rx = match s.start(g, received, admission) {
         Ok(rx) => rx,
         Err(e) => return error_response(&e, Some(&rid)),
     };

@@ -279,11 +279,20 @@ pub struct Metrics {
     pub kv_transfer: Histogram,
     pub agent_time: Histogram,
     pub inflight: AtomicU64,
+    /// Open connections to the OpenAI API.
+    pub connections: AtomicU64,
+    pub connections_closed: Counter,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         Metrics {
+            connections: AtomicU64::new(0),
+            connections_closed: Counter::new(
+                "pdagent_http_connections_closed_total",
+                "Connections to the OpenAI API that this agent closed on its own, by reason: full (connections_max open), header_timeout (no complete request head within header_read_timeout_ms, idle keep-alive included), body_timeout (body_read_timeout_ms).",
+                &["reason"],
+            ),
             requests: Counter::new(
                 "pdagent_requests_total",
                 "Requests this agent's OpenAI API answered, by model and outcome.",
@@ -408,6 +417,17 @@ impl Metrics {
             "pdagent_requests_inflight {}",
             self.inflight.load(Ordering::Relaxed)
         );
+        let _ = writeln!(
+            out,
+            "# HELP pdagent_http_connections Open connections to this agent's OpenAI API."
+        );
+        let _ = writeln!(out, "# TYPE pdagent_http_connections gauge");
+        let _ = writeln!(
+            out,
+            "pdagent_http_connections {}",
+            self.connections.load(Ordering::Relaxed)
+        );
+        self.connections_closed.render(&mut out);
         for g in gauges {
             let _ = writeln!(out, "# HELP {} {}", g.name, g.help);
             let kind = if g.counter { "counter" } else { "gauge" };

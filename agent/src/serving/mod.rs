@@ -44,11 +44,30 @@ use crate::wire::{AgentRequest, AgentResponse};
 use legs::{DecodeLeg, EngineKvDecodeLeg, Failure, GenerateLeg, Leg, Legs, PrefillLeg, ServeEvent};
 use metrics::Metrics;
 
+/// A request slot of this agent's API (`Serving::admit`), held until the request's answer
+/// ends.
+pub struct Admission {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.metrics.inflight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// The serving settings (from the `[serving]` section).
 #[derive(Debug, Clone)]
 pub struct ServingConfig {
     pub inflight_max: usize,
     pub body_bytes_max: usize,
+    /// Bound on a request's head (and a kept-alive connection's idle time).
+    pub header_read_timeout: Duration,
+    /// Bound on a request's body.
+    pub body_read_timeout: Duration,
+    /// Connections open at once.
+    pub connections_max: usize,
     pub max_tokens_default: u32,
     pub max_tokens_max: u32,
     pub request_timeout: Duration,
@@ -212,6 +231,10 @@ impl Serving {
 
     pub fn config(&self) -> &ServingConfig {
         &self.cfg
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Keeps the view of the cluster's engines fresh, and drops KV shipments nobody claimed.
@@ -379,16 +402,9 @@ impl Serving {
         h.finish()
     }
 
-    /// Starts serving a validated request. Errors that come before any work (unknown model,
-    /// full) are returned; everything after arrives on the channel.
-    pub fn start(
-        self: &Arc<Self>,
-        generation: Generation,
-        received: Instant,
-    ) -> Result<mpsc::Receiver<Out>, ApiError> {
-        if !self.view().models.contains_key(&generation.model) {
-            return Err(ApiError::model_not_found(&generation.model));
-        }
+    /// Takes one of this agent's `inflight_max` request slots, from a request's first byte
+    /// (before its body is read) until its answer ends; refused (429) when none is free.
+    pub fn admit(&self) -> Result<Admission, ApiError> {
         let permit = self.slots.clone().try_acquire_owned().map_err(|_| {
             ApiError::overloaded(
                 format!(
@@ -398,13 +414,29 @@ impl Serving {
                 1,
             )
         })?;
+        self.metrics.inflight.fetch_add(1, Ordering::Relaxed);
+        Ok(Admission {
+            _permit: permit,
+            metrics: self.metrics.clone(),
+        })
+    }
+
+    /// Starts serving a validated request under its admission. Errors that come before any
+    /// work (unknown model) are returned; everything after arrives on the channel.
+    pub fn start(
+        self: &Arc<Self>,
+        generation: Generation,
+        received: Instant,
+        admission: Admission,
+    ) -> Result<mpsc::Receiver<Out>, ApiError> {
+        if !self.view().models.contains_key(&generation.model) {
+            return Err(ApiError::model_not_found(&generation.model));
+        }
         let (tx, rx) = mpsc::channel(64);
         let this = self.clone();
         tokio::spawn(async move {
-            this.metrics.inflight.fetch_add(1, Ordering::Relaxed);
             this.journey(generation, tx, received).await;
-            this.metrics.inflight.fetch_sub(1, Ordering::Relaxed);
-            drop(permit);
+            drop(admission);
         });
         Ok(rx)
     }
