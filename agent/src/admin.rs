@@ -23,7 +23,8 @@
 //!   only where a copy matches (409 `model_not_found` when none does). Refused with 409
 //!   `does_not_fit` and what is missing when the engines cannot all be placed now;
 //!   `DELETE /v1/deployments/{name}`; `PUT /v1/deployments/{name}/layout` with `{"prefill",
-//!   "decode"}` or `{"colocated"}`.
+//!   "decode"}` or `{"colocated"}`; `GET /v1/deployments/{name}/routable`: whether every
+//!   agent's router would route to all of its engines now (`pdctl deploy --wait`).
 //! - `GET /v1/apikeys` (ids, names, creation times); `POST /v1/apikeys` with `{"name"}`
 //!   answers the new key once (only its SHA-256 is stored) and from then on the OpenAI API
 //!   asks for a key; `DELETE /v1/apikeys/{id}`; `PUT /v1/apikeys/required` with
@@ -63,6 +64,10 @@ pub struct AdminCtx {
     pub metrics: Arc<crate::serving::metrics::Metrics>,
     /// `node.models_dir`: where this host's relative model names are.
     pub models_dir: std::path::PathBuf,
+    /// This agent's serving path (what its router would choose).
+    pub serving: Arc<crate::serving::Serving>,
+    /// This agent serves the OpenAI API.
+    pub api: bool,
     /// Serving the local unix socket (rather than HTTPS with the admin certificate): on a
     /// host that is not the coordinator it may write only what this node may say about
     /// itself (`authority`).
@@ -279,6 +284,85 @@ async fn engines(State(ctx): Ctx) -> Json<serde_json::Value> {
     Json(json!({ "engines": engines }))
 }
 
+/// Asks every other agent not recorded down, at once; each answer (or `None`: no answer
+/// within `timeout`) by node.
+async fn ask_other_agents(
+    ctx: &AdminCtx,
+    s: &pd_raft::ClusterState,
+    req: AgentRequest,
+    timeout: Duration,
+) -> Vec<(String, Option<AgentResponse>)> {
+    let me = ctx.control.node_name();
+    let req = Arc::new(req);
+    let mut asks = tokio::task::JoinSet::new();
+    for n in s.nodes.values() {
+        if n.name == me || n.health == pd_raft::NodeHealth::Down {
+            continue;
+        }
+        let (name, address, peers) = (n.name.clone(), n.address.clone(), ctx.peers.clone());
+        let req = req.clone();
+        asks.spawn(async move {
+            let got = match address.parse::<SocketAddr>() {
+                Ok(addr) => peers.call(&name, addr, &req, timeout).await.ok(),
+                Err(_) => None,
+            };
+            (name, got)
+        });
+    }
+    asks.join_all().await
+}
+
+/// Whether every agent's router would route to all of a deployment's engines now (what
+/// `pdctl deploy --wait` waits for after the engines are ready): per node (not down), the
+/// engines its router would choose and whether it serves the OpenAI API; `every_agent` is
+/// true when each agent with an API that answered sees every engine, and every agent answered.
+async fn routable(
+    State(ctx): Ctx,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let s = ctx.control.state_snapshot();
+    let Some(d) = s.deployments.get(&name) else {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            "unknown_deployment",
+            format!("unknown deployment {name:?}"),
+        ));
+    };
+    let wanted = d.layout.engine_count();
+    let req = AgentRequest::Routable {
+        deployment: name.clone(),
+    };
+    let mut answers = ask_other_agents(&ctx, &s, req, ROUTABLE_TIMEOUT).await;
+    answers.push((
+        ctx.control.node_name().to_string(),
+        Some(AgentResponse::Routable {
+            engines: ctx.serving.routable(&name),
+            api: ctx.api,
+        }),
+    ));
+    answers.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut every = true;
+    let nodes: Vec<serde_json::Value> = answers
+        .into_iter()
+        .map(|(node, got)| match got {
+            Some(AgentResponse::Routable { engines, api }) => {
+                every &= !api || engines >= wanted;
+                json!({"node": node, "engines": engines, "api": api})
+            }
+            _ => {
+                every = false;
+                json!({"node": node, "engines": null, "api": null})
+            }
+        })
+        .collect();
+    Ok(Json(
+        json!({"deployment": name, "engines_wanted": wanted, "every_agent": every, "nodes": nodes}),
+    ))
+}
+
+/// Bound on asking one agent what it would route to.
+const ROUTABLE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// TTFT and TPOT per model over every agent that answers within `LATENCIES_TIMEOUT`.
 async fn cluster_latencies(
     ctx: &AdminCtx,
@@ -288,27 +372,15 @@ async fn cluster_latencies(
     Vec<String>,
 ) {
     let me = ctx.control.node_name().to_string();
-    let mut asks = tokio::task::JoinSet::new();
-    for n in s.nodes.values() {
-        if n.name == me || n.health == pd_raft::NodeHealth::Down {
-            continue;
-        }
-        let (name, address, peers) = (n.name.clone(), n.address.clone(), ctx.peers.clone());
-        asks.spawn(async move {
-            let got = match address.parse::<SocketAddr>() {
-                Ok(addr) => {
-                    let req = AgentRequest::Latencies;
-                    match peers.call(&name, addr, &req, LATENCIES_TIMEOUT).await {
-                        Ok(AgentResponse::Latencies(l)) => Some(l),
-                        _ => None,
-                    }
-                }
-                Err(_) => None,
-            };
-            (name, got)
-        });
-    }
-    let mut answers = asks.join_all().await;
+    let mut answers: Vec<(String, Option<Vec<crate::serving::metrics::ModelLatency>>)> =
+        ask_other_agents(ctx, s, AgentRequest::Latencies, LATENCIES_TIMEOUT)
+            .await
+            .into_iter()
+            .map(|(node, got)| match got {
+                Some(AgentResponse::Latencies(l)) => (node, Some(l)),
+                _ => (node, None),
+            })
+            .collect();
     answers.push((me, Some(ctx.metrics.latencies())));
     let mut by_model: BTreeMap<String, crate::serving::metrics::ModelLatency> = BTreeMap::new();
     let mut silent = Vec::new();
@@ -904,6 +976,7 @@ pub fn router(ctx: Arc<AdminCtx>) -> Router {
             axum::routing::delete(delete_deployment),
         )
         .route("/v1/deployments/{name}/layout", put(scale_deployment))
+        .route("/v1/deployments/{name}/routable", get(routable))
         .route("/v1/apikeys", get(api_keys).post(create_api_key))
         .route("/v1/apikeys/required", put(require_api_keys))
         .route("/v1/apikeys/{id}", axum::routing::delete(revoke_api_key))

@@ -31,6 +31,9 @@ pub struct AgentService {
     legs: Arc<crate::serving::legs::Legs>,
     metrics: Arc<crate::serving::metrics::Metrics>,
     models_dir: std::path::PathBuf,
+    serving: Arc<crate::serving::Serving>,
+    /// This agent serves the OpenAI API.
+    api: bool,
 }
 
 impl Service for AgentService {
@@ -93,6 +96,10 @@ impl Service for AgentService {
             AgentRequest::Directive { term, directive } => {
                 self.control.directive(peer, term, directive).await
             }
+            AgentRequest::Routable { deployment } => Ok(AgentResponse::Routable {
+                engines: self.serving.routable(&deployment),
+                api: self.api,
+            }),
             AgentRequest::CheckModel { model } => {
                 let dir = self.models_dir.clone();
                 tokio::task::spawn_blocking(move || crate::models::check(&dir, &model))
@@ -310,6 +317,8 @@ pub async fn run(
             peers: peers.clone(),
             metrics: metrics.clone(),
             models_dir: cfg.models_dir.clone(),
+            serving: serving.clone(),
+            api: api_addr.is_some(),
             local,
         }))
     };
@@ -322,6 +331,8 @@ pub async fn run(
         legs,
         metrics,
         models_dir: cfg.models_dir.clone(),
+        serving: serving.clone(),
+        api: api_addr.is_some(),
     });
     let server = endpoint.serve(service);
     info!(

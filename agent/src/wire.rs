@@ -63,6 +63,8 @@ pub enum AgentRequest {
     /// A direct command from the coordinator of Raft term `term`; refused by an agent that has
     /// seen a newer term (DESIGN.md "Fencing").
     Directive { term: u64, directive: Directive },
+    /// How many of a deployment's engines this agent's router would choose now.
+    Routable { deployment: String },
 }
 
 /// What a coordinator may tell an agent directly, outside the log.
@@ -116,6 +118,12 @@ pub enum AgentResponse {
     DirectiveRefused {
         seen_term: u64,
         why: String,
+    },
+    /// The answer to `Routable`: ready engines in this agent's router view (circuits closed),
+    /// and whether this agent serves the OpenAI API.
+    Routable {
+        engines: u32,
+        api: bool,
     },
 }
 

@@ -1372,7 +1372,31 @@ pub(crate) fn wait_engines_ready(
             last = line;
         }
         if ready == wanted {
-            return Ok(());
+            // Ready means serving: every agent's router must see them too (each refreshes
+            // its view on its own clock).
+            let r = block_on(c.request(
+                "GET",
+                &format!("/v1/deployments/{}/routable", client::segment(name)),
+                None,
+            ))??;
+            if r["every_agent"] == true {
+                return Ok(());
+            }
+            let behind: Vec<&str> = r["nodes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|n| n["api"] != false && n["engines"].as_u64() != Some(wanted as u64))
+                .filter_map(|n| n["node"].as_str())
+                .collect();
+            let line = format!(
+                "{ready}/{wanted} engines ready; waiting for {} to route to them",
+                behind.join(", ")
+            );
+            if line != last {
+                eprintln!("  {line}");
+                last = line;
+            }
         }
         if !failed.is_empty() {
             for e in &failed {

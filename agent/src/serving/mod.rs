@@ -348,6 +348,21 @@ impl Serving {
         }
     }
 
+    /// How many of `deployment`'s engines this agent's router would choose now: ready, and
+    /// their circuits closed.
+    pub fn routable(&self, deployment: &str) -> u32 {
+        let view = self.view();
+        let Some(m) = view.models.get(deployment) else {
+            return 0;
+        };
+        let open = self.open_circuits.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        m.candidates
+            .iter()
+            .filter(|c| c.available && !open.get(&c.engine).is_some_and(|o| o.until > now))
+            .count() as u32
+    }
+
     fn view(&self) -> Arc<View> {
         self.view.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
