@@ -88,7 +88,7 @@ pub struct ControlPlane {
     ca_pem: String,
 }
 
-/// The fencing of directives (DESIGN.md "Fencing"), pure: a directive of term `term` is
+/// The fencing of directives, pure: a directive of term `term` is
 /// refused when this agent has seen a newer term (`seen`: its Raft's, or a directive's), and,
 /// in the term its Raft is in (`raft_term`), when it does not come from that term's leader.
 pub fn fence_directive(

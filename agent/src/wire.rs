@@ -61,7 +61,7 @@ pub enum AgentRequest {
     /// Whether this host has a deployment's model folder, and its checkpoint fingerprint.
     CheckModel { model: String },
     /// A direct command from the coordinator of Raft term `term`; refused by an agent that has
-    /// seen a newer term (DESIGN.md "Fencing").
+    /// seen a newer term (`control::fence_directive`).
     Directive { term: u64, directive: Directive },
     /// How many of a deployment's engines this agent's router would choose now.
     Routable { deployment: String },

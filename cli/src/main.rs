@@ -386,8 +386,11 @@ enum BenchCommand {
     /// a request-rate sweep with SLO attainment and goodput, disaggregated against colocated.
     Serve {
         /// Requests per rate point of the sweep (vllm: requests per measurement).
-        #[arg(long, default_value_t = 24)]
+        #[arg(long, default_value_t = 50)]
         requests: usize,
+        /// builtin: how many times the sweep runs (the goodput's spread is printed).
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
         /// builtin: the reference engine (agent time, routing, a rate sweep with goodput);
         /// vllm: a vLLM NIXL pair (agent time, paired against vLLM's two-step flow sent
         /// straight to the engines, TTFT and TPOT against colocated vLLM); needs
@@ -1146,15 +1149,22 @@ fn run(cli: Cli) -> Result<()> {
                 } else {
                     bench_calibrate::print(&r);
                 }
+                if !r.within_tolerance {
+                    anyhow::bail!(
+                        "a prediction is outside the stated tolerance of {:.0}% (the report above says which)",
+                        r.tolerance * 100.0
+                    );
+                }
             }
             BenchCommand::Serve {
                 requests,
+                repeats,
                 engine,
                 vllm,
                 json,
             } => match engine.as_str() {
                 "builtin" => {
-                    let r = bench_serve::run(requests, json)?;
+                    let r = bench_serve::run(requests, repeats, json)?;
                     if json {
                         println!("{}", serde_json::to_string(&r)?);
                     } else {

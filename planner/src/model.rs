@@ -560,7 +560,7 @@ mod tests {
 
     #[test]
     fn kv_bytes_per_token_match_the_published_figures() {
-        // ANCHORS.md: 128 KiB, 256 KiB, 320 KiB; DeepSeek-V3 ≈ 69 KiB (61 × 576 × 2 bytes).
+        // Published KV sizes (bf16): 128 KiB, 256 KiB, 320 KiB; DeepSeek-V3 ≈ 69 KiB (61 × 576 × 2 bytes).
         let kib = |n: &str| find_model(n).unwrap().kv_bytes_per_token(Dtype::Bf16) / 1024.0;
         assert_eq!(kib("Llama-3.1-8B"), 128.0);
         assert_eq!(kib("Qwen3-32B"), 256.0);

@@ -18,8 +18,8 @@ pub const NETWORK_EFFICIENCY: f64 = 0.8;
 /// Fixed cost of one KV transfer: connection lookup, handshake of the block list.
 pub const NETWORK_LATENCY_S: f64 = 100e-6;
 
-/// How far below peak an engine runs, and its fixed costs. The defaults follow ANCHORS.md:
-/// large GEMMs reach 72–86% of peak (derated as AIConfigurator does), decode reaches 60–86%
+/// How far below peak an engine runs, and its fixed costs. The defaults follow published
+/// measurements: large GEMMs reach 72–86% of peak (derated as AIConfigurator does), decode reaches 60–86%
 /// of HBM bandwidth at large batches.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Efficiency {

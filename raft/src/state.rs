@@ -384,6 +384,8 @@ pub enum ApplyError {
 /// The response carried back to the proposer through Raft.
 pub type CommandResult = Result<Applied, ApplyError>;
 
+/// Encoded with bincode, which is positional: a field added or changed is a new schema (with
+/// a frozen copy of the old shape to read it), never a `#[serde(default)]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterState {
     pub schema_version: u32,
@@ -393,18 +395,13 @@ pub struct ClusterState {
     /// Ids of removed nodes: refused until the name enrolls again with a join token.
     pub retired_ids: BTreeSet<u64>,
     /// Known certificates per node name: serial (hex) -> expiry (unix seconds).
-    #[serde(default)]
     pub certificates: BTreeMap<String, BTreeMap<String, i64>>,
-    #[serde(default)]
     pub deployments: BTreeMap<String, Deployment>,
     /// By engine id.
-    #[serde(default)]
     pub assignments: BTreeMap<String, Assignment>,
     /// By key id.
-    #[serde(default)]
     pub api_keys: BTreeMap<String, ApiKey>,
     /// Whether the OpenAI API asks for a key (see `Command::RequireApiKeys`).
-    #[serde(default)]
     pub api_keys_required: bool,
     /// The planner's record of each `--layout planned` deployment, by deployment name.
     /// (Schema 2.)

@@ -1,6 +1,7 @@
 //! Raft log, vote and snapshots on disk in one redb database under the data dir. Every write
 //! commits with redb's default durability (fsync) before openraft is told it is done, so
-//! nothing acknowledged is lost to a crash. The state machine lives in memory: on start it is
+//! nothing acknowledged is lost to a crash; the commits run on blocking threads, never on the
+//! async runtime. The state machine lives in memory: on start it is
 //! restored from the last snapshot and openraft re-applies the committed log after it.
 
 use std::fmt::Debug;
@@ -98,6 +99,34 @@ fn any<E: std::error::Error + 'static>(e: E) -> AnyError {
     AnyError::new(&e)
 }
 
+/// Runs a redb write (its commit waits for fsync) on a blocking thread, so that a Raft write
+/// never stalls the async runtime that serves requests. openraft calls the storage one call at
+/// a time, so writes still happen in order.
+async fn off_runtime<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, AnyError> + Send + 'static,
+) -> Result<T, AnyError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| AnyError::error(format!("the storage thread failed: {e}")))?
+}
+
+/// Writes `bytes` under `key` in the META table, committed.
+async fn put_meta_bytes(
+    db: Arc<Database>,
+    key: &'static str,
+    bytes: Vec<u8>,
+) -> Result<(), AnyError> {
+    off_runtime(move || {
+        let txn = db.begin_write().map_err(any)?;
+        {
+            let mut t = txn.open_table(META).map_err(any)?;
+            t.insert(key, bytes.as_slice()).map_err(any)?;
+        }
+        txn.commit().map_err(any)
+    })
+    .await
+}
+
 /// Opens (or creates) the database under `dir` and returns the log store and the state
 /// machine, the latter restored from the last snapshot.
 pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
@@ -154,23 +183,21 @@ impl LogStore {
         }
     }
 
-    fn put_meta<T: Serialize>(&self, key: &str, v: &T) -> Result<(), AnyError> {
-        let bytes = encode(v)?;
-        let txn = self.db.begin_write().map_err(any)?;
-        {
-            let mut t = txn.open_table(META).map_err(any)?;
-            t.insert(key, bytes.as_slice()).map_err(any)?;
-        }
-        txn.commit().map_err(any)
+    async fn put_meta<T: Serialize>(&self, key: &'static str, v: &T) -> Result<(), AnyError> {
+        put_meta_bytes(self.db.clone(), key, encode(v)?).await
     }
 
-    fn remove_logs(&self, range: impl RangeBounds<u64>) -> Result<(), AnyError> {
-        let txn = self.db.begin_write().map_err(any)?;
-        {
-            let mut t = txn.open_table(LOGS).map_err(any)?;
-            t.retain_in(range, |_, _| false).map_err(any)?;
-        }
-        txn.commit().map_err(any)
+    async fn remove_logs(&self, range: (Bound<u64>, Bound<u64>)) -> Result<(), AnyError> {
+        let db = self.db.clone();
+        off_runtime(move || {
+            let txn = db.begin_write().map_err(any)?;
+            {
+                let mut t = txn.open_table(LOGS).map_err(any)?;
+                t.retain_in(range, |_, _| false).map_err(any)?;
+            }
+            txn.commit().map_err(any)
+        })
+        .await
     }
 }
 
@@ -226,7 +253,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> SResult<()> {
-        self.put_meta(KEY_VOTE, vote).map_err(err::write_vote)
+        self.put_meta(KEY_VOTE, vote).await.map_err(err::write_vote)
     }
 
     async fn read_vote(&mut self) -> SResult<Option<Vote<NodeId>>> {
@@ -235,6 +262,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> SResult<()> {
         self.put_meta(KEY_COMMITTED, &committed)
+            .await
             .map_err(io_err(ErrorSubject::Store, ErrorVerb::Write))
     }
 
@@ -250,18 +278,28 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let write = || -> Result<(), AnyError> {
-            let txn = self.db.begin_write().map_err(any)?;
-            {
-                let mut t = txn.open_table(LOGS).map_err(any)?;
-                for e in entries {
-                    let bytes = encode(&e)?;
-                    t.insert(e.log_id.index, bytes.as_slice()).map_err(any)?;
-                }
+        let encoded = entries
+            .into_iter()
+            .map(|e| Ok((e.log_id.index, encode(&e)?)))
+            .collect::<Result<Vec<(u64, Vec<u8>)>, AnyError>>();
+        let db = self.db.clone();
+        let written = match encoded {
+            Ok(encoded) => {
+                off_runtime(move || {
+                    let txn = db.begin_write().map_err(any)?;
+                    {
+                        let mut t = txn.open_table(LOGS).map_err(any)?;
+                        for (index, bytes) in &encoded {
+                            t.insert(*index, bytes.as_slice()).map_err(any)?;
+                        }
+                    }
+                    txn.commit().map_err(any)
+                })
+                .await
             }
-            txn.commit().map_err(any)
+            Err(e) => Err(e),
         };
-        match write() {
+        match written {
             Ok(()) => {
                 callback.log_io_completed(Ok(()));
                 Ok(())
@@ -274,14 +312,19 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> SResult<()> {
-        self.remove_logs(log_id.index..).map_err(err::write_logs)
+        self.remove_logs((Bound::Included(log_id.index), Bound::Unbounded))
+            .await
+            .map_err(err::write_logs)
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> SResult<()> {
         // Record the purge point first: entries at or before it are ignored from then on.
         self.put_meta(KEY_PURGED, &log_id)
+            .await
             .map_err(err::write_logs)?;
-        self.remove_logs(..=log_id.index).map_err(err::write_logs)
+        self.remove_logs((Bound::Unbounded, Bound::Included(log_id.index)))
+            .await
+            .map_err(err::write_logs)
     }
 }
 
@@ -295,7 +338,7 @@ pub struct StateMachineData {
 
 impl StateMachineData {
     /// Reads a snapshot's state machine, of this schema or an older one (converted).
-    fn decode(bytes: &[u8]) -> Result<StateMachineData, AnyError> {
+    pub fn decode(bytes: &[u8]) -> Result<StateMachineData, AnyError> {
         let current = match decode::<StateMachineData>(bytes) {
             Ok(d) => return Ok(d),
             Err(e) => e,
@@ -379,14 +422,8 @@ impl StateMachineStore {
         }
     }
 
-    fn write_snapshot(&self, s: &StoredSnapshot) -> Result<(), AnyError> {
-        let bytes = encode(s)?;
-        let txn = self.db.begin_write().map_err(any)?;
-        {
-            let mut t = txn.open_table(META).map_err(any)?;
-            t.insert(KEY_SNAPSHOT, bytes.as_slice()).map_err(any)?;
-        }
-        txn.commit().map_err(any)
+    async fn write_snapshot(&self, s: &StoredSnapshot) -> Result<(), AnyError> {
+        put_meta_bytes(self.db.clone(), KEY_SNAPSHOT, encode(s)?).await
     }
 }
 
@@ -419,6 +456,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                 meta: meta.clone(),
                 data: bytes.clone(),
             })
+            .await
             .map_err(|e| err::write_snapshot(Some(meta.signature()), e))?;
         Ok(Snapshot {
             meta,
@@ -493,6 +531,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             meta: meta.clone(),
             data: bytes,
         })
+        .await
         .map_err(|e| err::write_snapshot(Some(meta.signature()), e))?;
         *self.write() = data;
         Ok(())

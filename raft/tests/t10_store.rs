@@ -291,3 +291,23 @@ async fn a_schema_2_snapshot_is_read_and_upgraded() {
         .unwrap();
     assert!(s.engine_args.is_empty());
 }
+
+/// A Raft write waits for its fsync off the async runtime: on a one-thread runtime, another
+/// task runs while the write commits (a synchronous commit would hold the thread throughout,
+/// and with it every request the agent serves).
+#[tokio::test(flavor = "current_thread")]
+async fn a_raft_write_does_not_hold_the_runtime() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _sm) = store::open(dir.path()).unwrap();
+    let ran = Arc::new(AtomicBool::new(false));
+    let r = ran.clone();
+    tokio::spawn(async move { r.store(true, Ordering::SeqCst) });
+    log.save_vote(&Vote::new(1, 1)).await.unwrap();
+    assert!(
+        ran.load(Ordering::SeqCst),
+        "the runtime's thread was held during the write"
+    );
+    assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new(1, 1)));
+}
