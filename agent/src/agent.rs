@@ -287,7 +287,7 @@ pub async fn run(
         supervisor.clone(),
         peers.clone(),
         control.clone(),
-        serving_cfg.request_timeout,
+        serving_cfg.kv,
         metrics.clone(),
     ));
     let serving = crate::serving::Serving::new(

@@ -179,6 +179,17 @@ pub struct ServingSection {
     pub body_read_timeout_ms: u64,
     /// Connections to the API open at once; one more is answered 503 and closed.
     pub connections_max: u32,
+    /// KV bytes this host holds for shipments to its decode engines at once (pieces received
+    /// and not yet handed to an engine); a piece over it is refused and its shipment fails.
+    pub kv_inbox_bytes_max: u64,
+    /// A shipment no decode leg has claimed is dropped after this long.
+    pub kv_unclaimed_ms: u64,
+    /// A shipment with no piece acknowledged for this long fails (a cut link sends silence),
+    /// unless the pieces in flight need longer at `kv_link_floor_mbit_s`.
+    pub kv_stall_timeout_ms: u64,
+    /// The slowest link a KV shipment is expected to cross, Mbit/s: the stall bound is never
+    /// shorter than the pieces in flight take at this speed.
+    pub kv_link_floor_mbit_s: u64,
     /// `max_tokens` when a request gives none.
     pub max_tokens_default: u32,
     /// Largest `max_tokens` a request may ask for (400 above).
@@ -212,6 +223,10 @@ impl Default for ServingSection {
             header_read_timeout_ms: 10_000,
             body_read_timeout_ms: 30_000,
             connections_max: 4096,
+            kv_inbox_bytes_max: 8 << 30,
+            kv_unclaimed_ms: 30_000,
+            kv_stall_timeout_ms: 3_000,
+            kv_link_floor_mbit_s: 1_000,
             max_tokens_default: 256,
             max_tokens_max: 32_768,
             request_timeout_ms: 600_000,
@@ -776,6 +791,25 @@ impl ServingSection {
             3_600_000,
         )?;
         range("connections_max", self.connections_max.into(), 1, 1_000_000)?;
+        range(
+            "kv_inbox_bytes_max",
+            self.kv_inbox_bytes_max,
+            1 << 20,
+            1 << 50,
+        )?;
+        range("kv_unclaimed_ms", self.kv_unclaimed_ms, 1_000, 3_600_000)?;
+        range(
+            "kv_stall_timeout_ms",
+            self.kv_stall_timeout_ms,
+            100,
+            600_000,
+        )?;
+        range(
+            "kv_link_floor_mbit_s",
+            self.kv_link_floor_mbit_s,
+            1,
+            10_000_000,
+        )?;
         range("body_bytes_max", self.body_bytes_max, 1024, 1 << 30)?;
         range("max_tokens_max", self.max_tokens_max.into(), 1, 10_000_000)?;
         range(
@@ -809,6 +843,13 @@ impl ServingSection {
             header_read_timeout: Duration::from_millis(self.header_read_timeout_ms),
             body_read_timeout: Duration::from_millis(self.body_read_timeout_ms),
             connections_max: self.connections_max as usize,
+            kv: crate::serving::legs::KvLimits {
+                inbox_bytes_max: self.kv_inbox_bytes_max,
+                unclaimed: Duration::from_millis(self.kv_unclaimed_ms),
+                stall: Duration::from_millis(self.kv_stall_timeout_ms),
+                link_floor_bytes_per_s: self.kv_link_floor_mbit_s * 1_000_000 / 8,
+                wait: Duration::from_millis(self.request_timeout_ms),
+            },
             max_tokens_default: self.max_tokens_default,
             max_tokens_max: self.max_tokens_max,
             request_timeout: Duration::from_millis(self.request_timeout_ms),

@@ -37,7 +37,13 @@ pub enum EngineClientError {
     Unexpected(String),
 }
 
-type Routes = Arc<Mutex<HashMap<RequestId, mpsc::UnboundedSender<Reply>>>>;
+type Routes = Arc<Mutex<HashMap<RequestId, mpsc::Sender<Reply>>>>;
+
+/// Replies one request may have queued before its consumer takes them (tokens and KV pieces).
+/// A consumer that falls this far behind loses its request (the channel closes without a
+/// terminal event, as when the engine is lost) rather than hold the engine's one reader or
+/// grow without bound.
+pub const REPLIES_QUEUED_MAX: usize = 4096;
 type Waiters = Arc<Mutex<VecDeque<oneshot::Sender<EngineMessage>>>>;
 
 /// One connection to an engine process.
@@ -141,7 +147,7 @@ impl EngineClient {
     pub async fn submit(
         &self,
         msg: AgentMessage,
-    ) -> Result<mpsc::UnboundedReceiver<Reply>, EngineClientError> {
+    ) -> Result<mpsc::Receiver<Reply>, EngineClientError> {
         let id = match &msg {
             AgentMessage::Generate { id, .. }
             | AgentMessage::Resume { id, .. }
@@ -153,7 +159,7 @@ impl EngineClient {
                 )));
             }
         };
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(REPLIES_QUEUED_MAX);
         self.routes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -282,8 +288,16 @@ async fn read_loop(
                 } else {
                     r.get(&id).cloned()
                 };
-                if let Some(tx) = tx {
-                    let _ = tx.send((msg, payload, Instant::now()));
+                if let Some(tx) = tx
+                    && let Err(mpsc::error::TrySendError::Full(_)) =
+                        tx.try_send((msg, payload, Instant::now()))
+                {
+                    r.remove(&id);
+                    tracing::warn!(
+                        request = id,
+                        queued = REPLIES_QUEUED_MAX,
+                        "a request's consumer fell behind its engine's replies: the request is dropped"
+                    );
                 }
             }
             None => {

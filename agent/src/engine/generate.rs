@@ -119,10 +119,7 @@ fn reason(r: FinishReason) -> String {
     format!("{r:?}").to_ascii_lowercase()
 }
 
-async fn next(
-    rx: &mut tokio::sync::mpsc::UnboundedReceiver<Reply>,
-    what: &str,
-) -> anyhow::Result<Reply> {
+async fn next(rx: &mut tokio::sync::mpsc::Receiver<Reply>, what: &str) -> anyhow::Result<Reply> {
     match tokio::time::timeout(REQUEST_TIMEOUT, rx.recv()).await {
         Ok(Some(r)) => Ok(r),
         Ok(None) => anyhow::bail!("{what}: the engine connection was lost (did the engine exit?)"),
@@ -174,7 +171,7 @@ struct Decoded {
 /// Reads a request's tokens until its terminal event. With `first` (disaggregated), the
 /// stream's index 0 is the prefill engine's first token re-sent: checked, counted as `first`.
 async fn collect(
-    rx: &mut tokio::sync::mpsc::UnboundedReceiver<Reply>,
+    rx: &mut tokio::sync::mpsc::Receiver<Reply>,
     t0: Instant,
     what: &str,
     first: Option<(u32, Duration)>,

@@ -13,6 +13,7 @@
 //! not after a timeout.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -90,6 +91,10 @@ pub struct Seal {
 
 #[derive(Default)]
 struct Shipment {
+    /// Bytes of it the inbox's budget counts.
+    held_bytes: u64,
+    /// A decode leg waits for it (an unclaimed one is dropped after a short bound).
+    claimed: bool,
     seal: Option<Seal>,
     /// When its first piece arrived.
     began: Option<std::time::Instant>,
@@ -111,15 +116,29 @@ pub struct Arrived {
     pub local: bool,
 }
 
-/// The decode side's collection of shipments in progress.
-#[derive(Default, Clone)]
+/// The decode side's collection of shipments in progress, bounded in count
+/// (`SHIPMENTS_IN_FLIGHT_MAX`, on every path that creates one) and in bytes (`bytes_max`, on
+/// every path that adds a piece).
+#[derive(Clone)]
 pub struct KvInbox {
     shipments: Arc<Mutex<HashMap<u64, Shipment>>>,
+    /// Bytes held by shipments and by pieces being received.
+    held: Arc<AtomicU64>,
+    bytes_max: u64,
     /// Shipments whose request is over (claimed, failed or cancelled), and when: pieces, seals
     /// or failures that still arrive for them are dropped, never held again.
     forgotten: Arc<Mutex<HashMap<u64, std::time::Instant>>>,
     changed: Arc<Notify>,
 }
+
+impl Default for KvInbox {
+    fn default() -> Self {
+        KvInbox::new(INBOX_BYTES_MAX_DEFAULT)
+    }
+}
+
+/// The inbox's byte budget when none is configured.
+pub const INBOX_BYTES_MAX_DEFAULT: u64 = 8 << 30;
 
 /// How long a forgotten shipment's id is remembered (late pieces come within moments).
 const FORGOTTEN_FOR: Duration = Duration::from_secs(60);
@@ -138,6 +157,58 @@ pub enum KvShipError {
 }
 
 impl KvInbox {
+    pub fn new(bytes_max: u64) -> Self {
+        KvInbox {
+            shipments: Arc::default(),
+            held: Arc::default(),
+            bytes_max,
+            forgotten: Arc::default(),
+            changed: Arc::default(),
+        }
+    }
+
+    /// Bytes held now (shipments, and pieces being received).
+    pub fn held_bytes(&self) -> u64 {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    /// Counts `bytes` against the budget, or says why not.
+    fn reserve(&self, bytes: u64) -> Result<(), String> {
+        let mut now = self.held.load(Ordering::Relaxed);
+        loop {
+            let next = now.saturating_add(bytes);
+            if next > self.bytes_max {
+                return Err(format!(
+                    "this host's KV inbox is full: it holds {now} of {} bytes, a piece of {bytes} \
+                     bytes does not fit (serving.kv_inbox_bytes_max)",
+                    self.bytes_max
+                ));
+            }
+            match self
+                .held
+                .compare_exchange(now, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return Ok(()),
+                Err(seen) => now = seen,
+            }
+        }
+    }
+
+    fn release(&self, bytes: u64) {
+        let _ = self
+            .held
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |h| {
+                Some(h.saturating_sub(bytes))
+            });
+    }
+
+    /// Removes a shipment, releasing its bytes.
+    fn take(&self, s: &mut HashMap<u64, Shipment>, shipment: u64) -> Option<Shipment> {
+        let sh = s.remove(&shipment)?;
+        self.release(sh.held_bytes);
+        Some(sh)
+    }
+
     /// Consumes one piece stream (from `Service::bulk`). Refused or cut streams fail their
     /// shipment at once.
     pub async fn accept(&self, header: BulkHeader, mut body: BulkReader) -> Result<(), String> {
@@ -164,24 +235,49 @@ impl KvInbox {
                 ));
             }
         }
-        // Grown as bytes arrive: an announced length reserves nothing up front.
+        // The announced length counts against the budget before a byte is read; more than
+        // announced is refused.
+        if let Err(why) = self.reserve(header.len) {
+            body.refuse();
+            return Err(fail(why));
+        }
         let mut data = Vec::with_capacity((header.len as usize).min(1 << 20));
         loop {
             match body.chunk().await {
-                Ok(Some(c)) => data.extend_from_slice(&c),
+                Ok(Some(c)) if (data.len() + c.len()) as u64 <= header.len => {
+                    data.extend_from_slice(&c)
+                }
+                Ok(Some(_)) => {
+                    self.release(header.len);
+                    body.refuse();
+                    return Err(fail("a KV piece longer than announced".into()));
+                }
                 Ok(None) => break,
-                Err(e) => return Err(fail(e.to_string())),
+                Err(e) => {
+                    self.release(header.len);
+                    return Err(fail(e.to_string()));
+                }
             }
         }
-        let piece = KvPiece::from_bytes(&data, &kv.geometry).map_err(|e| fail(e.to_string()))?;
-        self.insert(shipment, kv, piece, false);
+        let piece = match KvPiece::from_bytes(&data, &kv.geometry) {
+            Ok(p) => p,
+            Err(e) => {
+                self.release(header.len);
+                return Err(fail(e.to_string()));
+            }
+        };
+        self.insert(shipment, kv, piece, false, header.len);
         Ok(())
     }
 
     /// Adds one piece of a shipment that did not cross the network (prefill and decode engine
-    /// on the same host).
+    /// on the same host). Over the byte budget the shipment fails instead.
     pub fn put(&self, shipment: u64, header: KvHeader, piece: KvPiece) {
-        self.insert(shipment, header, piece, true);
+        let bytes = piece.data.len() as u64;
+        match self.reserve(bytes) {
+            Ok(()) => self.insert(shipment, header, piece, true, bytes),
+            Err(why) => self.fail(shipment, &why),
+        }
     }
 
     fn is_forgotten(&self, shipment: u64) -> bool {
@@ -191,48 +287,77 @@ impl KvInbox {
             .contains_key(&shipment)
     }
 
-    fn insert(&self, shipment: u64, header: KvHeader, piece: KvPiece, local: bool) {
-        self.update(shipment, |entry| {
+    /// Adds a piece whose `bytes` were reserved; they are released if it is not kept.
+    fn insert(&self, shipment: u64, header: KvHeader, piece: KvPiece, local: bool, bytes: u64) {
+        let kept = self.update(shipment, |entry| {
             if entry.header.is_some_and(|h| h != header) {
                 entry.failed = Some("pieces of one shipment disagree on the KV header".into());
             }
             entry.header = Some(header);
             entry.local = local;
             entry.payload_bytes += piece.data.len() as u64;
+            entry.held_bytes += bytes;
             entry.pieces.push(piece);
         });
-    }
-
-    /// Changes a live shipment (made on first use), then wakes its waiters; a forgotten
-    /// shipment is left alone.
-    fn update(&self, shipment: u64, change: impl FnOnce(&mut Shipment)) {
-        if self.is_forgotten(shipment) {
-            return;
+        if !kept {
+            self.release(bytes);
         }
-        change(
-            self.shipments
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .entry(shipment)
-                .or_insert_with(|| Shipment {
-                    began: Some(std::time::Instant::now()),
-                    ..Shipment::default()
-                }),
-        );
-        self.changed.notify_waiters();
     }
 
-    /// Drops shipments that began more than `age` ago and were never claimed (their request
-    /// ended elsewhere); returns how many.
+    /// Changes a live shipment (made on first use, while fewer than `SHIPMENTS_IN_FLIGHT_MAX`
+    /// are held), then wakes its waiters; a forgotten shipment is left alone. Returns whether
+    /// the change was made.
+    fn update(&self, shipment: u64, change: impl FnOnce(&mut Shipment)) -> bool {
+        if self.is_forgotten(shipment) {
+            return false;
+        }
+        {
+            let mut s = self.shipments.lock().unwrap_or_else(|p| p.into_inner());
+            if !s.contains_key(&shipment) && s.len() >= SHIPMENTS_IN_FLIGHT_MAX {
+                tracing::warn!(
+                    shipment,
+                    "{SHIPMENTS_IN_FLIGHT_MAX} KV shipments held: dropped what came for another"
+                );
+                return false;
+            }
+            change(s.entry(shipment).or_insert_with(|| Shipment {
+                began: Some(std::time::Instant::now()),
+                ..Shipment::default()
+            }));
+        }
+        self.changed.notify_waiters();
+        true
+    }
+
+    /// Drops shipments that began more than `age` ago and that no decode leg claimed (their
+    /// request ended elsewhere, or they were never asked for); returns how many.
     pub fn sweep(&self, age: Duration) -> usize {
         self.forgotten
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|_, t| t.elapsed() < FORGOTTEN_FOR);
         let mut s = self.shipments.lock().unwrap_or_else(|p| p.into_inner());
-        let before = s.len();
-        s.retain(|_, sh| sh.began.is_none_or(|t| t.elapsed() < age));
-        before - s.len()
+        let stale: Vec<u64> = s
+            .iter()
+            .filter(|(_, sh)| !sh.claimed && sh.began.is_some_and(|t| t.elapsed() >= age))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &stale {
+            self.take(&mut s, *id);
+        }
+        stale.len()
+    }
+
+    /// Marks a shipment as waited for.
+    fn claim(&self, shipment: u64) {
+        if let Some(sh) = self
+            .shipments
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&shipment)
+        {
+            sh.claimed = true;
+        }
     }
 
     /// Shipments held now.
@@ -254,10 +379,10 @@ impl KvInbox {
 
     /// Drops what is held for a shipment; whatever still arrives for it is dropped too.
     pub fn forget(&self, shipment: u64) {
-        self.shipments
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&shipment);
+        {
+            let mut s = self.shipments.lock().unwrap_or_else(|p| p.into_inner());
+            self.take(&mut s, shipment);
+        }
         self.forgotten
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -284,6 +409,7 @@ impl KvInbox {
         let until = tokio::time::Instant::now() + timeout;
         loop {
             let notified = self.changed.notified();
+            self.claim(shipment);
             let seal = self
                 .shipments
                 .lock()
@@ -338,7 +464,7 @@ impl KvInbox {
                         return Err(KvShipError::Failed { shipment, why });
                     }
                     if pieces > 0 && sh.pieces.len() as u64 >= pieces {
-                        let mut sh = s.remove(&shipment).expect("present");
+                        let mut sh = self.take(&mut s, shipment).expect("present");
                         drop(s);
                         self.forget(shipment);
                         sh.pieces.sort_by_key(|p| (p.layer, p.token_start));
@@ -454,5 +580,70 @@ mod tests {
         inbox.fail(9, "cut");
         assert!(inbox.is_empty());
         assert_eq!(inbox.sweep(Duration::from_secs(600)), 0);
+    }
+
+    fn seal_of(shipment: u64, pieces: u64) -> Seal {
+        Seal {
+            shipment,
+            ..seal(pieces)
+        }
+    }
+
+    /// Over the byte budget a piece is refused with a clear error and its shipment fails;
+    /// the other shipments go on, and the budget is given back as shipments are handed over.
+    #[tokio::test]
+    async fn a_shipment_over_the_byte_budget_is_refused_and_nothing_else_suffers() {
+        let inbox = KvInbox::new(40);
+        inbox.put(1, header(), piece(0));
+        inbox.put(1, header(), piece(1));
+        assert_eq!(inbox.held_bytes(), 32);
+        inbox.put(2, header(), piece(0));
+        inbox.seal(seal_of(2, 1));
+        match inbox.sealed(2, Duration::from_secs(5)).await {
+            Err(KvShipError::Failed { why, .. }) => {
+                assert!(why.contains("KV inbox is full"), "{why}");
+                assert!(why.contains("kv_inbox_bytes_max"), "{why}");
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        inbox.seal(seal_of(1, 2));
+        let (_, arrived) = inbox.sealed(1, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(arrived.pieces.len(), 2);
+        assert_eq!(
+            inbox.held_bytes(),
+            0,
+            "handed over: the budget is free again"
+        );
+        inbox.put(3, header(), piece(0));
+        assert_eq!(inbox.held_bytes(), 16);
+    }
+
+    /// Seals, failures and local pieces for new shipments are bounded like network pieces
+    /// (regression: only the network path checked the count).
+    #[test]
+    fn every_path_that_creates_a_shipment_is_bounded() {
+        let inbox = KvInbox::default();
+        for id in 0..(SHIPMENTS_IN_FLIGHT_MAX as u64 + 10) {
+            inbox.seal(seal_of(id, 1));
+        }
+        assert_eq!(inbox.len(), SHIPMENTS_IN_FLIGHT_MAX);
+        inbox.fail(1_000_000, "x");
+        inbox.put(1_000_001, header(), piece(0));
+        assert_eq!(inbox.len(), SHIPMENTS_IN_FLIGHT_MAX);
+        assert_eq!(inbox.held_bytes(), 0, "a dropped piece holds no budget");
+    }
+
+    /// A shipment nobody claimed is dropped after the short bound, with its bytes; one a
+    /// decode leg waits for is kept.
+    #[test]
+    fn unclaimed_shipments_are_swept_and_claimed_ones_kept() {
+        let inbox = KvInbox::default();
+        inbox.put(1, header(), piece(0));
+        inbox.put(2, header(), piece(0));
+        inbox.claim(2);
+        assert_eq!(inbox.sweep(Duration::from_secs(600)), 0);
+        assert_eq!(inbox.sweep(Duration::ZERO), 1);
+        assert_eq!(inbox.len(), 1);
+        assert_eq!(inbox.held_bytes(), 16);
     }
 }

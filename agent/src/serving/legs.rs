@@ -194,7 +194,49 @@ pub struct Legs {
     next_id: AtomicU64,
     /// Bound on the wait for a shipment's last piece once its decode leg began.
     kv_timeout: Duration,
+    kv: KvLimits,
     metrics: Arc<Metrics>,
+}
+
+/// Bounds of the KV path (`[serving] kv_*`).
+#[derive(Debug, Clone, Copy)]
+pub struct KvLimits {
+    /// Bytes the inbox holds at once.
+    pub inbox_bytes_max: u64,
+    /// An unclaimed shipment is dropped after this long.
+    pub unclaimed: Duration,
+    /// No piece acknowledged for this long: the shipment fails (see `stall_bound`).
+    pub stall: Duration,
+    /// The slowest link expected, bytes per second.
+    pub link_floor_bytes_per_s: u64,
+    /// Bound on a decode leg's wait for its shipment's last piece.
+    pub wait: Duration,
+}
+
+impl Default for KvLimits {
+    fn default() -> Self {
+        KvLimits {
+            inbox_bytes_max: 8 << 30,
+            unclaimed: Duration::from_secs(30),
+            stall: Duration::from_secs(3),
+            link_floor_bytes_per_s: 125_000_000,
+            wait: Duration::from_secs(600),
+        }
+    }
+}
+
+/// How long a shipment may go without an acknowledgement: the configured bound, or, when
+/// longer, what the pieces in flight need at the slowest expected link (they share it, so the
+/// first acknowledgement may come only after all of them crossed).
+pub fn stall_bound(
+    configured: Duration,
+    in_flight: usize,
+    piece_bytes_max: u64,
+    link_floor_bytes_per_s: u64,
+) -> Duration {
+    let bytes = in_flight as f64 * piece_bytes_max as f64;
+    let needed = Duration::from_secs_f64(bytes / link_floor_bytes_per_s.max(1) as f64);
+    configured.max(needed)
 }
 
 impl Legs {
@@ -222,7 +264,7 @@ impl Legs {
         supervisor: Arc<Supervisor>,
         peers: Arc<Peers>,
         control: Arc<ControlPlane>,
-        kv_timeout: Duration,
+        kv: KvLimits,
         metrics: Arc<Metrics>,
     ) -> Self {
         Legs {
@@ -230,9 +272,10 @@ impl Legs {
             supervisor,
             peers,
             control,
-            inbox: KvInbox::default(),
+            inbox: KvInbox::new(kv.inbox_bytes_max),
             next_id: AtomicU64::new(1),
-            kv_timeout,
+            kv_timeout: kv.wait,
+            kv,
             metrics,
         }
     }
@@ -553,7 +596,7 @@ impl Legs {
         &self,
         client: &EngineClient,
         id: RequestId,
-        rx: &mut mpsc::UnboundedReceiver<Reply>,
+        rx: &mut mpsc::Receiver<Reply>,
         tx: &Events,
         submitted: Instant,
     ) -> Result<Ended, Fail> {
@@ -608,10 +651,7 @@ impl Legs {
 
 /// The engine's next reply; `Err(None)` when the reader went away, a failure when the engine
 /// connection was lost.
-async fn next_reply(
-    rx: &mut mpsc::UnboundedReceiver<Reply>,
-    tx: &Events,
-) -> Result<Reply, Option<Fail>> {
+async fn next_reply(rx: &mut mpsc::Receiver<Reply>, tx: &Events) -> Result<Reply, Option<Fail>> {
     tokio::select! {
         r = rx.recv() => r.ok_or_else(|| Some(Fail(
             Failure::EngineLost,
@@ -627,10 +667,10 @@ const SEAL_TIMEOUT: Duration = Duration::from_secs(5);
 const PIECES_IN_FLIGHT_MAX: usize = 16;
 
 /// Where a prefill's KV goes: this host's inbox, or the decode host over QUIC.
-/// How long a shipment may go without any piece acknowledged before it fails.
-const KV_STALL_TIMEOUT: Duration = Duration::from_secs(3);
-
 struct Shipper {
+    kv: KvLimits,
+    /// The largest piece sent so far.
+    piece_bytes_max: u64,
     target: Target,
     /// Pieces on their way, not yet acknowledged.
     in_flight: tokio::task::JoinSet<Result<(), pd_transport::TransportError>>,
@@ -663,6 +703,8 @@ impl Shipper {
             Target::Remote(conn)
         };
         Shipper {
+            kv: legs.kv,
+            piece_bytes_max: 0,
             target,
             in_flight: tokio::task::JoinSet::new(),
             shipment,
@@ -674,17 +716,23 @@ impl Shipper {
     }
 
     /// Waits for one piece in flight to be acknowledged. A link that was cut sends no error,
-    /// only silence: past `KV_STALL_TIMEOUT` without an acknowledgement the shipment fails
-    /// (rather than after the transport's idle timeout).
+    /// only silence: past the stall bound (`stall_bound`) without an acknowledgement the
+    /// shipment fails (rather than after the transport's idle timeout).
     async fn settle_one(&mut self) -> Result<(), Option<Fail>> {
-        let next = tokio::time::timeout(KV_STALL_TIMEOUT, self.in_flight.join_next())
+        let bound = stall_bound(
+            self.kv.stall,
+            self.in_flight.len(),
+            self.piece_bytes_max,
+            self.kv.link_floor_bytes_per_s,
+        );
+        let next = tokio::time::timeout(bound, self.in_flight.join_next())
             .await
             .map_err(|_| {
                 Some(Fail(
                     Failure::KvTransfer,
                     format!(
-                        "the decode host acknowledged no KV piece for {} s: the link is cut or the host stalled",
-                        KV_STALL_TIMEOUT.as_secs_f32()
+                        "the decode host acknowledged no KV piece for {:.1} s: the link is cut or the host stalled",
+                        bound.as_secs_f32()
                     ),
                 ))
             })?;
@@ -730,6 +778,7 @@ impl Shipper {
         })?;
         self.pieces += 1;
         self.payload_bytes += piece.data.len() as u64;
+        self.piece_bytes_max = self.piece_bytes_max.max(piece.data.len() as u64);
         match &mut self.target {
             Target::Local(inbox) => {
                 inbox.put(self.shipment, header, piece);
@@ -747,5 +796,26 @@ impl Shipper {
                 "KV shipping did not begin".into(),
             ))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stall_bound;
+    use std::time::Duration;
+
+    /// A slow but working link is not cut: the bound grows with what is in flight.
+    #[test]
+    fn the_stall_bound_covers_the_pieces_in_flight_at_the_slowest_link() {
+        let three = Duration::from_secs(3);
+        // 16 pieces of 1 MiB at 125 MB/s: 0.13 s, the configured bound stands.
+        assert_eq!(stall_bound(three, 16, 1 << 20, 125_000_000), three);
+        // 16 pieces of 64 MiB at 125 MB/s (1 Gbit/s): 8.6 s.
+        let b = stall_bound(three, 16, 64 << 20, 125_000_000);
+        assert!(
+            b > Duration::from_secs(8) && b < Duration::from_secs(9),
+            "{b:?}"
+        );
+        assert_eq!(stall_bound(three, 0, 0, 0), three);
     }
 }

@@ -68,6 +68,8 @@ pub struct ServingConfig {
     pub body_read_timeout: Duration,
     /// Connections open at once.
     pub connections_max: usize,
+    /// Bounds of the KV path.
+    pub kv: legs::KvLimits,
     pub max_tokens_default: u32,
     pub max_tokens_max: u32,
     pub request_timeout: Duration,
@@ -247,7 +249,7 @@ impl Serving {
                 tick.tick().await;
                 this.refresh().await;
                 this.count_engine_kv();
-                this.legs.inbox.sweep(this.cfg.request_timeout);
+                this.legs.inbox.sweep(this.cfg.kv.unclaimed);
             }
         })
     }
