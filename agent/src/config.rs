@@ -199,8 +199,9 @@ pub struct ServingSection {
     /// Tries on other engines when a request's engines fail before its first token.
     pub retries: u32,
     /// Moves of a request to another engine when its engine fails after the first token: the
-    /// new engine recomputes the prompt and the tokens so far and continues exactly (0: the
-    /// request ends with an error event instead).
+    /// new engine recomputes the prompt and the tokens so far and continues with the same
+    /// seeded draws (tokens equal the undisturbed stream's except where a choice was within the
+    /// replay's rounding of the logits; 0: the request ends with an error event instead).
     pub migrations: u32,
     /// An engine that failed a request is not chosen by this agent for this long.
     pub circuit_open_ms: u64,

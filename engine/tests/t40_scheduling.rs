@@ -535,8 +535,10 @@ fn bench_reports_rates() {
 }
 
 /// A request resumed after the first k output tokens (on a fresh engine, as after a failure)
-/// continues exactly: the same tokens from index k, and texts that join into the same text, at
-/// temperature 0 and when sampling.
+/// continues with the same tokens from index k, and texts that join into the same text, at
+/// temperature 0 and when sampling, on these fixed cases. (Replay computes in other shapes
+/// than the undisturbed run, so the logits agree to rounding, not bit for bit: a choice closer
+/// than that could differ; README "When engines, hosts and links fail".)
 #[test]
 fn resumed_request_continues_exactly() {
     let prompt = Prompt::Text("resume this request on another engine".into());

@@ -50,7 +50,9 @@ pub enum KvPath {
 pub struct Capabilities {
     pub kv: KvPath,
     /// Sampling is a function of the seed and the token index, so a stream replayed on another
-    /// engine continues exactly.
+    /// engine continues with the draws it would have used. Its tokens equal the undisturbed
+    /// stream's except where a choice was within the replay's rounding of the logits (the
+    /// replay computes in other shapes; about 1e-5 relative on the reference engine).
     pub exact_replay: bool,
     /// The engine continues a stream from the prompt and the tokens so far (exactly or not):
     /// migration after the first token is allowed.
