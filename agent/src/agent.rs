@@ -96,6 +96,12 @@ impl Service for AgentService {
             AgentRequest::Directive { term, directive } => {
                 self.control.directive(peer, term, directive).await
             }
+            AgentRequest::LogTip => {
+                if !matches!(peer, PeerIdentity::Node(_)) {
+                    return Err("only agents speak Raft".into());
+                }
+                Ok(AgentResponse::LogTip(self.control.last_log_id().await))
+            }
             AgentRequest::Routable { deployment } => Ok(AgentResponse::Routable {
                 engines: self.serving.routable(&deployment),
                 api: self.api,

@@ -55,6 +55,10 @@ pub struct ControlPlane {
     peers: Arc<Peers>,
     voters: usize,
     interval: Duration,
+    /// How often a voter compares its log with the other voters' (`may_campaign`).
+    catch_up_grace: Duration,
+    /// A handle on the Raft log (to read its last entry).
+    log_tip: pd_raft::store::LogStore,
     inventory: Option<SharedInventory>,
     /// Bound on one forwarded write. A healthy coordinator answers in milliseconds; a dead one
     /// never does, and waiting longer only delays the retry that finds its successor. A write
@@ -86,6 +90,19 @@ pub struct ControlPlane {
     custody: Arc<CaCustody>,
     /// The cluster CA certificate (PEM), handed to enrolling hosts.
     ca_pem: String,
+}
+
+/// Whether this voter may start an election: only when no live voter that answered holds a
+/// longer log (`mine` against `theirs`, compared as Raft compares them). A voter with a shorter
+/// log would lose; worse, openraft then holds back that voter's elections by twice the
+/// election timeout until it next campaigns itself, which slowed later failovers (measured: a
+/// restarted voter that had not caught up campaigned first in most slow rounds). The voter
+/// with the longest log among those alive is always allowed, so an election can always happen.
+pub fn may_campaign(
+    mine: Option<openraft::LogId<NodeId>>,
+    theirs: &[Option<openraft::LogId<NodeId>>],
+) -> bool {
+    theirs.iter().all(|t| mine >= *t)
 }
 
 /// The fencing of directives, pure: a directive of term `term` is
@@ -150,6 +167,7 @@ impl ControlPlane {
             name: cfg.node_name.clone(),
             address: advertise.to_string(),
         };
+        let log_tip = log.clone();
         let raft = Raft::new(
             id,
             Arc::new(raft_cfg),
@@ -166,6 +184,8 @@ impl ControlPlane {
             peers,
             voters: cfg.config.cluster.voters as usize,
             interval: Duration::from_millis(r.coordinator_interval_ms),
+            catch_up_grace: Duration::from_millis(2 * r.heartbeat_ms),
+            log_tip,
             inventory,
             attempt_timeout: Duration::from_millis((4 * r.heartbeat_ms).max(200)),
             retry_pause: Duration::from_millis(r.heartbeat_ms),
@@ -204,6 +224,7 @@ impl ControlPlane {
             );
         }
         tokio::spawn(cp.clone().coordinator_loop());
+        tokio::spawn(cp.clone().election_gate_loop());
         tokio::spawn(cp.clone().liveness_loop());
         Ok(cp)
     }
@@ -703,6 +724,53 @@ impl ControlPlane {
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
         Ok(())
+    }
+
+    /// The last entry of this agent's Raft log.
+    pub async fn last_log_id(&self) -> Option<openraft::LogId<NodeId>> {
+        let mut log = self.log_tip.clone();
+        log.get_log_state().await.ok().and_then(|s| s.last_log_id)
+    }
+
+    /// Keeps this voter out of elections while another live voter holds a longer log
+    /// (`may_campaign`): asked every two heartbeats.
+    async fn election_gate_loop(self: Arc<Self>) {
+        let mut allowed = true;
+        let every = self.catch_up_grace;
+        loop {
+            tokio::time::sleep(every).await;
+            let others: Vec<RaftPeer> = {
+                let m = self.raft.metrics().borrow().clone();
+                let membership = m.membership_config.membership();
+                membership
+                    .voter_ids()
+                    .filter(|v| *v != self.id)
+                    .filter_map(|v| membership.get_node(&v).cloned())
+                    .collect()
+            };
+            let mut asks = tokio::task::JoinSet::new();
+            for p in others {
+                let peers = self.peers.clone();
+                asks.spawn(async move {
+                    let addr = p.address.parse::<SocketAddr>().ok()?;
+                    match peers
+                        .call(&p.name, addr, &AgentRequest::LogTip, every)
+                        .await
+                    {
+                        Ok(AgentResponse::LogTip(tip)) => Some(tip),
+                        _ => None,
+                    }
+                });
+            }
+            let theirs: Vec<Option<openraft::LogId<NodeId>>> =
+                asks.join_all().await.into_iter().flatten().collect();
+            let now = may_campaign(self.last_log_id().await, &theirs);
+            if now != allowed {
+                self.raft.runtime_config().elect(now);
+                tracing::debug!(allowed = now, "elections from this agent");
+                allowed = now;
+            }
+        }
     }
 
     /// The coordinator's duties, run on every agent and acted on only by the leader.
@@ -1481,6 +1549,22 @@ impl ControlPlane {
 
 #[cfg(test)]
 mod tests {
+    /// Only a voter whose log is at least as long as every live voter's may campaign; ties and
+    /// a voter alone may.
+    #[test]
+    fn only_the_longest_log_campaigns() {
+        use openraft::{CommittedLeaderId, LogId};
+        let id = |term, index| Some(LogId::new(CommittedLeaderId::new(term, 1), index));
+        assert!(super::may_campaign(id(3, 72), &[id(3, 70), id(3, 72)]));
+        assert!(!super::may_campaign(id(3, 70), &[id(3, 72)]));
+        // A later term wins over a longer index, as in Raft's vote check.
+        assert!(super::may_campaign(id(4, 10), &[id(3, 72)]));
+        assert!(!super::may_campaign(id(3, 72), &[id(4, 10)]));
+        assert!(super::may_campaign(None, &[]));
+        assert!(super::may_campaign(None, &[None]));
+        assert!(!super::may_campaign(None, &[id(1, 1)]));
+    }
+
     /// Directives are fenced by term: an older term than one seen is refused; in the current
     /// term only its leader is obeyed; a newer term (the agent's Raft lags) is accepted.
     #[test]

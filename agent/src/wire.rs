@@ -65,6 +65,8 @@ pub enum AgentRequest {
     Directive { term: u64, directive: Directive },
     /// How many of a deployment's engines this agent's router would choose now.
     Routable { deployment: String },
+    /// The last entry of this agent's Raft log (voters compare before campaigning).
+    LogTip,
 }
 
 /// What a coordinator may tell an agent directly, outside the log.
@@ -125,6 +127,7 @@ pub enum AgentResponse {
         engines: u32,
         api: bool,
     },
+    LogTip(Option<openraft::LogId<u64>>),
 }
 
 /// One GPU's live readings, sent with every liveness report.
