@@ -361,7 +361,7 @@ impl Serving {
         let now = Instant::now();
         m.candidates
             .iter()
-            .filter(|c| c.available && !open.get(&c.engine).is_some_and(|o| o.until > now))
+            .filter(|c| c.available && open.get(&c.engine).is_none_or(|o| o.until <= now))
             .count() as u32
     }
 
