@@ -45,26 +45,7 @@ pub fn node_may_propose(node: &str, cmd: &Command) -> Result<(), String> {
 
 /// A command's kind, for messages and logs.
 pub fn command_name(cmd: &Command) -> &'static str {
-    match cmd {
-        Command::RegisterNode { .. } => "RegisterNode",
-        Command::SetLabel { .. } => "SetLabel",
-        Command::SetHealth { .. } => "SetHealth",
-        Command::SetAdminState { .. } => "SetAdminState",
-        Command::SetGpus { .. } => "SetGpus",
-        Command::RemoveNode { .. } => "RemoveNode",
-        Command::EnrollNode { .. } => "EnrollNode",
-        Command::RecordCertificate { .. } => "RecordCertificate",
-        Command::CreateDeployment { .. } => "CreateDeployment",
-        Command::DeleteDeployment { .. } => "DeleteDeployment",
-        Command::ScaleDeployment { .. } => "ScaleDeployment",
-        Command::SetAssignments { .. } => "SetAssignments",
-        Command::CreateApiKey { .. } => "CreateApiKey",
-        Command::RevokeApiKey { .. } => "RevokeApiKey",
-        Command::RequireApiKeys { .. } => "RequireApiKeys",
-        Command::FlipNode { .. } => "FlipNode",
-        Command::CreateCheckedDeployment { .. } => "CreateCheckedDeployment",
-        Command::CreateDeploymentWithArgs { .. } => "CreateDeploymentWithArgs",
-    }
+    cmd.kind()
 }
 
 #[cfg(test)]

@@ -306,6 +306,32 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// The variant's name, for messages and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Command::RegisterNode { .. } => "RegisterNode",
+            Command::SetLabel { .. } => "SetLabel",
+            Command::SetHealth { .. } => "SetHealth",
+            Command::SetAdminState { .. } => "SetAdminState",
+            Command::SetGpus { .. } => "SetGpus",
+            Command::RemoveNode { .. } => "RemoveNode",
+            Command::EnrollNode { .. } => "EnrollNode",
+            Command::RecordCertificate { .. } => "RecordCertificate",
+            Command::CreateDeployment { .. } => "CreateDeployment",
+            Command::DeleteDeployment { .. } => "DeleteDeployment",
+            Command::ScaleDeployment { .. } => "ScaleDeployment",
+            Command::SetAssignments { .. } => "SetAssignments",
+            Command::CreateApiKey { .. } => "CreateApiKey",
+            Command::RevokeApiKey { .. } => "RevokeApiKey",
+            Command::RequireApiKeys { .. } => "RequireApiKeys",
+            Command::FlipNode { .. } => "FlipNode",
+            Command::CreateCheckedDeployment { .. } => "CreateCheckedDeployment",
+            Command::CreateDeploymentWithArgs { .. } => "CreateDeploymentWithArgs",
+        }
+    }
+}
+
 /// Bounds on a deployment's extra engine arguments.
 pub const ENGINE_ARGS_MAX: usize = 64;
 pub const ENGINE_ARG_BYTES_MAX: usize = 1024;
