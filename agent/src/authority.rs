@@ -30,22 +30,17 @@ pub fn node_may_propose(node: &str, cmd: &Command) -> Result<(), String> {
         other => {
             return Err(format!(
                 "{} needs the admin credential (a node's certificate speaks only for that node)",
-                command_name(other)
+                other.kind()
             ));
         }
     };
     if about != node {
         return Err(format!(
             "node {node} may not propose {} about node {about}: a node speaks only for itself",
-            command_name(cmd)
+            cmd.kind()
         ));
     }
     Ok(())
-}
-
-/// A command's kind, for messages and logs.
-pub fn command_name(cmd: &Command) -> &'static str {
-    cmd.kind()
 }
 
 #[cfg(test)]
@@ -170,11 +165,11 @@ mod tests {
             let verdict = node_may_propose("node-2", &cmd);
             assert_eq!(verdict.is_ok(), self_scoped(&cmd), "{cmd:?}: {verdict:?}");
             if let Err(e) = verdict {
-                assert!(e.contains(command_name(&cmd)), "{e}");
+                assert!(e.contains(cmd.kind()), "{e}");
             }
             // Nothing about another node, ever.
             let other = node_may_propose("node-3", &cmd).unwrap_err();
-            assert!(other.contains(command_name(&cmd)), "{other}");
+            assert!(other.contains(cmd.kind()), "{other}");
         }
     }
 

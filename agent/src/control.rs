@@ -364,7 +364,7 @@ impl ControlPlane {
             return Err("admin changes go through the admin API, not the transport".into());
         };
         if let Err(e) = crate::authority::node_may_propose(node, &cmd) {
-            warn!(%node, command = crate::authority::command_name(&cmd), "refused a proposal: {e}");
+            warn!(%node, command = cmd.kind(), "refused a proposal: {e}");
             return Err(format!("refused: {e}"));
         }
         Ok(self.propose(cmd).await)
@@ -742,6 +742,10 @@ impl ControlPlane {
             let others: Vec<RaftPeer> = {
                 let m = self.raft.metrics().borrow().clone();
                 let membership = m.membership_config.membership();
+                // Learners never campaign: nothing to gate, nobody to ask.
+                if !membership.voter_ids().any(|v| v == self.id) {
+                    continue;
+                }
                 membership
                     .voter_ids()
                     .filter(|v| *v != self.id)
