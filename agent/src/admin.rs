@@ -59,6 +59,7 @@ const ADMIN_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct AdminCtx {
     pub control: Arc<ControlPlane>,
+    pub coordinator: Arc<crate::coordinator::Coordinator>,
     pub peers: Arc<Peers>,
     /// This agent's serving metrics (the other agents' are asked for).
     pub metrics: Arc<crate::serving::metrics::Metrics>,
@@ -180,9 +181,7 @@ async fn create_api_key(
 ) -> Result<Json<serde_json::Value>, WriteError> {
     let (id, key, hash) = crate::serving::apikey::generate()
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "no_randomness", e))?;
-    let created_unix = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
+    let created_unix = crate::util::now_unix();
     ctx.write(Command::CreateApiKey {
         id: id.clone(),
         name: body.name.clone(),
@@ -280,7 +279,10 @@ fn check_fit(ctx: &AdminCtx, cmd: &Command, name: &str) -> Result<(), ApiError> 
 }
 
 async fn engines(State(ctx): Ctx) -> Json<serde_json::Value> {
-    let engines = ctx.control.cluster_engines_within(ENGINES_TIMEOUT).await;
+    let engines = ctx
+        .coordinator
+        .cluster_engines_within(ENGINES_TIMEOUT)
+        .await;
     Json(json!({ "engines": engines }))
 }
 
@@ -368,11 +370,11 @@ async fn cluster_latencies(
     ctx: &AdminCtx,
     s: &pd_raft::ClusterState,
 ) -> (
-    BTreeMap<String, crate::serving::metrics::ModelLatency>,
+    BTreeMap<String, crate::wire::latency::ModelLatency>,
     Vec<String>,
 ) {
     let me = ctx.control.node_name().to_string();
-    let mut answers: Vec<(String, Option<Vec<crate::serving::metrics::ModelLatency>>)> =
+    let mut answers: Vec<(String, Option<Vec<crate::wire::latency::ModelLatency>>)> =
         ask_other_agents(ctx, s, AgentRequest::Latencies, LATENCIES_TIMEOUT)
             .await
             .into_iter()
@@ -382,7 +384,7 @@ async fn cluster_latencies(
             })
             .collect();
     answers.push((me, Some(ctx.metrics.latencies())));
-    let mut by_model: BTreeMap<String, crate::serving::metrics::ModelLatency> = BTreeMap::new();
+    let mut by_model: BTreeMap<String, crate::wire::latency::ModelLatency> = BTreeMap::new();
     let mut silent = Vec::new();
     for (node, got) in answers {
         let Some(list) = got else {
@@ -405,7 +407,7 @@ async fn cluster_latencies(
 }
 
 /// What the agents measured for one model, in milliseconds.
-fn measured_json(l: Option<&crate::serving::metrics::ModelLatency>) -> serde_json::Value {
+fn measured_json(l: Option<&crate::wire::latency::ModelLatency>) -> serde_json::Value {
     let Some(l) = l else {
         return json!({"requests": 0});
     };
@@ -817,9 +819,9 @@ type Ctx = State<Arc<AdminCtx>>;
 /// null when the coordinator has not heard from the node).
 async fn status(State(ctx): Ctx) -> Json<serde_json::Value> {
     let report = ctx.control.status();
-    let telemetry = ctx.control.cluster_telemetry().await;
+    let telemetry = ctx.coordinator.cluster_telemetry().await;
     let mut v = serde_json::to_value(&report).unwrap_or_else(|_| json!({}));
-    v["voters_short"] = json!(ctx.control.voters_short());
+    v["voters_short"] = json!(ctx.coordinator.voters_short());
     if let Some(nodes) = v["nodes"].as_array_mut() {
         for n in nodes {
             let t = telemetry

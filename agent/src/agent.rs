@@ -15,9 +15,11 @@ use tracing::info;
 
 use crate::config::{ConfigError, Validated};
 use crate::control::ControlPlane;
+use crate::coordinator::Coordinator;
 use crate::custody::CaCustody;
 use crate::notify::Notifier;
 use crate::peers::Peers;
+use crate::reporting::LocalReports;
 use crate::wire::{AgentRequest, AgentResponse};
 
 /// Bound on the graceful part of shutdown.
@@ -28,6 +30,8 @@ pub struct AgentService {
     node: String,
     started: Instant,
     control: Arc<ControlPlane>,
+    coordinator: Arc<Coordinator>,
+    signer: Arc<crate::enrollment::Signer>,
     legs: Arc<crate::serving::legs::Legs>,
     metrics: Arc<crate::serving::metrics::Metrics>,
     models_dir: std::path::PathBuf,
@@ -41,11 +45,7 @@ impl Service for AgentService {
     type Response = AgentResponse;
 
     async fn call(&self, peer: &PeerIdentity, req: AgentRequest) -> Result<AgentResponse, String> {
-        if let PeerIdentity::Node(name) = peer
-            && self.control.is_removed(name)
-        {
-            return Err(crate::wire::removal_message(name));
-        }
+        self.admit(peer, &req)?;
         match req {
             AgentRequest::Ping { nonce } => Ok(AgentResponse::Pong {
                 node: self.node.clone(),
@@ -53,42 +53,36 @@ impl Service for AgentService {
                 protocol_version: PROTOCOL_VERSION,
                 uptime_ms: self.started.elapsed().as_millis() as u64,
             }),
-            AgentRequest::Raft(r) => {
-                if !matches!(peer, PeerIdentity::Node(_)) {
-                    return Err("only agents speak Raft".into());
-                }
-                Ok(AgentResponse::Raft(
-                    pd_raft::network::handle(&self.control.raft, r).await,
-                ))
-            }
+            AgentRequest::Raft(r) => Ok(AgentResponse::Raft(
+                pd_raft::network::handle(&self.control.raft, r).await,
+            )),
             AgentRequest::Join { name, address } => self.control.join(peer, name, address).await,
             AgentRequest::Propose(cmd) => self.control.propose_from_peer(peer, cmd).await,
             AgentRequest::Status => Ok(AgentResponse::Status(self.control.status())),
-            AgentRequest::Heartbeat { node } => self.control.heartbeat(peer, &node),
+            AgentRequest::Heartbeat { node } => self.coordinator.report(peer, &node, None, None),
             AgentRequest::Enroll {
                 token,
                 node,
                 csr_pem,
-            } => Ok(self.control.enroll_forwarded(token, node, csr_pem).await),
-            AgentRequest::Renew { csr_pem } => self.control.renew(peer, &csr_pem).await,
-            AgentRequest::FetchCaKey => self.control.ca_key_for(peer),
-            AgentRequest::Report { node, gpus } => self.control.report(peer, &node, gpus),
-            AgentRequest::Telemetry => Ok(AgentResponse::Telemetry(self.control.telemetry())),
+            } => Ok(self.signer.enroll_forwarded(token, node, csr_pem).await),
+            AgentRequest::Renew { csr_pem } => self.signer.renew(peer, &csr_pem).await,
+            AgentRequest::FetchCaKey => {
+                crate::custody::ca_key_for(&self.control, &self.signer.custody, peer)
+            }
+            AgentRequest::Report { node, gpus } => {
+                self.coordinator.report(peer, &node, Some(gpus), None)
+            }
+            AgentRequest::Telemetry => Ok(AgentResponse::Telemetry(self.coordinator.telemetry())),
             AgentRequest::NodeReport {
                 node,
                 gpus,
                 engines,
-            } => {
-                let ack = self.control.report(peer, &node, gpus)?;
-                self.control.record_engines(&node, engines);
-                Ok(ack)
-            }
-            AgentRequest::Engines => Ok(AgentResponse::Engines(self.control.engines())),
+            } => self
+                .coordinator
+                .report(peer, &node, Some(gpus), Some(engines)),
+            AgentRequest::Engines => Ok(AgentResponse::Engines(self.coordinator.engines())),
             AgentRequest::Serve(_) => Err("a Serve request is a stream".into()),
             AgentRequest::KvSeal(seal) => {
-                if !matches!(peer, PeerIdentity::Node(_)) {
-                    return Err("only agents ship KV".into());
-                }
                 self.legs.inbox.seal(seal);
                 Ok(AgentResponse::KvSealed)
             }
@@ -96,12 +90,7 @@ impl Service for AgentService {
             AgentRequest::Directive { term, directive } => {
                 self.control.directive(peer, term, directive).await
             }
-            AgentRequest::LogTip => {
-                if !matches!(peer, PeerIdentity::Node(_)) {
-                    return Err("only agents speak Raft".into());
-                }
-                Ok(AgentResponse::LogTip(self.control.last_log_id().await))
-            }
+            AgentRequest::LogTip => Ok(AgentResponse::LogTip(self.control.last_log_id().await)),
             AgentRequest::Routable { deployment } => Ok(AgentResponse::Routable {
                 engines: self.serving.routable(&deployment),
                 api: self.api,
@@ -126,12 +115,7 @@ impl Service for AgentService {
         req: AgentRequest,
         out: &mut ResponseSink<AgentResponse>,
     ) -> Result<(), String> {
-        let PeerIdentity::Node(name) = peer else {
-            return Err("only agents send request legs".into());
-        };
-        if self.control.is_removed(name) {
-            return Err(crate::wire::removal_message(name));
-        }
+        self.admit(peer, &req)?;
         let AgentRequest::Serve(leg) = req else {
             return Err("not a stream".into());
         };
@@ -166,11 +150,39 @@ impl Service for AgentService {
         header: BulkHeader,
         body: BulkReader,
     ) -> Result<(), String> {
-        if !matches!(peer, PeerIdentity::Node(n) if !self.control.is_removed(n)) {
+        if let Err(e) = self.admit_agent(peer, "only agents ship KV") {
             body.refuse();
-            return Err("only agents ship KV".into());
+            return Err(e);
         }
         self.legs.inbox.accept(header, body).await
+    }
+}
+
+impl AgentService {
+    /// The one check of who is calling, before any request is handled: a removed node is told
+    /// so, and requests only agents make (`AgentRequest::agents_only`) are refused to anyone
+    /// else (the admin certificate included).
+    fn admit(&self, peer: &PeerIdentity, req: &AgentRequest) -> Result<(), String> {
+        match req.agents_only() {
+            Some(why) => self.admit_agent(peer, why).map(|_| ()),
+            None => match peer {
+                PeerIdentity::Node(name) if self.control.is_removed(name) => {
+                    Err(crate::wire::removal_message(name))
+                }
+                _ => Ok(()),
+            },
+        }
+    }
+
+    /// `peer` as an agent of this cluster, or why not (`why` when it is not an agent).
+    fn admit_agent<'a>(&self, peer: &'a PeerIdentity, why: &str) -> Result<&'a str, String> {
+        let PeerIdentity::Node(name) = peer else {
+            return Err(why.to_string());
+        };
+        if self.control.is_removed(name) {
+            return Err(crate::wire::removal_message(name));
+        }
+        Ok(name)
     }
 }
 
@@ -256,23 +268,29 @@ pub async fn run(
             ),
         })?;
     let peers = Arc::new(Peers::new(endpoint.clone()));
-    let control = ControlPlane::start(
-        &cfg,
-        advertise,
-        peers.clone(),
-        opts.bootstrap,
-        Some(inventory),
-        custody,
+    let control = ControlPlane::start(&cfg, advertise, peers.clone(), opts.bootstrap).await?;
+    let every = Duration::from_millis(cfg.config.raft.coordinator_interval_ms);
+    let local = Arc::new(LocalReports::new(Some(inventory)));
+    let coordinator = Coordinator::new(&cfg, control.clone(), local.clone());
+    let coordinating = coordinator.spawn();
+    let reporting = tokio::spawn(crate::reporting::report_loop(
+        control.clone(),
+        local.clone(),
+        Duration::from_millis(cfg.config.cluster.heartbeat_ms),
+        every,
+    ));
+    let keeping = tokio::spawn(crate::custody::custody_loop(
+        control.clone(),
+        custody.clone(),
+        every,
+    ));
+    let signer = Arc::new(crate::enrollment::Signer {
+        control: control.clone(),
+        custody: custody.clone(),
         ca_pem,
-    )
-    .await?;
-    let enroll = pd_transport::enroll::serve_enrollment(
-        enroll_listener,
-        endpoint.clone(),
-        Arc::new(crate::enrollment::Enroller {
-            control: control.clone(),
-        }),
-    );
+    });
+    let enroll =
+        pd_transport::enroll::serve_enrollment(enroll_listener, endpoint.clone(), signer.clone());
     let vllm =
         crate::driver::vllm::Vllm::new(cfg.config.drivers.vllm.clone(), advertise.ip().to_string())
             .map_err(|why| ConfigError {
@@ -283,12 +301,15 @@ pub async fn run(
         &cfg.node_name,
         &cfg.config.node.data_dir,
         &cfg.models_dir,
-        control.clone(),
-        control.inventory(),
+        Arc::new(SupervisorOrders {
+            control: control.clone(),
+            local: local.clone(),
+        }),
+        local.inventory(),
         vec![Arc::new(vllm)],
     )?;
     let metrics = Arc::new(crate::serving::metrics::Metrics::default());
-    let serving_cfg = cfg.config.serving.serving_config();
+    let serving_cfg = crate::serving::ServingConfig::of(&cfg.config.serving);
     let legs = Arc::new(crate::serving::legs::Legs::new(
         supervisor.clone(),
         peers.clone(),
@@ -299,6 +320,7 @@ pub async fn run(
     let serving = crate::serving::Serving::new(
         serving_cfg,
         control.clone(),
+        coordinator.clone(),
         peers.clone(),
         legs.clone(),
         metrics.clone(),
@@ -313,13 +335,14 @@ pub async fn run(
         control.engines_kick.clone(),
     ));
     let renewal = tokio::spawn(crate::enrollment::renewal_loop(
-        control.clone(),
+        signer.clone(),
         cfg.clone(),
-        Duration::from_millis(cfg.config.raft.coordinator_interval_ms),
+        every,
     ));
     let admin = |local: bool| {
         crate::admin::router(Arc::new(crate::admin::AdminCtx {
             control: control.clone(),
+            coordinator: coordinator.clone(),
             peers: peers.clone(),
             metrics: metrics.clone(),
             models_dir: cfg.models_dir.clone(),
@@ -334,6 +357,8 @@ pub async fn run(
         node: cfg.node_name.clone(),
         started: Instant::now(),
         control: control.clone(),
+        coordinator: coordinator.clone(),
+        signer: signer.clone(),
         legs,
         metrics,
         models_dir: cfg.models_dir.clone(),
@@ -377,6 +402,9 @@ pub async fn run(
     enroll.abort();
     renewal.abort();
     refreshing.abort();
+    coordinating.abort();
+    reporting.abort();
+    keeping.abort();
     // Engines keep running: a restarted agent re-adopts them.
     supervising.abort();
     control.shutdown().await;
@@ -448,5 +476,22 @@ pub async fn status(
     match request(cfg, identity, peer, addr, &AgentRequest::Status).await? {
         (AgentResponse::Status(s), _) => Ok(s),
         (other, _) => anyhow::bail!("{peer} answered status with {other:?}"),
+    }
+}
+
+/// The supervisor takes its orders from the replicated state and publishes its engines for
+/// liveness reports.
+struct SupervisorOrders {
+    control: Arc<ControlPlane>,
+    local: Arc<LocalReports>,
+}
+
+impl crate::supervisor::Orders for SupervisorOrders {
+    fn state(&self) -> pd_raft::ClusterState {
+        self.control.state_snapshot()
+    }
+
+    fn publish(&self, engines: Vec<crate::wire::EngineReport>) {
+        self.local.set_engines(engines)
     }
 }

@@ -6,9 +6,7 @@
 //! (by default under `<data_dir>/pki/`), each written whole to a temporary file and renamed
 //! into place; the key with mode 0600.
 
-use std::io::Write;
 use std::net::SocketAddr;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +17,15 @@ use pd_transport::pki::{self, CertInfo};
 use tracing::{info, warn};
 
 use crate::config::Validated;
-use crate::control::ControlPlane;
+use crate::util::{now_unix, write_atomic};
+use pd_raft::Command;
+use pd_raft::network::node_id;
+use pd_transport::PeerIdentity;
+use pd_transport::pki::Validity;
+
+use crate::control::{ControlPlane, FORWARD_TIMEOUT, WriteError};
+use crate::custody::CaCustody;
+use crate::wire::{AgentRequest, AgentResponse};
 
 /// Bound on one enrollment exchange with a seed.
 const ENROLL_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(25);
@@ -31,38 +37,6 @@ const ENROLL_RETRY_MAX: Duration = Duration::from_secs(5);
 pub const RENEW_BEFORE_MAX_SECS: i64 = 30 * 86_400;
 /// How often the renewal loop looks at the certificate while it is not due.
 const RENEW_CHECK_INTERVAL: Duration = Duration::from_secs(30);
-
-pub fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
-
-/// Writes `content` to `path` through a temporary file in the same directory and a rename, so
-/// a crash leaves either the old file or the new one. Secrets get mode 0600.
-pub fn write_atomic(path: &Path, content: &str, secret: bool) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(if secret { 0o600 } else { 0o644 })
-        .open(&tmp)?;
-    f.write_all(content.as_bytes())?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent()
-        && let Ok(d) = std::fs::File::open(dir)
-    {
-        let _ = d.sync_all();
-    }
-    Ok(())
-}
 
 /// Whether none of the node's credential files exist yet (a host that has never enrolled).
 pub fn credentials_absent(v: &Validated) -> bool {
@@ -133,16 +107,178 @@ pub fn write_credentials(
     w(&v.node_cert, cert_pem, false)
 }
 
-/// Serves other hosts' enrollments through the control plane (which signs when this agent is
-/// the coordinator and forwards to the coordinator otherwise).
-pub struct Enroller {
+/// Signs certificates: other hosts' enrollments (here when this agent is the coordinator and
+/// holds the CA key, forwarded to the coordinator otherwise) and nodes' renewals.
+pub struct Signer {
     pub control: Arc<ControlPlane>,
+    pub custody: Arc<CaCustody>,
+    /// The cluster CA certificate (PEM), handed to enrolling hosts.
+    pub ca_pem: String,
 }
 
-impl EnrollHandler for Enroller {
+impl EnrollHandler for Signer {
     async fn enroll(&self, remote: SocketAddr, req: EnrollRequest) -> Result<Enrolled, Refusal> {
         info!(%remote, node = %req.node, "enrollment request");
-        self.control.enroll(req.token, req.node, req.csr_pem).await
+        Signer::enroll(self, req.token, req.node, req.csr_pem).await
+    }
+}
+
+impl Signer {
+    /// Enrolls a host that presented a join token: signed here when this agent is the
+    /// coordinator, otherwise forwarded to it.
+    pub async fn enroll(
+        &self,
+        token: String,
+        node: String,
+        csr_pem: String,
+    ) -> Result<Enrolled, Refusal> {
+        if self.control.is_coordinator() {
+            return self.enroll_here(&token, &node, &csr_pem).await;
+        }
+        let req = AgentRequest::Enroll {
+            token,
+            node,
+            csr_pem,
+        };
+        match self.control.call_coordinator(&req, FORWARD_TIMEOUT).await {
+            Ok(AgentResponse::Certificate { cert_pem, ca_pem }) => {
+                Ok(Enrolled { cert_pem, ca_pem })
+            }
+            Ok(AgentResponse::EnrollRefused { reason, retryable }) => {
+                Err(Refusal { reason, retryable })
+            }
+            Ok(AgentResponse::NotCoordinator { .. }) => {
+                Err(Refusal::retry("the coordinator changed; retry"))
+            }
+            Ok(other) => Err(Refusal::retry(format!("unexpected answer {other:?}"))),
+            Err(e) => Err(Refusal::retry(e.to_string())),
+        }
+    }
+
+    /// The coordinator's side of an enrollment forwarded by another agent.
+    pub async fn enroll_forwarded(
+        &self,
+        token: String,
+        node: String,
+        csr_pem: String,
+    ) -> AgentResponse {
+        if !self.control.is_coordinator() {
+            return self.control.not_coordinator();
+        }
+        match self.enroll_here(&token, &node, &csr_pem).await {
+            Ok(e) => AgentResponse::Certificate {
+                cert_pem: e.cert_pem,
+                ca_pem: e.ca_pem,
+            },
+            Err(r) => AgentResponse::EnrollRefused {
+                reason: r.reason,
+                retryable: r.retryable,
+            },
+        }
+    }
+
+    async fn enroll_here(
+        &self,
+        token: &str,
+        node: &str,
+        csr_pem: &str,
+    ) -> Result<Enrolled, Refusal> {
+        let ca = self.custody.authority().ok_or_else(|| {
+            Refusal::retry(format!(
+                "the coordinator {} does not hold the CA key (start the first host with                  `pdagent run --bootstrap --ca-key ca.key`)",
+                self.control.me.name
+            ))
+        })?;
+        let token_id = ca
+            .verify_join_token(token, now_unix().max(0) as u64)
+            .map_err(|e| Refusal::fatal(e.to_string()))?;
+        pki::validate_node_name(node).map_err(|e| Refusal::fatal(e.to_string()))?;
+        let taken = self.control.read_state(|s| s.nodes.contains_key(node));
+        if taken {
+            return Err(Refusal::fatal(format!(
+                "a node named {node} is already in the cluster; pick another node.name, or                  `pdctl remove {node}` first if that host is gone"
+            )));
+        }
+        let cert_pem = ca
+            .sign_node_csr(csr_pem, node, Validity::default())
+            .map_err(|e| Refusal::fatal(e.to_string()))?;
+        let info = pki::first_cert_der(&cert_pem)
+            .and_then(|d| pki::cert_info(&d))
+            .map_err(|e| Refusal::fatal(e.to_string()))?;
+        let cmd = Command::EnrollNode {
+            node: node.to_string(),
+            id: node_id(node),
+            cert_serial: info.serial_hex,
+            not_after_unix: info.not_after_unix,
+        };
+        match self.control.write(cmd).await {
+            Ok(_) => {}
+            Err(WriteError::Refused(e)) => return Err(Refusal::fatal(e.to_string())),
+            Err(e) => return Err(Refusal::retry(format!("recording the enrollment: {e}"))),
+        }
+        info!(%node, token = %token_id, "enrolled a host with a join token");
+        Ok(Enrolled {
+            cert_pem,
+            ca_pem: self.ca_pem.clone(),
+        })
+    }
+
+    /// Renews a node's certificate for its own name (coordinator only): signs the request and
+    /// records the new serial.
+    pub async fn renew(
+        &self,
+        requester: &PeerIdentity,
+        csr_pem: &str,
+    ) -> Result<AgentResponse, String> {
+        let PeerIdentity::Node(node) = requester else {
+            return Err("only agents renew node certificates".into());
+        };
+        if !self.control.is_coordinator() {
+            return Ok(self.control.not_coordinator());
+        }
+        if self.control.is_removed(node) {
+            return Err(crate::wire::removal_message(node));
+        }
+        let ca = self
+            .custody
+            .authority()
+            .ok_or("the coordinator does not hold the CA key")?;
+        let cert_pem = ca
+            .sign_node_csr(csr_pem, node, Validity::default())
+            .map_err(|e| e.to_string())?;
+        let info = pki::first_cert_der(&cert_pem)
+            .and_then(|d| pki::cert_info(&d))
+            .map_err(|e| e.to_string())?;
+        self.control
+            .write(Command::RecordCertificate {
+                node: node.clone(),
+                cert_serial: info.serial_hex,
+                not_after_unix: info.not_after_unix,
+            })
+            .await
+            .map_err(|e| format!("recording the renewal: {e}"))?;
+        info!(%node, "renewed a node's certificate");
+        Ok(AgentResponse::Certificate {
+            cert_pem,
+            ca_pem: self.ca_pem.clone(),
+        })
+    }
+
+    /// Asks the coordinator (possibly this agent) to renew this node's certificate.
+    pub async fn request_renewal(&self, csr_pem: String) -> Result<(String, String), String> {
+        let me = PeerIdentity::Node(self.control.me.name.clone());
+        let answer = if self.control.is_coordinator() {
+            self.renew(&me, &csr_pem).await?
+        } else {
+            self.control
+                .call_coordinator(&AgentRequest::Renew { csr_pem }, FORWARD_TIMEOUT)
+                .await
+                .map_err(|e| e.to_string())?
+        };
+        match answer {
+            AgentResponse::Certificate { cert_pem, ca_pem } => Ok((cert_pem, ca_pem)),
+            other => Err(format!("unexpected answer {other:?}")),
+        }
     }
 }
 
@@ -157,14 +293,14 @@ pub fn renewal_due(info: &CertInfo, now_unix: i64) -> bool {
 /// Renews this node's certificate before it expires: a new key pair, a request signed by the
 /// coordinator over mutual TLS with the current certificate, the files replaced, and the
 /// transport switched to the new certificate without a restart.
-pub async fn renewal_loop(control: Arc<ControlPlane>, v: Validated, retry: Duration) {
+pub async fn renewal_loop(signer: Arc<Signer>, v: Validated, retry: Duration) {
     loop {
-        let current = control.endpoint().identity();
+        let current = signer.control.endpoint().identity();
         if !renewal_due(&current.info, now_unix()) {
             tokio::time::sleep(RENEW_CHECK_INTERVAL).await;
             continue;
         }
-        match renew_once(&control, &v).await {
+        match renew_once(&signer, &v).await {
             Ok(info) => info!(
                 serial = %info.serial_hex,
                 not_after_unix = info.not_after_unix,
@@ -178,9 +314,9 @@ pub async fn renewal_loop(control: Arc<ControlPlane>, v: Validated, retry: Durat
     }
 }
 
-async fn renew_once(control: &ControlPlane, v: &Validated) -> Result<CertInfo, String> {
+async fn renew_once(signer: &Signer, v: &Validated) -> Result<CertInfo, String> {
     let (csr, key) = pki::node_csr(&v.node_name).map_err(|e| e.to_string())?;
-    let (cert_pem, ca_pem) = control.request_renewal(csr).await?;
+    let (cert_pem, ca_pem) = signer.request_renewal(csr).await?;
     let id = Identity::from_pem(&ca_pem, &cert_pem, &key).map_err(|e| e.to_string())?;
     if id.name() != v.node_name {
         return Err(format!(
@@ -189,7 +325,11 @@ async fn renew_once(control: &ControlPlane, v: &Validated) -> Result<CertInfo, S
         ));
     }
     write_credentials(v, None, &cert_pem, &key)?;
-    control.endpoint().reload(&id).map_err(|e| e.to_string())?;
+    signer
+        .control
+        .endpoint()
+        .reload(&id)
+        .map_err(|e| e.to_string())?;
     Ok(id.info)
 }
 
@@ -220,18 +360,5 @@ mod tests {
         assert!(renewal_due(&short, 6 * day + 1));
         // Expired: due (the coordinator will refuse it, the operator must re-enroll).
         assert!(renewal_due(&short, 10 * day));
-    }
-
-    #[test]
-    fn write_atomic_replaces_and_keeps_secrets_private() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("sub/node.key");
-        write_atomic(&p, "one", true).unwrap();
-        write_atomic(&p, "two", true).unwrap();
-        assert_eq!(std::fs::read_to_string(&p).unwrap(), "two");
-        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600);
-        assert_eq!(std::fs::read_dir(p.parent().unwrap()).unwrap().count(), 1);
     }
 }

@@ -4,6 +4,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::util::Unpoisoned;
 use pd_nvml::{GpuDiscovery, GpuInventory, Health, HealthEvent};
 use tracing::{info, warn};
 
@@ -28,7 +29,7 @@ pub fn start_sampler(
                 std::thread::sleep(interval);
                 let (inv, events) = discovery.sample();
                 log_events(&events);
-                *out.lock().unwrap_or_else(|p| p.into_inner()) = inv;
+                *out.locked() = inv;
             }
         })?;
     Ok(shared)

@@ -2,10 +2,10 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::{Parser, Subcommand};
 use pdagent::config::{self, ConfigError, Overrides, Validated};
+use pdagent::util::now_unix;
 use pdagent::wire::AgentResponse;
 use pdagent::{agent, logging, notify::Notifier};
 
@@ -325,13 +325,6 @@ fn check_config(args: &ConfigArgs) -> ExitCode {
         }
         None => ExitCode::from(EX_USAGE),
     }
-}
-
-fn now_unix() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 fn load_config(args: &ConfigArgs) -> Result<Validated, ConfigError> {

@@ -13,23 +13,12 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
+use crate::wire::models::ModelCheck;
 
 /// Small files hashed whole.
 const SMALL_FILE_BYTES_MAX: u64 = 64 << 20;
 /// Largest safetensors header read.
 const SAFETENSORS_HEADER_BYTES_MAX: u64 = 100 << 20;
-
-/// What one agent found for a model.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ModelCheck {
-    /// The folder it looked at.
-    pub path: String,
-    /// The checkpoint fingerprint, when the folder is there and readable.
-    pub fingerprint: Option<String>,
-    /// Why not, otherwise.
-    pub why: Option<String>,
-}
 
 /// Whether `model` names a built-in preset (present on every host).
 pub fn is_preset(model: &str) -> bool {

@@ -13,6 +13,7 @@ use pd_raft::RaftPeer;
 use pd_raft::network::{RaftRequest, RaftResponse, RaftRpc, RpcFailure};
 use pd_transport::{Connection, Endpoint, TransportError};
 
+use crate::util::Unpoisoned;
 use crate::wire::{AgentRequest, AgentResponse};
 
 type Slot = Arc<tokio::sync::Mutex<Option<Connection>>>;
@@ -57,7 +58,7 @@ impl Peers {
     }
 
     fn slot(&self, name: &str) -> Slot {
-        let mut m = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = self.slots.locked();
         m.entry(name.to_string()).or_default().clone()
     }
 
@@ -82,10 +83,7 @@ impl Peers {
     }
 
     fn forget(&self, name: &str) {
-        self.slots
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(name);
+        self.slots.locked().remove(name);
     }
 
     /// One request to agent `name` at `addr`, within `timeout` (connecting included).

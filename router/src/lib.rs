@@ -278,19 +278,76 @@ impl DecisionKind {
     }
 }
 
+/// Which engines serve a request: indexes into the candidates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engines {
+    /// `prefill` computes the prompt and ships its KV to `decode`.
+    Disaggregated {
+        /// The prefill engine.
+        prefill: usize,
+        /// The decode engine.
+        decode: usize,
+    },
+    /// A decode engine does the whole request (short prompt, cache hit, or no prefill engine).
+    DecodeOnly {
+        /// The decode engine.
+        decode: usize,
+    },
+    /// A `Both` engine does the whole request.
+    Colocated {
+        /// The colocated engine.
+        engine: usize,
+    },
+}
+
 /// The router's choice for one request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Decision {
-    /// How the request is served.
-    pub kind: DecisionKind,
-    /// Index into the candidates of the prefill engine (`None` for decode-only and colocated).
-    pub prefill: Option<usize>,
-    /// Index into the candidates of the decode engine, or of the colocated (`Both`) engine.
-    pub decode: usize,
+    /// How the request is served, and by which engines.
+    pub engines: Engines,
     /// Prefix blocks the engine that computes the prompt is believed to hold.
     pub cached_blocks: u32,
     /// The prompt's blocks, as the cost counted them.
     pub prompt_blocks: u32,
+}
+
+impl Engines {
+    /// How the request is served.
+    pub fn kind(self) -> DecisionKind {
+        match self {
+            Engines::Disaggregated { .. } => DecisionKind::Disaggregated,
+            Engines::DecodeOnly { .. } => DecisionKind::DecodeOnly,
+            Engines::Colocated { .. } => DecisionKind::Colocated,
+        }
+    }
+}
+
+impl Decision {
+    /// How the request is served.
+    pub fn kind(&self) -> DecisionKind {
+        self.engines.kind()
+    }
+
+    /// The prefill engine, when disaggregated.
+    pub fn prefill(&self) -> Option<usize> {
+        match self.engines {
+            Engines::Disaggregated { prefill, .. } => Some(prefill),
+            _ => None,
+        }
+    }
+
+    /// The engine that produces the output tokens: the decode engine, or the colocated one.
+    pub fn decode(&self) -> usize {
+        match self.engines {
+            Engines::Disaggregated { decode, .. } | Engines::DecodeOnly { decode } => decode,
+            Engines::Colocated { engine } => engine,
+        }
+    }
+
+    /// The engine that computes the prompt.
+    pub fn computes(&self) -> usize {
+        self.prefill().unwrap_or(self.decode())
+    }
 }
 
 /// Why no engine could be picked.
@@ -449,15 +506,11 @@ impl Router {
             self.pick_disaggregated(prompt, candidates)
         } else if both > 0 {
             let e = self.pick_colocated(prompt, candidates);
-            self.decision(DecisionKind::Colocated, None, e, prompt)
-        } else if decode > 0 {
-            let d = self.pick_decode_only(prompt, candidates, false);
-            self.decision(
-                DecisionKind::DecodeOnly,
-                None,
-                d.expect("a decode engine"),
-                prompt,
-            )
+            self.decision(Engines::Colocated { engine: e }, prompt)
+        } else if decode > 0
+            && let Some(d) = self.pick_decode_only(prompt, candidates, false)
+        {
+            self.decision(Engines::DecodeOnly { decode: d }, prompt)
         } else {
             return Err(RouteError::NoneAvailable {
                 prefill,
@@ -476,8 +529,8 @@ impl Router {
         candidates: &[Candidate],
         blocks: &[u64],
     ) {
-        let decode = candidates[decision.decode].engine.as_str();
-        match decision.prefill {
+        let decode = candidates[decision.decode()].engine.as_str();
+        match decision.prefill() {
             Some(p) => self.index.record(&[&candidates[p].engine, decode], blocks),
             None => self.index.record(&[decode], blocks),
         }
@@ -543,21 +596,14 @@ impl Router {
         }
     }
 
-    fn decision(
-        &self,
-        kind: DecisionKind,
-        prefill: Option<usize>,
-        decode: usize,
-        prompt: Prompt,
-    ) -> Decision {
-        let computes = prefill.unwrap_or(decode);
-        Decision {
-            kind,
-            prefill,
-            decode,
-            cached_blocks: self.scratch.overlap[computes],
+    fn decision(&self, engines: Engines, prompt: Prompt) -> Decision {
+        let mut d = Decision {
+            engines,
+            cached_blocks: 0,
             prompt_blocks: prompt.blocks,
-        }
+        };
+        d.cached_blocks = self.scratch.overlap[d.computes()];
+        d
     }
 
     fn pick_disaggregated(&mut self, prompt: Prompt, cands: &[Candidate]) -> Decision {
@@ -565,19 +611,25 @@ impl Router {
         let (p, d) = match self.cfg.policy {
             Policy::Cost => {
                 if short && let Some(d) = self.pick_decode_only(prompt, cands, true) {
-                    return self.decision(DecisionKind::DecodeOnly, None, d, prompt);
+                    return self.decision(Engines::DecodeOnly { decode: d }, prompt);
                 }
                 self.best_pair(prompt, cands)
             }
             Policy::RoundRobin | Policy::Random => {
                 let d = self.next_of(Role::Decode, cands);
                 if short && self.is_short_on(d, prompt) {
-                    return self.decision(DecisionKind::DecodeOnly, None, d, prompt);
+                    return self.decision(Engines::DecodeOnly { decode: d }, prompt);
                 }
                 (self.next_of(Role::Prefill, cands), d)
             }
         };
-        self.decision(DecisionKind::Disaggregated, Some(p), d, prompt)
+        self.decision(
+            Engines::Disaggregated {
+                prefill: p,
+                decode: d,
+            },
+            prompt,
+        )
     }
 
     /// The decode engine to run the request alone; with `short_only`, only among engines where

@@ -51,11 +51,11 @@ fn prefix_affinity_picks_the_engine_holding_the_prefix() {
     r.record("p1", &first);
     let (second, _) = prompt(0, 1); // same 1 KiB system prompt, other user text
     let d = r.route(&second, tokens, &c).unwrap();
-    assert_eq!(d.kind, DecisionKind::Disaggregated);
-    assert_eq!(d.prefill, Some(1));
+    assert_eq!(d.kind(), DecisionKind::Disaggregated);
+    assert_eq!(d.prefill(), Some(1));
     assert_eq!((d.cached_blocks, d.prompt_blocks), (64, 128));
     let (other, _) = prompt(5, 1); // another system prompt: no overlap anywhere, lowest index
-    assert_eq!(r.route(&other, tokens, &c).unwrap().prefill, Some(0));
+    assert_eq!(r.route(&other, tokens, &c).unwrap().prefill(), Some(0));
 }
 
 /// An engine holding the prefix loses once its queue costs more than the blocks it saves.
@@ -67,12 +67,12 @@ fn prefix_affinity_yields_to_load() {
     r.record("p1", &blocks[..64]); // half the prompt cached on p1
     // p1: 64 uncached + 1 queued x 128 = 192 > p0: 128 uncached.
     c[1].queued = 1;
-    assert_eq!(r.route(&blocks, tokens, &c).unwrap().prefill, Some(0));
+    assert_eq!(r.route(&blocks, tokens, &c).unwrap().prefill(), Some(0));
     // With the whole prompt cached, one queued request is worth waiting for (128 = 128: the tie
     // goes to the lowest index, so give p0 a little load).
     r.record("p1", &blocks);
     c[0].inflight = 1;
-    assert_eq!(r.route(&blocks, tokens, &c).unwrap().prefill, Some(1));
+    assert_eq!(r.route(&blocks, tokens, &c).unwrap().prefill(), Some(1));
 }
 
 /// Without any cache, the least loaded engines win, for prefill and decode.
@@ -92,7 +92,7 @@ fn load_balances_without_cache() {
     c[3].inflight = 2;
     let (blocks, tokens) = prompt(0, 0);
     let d = r.route(&blocks, tokens, &c).unwrap();
-    assert_eq!((d.prefill, d.decode), (Some(1), 3));
+    assert_eq!((d.prefill(), d.decode()), (Some(1), 3));
 }
 
 /// A decode engine near full KV is avoided even when it runs fewer requests.
@@ -105,16 +105,16 @@ fn avoids_kv_pressure() {
     c[2].running = 4;
     c[2].kv_usage = 0.2; // 4 + 0.64
     let (blocks, tokens) = prompt(0, 0);
-    assert_eq!(r.route(&blocks, tokens, &c).unwrap().decode, 2);
+    assert_eq!(r.route(&blocks, tokens, &c).unwrap().decode(), 2);
     c[2].running = 20;
     assert_eq!(
-        r.route(&blocks, tokens, &c).unwrap().decode,
+        r.route(&blocks, tokens, &c).unwrap().decode(),
         1,
         "not at any price"
     );
     c[2].running = 4;
     c[1].kv_usage = f32::NAN; // an unknown usage counts as full
-    assert_eq!(r.route(&blocks, tokens, &c).unwrap().decode, 2);
+    assert_eq!(r.route(&blocks, tokens, &c).unwrap().decode(), 2);
 }
 
 /// At equal load the pair on one node beats the pair in one rack, which beats a cross-rack pair.
@@ -127,21 +127,21 @@ fn prefers_short_transfer_distance() {
     let same = engine("d-same", "n1", "r1", Role::Decode);
     let p = prefill("p0", "n1");
     let c = [p.clone(), far.clone(), rack.clone(), same];
-    assert_eq!(r.route(&blocks, tokens, &c).unwrap().decode, 3);
+    assert_eq!(r.route(&blocks, tokens, &c).unwrap().decode(), 3);
     let c = [p.clone(), far.clone(), rack];
-    assert_eq!(r.route(&blocks, tokens, &c).unwrap().decode, 2);
+    assert_eq!(r.route(&blocks, tokens, &c).unwrap().decode(), 2);
     // Without rack labels, another node is simply far: lowest index.
     let mut norack = engine("d-norack", "n2", "r1", Role::Decode);
     norack.rack = None;
     let c = [p, far, norack];
-    assert_eq!(r.route(&blocks, tokens, &c).unwrap().decode, 1);
+    assert_eq!(r.route(&blocks, tokens, &c).unwrap().decode(), 1);
     // Distance picks the prefill engine too: the one beside the only decode engine.
     let c = [
         prefill("p-far", "n9"),
         prefill("p-near", "n1"),
         decode("d0", "n1"),
     ];
-    assert_eq!(r.route(&blocks, tokens, &c).unwrap().prefill, Some(1));
+    assert_eq!(r.route(&blocks, tokens, &c).unwrap().prefill(), Some(1));
 }
 
 /// Short prompts and cache hits on a decode engine skip remote prefill.
@@ -151,21 +151,21 @@ fn short_prompts_run_decode_only() {
     let c = [prefill("p0", "n1"), decode("d0", "n1"), decode("d1", "n1")];
     let short = block_hashes(&[b'x'; 20], 16);
     let d = r.route(&short, 20, &c).unwrap();
-    assert_eq!(d.kind, DecisionKind::DecodeOnly);
-    assert_eq!((d.prefill, d.decode), (None, 1));
+    assert_eq!(d.kind(), DecisionKind::DecodeOnly);
+    assert_eq!((d.prefill(), d.decode()), (None, 1));
     // A long prompt whose prefix d1 holds: 2048 - 126 x 16 = 32 uncached tokens.
     let (blocks, tokens) = prompt(0, 0);
     r.record("d1", &blocks[..126]);
     let d = r.route(&blocks, tokens, &c).unwrap();
     assert_eq!(
-        (d.kind, d.decode, d.cached_blocks),
+        (d.kind(), d.decode(), d.cached_blocks),
         (DecisionKind::DecodeOnly, 2, 126)
     );
     // One block fewer cached: 48 tokens to compute, remote prefill again.
     r.forget_engine("d1");
     r.record("d1", &blocks[..125]);
     assert_eq!(
-        r.route(&blocks, tokens, &c).unwrap().kind,
+        r.route(&blocks, tokens, &c).unwrap().kind(),
         DecisionKind::Disaggregated
     );
     // 0 turns the shortcut off.
@@ -174,7 +174,7 @@ fn short_prompts_run_decode_only() {
         ..RouterConfig::default()
     });
     assert_eq!(
-        off.route(&short, 20, &c).unwrap().kind,
+        off.route(&short, 20, &c).unwrap().kind(),
         DecisionKind::Disaggregated
     );
 }
@@ -190,12 +190,12 @@ fn no_prefill_falls_back_to_decode_only() {
         let (blocks, tokens) = prompt(0, 0);
         let d = r.route(&blocks, tokens, &c).unwrap();
         assert_eq!(
-            (d.kind, d.prefill),
+            (d.kind(), d.prefill()),
             (DecisionKind::DecodeOnly, None),
             "{policy}"
         );
         if policy == Policy::Cost {
-            assert_eq!(d.decode, 2);
+            assert_eq!(d.decode(), 2);
         }
     }
 }
@@ -215,16 +215,16 @@ fn colocated_when_no_pair() {
     let (blocks, tokens) = prompt(0, 0);
     r.record("b2", &blocks);
     let d = r.route(&blocks, tokens, &c).unwrap();
-    assert_eq!(d.kind, DecisionKind::Colocated);
-    assert_eq!((d.prefill, d.decode, d.cached_blocks), (None, 2, 128));
+    assert_eq!(d.kind(), DecisionKind::Colocated);
+    assert_eq!((d.prefill(), d.decode(), d.cached_blocks), (None, 2, 128));
     c[2].queued = 2;
-    assert_eq!(r.route(&blocks, tokens, &c).unwrap().decode, 1);
+    assert_eq!(r.route(&blocks, tokens, &c).unwrap().decode(), 1);
     // With a complete pair, disaggregated wins over colocated.
     let mut with_pair = c.to_vec();
     with_pair.push(decode("d0", "n1"));
     let d = r.route(&blocks, tokens, &with_pair).unwrap();
     assert_eq!(
-        (d.kind, d.prefill, d.decode),
+        (d.kind(), d.prefill(), d.decode()),
         (DecisionKind::Disaggregated, Some(3), 4)
     );
     assert_eq!(DecisionKind::Colocated.as_str(), "colocated");
@@ -263,9 +263,9 @@ fn unavailable_engines_are_never_chosen() {
                 prompt(0, i as u8)
             };
             let d = r.route(&blocks, tokens, &c).unwrap();
-            assert!(d.prefill.is_none_or(|p| c[p].available), "{policy} {d:?}");
-            assert!(c[d.decode].available, "{policy} {d:?}");
-            assert_eq!(d.decode, 4);
+            assert!(d.prefill().is_none_or(|p| c[p].available), "{policy} {d:?}");
+            assert!(c[d.decode()].available, "{policy} {d:?}");
+            assert_eq!(d.decode(), 4);
             assert_eq!(
                 d.cached_blocks, 0,
                 "what an unavailable engine holds does not count"
@@ -320,12 +320,12 @@ fn round_robin_cycles() {
     let mut pairs = Vec::new();
     for _ in 0..6 {
         let d = r.route(&blocks, tokens, &c).unwrap();
-        pairs.push((d.prefill.unwrap(), d.decode));
+        pairs.push((d.prefill().unwrap(), d.decode()));
     }
     assert_eq!(pairs, [(0, 3), (1, 4), (2, 3), (0, 4), (1, 3), (2, 4)]);
     c[1].available = false;
     let next: Vec<_> = (0..4)
-        .map(|_| r.route(&blocks, tokens, &c).unwrap().prefill.unwrap())
+        .map(|_| r.route(&blocks, tokens, &c).unwrap().prefill().unwrap())
         .collect();
     assert!(next.iter().all(|p| *p != 1));
     assert!(next.contains(&0) && next.contains(&2));
@@ -345,7 +345,7 @@ fn picks(seed: u64, n: usize) -> Vec<(Option<usize>, usize)> {
     (0..n)
         .map(|_| {
             let d: Decision = r.route(&blocks, tokens, &c).unwrap();
-            (d.prefill, d.decode)
+            (d.prefill(), d.decode())
         })
         .collect()
 }
@@ -507,18 +507,18 @@ fn random_deployments_keep_the_invariants() {
             match r.route(blocks, tokens, &c) {
                 Ok(d) => {
                     let role = |i: usize| (c[i].available, c[i].role);
-                    match d.kind {
+                    match d.kind() {
                         DecisionKind::Disaggregated => {
-                            assert_eq!(role(d.prefill.unwrap()), (true, Role::Prefill));
-                            assert_eq!(role(d.decode), (true, Role::Decode));
+                            assert_eq!(role(d.prefill().unwrap()), (true, Role::Prefill));
+                            assert_eq!(role(d.decode()), (true, Role::Decode));
                         }
                         DecisionKind::DecodeOnly => {
-                            assert_eq!(d.prefill, None);
-                            assert_eq!(role(d.decode), (true, Role::Decode));
+                            assert_eq!(d.prefill(), None);
+                            assert_eq!(role(d.decode()), (true, Role::Decode));
                         }
                         DecisionKind::Colocated => {
-                            assert_eq!(d.prefill, None);
-                            assert_eq!(role(d.decode), (true, Role::Both));
+                            assert_eq!(d.prefill(), None);
+                            assert_eq!(role(d.decode()), (true, Role::Both));
                             assert!(ready(Role::Prefill) == 0 || ready(Role::Decode) == 0);
                         }
                     }

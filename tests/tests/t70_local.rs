@@ -994,7 +994,7 @@ fn a_directive_with_a_stale_term_is_refused() {
             .unwrap()
             .validate()
             .unwrap();
-        let id = cfg.load_identity(pdagent::enrollment::now_unix()).unwrap();
+        let id = cfg.load_identity(pdagent::util::now_unix()).unwrap();
         let k = target.trim_start_matches("node-");
         let addr = format!("127.0.0.{k}:{base}").parse().unwrap();
         rt.block_on(pdagent::agent::directive(

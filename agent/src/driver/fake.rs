@@ -10,6 +10,7 @@
 //! - `busy_polls=N`: a stopping engine still reports running requests N times;
 //! - `fingerprint=X`: the model fingerprint the engines report (default 1).
 
+use crate::util::Unpoisoned;
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -111,18 +112,15 @@ impl Fake {
     }
 
     pub fn set_faults(&self, faults: FakeFaults) {
-        *self.faults.lock().unwrap_or_else(|p| p.into_inner()) = faults;
+        *self.faults.locked() = faults;
     }
 
     fn faults(&self) -> FakeFaults {
-        self.faults
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.faults.locked().clone()
     }
 
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner.locked()
     }
 
     /// `kill -9` of an engine.

@@ -25,6 +25,7 @@ use super::{
     TaskRecord,
 };
 use crate::config::VllmSection;
+use crate::util::Unpoisoned;
 
 pub const NAME: &str = "vllm";
 pub const CAPABILITIES: Capabilities = Capabilities {
@@ -102,7 +103,7 @@ impl Vllm {
 
     /// `n` consecutive free ports (bindable now, held by no engine of this driver).
     fn take_ports(&self, n: u16) -> Result<u16, String> {
-        let mut taken = self.taken.lock().unwrap_or_else(|p| p.into_inner());
+        let mut taken = self.taken.locked();
         let (lo, hi) = (*self.ports.start(), *self.ports.end());
         let mut base = lo;
         while base.checked_add(n - 1).is_some_and(|top| top <= hi) {
@@ -124,7 +125,7 @@ impl Vllm {
     }
 
     fn release(&self, e: &HttpEngine) {
-        let mut taken = self.taken.lock().unwrap_or_else(|p| p.into_inner());
+        let mut taken = self.taken.locked();
         taken.remove(&e.port);
         if let Some(k) = e.kv_port {
             for p in k..k.saturating_add(e.kv_ports) {
@@ -222,10 +223,7 @@ impl Driver for Vllm {
             Some(_) => match self.take_ports(1) {
                 Ok(p) => Some(p),
                 Err(e) => {
-                    self.taken
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&port);
+                    self.taken.locked().remove(&port);
                     return Err(e);
                 }
             },
@@ -401,7 +399,7 @@ impl Driver for Vllm {
                 served_name: name,
             };
             {
-                let mut taken = self.taken.lock().unwrap_or_else(|p| p.into_inner());
+                let mut taken = self.taken.locked();
                 taken.insert(port);
                 if let Some(k) = engine.kv_port {
                     taken.extend(k..k.saturating_add(engine.kv_ports));

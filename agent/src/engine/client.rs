@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::util::Unpoisoned;
 use pd_engine::protocol::{AgentMessage, EngineHello, EngineMessage, PROTOCOL_VERSION};
 use pd_engine::{EngineStats, KvEvent, KvPiece, RequestId};
 use pd_transport::codec;
@@ -160,15 +161,9 @@ impl EngineClient {
             }
         };
         let (tx, rx) = mpsc::channel(REPLIES_QUEUED_MAX);
-        self.routes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, tx);
+        self.routes.locked().insert(id, tx);
         if let Err(e) = self.send(&msg, None).await {
-            self.routes
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&id);
+            self.routes.locked().remove(&id);
             return Err(e);
         }
         Ok(rx)
@@ -196,10 +191,7 @@ impl EngineClient {
 
     async fn ask(&self, msg: AgentMessage) -> Result<EngineMessage, EngineClientError> {
         let (tx, rx) = oneshot::channel();
-        self.waiters
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push_back(tx);
+        self.waiters.locked().push_back(tx);
         self.send(&msg, None).await?;
         rx.await.map_err(|_| EngineClientError::Lost)
     }
@@ -282,7 +274,7 @@ async fn read_loop(
         };
         match reply_id(&msg) {
             Some((id, terminal)) => {
-                let mut r = routes.lock().unwrap_or_else(|p| p.into_inner());
+                let mut r = routes.locked();
                 let tx = if terminal {
                     r.remove(&id)
                 } else {
@@ -301,10 +293,7 @@ async fn read_loop(
                 }
             }
             None => {
-                let w = waiters
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .pop_front();
+                let w = waiters.locked().pop_front();
                 match w {
                     Some(w) => {
                         let _ = w.send(msg);
@@ -315,8 +304,8 @@ async fn read_loop(
         }
     }
     // Lost: every open request ends (its channel closes), every waiter errs.
-    routes.lock().unwrap_or_else(|p| p.into_inner()).clear();
-    waiters.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    routes.locked().clear();
+    waiters.locked().clear();
 }
 
 /// An engine child process of this binary.

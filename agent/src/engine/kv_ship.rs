@@ -22,6 +22,9 @@ use pd_engine::{KV_HEADER_BYTES, KvHeader, KvPiece};
 use pd_transport::{BulkHeader, BulkReader, Connection, TransportError};
 use tokio::sync::Notify;
 
+use crate::util::Unpoisoned;
+use crate::wire::kv::Seal;
+
 /// Shipments a decode side holds at once; more are refused.
 pub const SHIPMENTS_IN_FLIGHT_MAX: usize = 1024;
 /// Largest piece accepted (one layer of a long context).
@@ -76,17 +79,6 @@ impl KvSender {
     pub fn pieces(&self) -> u64 {
         self.sent_pieces
     }
-}
-
-/// What the prefill side tells the decode side once a shipment is whole: how many pieces make
-/// it and what the decode engine needs besides the KV.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Seal {
-    pub shipment: u64,
-    pub pieces: u64,
-    pub header: KvHeader,
-    pub prompt_tokens: Vec<u32>,
-    pub first_token: u32,
 }
 
 #[derive(Default)]
@@ -226,7 +218,7 @@ impl KvInbox {
         }
         let kv = KvHeader::from_bytes(&header.meta).map_err(|e| fail(e.to_string()))?;
         {
-            let s = self.shipments.lock().unwrap_or_else(|p| p.into_inner());
+            let s = self.shipments.locked();
             if !s.contains_key(&shipment) && s.len() >= SHIPMENTS_IN_FLIGHT_MAX {
                 drop(s);
                 body.refuse();
@@ -281,10 +273,7 @@ impl KvInbox {
     }
 
     fn is_forgotten(&self, shipment: u64) -> bool {
-        self.forgotten
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(&shipment)
+        self.forgotten.locked().contains_key(&shipment)
     }
 
     /// Adds a piece whose `bytes` were reserved; they are released if it is not kept.
@@ -312,7 +301,7 @@ impl KvInbox {
             return false;
         }
         {
-            let mut s = self.shipments.lock().unwrap_or_else(|p| p.into_inner());
+            let mut s = self.shipments.locked();
             if !s.contains_key(&shipment) && s.len() >= SHIPMENTS_IN_FLIGHT_MAX {
                 tracing::warn!(
                     shipment,
@@ -333,10 +322,9 @@ impl KvInbox {
     /// request ended elsewhere, or they were never asked for); returns how many.
     pub fn sweep(&self, age: Duration) -> usize {
         self.forgotten
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .locked()
             .retain(|_, t| t.elapsed() < FORGOTTEN_FOR);
-        let mut s = self.shipments.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = self.shipments.locked();
         let stale: Vec<u64> = s
             .iter()
             .filter(|(_, sh)| !sh.claimed && sh.began.is_some_and(|t| t.elapsed() >= age))
@@ -350,22 +338,14 @@ impl KvInbox {
 
     /// Marks a shipment as waited for.
     fn claim(&self, shipment: u64) {
-        if let Some(sh) = self
-            .shipments
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_mut(&shipment)
-        {
+        if let Some(sh) = self.shipments.locked().get_mut(&shipment) {
             sh.claimed = true;
         }
     }
 
     /// Shipments held now.
     pub fn len(&self) -> usize {
-        self.shipments
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .len()
+        self.shipments.locked().len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -380,12 +360,11 @@ impl KvInbox {
     /// Drops what is held for a shipment; whatever still arrives for it is dropped too.
     pub fn forget(&self, shipment: u64) {
         {
-            let mut s = self.shipments.lock().unwrap_or_else(|p| p.into_inner());
+            let mut s = self.shipments.locked();
             self.take(&mut s, shipment);
         }
         self.forgotten
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .locked()
             .insert(shipment, std::time::Instant::now());
     }
 
@@ -412,8 +391,7 @@ impl KvInbox {
             self.claim(shipment);
             let seal = self
                 .shipments
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
+                .locked()
                 .get(&shipment)
                 .and_then(|s| s.seal.clone());
             if let Some(seal) = seal {
@@ -423,8 +401,7 @@ impl KvInbox {
             }
             let failed = self
                 .shipments
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
+                .locked()
                 .get(&shipment)
                 .and_then(|s| s.failed.clone());
             if let Some(why) = failed {
@@ -455,7 +432,7 @@ impl KvInbox {
         loop {
             let notified = self.changed.notified();
             {
-                let mut s = self.shipments.lock().unwrap_or_else(|p| p.into_inner());
+                let mut s = self.shipments.locked();
                 if let Some(sh) = s.get(&shipment) {
                     if let Some(why) = &sh.failed {
                         let why = why.clone();
@@ -486,8 +463,7 @@ impl KvInbox {
             if tokio::time::timeout_at(until, notified).await.is_err() {
                 let got = self
                     .shipments
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
+                    .locked()
                     .get(&shipment)
                     .map_or(0, |s| s.pieces.len());
                 self.forget(shipment);

@@ -18,6 +18,7 @@ use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::util::Unpoisoned;
 use pd_engine::protocol::{AgentMessage, EngineMessage, EngineRole, ErrorKind, check_version};
 use pd_engine::{Engine, EngineConfig, EngineEvent, RequestId, RequestKind};
 use pd_transport::codec;
@@ -144,7 +145,7 @@ async fn io_loop(
                 let Ok((stream, _)) = accepted else { continue };
                 next_id += 1;
                 let id = next_id;
-                presence.lock().unwrap_or_else(|p| p.into_inner()).0 += 1;
+                presence.locked().0 += 1;
                 let (out_tx, out_rx) = mpsc::unbounded_channel();
                 if cmd_tx.send(Cmd::Open(id, out_tx.clone())).is_err() {
                     anyhow::bail!("the compute thread stopped");
@@ -154,7 +155,7 @@ async fn io_loop(
                 tokio::spawn(async move {
                     connection(id, stream, cmd_tx.clone(), out_tx, out_rx, payload_max).await;
                     let _ = cmd_tx.send(Cmd::Closed(id));
-                    let mut p = presence.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut p = presence.locked();
                     p.0 -= 1;
                     if p.0 == 0 {
                         p.1 = Instant::now();
@@ -162,7 +163,7 @@ async fn io_loop(
                 });
             }
             _ = check.tick() => {
-                let (open, since) = *presence.lock().unwrap_or_else(|p| p.into_inner());
+                let (open, since) = *presence.locked();
                 if open == 0 && since.elapsed() >= opts.orphan_timeout {
                     warn!(
                         timeout_ms = opts.orphan_timeout.as_millis() as u64,

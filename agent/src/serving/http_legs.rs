@@ -19,9 +19,9 @@ use pd_engine::{FinishReason, Prompt, SamplingParams};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use super::legs::{Failure, GenerateLeg, PrefillLeg, ServeEvent};
 use crate::driver::HttpEngine;
 use crate::driver::http;
+use crate::wire::legs::{Failure, GenerateLeg, PrefillLeg, ServeEvent};
 
 /// Ends a leg with a failure.
 pub struct HttpFail(pub Failure, pub String);

@@ -76,8 +76,7 @@ pub fn router(serving: Arc<Serving>) -> Router {
 /// request head within `header_read_timeout` (also a kept-alive connection's idle limit), a
 /// body within `body_read_timeout` (see `generate`).
 pub async fn serve(addr: SocketAddr, serving: Arc<Serving>) -> anyhow::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
+    let listener = listen(addr, backlog_for(serving.config().connections_max))
         .map_err(|e| anyhow::anyhow!("cannot bind the OpenAI API on {addr}: {e}"))?;
     let bound = listener.local_addr()?;
     let app = router(serving.clone());
@@ -123,6 +122,25 @@ pub async fn serve(addr: SocketAddr, serving: Arc<Serving>) -> anyhow::Result<So
         }
     });
     Ok(bound)
+}
+
+/// The accept queue's length for `connections_max`: a burst of that many connections waits
+/// in the kernel's queue instead of having its SYNs dropped (a dropped SYN costs the client a
+/// retransmission, 1 s and then 3 s). The kernel caps it at `net.core.somaxconn`.
+fn backlog_for(connections_max: usize) -> u32 {
+    connections_max.clamp(1024, 65_535) as u32
+}
+
+/// Binds a listening TCP socket with `backlog` (std's bind uses 128).
+fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
 }
 
 /// Pause after a failed accept.
@@ -198,7 +216,7 @@ async fn ready(State(s): State<Arc<Serving>>) -> Response {
 }
 
 async fn metrics(State(s): State<Arc<Serving>>) -> Response {
-    let gauges = super::engine_gauges(&s);
+    let gauges = super::gauges::engine_gauges(&s);
     let mut r = Response::new(Body::from(s.metrics.render(&gauges)));
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -339,9 +357,7 @@ async fn generate(s: Arc<Serving>, kind: ApiKind, req: Request) -> Response {
         ApiKind::Completions => format!("cmpl-{rid}"),
         ApiKind::Chat => format!("chatcmpl-{rid}"),
     };
-    let created = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let created = crate::util::now_unix().max(0) as u64;
     // Wait for the first event: an error before any token is a plain HTTP error.
     let first = match rx.recv().await {
         Some(Out::Error(e)) => return error_response(&e, Some(&rid)),

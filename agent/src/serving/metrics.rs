@@ -5,6 +5,8 @@
 //! Names follow Prometheus conventions: `pdagent_` prefix, base units (seconds, bytes),
 //! `_total` for counters.
 
+use crate::util::Unpoisoned;
+use crate::wire::latency::{HistSnapshot, ModelLatency};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Mutex;
@@ -52,55 +54,6 @@ impl Hist {
     }
 }
 
-/// One series of a histogram as it stands: per-bucket (not cumulative) counts, for summing
-/// several agents' series and reading a mean and quantiles from them.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct HistSnapshot {
-    /// Upper bounds; observations above the last count in `count` only.
-    pub bounds: Vec<f64>,
-    pub counts: Vec<u64>,
-    pub count: u64,
-    pub sum: f64,
-}
-
-impl HistSnapshot {
-    /// Adds `other` (same buckets) into `self`; a series with other buckets is refused.
-    pub fn merge(&mut self, other: &HistSnapshot) -> bool {
-        if self.bounds != other.bounds || self.counts.len() != other.counts.len() {
-            return false;
-        }
-        for (a, b) in self.counts.iter_mut().zip(&other.counts) {
-            *a += b;
-        }
-        self.count += other.count;
-        self.sum += other.sum;
-        true
-    }
-
-    pub fn mean(&self) -> Option<f64> {
-        (self.count > 0).then(|| self.sum / self.count as f64)
-    }
-
-    /// The `q` quantile, linearly interpolated inside its bucket as Prometheus'
-    /// `histogram_quantile` does (the first bucket from 0; beyond the last bound, that bound).
-    pub fn quantile(&self, q: f64) -> Option<f64> {
-        if self.count == 0 {
-            return None;
-        }
-        let rank = q.clamp(0.0, 1.0) * self.count as f64;
-        let mut below = 0u64;
-        for (i, (&bound, &c)) in self.bounds.iter().zip(&self.counts).enumerate() {
-            if c > 0 && (below + c) as f64 >= rank {
-                let lower = if i == 0 { 0.0 } else { self.bounds[i - 1] };
-                let into = ((rank - below as f64) / c as f64).clamp(0.0, 1.0);
-                return Some(lower + (bound - lower) * into);
-            }
-            below += c;
-        }
-        self.bounds.last().copied()
-    }
-}
-
 /// A labelled histogram family.
 pub struct Histogram {
     name: &'static str,
@@ -128,7 +81,7 @@ impl Histogram {
 
     pub fn observe(&self, label: &str, v: f64) {
         let h = {
-            let mut s = self.series.lock().unwrap_or_else(|p| p.into_inner());
+            let mut s = self.series.locked();
             match s.get(label) {
                 Some(h) => h.clone(),
                 None => {
@@ -143,7 +96,7 @@ impl Histogram {
 
     /// Every series, by label value.
     pub fn snapshot(&self) -> BTreeMap<String, HistSnapshot> {
-        let s = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        let s = self.series.locked();
         s.iter()
             .map(|(label, h)| {
                 let snap = HistSnapshot {
@@ -160,7 +113,7 @@ impl Histogram {
     fn render(&self, out: &mut String) {
         let _ = writeln!(out, "# HELP {} {}", self.name, self.help);
         let _ = writeln!(out, "# TYPE {} histogram", self.name);
-        let s = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        let s = self.series.locked();
         for (label, h) in s.iter() {
             let l = format!("{}=\"{}\"", self.label, escape(label));
             let mut cum = 0;
@@ -202,12 +155,7 @@ impl Counter {
     pub fn add(&self, values: &[&str], n: u64) {
         debug_assert_eq!(values.len(), self.labels.len());
         let key: Vec<String> = values.iter().map(|v| v.to_string()).collect();
-        *self
-            .series
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(key)
-            .or_insert(0) += n;
+        *self.series.locked().entry(key).or_insert(0) += n;
     }
 
     pub fn inc(&self, values: &[&str]) {
@@ -217,18 +165,13 @@ impl Counter {
     /// The value of one series (0 if never touched).
     pub fn get(&self, values: &[&str]) -> u64 {
         let key: Vec<String> = values.iter().map(|v| v.to_string()).collect();
-        self.series
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
-            .copied()
-            .unwrap_or(0)
+        self.series.locked().get(&key).copied().unwrap_or(0)
     }
 
     fn render(&self, out: &mut String) {
         let _ = writeln!(out, "# HELP {} {}", self.name, self.help);
         let _ = writeln!(out, "# TYPE {} counter", self.name);
-        let s = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        let s = self.series.locked();
         for (values, v) in s.iter() {
             let _ = writeln!(out, "{}{} {v}", self.name, labels(self.labels, values));
         }
@@ -366,15 +309,6 @@ impl Default for Metrics {
             inflight: AtomicU64::new(0),
         }
     }
-}
-
-/// What one agent's ingress measured for one model, for the cluster-wide view
-/// (`GET /v1/deployments`).
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct ModelLatency {
-    pub model: String,
-    pub ttft: HistSnapshot,
-    pub tpot: HistSnapshot,
 }
 
 impl Metrics {

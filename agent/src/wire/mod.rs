@@ -1,14 +1,20 @@
 //! The agent's messages between agents. Variants are only appended, never renumbered or
 //! changed: a new need gets a new variant (bincode encodes the variant index).
 
-use std::collections::BTreeMap;
-
 use pd_raft::network::{RaftRequest, RaftResponse};
-use pd_raft::state::GpuRecord;
-use pd_raft::{AdminState, Command, CommandResult, NodeHealth, RaftPeer};
+use pd_raft::{Command, CommandResult, RaftPeer};
 use serde::{Deserialize, Serialize};
 
-pub use crate::supervisor::EngineReport;
+pub mod kv;
+pub mod latency;
+pub mod legs;
+pub mod models;
+
+// What agents report about the cluster is also what the admin API passes on: those types are
+// the admin API's (`pd-api`), encoded here as they are.
+pub use pd_api::cluster::{
+    EngineLoad, EngineReport, EngineState, GpuTelemetry, NodeStatus, NodeTelemetry, StatusReport,
+};
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum AgentRequest {
@@ -53,9 +59,9 @@ pub enum AgentRequest {
     Engines,
     /// One leg of a request on an engine of the receiving agent (a streaming RPC answered
     /// with `Serve` events).
-    Serve(crate::serving::legs::Leg),
+    Serve(legs::Leg),
     /// A prefill host tells a decode host that a KV shipment is whole.
-    KvSeal(crate::engine::kv_ship::Seal),
+    KvSeal(kv::Seal),
     /// The TTFT and TPOT this agent's ingress measured, per model.
     Latencies,
     /// Whether this host has a deployment's model folder, and its checkpoint fingerprint.
@@ -67,6 +73,19 @@ pub enum AgentRequest {
     Routable { deployment: String },
     /// The last entry of this agent's Raft log (voters compare before campaigning).
     LogTip,
+}
+
+impl AgentRequest {
+    /// Requests only agents make, with what anyone else is told; `None`: any peer of the
+    /// cluster may ask (each handler checks what it needs beyond that).
+    pub fn agents_only(&self) -> Option<&'static str> {
+        match self {
+            AgentRequest::Raft(_) | AgentRequest::LogTip => Some("only agents speak Raft"),
+            AgentRequest::Serve(_) => Some("only agents send request legs"),
+            AgentRequest::KvSeal(_) => Some("only agents ship KV"),
+            _ => None,
+        }
+    }
 }
 
 /// What a coordinator may tell an agent directly, outside the log.
@@ -110,10 +129,10 @@ pub enum AgentResponse {
     Telemetry(Vec<NodeTelemetry>),
     Engines(Vec<EngineReport>),
     /// One event of a `Serve` stream.
-    Serve(crate::serving::legs::ServeEvent),
+    Serve(legs::ServeEvent),
     KvSealed,
-    Latencies(Vec<crate::serving::metrics::ModelLatency>),
-    ModelCheck(crate::models::ModelCheck),
+    Latencies(Vec<latency::ModelLatency>),
+    ModelCheck(models::ModelCheck),
     /// A directive was carried out.
     DirectiveDone,
     /// A directive was refused: `why` says (a stale term names the newer one seen).
@@ -128,55 +147,6 @@ pub enum AgentResponse {
         api: bool,
     },
     LogTip(Option<openraft::LogId<u64>>),
-}
-
-/// One GPU's live readings, sent with every liveness report.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct GpuTelemetry {
-    pub index: u32,
-    pub temperature_c: Option<u32>,
-    pub power_w: Option<f64>,
-    pub utilization_gpu_pct: Option<u32>,
-    pub memory_used_bytes: u64,
-    /// "healthy", "degraded" or "failed", as the node judges it now.
-    pub health: String,
-}
-
-/// A node's latest report as the coordinator holds it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct NodeTelemetry {
-    pub node: String,
-    /// How long ago the coordinator received it.
-    pub age_ms: u64,
-    pub gpus: Vec<GpuTelemetry>,
-}
-
-/// What `pdagent status` shows: one agent's view of the cluster.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StatusReport {
-    /// The agent that answered.
-    pub node: String,
-    /// The coordinator (Raft leader) this agent knows of.
-    pub coordinator: Option<String>,
-    pub term: u64,
-    /// This agent's Raft state: leader, follower, candidate, learner, shutdown.
-    pub raft_state: String,
-    pub last_applied: Option<u64>,
-    /// False until this agent belongs to an initialised cluster.
-    pub in_cluster: bool,
-    pub nodes: Vec<NodeStatus>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct NodeStatus {
-    pub name: String,
-    pub address: String,
-    /// "voter", "learner", or "none" (registered but not a Raft member).
-    pub raft_role: String,
-    pub health: NodeHealth,
-    pub admin_state: AdminState,
-    pub labels: BTreeMap<String, String>,
-    pub gpus: Vec<GpuRecord>,
 }
 
 /// What an agent answers a peer whose node was removed from the cluster (the peer, reading
