@@ -187,30 +187,6 @@ pub fn plan(state: &ClusterState, want: &PlannedDeploy) -> Result<PlanRecord, Pl
     })
 }
 
-/// The record as the admin API shows it: floats in the usual units.
-pub fn plan_json(p: &PlanRecord) -> serde_json::Value {
-    let ms = |us: u64| us as f64 / 1e3;
-    let per = |milli: u64| milli as f64 / 1e3;
-    serde_json::json!({
-        "layout": p.layout,
-        "describe": p.describe,
-        "gpus": p.gpus,
-        "isl": p.isl,
-        "osl": p.osl,
-        "planned_at": p.planned_at,
-        "predicted": {
-            "request_rate_per_s": per(p.request_rate_milli),
-            "output_tokens_per_s_per_gpu": per(p.output_tokens_per_s_per_gpu_milli),
-            "output_tokens_per_s_per_user": per(p.output_tokens_per_s_per_user_milli),
-            "ttft_ms_mean": ms(p.ttft_mean_us),
-            "ttft_ms_p90": ms(p.ttft_p90_us),
-            "tpot_ms_mean": ms(p.tpot_mean_us),
-            "tpot_ms_p90": ms(p.tpot_p90_us),
-            "slo_attainment": p.slo_attainment_ppm as f64 / 1e6,
-        },
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

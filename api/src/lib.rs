@@ -13,12 +13,15 @@ pub mod cluster;
 
 use std::collections::BTreeMap;
 
-use pd_raft::{Assignment, Deployment, Layout, ModelHosts};
+use pd_raft::{Assignment, Deployment, ModelHosts};
 use serde::{Deserialize, Serialize};
 
 pub use cluster::{
     EngineLoad, EngineReport, EngineState, GpuTelemetry, NodeStatus, NodeTelemetry, StatusReport,
 };
+/// The replicated state's own types that answers carry.
+pub use pd_raft::state::GpuRecord;
+pub use pd_raft::{AdminState, EngineRole, Layout, NodeHealth};
 
 /// Every error: `{"error": {"message", "code"}}` with a 4xx or 5xx status; a write sent to an
 /// agent that is not the coordinator (`421 not_coordinator`) also names the coordinator.

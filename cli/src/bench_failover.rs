@@ -76,8 +76,8 @@ fn rounds_on(dir: &std::path::Path, nodes: usize, rounds: usize, quiet: bool) ->
         .build()?;
     let mut samples = Vec::new();
     for round in 1..=rounds {
-        let status = rt.block_on(client.request("GET", "/v1/status", None))?;
-        let Some(leader) = status["coordinator"].as_str().map(str::to_string) else {
+        let status: pd_api::Status = rt.block_on(client.get("/v1/status"))?;
+        let Some(leader) = status.coordinator else {
             bail!("round {round}: no coordinator before the kill");
         };
         let target = (1..=nodes)
@@ -90,9 +90,11 @@ fn rounds_on(dir: &std::path::Path, nodes: usize, rounds: usize, quiet: bool) ->
         let acked = loop {
             i += 1;
             let path = format!("/v1/nodes/{target}/labels/bench");
-            let body = serde_json::json!({ "value": format!("r{round}-{i}") });
+            let body = pd_api::LabelRequest {
+                value: format!("r{round}-{i}"),
+            };
             if rt
-                .block_on(client.request("PUT", &path, Some(body)))
+                .block_on(client.send::<_, pd_api::Changed>("PUT", &path, Some(&body)))
                 .is_ok()
             {
                 break killed_at.elapsed();
@@ -117,9 +119,9 @@ fn rounds_on(dir: &std::path::Path, nodes: usize, rounds: usize, quiet: bool) ->
         let back = client.only(&leader)?;
         let until = Instant::now() + ROUND_TIMEOUT;
         loop {
-            if let Ok(v) = rt.block_on(back.request("GET", "/v1/status", None))
-                && v["in_cluster"] == true
-                && v["coordinator"].is_string()
+            if let Ok(v) = rt.block_on(back.get::<pd_api::Status>("/v1/status"))
+                && v.in_cluster
+                && v.coordinator.is_some()
             {
                 break;
             }

@@ -21,6 +21,8 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use serde_json::json;
 
+use pd_api::{EngineReport, EngineRole, EngineState};
+
 use crate::client::AdminClient;
 use crate::demo::{deploy_ready, ingress};
 use crate::load::{self, LoadRequest, Outcome, Rng};
@@ -100,31 +102,10 @@ pub fn run(requests: usize, rate: f64, json_out: bool) -> Result<FaultsReport> {
     })
 }
 
-/// One engine as `GET /v1/engines` lists it.
-struct EngineRow {
-    node: String,
-    role: String,
-    state: String,
-    pid: Option<u64>,
-}
-
 /// The deployment's engines.
-fn engines(client: &AdminClient, rt: &tokio::runtime::Runtime) -> Result<Vec<EngineRow>> {
-    let v = rt.block_on(client.request("GET", "/v1/engines", None))?;
-    Ok(v["engines"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|e| {
-            let s = |k: &str| e[k].as_str().unwrap_or_default().to_string();
-            EngineRow {
-                node: s("node"),
-                role: s("role"),
-                state: s("state"),
-                pid: e["pid"].as_u64(),
-            }
-        })
-        .collect())
+fn engines(client: &AdminClient, rt: &tokio::runtime::Runtime) -> Result<Vec<EngineReport>> {
+    let v: pd_api::Engines = rt.block_on(client.get("/v1/engines"))?;
+    Ok(v.engines)
 }
 
 fn node_ip(node: &str) -> String {
@@ -162,7 +143,7 @@ fn wait_steady(
         let e = engines(client, rt)?;
         let placed = e.len() == 3
             && e.iter()
-                .all(|x| x.state == "ready" && dead.is_none_or(|d| x.node != d));
+                .all(|x| x.state == EngineState::Ready && dead.is_none_or(|d| x.node != d));
         if placed {
             let before = rt.block_on(recoveries(api));
             let ok = (0..4).all(|k| rt.block_on(load::one(api, MODEL, &probe(k), SEED)).ok);
@@ -229,12 +210,12 @@ fn measure(
     let api = agents[k - 1];
     let prefill_node = placed
         .iter()
-        .find(|e| e.role == "prefill")
+        .find(|e| e.role == EngineRole::Prefill)
         .map(|e| e.node.clone())
         .context("no prefill engine")?;
     let cut_node = placed
         .iter()
-        .find(|e| e.role == "decode")
+        .find(|e| e.role == EngineRole::Decode)
         .map(|e| e.node.clone())
         .context("no decode engine")?;
 
@@ -333,7 +314,7 @@ fn phase(
             .ok()
             .into_iter()
             .flatten()
-            .find(|e| e.role == "decode" && e.node != cut_node && e.node != client_node)
+            .find(|e| e.role == EngineRole::Decode && e.node != cut_node && e.node != client_node)
             .map(|e| e.node)
     });
     let dead = dead.flatten();
@@ -361,9 +342,9 @@ fn phase(
         }
         Fault::PrefillEngineKill | Fault::DecodeEngineKill => {
             let role = if fault == Fault::PrefillEngineKill {
-                "prefill"
+                EngineRole::Prefill
             } else {
-                "decode"
+                EngineRole::Decode
             };
             let e = before
                 .iter()
@@ -390,7 +371,7 @@ fn phase(
             let e = engines(client, rt)?;
             let back = e.len() == 3
                 && e.iter().all(|x| {
-                    x.state == "ready"
+                    x.state == EngineState::Ready
                         && killed_pid.is_none_or(|p| x.pid != Some(p))
                         && dead.as_deref().is_none_or(|d| x.node != d)
                 });

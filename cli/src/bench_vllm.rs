@@ -147,18 +147,18 @@ fn engine_ports(
     client: &crate::client::AdminClient,
     rt: &tokio::runtime::Runtime,
 ) -> Result<(u16, u16)> {
-    let v = rt.block_on(client.request("GET", "/v1/engines", None))?;
-    let port = |role: &str| -> Result<u16> {
-        v["engines"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|e| e["deployment"] == NAME && e["role"] == role)
-            .and_then(|e| e["port"].as_u64())
-            .map(|p| p as u16)
-            .with_context(|| format!("no {role} engine port in {v}"))
+    let v: pd_api::Engines = rt.block_on(client.get("/v1/engines"))?;
+    let port = |role: pd_api::EngineRole| -> Result<u16> {
+        v.engines
+            .iter()
+            .find(|e| e.deployment == NAME && e.role == role)
+            .and_then(|e| e.port)
+            .with_context(|| format!("no {role} engine port in {:?}", v.engines))
     };
-    Ok((port("prefill")?, port("decode")?))
+    Ok((
+        port(pd_api::EngineRole::Prefill)?,
+        port(pd_api::EngineRole::Decode)?,
+    ))
 }
 
 /// vLLM's two-step flow sent straight to the engines: prefill (not streaming, one token,

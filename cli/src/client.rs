@@ -10,6 +10,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
+use pd_api::ErrorBody;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -141,8 +142,28 @@ impl AdminClient {
         })
     }
 
+    /// `GET path`, its answer read as `T`.
+    pub async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.send::<(), T>("GET", path, None).await
+    }
+
+    /// Sends `body` (when given), and reads the answer as `T`: the admin API's own types
+    /// (`pd-api`), so an answer pdctl does not understand is an error naming the route.
+    pub async fn send<B: serde::Serialize, T: serde::de::DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T> {
+        let body = body.map(serde_json::to_value).transpose()?;
+        let v = self.request(method, path, body).await?;
+        serde_json::from_value(v).with_context(|| {
+            format!("the agent's answer to {method} {path} is not what this pdctl expects (versions differ?)")
+        })
+    }
+
     /// Sends one request; returns the JSON answer, or the API's error message.
-    pub async fn request(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value> {
+    async fn request(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value> {
         // Refuse a malformed request here rather than blame the network for it.
         hyper::Uri::try_from(path).with_context(|| format!("bad request path {path:?}"))?;
         let mut last = None;
@@ -176,12 +197,15 @@ impl AdminClient {
         body: &Option<Value>,
     ) -> Result<Value> {
         for _ in 0..MAX_REDIRECTS {
-            if status != hyper::StatusCode::MISDIRECTED_REQUEST
-                || v["error"]["code"] != "not_coordinator"
-            {
+            let redirect = (status == hyper::StatusCode::MISDIRECTED_REQUEST)
+                .then(|| serde_json::from_value::<ErrorBody>(v.clone()).ok())
+                .flatten()
+                .filter(|e| e.error.code == "not_coordinator")
+                .and_then(|e| e.error.coordinator);
+            let Some(coordinator) = redirect else {
                 break;
-            }
-            let coordinator = v["error"]["coordinator"].as_str().unwrap_or_default();
+            };
+            let coordinator = coordinator.as_str();
             let Some(t) = self
                 .targets
                 .iter()
@@ -254,10 +278,9 @@ impl AdminClient {
 
 /// The message of an admin API error body, or the whole answer.
 fn error_message(v: &Value) -> String {
-    v["error"]["message"]
-        .as_str()
-        .map(str::to_string)
-        .unwrap_or_else(|| v.to_string())
+    serde_json::from_value::<ErrorBody>(v.clone())
+        .map(|e| e.error.message)
+        .unwrap_or_else(|_| v.to_string())
 }
 
 /// Coordinator changes a write follows before giving up.

@@ -355,7 +355,7 @@ pub(crate) fn deploy_ready(
         body[k] = v.clone();
     }
     let t = Instant::now();
-    rt.block_on(client.request("POST", "/v1/deployments", Some(body)))?;
+    rt.block_on(client.send::<_, pd_api::Created>("POST", "/v1/deployments", Some(&body)))?;
     crate::wait_engines_ready(client, name, engines, READY_TIMEOUT)?;
     // Every agent's router sees the engines ready.
     let until = Instant::now() + Duration::from_secs(30);
@@ -382,17 +382,16 @@ pub(crate) fn undeploy_gone(
     rt: &tokio::runtime::Runtime,
     name: &str,
 ) -> Result<()> {
-    rt.block_on(client.request("DELETE", &format!("/v1/deployments/{name}"), None))?;
+    rt.block_on(client.send::<(), pd_api::Changed>(
+        "DELETE",
+        &format!("/v1/deployments/{name}"),
+        None,
+    ))?;
     // Engines are stopped by their agents' next reconcile pass; wait until none is listed.
     let until = Instant::now() + Duration::from_secs(60);
     while Instant::now() < until {
-        let v = rt.block_on(client.request("GET", "/v1/engines", None))?;
-        if !v["engines"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|e| e["deployment"] == name)
-        {
+        let v: pd_api::Engines = rt.block_on(client.get("/v1/engines"))?;
+        if !v.engines.iter().any(|e| e.deployment == name) {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(100));

@@ -448,35 +448,41 @@ fn voters_for(n: usize) -> usize {
 
 /// Waits until the admin API reports `n` nodes, all with their GPUs replicated, the configured
 /// number of voters, and a coordinator.
-fn wait_whole(client: &AdminClient, n: usize, gpus: u32, quiet: bool) -> Result<serde_json::Value> {
+fn wait_whole(client: &AdminClient, n: usize, gpus: u32, quiet: bool) -> Result<pd_api::Status> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let until = Instant::now() + READY_TIMEOUT;
     let mut last = String::new();
     loop {
-        match rt.block_on(client.request("GET", "/v1/status", None)) {
+        match rt.block_on(client.get::<pd_api::Status>("/v1/status")) {
             Ok(v) => {
-                let list = v["nodes"].as_array().cloned().unwrap_or_default();
+                let list: Vec<&pd_api::NodeStatus> = v.nodes.iter().map(|x| &x.status).collect();
                 let with_gpus = list
                     .iter()
-                    .filter(|x| x["gpus"].as_array().map_or(0, |g| g.len()) == gpus as usize)
+                    .filter(|x| x.gpus.len() == gpus as usize)
                     .count();
-                let voters = list.iter().filter(|x| x["raft_role"] == "voter").count();
+                let voters = list.iter().filter(|x| x.raft_role == "voter").count();
                 // The operator's choice of voters: node-1 to node-V (node-1 bootstrapped and
                 // is eligible already).
                 for x in &list {
-                    let Some(name) = x["name"].as_str() else {
-                        continue;
-                    };
+                    let name = x.name.as_str();
                     let k: usize = name
                         .strip_prefix("node-")
                         .and_then(|k| k.parse().ok())
                         .unwrap_or(usize::MAX);
-                    if k <= voters_for(n) && x["labels"]["pdagent/voter"] != "eligible" {
+                    let eligible =
+                        x.labels.get("pdagent/voter").map(String::as_str) == Some("eligible");
+                    if k <= voters_for(n) && !eligible {
                         let path = format!("/v1/nodes/{name}/labels/pdagent%2Fvoter");
-                        let body = serde_json::json!({"value": "eligible"});
-                        let _ = rt.block_on(client.request("PUT", &path, Some(body)));
+                        let body = pd_api::LabelRequest {
+                            value: "eligible".into(),
+                        };
+                        let _ = rt.block_on(client.send::<_, pd_api::Changed>(
+                            "PUT",
+                            &path,
+                            Some(&body),
+                        ));
                     }
                 }
                 let line = format!(
@@ -491,7 +497,7 @@ fn wait_whole(client: &AdminClient, n: usize, gpus: u32, quiet: bool) -> Result<
                 if list.len() == n
                     && with_gpus == n
                     && voters == voters_for(n)
-                    && v["coordinator"].is_string()
+                    && v.coordinator.is_some()
                 {
                     return Ok(v);
                 }
@@ -613,7 +619,7 @@ fn up(
     } else {
         println!(
             "local cluster of {n} node(s) is up; coordinator {}",
-            status["coordinator"].as_str().unwrap_or("?")
+            status.coordinator.as_deref().unwrap_or("?")
         );
         println!(
             "  pdctl --config {} status",
@@ -649,7 +655,7 @@ pub fn create(
     api_port: u16,
     vllm: &VllmLocal,
     quiet: bool,
-) -> Result<(PathBuf, serde_json::Value)> {
+) -> Result<(PathBuf, pd_api::Status)> {
     let json = quiet;
     if n == 0 || n > NODES_MAX {
         bail!("--nodes must be between 1 and {NODES_MAX}");

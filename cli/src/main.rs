@@ -200,56 +200,44 @@ enum Command {
     },
 }
 
-/// A layout as the admin API gives it, in words: `2P + 2D` or `3 colocated`.
-fn layout_text(l: &serde_json::Value) -> String {
-    if l["disaggregated"].is_object() {
-        format!(
-            "{}P + {}D",
-            l["disaggregated"]["prefill"], l["disaggregated"]["decode"]
-        )
-    } else {
-        format!("{} colocated", l["colocated"]["engines"])
+/// A layout in words: `2P + 2D` or `3 colocated`.
+fn layout_text(l: &pd_api::Layout) -> String {
+    match *l {
+        pd_api::Layout::Disaggregated { prefill, decode } => format!("{prefill}P + {decode}D"),
+        pd_api::Layout::Colocated { engines } => format!("{engines} colocated"),
     }
 }
 
-/// Engines a layout of the admin API asks for.
-fn layout_engines(l: &serde_json::Value) -> u64 {
-    let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
-    n(&l["disaggregated"]["prefill"])
-        + n(&l["disaggregated"]["decode"])
-        + n(&l["colocated"]["engines"])
-}
-
 /// A deployment's predicted (for a planned layout) and measured latencies, as table rows.
-fn latency_lines(d: &serde_json::Value) -> Vec<String> {
-    let name = d["name"].as_str().unwrap_or("");
-    let ms = |v: &serde_json::Value| match v.as_f64() {
+fn latency_lines(d: &pd_api::DeploymentView) -> Vec<String> {
+    let name = d.deployment.name.as_str();
+    let ms = |v: Option<f64>| match v {
         Some(x) => format!("{x:.1} ms"),
         None => "-".into(),
     };
     let mut out = Vec::new();
-    let p = &d["plan"]["predicted"];
-    if p.is_object() {
+    if let Some(plan) = &d.plan {
+        let p = &plan.predicted;
         out.push(format!(
             "{name:<24} {:<10} {:>8} {:>9} {:>9} {:>9} {:>9}",
             "predicted",
-            format!("{:.1}/s", p["request_rate_per_s"].as_f64().unwrap_or(0.0)),
-            ms(&p["ttft_ms_mean"]),
-            ms(&p["ttft_ms_p90"]),
-            ms(&p["tpot_ms_mean"]),
-            ms(&p["tpot_ms_p90"]),
+            format!("{:.1}/s", p.request_rate_per_s),
+            ms(Some(p.ttft_ms_mean)),
+            ms(Some(p.ttft_ms_p90)),
+            ms(Some(p.tpot_ms_mean)),
+            ms(Some(p.tpot_ms_p90)),
         ));
     }
-    let m = &d["measured"];
-    if m["requests"].as_u64().unwrap_or(0) > 0 || !out.is_empty() {
+    let m = &d.measured;
+    if m.requests > 0 || !out.is_empty() {
         out.push(format!(
             "{name:<24} {:<10} {:>8} {:>9} {:>9} {:>9} {:>9}",
             "measured",
-            m["requests"].as_u64().unwrap_or(0).to_string(),
-            ms(&m["ttft_ms_mean"]),
-            ms(&m["ttft_ms_p90"]),
-            ms(&m["tpot_ms_mean"]),
-            ms(&m["tpot_ms_p90"]),
+            m.requests.to_string(),
+            ms(m.ttft_ms_mean),
+            ms(m.ttft_ms_p90),
+            ms(m.tpot_ms_mean),
+            ms(m.tpot_ms_p90),
         ));
     }
     out
@@ -271,13 +259,16 @@ struct LayoutArgs {
 
 impl LayoutArgs {
     /// The admin API's layout fields, or an error when no layout was given.
-    fn body(&self) -> Result<serde_json::Value> {
+    fn body(&self) -> Result<pd_api::DeployRequest> {
         if self.prefill.is_none() && self.colocated.is_none() {
             anyhow::bail!("give --prefill X --decode Y, or --colocated N");
         }
-        Ok(serde_json::json!({
-            "prefill": self.prefill, "decode": self.decode, "colocated": self.colocated,
-        }))
+        Ok(pd_api::DeployRequest {
+            prefill: self.prefill,
+            decode: self.decode,
+            colocated: self.colocated,
+            ..Default::default()
+        })
     }
 }
 
@@ -303,13 +294,17 @@ struct DeployLayoutArgs {
 }
 
 impl DeployLayoutArgs {
-    fn body(&self) -> Result<serde_json::Value> {
+    fn body(&self) -> Result<pd_api::DeployRequest> {
         if self.layout.is_none() {
             return self.counts.body();
         }
-        Ok(serde_json::json!({
-            "layout": self.layout, "isl": self.isl, "osl": self.osl, "max_gpus": self.max_gpus,
-        }))
+        Ok(pd_api::DeployRequest {
+            layout: self.layout.clone(),
+            isl: self.isl,
+            osl: self.osl,
+            max_gpus: self.max_gpus,
+            ..Default::default()
+        })
     }
 }
 
@@ -535,54 +530,59 @@ fn print_json(v: &serde_json::Value) -> Result<()> {
     Ok(())
 }
 
-fn print_status(v: &serde_json::Value, nodes_only: bool) {
+fn print_typed<T: serde::Serialize>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string(v)?);
+    Ok(())
+}
+
+/// A value's name as the admin API writes it (`ready`, `cordoned`, ...).
+fn word<T: serde::Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        Ok(other) => other.to_string(),
+        Err(_) => "?".into(),
+    }
+}
+
+fn print_status(v: &pd_api::Status, nodes_only: bool) {
     if !nodes_only {
         println!(
             "coordinator {} (term {}), answered by {}",
-            v["coordinator"].as_str().unwrap_or("none"),
-            v["term"],
-            v["node"].as_str().unwrap_or("?")
+            v.coordinator.as_deref().unwrap_or("none"),
+            v.term,
+            v.node
         );
     }
     println!(
         "{:<20} {:<22} {:<8} {:<8} {:<9} {:>4}  LABELS",
         "NAME", "ADDRESS", "ROLE", "HEALTH", "STATE", "GPUS"
     );
-    for n in v["nodes"].as_array().into_iter().flatten() {
-        let labels: Vec<String> = n["labels"]
-            .as_object()
-            .into_iter()
-            .flatten()
-            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
-            .collect();
+    for n in &v.nodes {
+        let n = &n.status;
+        let labels: Vec<String> = n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         println!(
             "{:<20} {:<22} {:<8} {:<8} {:<9} {:>4}  {}",
-            n["name"].as_str().unwrap_or(""),
-            n["address"].as_str().unwrap_or(""),
-            n["raft_role"].as_str().unwrap_or(""),
-            n["health"].as_str().unwrap_or(""),
-            n["admin_state"].as_str().unwrap_or(""),
-            n["gpus"].as_array().map_or(0, |g| g.len()),
+            n.name,
+            n.address,
+            n.raft_role,
+            word(&n.health),
+            word(&n.admin_state),
+            n.gpus.len(),
             labels.join(",")
         );
     }
-    if let Some(why) = v["voters_short"].as_str() {
+    if let Some(why) = &v.voters_short {
         println!("note: {why}");
     }
 }
 
 /// One line: how many engines, in which states, for how many deployments.
-fn engine_summary(v: &serde_json::Value) -> String {
-    let engines: Vec<&serde_json::Value> = v["engines"].as_array().into_iter().flatten().collect();
-    let deployments: std::collections::BTreeSet<&str> = engines
-        .iter()
-        .filter_map(|e| e["deployment"].as_str())
-        .collect();
-    let mut by_state = std::collections::BTreeMap::<&str, usize>::new();
-    for e in &engines {
-        *by_state
-            .entry(e["state"].as_str().unwrap_or("?"))
-            .or_default() += 1;
+fn engine_summary(engines: &[pd_api::EngineReport]) -> String {
+    let deployments: std::collections::BTreeSet<&str> =
+        engines.iter().map(|e| e.deployment.as_str()).collect();
+    let mut by_state = std::collections::BTreeMap::<String, usize>::new();
+    for e in engines {
+        *by_state.entry(word(&e.state)).or_default() += 1;
     }
     let states: Vec<String> = by_state.iter().map(|(s, n)| format!("{n} {s}")).collect();
     format!(
@@ -599,32 +599,26 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Status | Command::Nodes | Command::Gpus => {
             let c = admin(&cli.config)?;
-            let v = block_on(c.request("GET", "/v1/status", None))??;
+            let v: pd_api::Status = block_on(c.get("/v1/status"))??;
             match (&cli.command, json) {
-                (Command::Status, true) => print_json(&v)?,
-                (Command::Nodes, true) => print_json(&v["nodes"])?,
+                (Command::Status, true) => print_typed(&v)?,
+                (Command::Nodes, true) => print_typed(&v.nodes)?,
                 (Command::Gpus, true) => {
-                    let gpus: serde_json::Map<String, serde_json::Value> = v["nodes"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
+                    let gpus: std::collections::BTreeMap<&str, Vec<GpuRow>> = v
+                        .nodes
+                        .iter()
                         .map(|n| {
-                            let list: Vec<serde_json::Value> = n["gpus"]
-                                .as_array()
-                                .into_iter()
-                                .flatten()
-                                .map(|g| with_telemetry(g, n))
-                                .collect();
-                            (n["name"].as_str().unwrap_or("").to_string(), list.into())
+                            let list = n.status.gpus.iter().map(|g| with_telemetry(g, n)).collect();
+                            (n.status.name.as_str(), list)
                         })
                         .collect();
-                    print_json(&serde_json::Value::Object(gpus))?
+                    print_typed(&gpus)?
                 }
                 (Command::Status, false) => {
                     print_status(&v, false);
                     // The engines at a glance (`pdctl engines` for each one).
-                    if let Ok(Ok(e)) = block_on(c.request("GET", "/v1/engines", None)) {
-                        println!("{}", engine_summary(&e));
+                    if let Ok(Ok(e)) = block_on(c.get::<pd_api::Engines>("/v1/engines")) {
+                        println!("{}", engine_summary(&e.engines));
                     }
                 }
                 (Command::Nodes, false) => print_status(&v, true),
@@ -641,29 +635,29 @@ fn run(cli: Cli) -> Result<()> {
                         "TEMP",
                         "POWER W"
                     );
-                    for n in v["nodes"].as_array().into_iter().flatten() {
-                        for g in n["gpus"].as_array().into_iter().flatten() {
+                    for n in &v.nodes {
+                        for g in &n.status.gpus {
                             let g = with_telemetry(g, n);
-                            let opt = |k: &str, digits: usize| match g[k].as_f64() {
-                                Some(x) => format!("{x:.digits$}"),
+                            let opt = |x: Option<f64>| match x {
+                                Some(x) => format!("{x:.0}"),
                                 None => "-".to_string(),
                             };
-                            let gib = |k: &str| match g[k].as_f64() {
-                                Some(x) => format!("{:.1}", x / (1u64 << 30) as f64),
+                            let gib = |x: Option<u64>| match x {
+                                Some(x) => format!("{:.1}", x as f64 / (1u64 << 30) as f64),
                                 None => "-".to_string(),
                             };
                             println!(
                                 "{:<20} {:>3} {:<36} {:<26} {:>9} {:>9} {:>5} {:>5} {:>7} {}",
-                                n["name"].as_str().unwrap_or(""),
-                                g["index"],
-                                g["uuid"].as_str().unwrap_or(""),
-                                g["name"].as_str().unwrap_or(""),
-                                gib("memory_total_bytes"),
-                                gib("memory_used_bytes"),
-                                opt("utilization_gpu_pct", 0),
-                                opt("temperature_c", 0),
-                                opt("power_w", 0),
-                                g["health"].as_str().unwrap_or("")
+                                n.status.name,
+                                g.index,
+                                g.uuid,
+                                g.name,
+                                gib(Some(g.memory_total_bytes)),
+                                gib(g.memory_used_bytes),
+                                opt(g.utilization_gpu_pct.map(f64::from)),
+                                opt(g.temperature_c.map(f64::from)),
+                                opt(g.power_w),
+                                g.health
                             );
                         }
                     }
@@ -672,8 +666,8 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Label { node, assignment } => {
             let c = admin(&cli.config)?;
-            let r = if let Some(key) = assignment.strip_suffix('-') {
-                block_on(c.request(
+            let r: pd_api::Changed = if let Some(key) = assignment.strip_suffix('-') {
+                block_on(c.send::<(), _>(
                     "DELETE",
                     &format!("/v1/nodes/{}/labels/{}", seg(&node), seg(key)),
                     None,
@@ -682,16 +676,16 @@ fn run(cli: Cli) -> Result<()> {
                 let (k, val) = assignment.split_once('=').ok_or_else(|| {
                     anyhow::anyhow!("{assignment:?}: expected key=value, or key- to remove")
                 })?;
-                let body = serde_json::json!({ "value": val });
-                block_on(c.request(
+                let body = pd_api::LabelRequest { value: val.into() };
+                block_on(c.send(
                     "PUT",
                     &format!("/v1/nodes/{}/labels/{}", seg(&node), seg(k)),
-                    Some(body),
+                    Some(&body),
                 ))??
             };
             println!(
                 "{node}: {}",
-                if r["changed"] == true {
+                if r.changed {
                     "label updated"
                 } else {
                     "unchanged"
@@ -707,10 +701,11 @@ fn run(cli: Cli) -> Result<()> {
                 _ => "drain",
             };
             let c = admin(&cli.config)?;
-            let r = block_on(c.request("POST", &format!("/v1/nodes/{}/{verb}", seg(node)), None))??;
+            let path = format!("/v1/nodes/{}/{verb}", seg(node));
+            let r: pd_api::Changed = block_on(c.send::<(), _>("POST", &path, None))??;
             println!(
                 "{node}: {}",
-                if r["changed"] == true {
+                if r.changed {
                     format!("{verb}ed")
                 } else {
                     "unchanged".into()
@@ -719,25 +714,19 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Flip { node, role } => {
             let c = admin(&cli.config)?;
-            let r = block_on(c.request(
+            let body = pd_api::FlipRequest { role: role.clone() };
+            let r: pd_api::Flipped = block_on(c.send(
                 "POST",
                 &format!("/v1/nodes/{}/flip", seg(&node)),
-                Some(serde_json::json!({ "role": role })),
+                Some(&body),
             ))??;
             if json {
-                print_json(&r)?;
+                print_typed(&r)?;
             } else {
-                let engines: Vec<String> = r["engines"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|e| {
-                        format!(
-                            "{} ({})",
-                            e["engine"].as_str().unwrap_or_default(),
-                            e["role"].as_str().unwrap_or_default()
-                        )
-                    })
+                let engines: Vec<String> = r
+                    .engines
+                    .iter()
+                    .map(|e| format!("{} ({})", e.engine, e.role))
                     .collect();
                 println!(
                     "{node}: flipped to {role}; its engines now: {} (the old ones drain first: running requests finish)",
@@ -758,61 +747,53 @@ fn run(cli: Cli) -> Result<()> {
             wait,
             wait_timeout_s,
         } => {
-            let mut body = layout.body()?;
+            let body = pd_api::DeployRequest {
+                name: name.clone(),
+                engine: engine.clone(),
+                model: model.clone(),
+                tp: Some(tp),
+                ttft_ms,
+                tpot_ms,
+                model_fingerprint,
+                engine_args,
+                ..layout.body()?
+            };
             let c = admin(&cli.config)?;
-            for (k, v) in [
-                ("name", serde_json::json!(name)),
-                ("engine", serde_json::json!(engine)),
-                ("model", serde_json::json!(model)),
-                ("tp", serde_json::json!(tp)),
-                ("ttft_ms", serde_json::json!(ttft_ms)),
-                ("tpot_ms", serde_json::json!(tpot_ms)),
-                ("model_fingerprint", serde_json::json!(model_fingerprint)),
-                ("engine_args", serde_json::json!(engine_args)),
-            ] {
-                body[k] = v;
-            }
-            let created = block_on(c.request("POST", "/v1/deployments", Some(body)))??;
-            if let Some(h) = created["model_hosts"].as_object() {
-                let nodes: Vec<&str> = h["nodes"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|n| n.as_str())
-                    .collect();
+            let created: pd_api::Created =
+                block_on(c.send("POST", "/v1/deployments", Some(&body)))??;
+            if let Some(h) = &created.model_hosts {
+                let nodes: Vec<&str> = h.nodes.iter().map(String::as_str).collect();
                 println!(
                     "{name}: model {model} (fingerprint {}) on {}",
-                    h["fingerprint"].as_str().unwrap_or(""),
+                    h.fingerprint,
                     nodes.join(", ")
                 );
-                for (node, why) in created["model_missing"].as_object().into_iter().flatten() {
-                    println!("  not on {node}: {}", why.as_str().unwrap_or(""));
+                for (node, why) in created.model_missing.iter().flatten() {
+                    println!("  not on {node}: {why}");
                 }
             }
-            let plan = &created["plan"];
-            if plan.is_object() {
-                let p = &plan["predicted"];
+            if let Some(plan) = &created.plan {
+                let p = &plan.predicted;
                 println!(
                     "{name}: planned {} on {} for {} → {} tokens: {:.2} req/s, TTFT p90 {:.1} ms, TPOT p90 {:.2} ms predicted",
-                    plan["describe"].as_str().unwrap_or(""),
-                    plan["gpus"].as_str().unwrap_or(""),
-                    plan["isl"],
-                    plan["osl"],
-                    p["request_rate_per_s"].as_f64().unwrap_or(0.0),
-                    p["ttft_ms_p90"].as_f64().unwrap_or(0.0),
-                    p["tpot_ms_p90"].as_f64().unwrap_or(0.0),
+                    plan.describe,
+                    plan.gpus,
+                    plan.isl,
+                    plan.osl,
+                    p.request_rate_per_s,
+                    p.ttft_ms_p90,
+                    p.tpot_ms_p90,
                 );
             }
             if !wait {
                 println!("{name}: deployment created; `pdctl engines` shows its engines");
             } else {
-                let d = block_on(c.request("GET", "/v1/deployments", None))??;
-                let engines_wanted = d["deployments"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .find(|d| d["name"] == name.as_str())
-                    .map(|d| layout_engines(&d["layout"]))
+                let d: pd_api::Deployments = block_on(c.get("/v1/deployments"))??;
+                let engines_wanted = d
+                    .deployments
+                    .iter()
+                    .find(|d| d.deployment.name == name)
+                    .map(|d| d.deployment.layout.engine_count())
                     .context("the deployment is gone")?;
                 wait_engines_ready(
                     &c,
@@ -825,31 +806,25 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Undeploy { name } => {
             let c = admin(&cli.config)?;
-            block_on(c.request("DELETE", &format!("/v1/deployments/{}", seg(&name)), None))??;
+            let path = format!("/v1/deployments/{}", seg(&name));
+            block_on(c.send::<(), pd_api::Changed>("DELETE", &path, None))??;
             println!("{name}: deployment deleted");
         }
         Command::Scale { name, layout } => {
             let body = layout.body()?;
             let c = admin(&cli.config)?;
-            let r = block_on(c.request(
+            let r: pd_api::Changed = block_on(c.send(
                 "PUT",
                 &format!("/v1/deployments/{}/layout", seg(&name)),
-                Some(body),
+                Some(&body),
             ))??;
-            println!(
-                "{name}: {}",
-                if r["changed"] == true {
-                    "scaled"
-                } else {
-                    "unchanged"
-                }
-            );
+            println!("{name}: {}", if r.changed { "scaled" } else { "unchanged" });
         }
         Command::Engines => {
             let c = admin(&cli.config)?;
-            let v = block_on(c.request("GET", "/v1/engines", None))??;
+            let v: pd_api::Engines = block_on(c.get("/v1/engines"))??;
             if json {
-                print_json(&v)?;
+                print_typed(&v)?;
             } else {
                 println!(
                     "{:<28} {:<12} {:<8} {:<8} {:<8} {:<14} {:>8} {:>8} {:>10} {:>11}",
@@ -864,28 +839,30 @@ fn run(cli: Cli) -> Result<()> {
                     "GENERATION",
                     "PORT/KV"
                 );
-                for e in v["engines"].as_array().into_iter().flatten() {
+                for e in &v.engines {
                     println!(
                         "{:<28} {:<12} {:<8} {:<8} {:<8} {:<14} {:>8} {:>8} {:>10} {:>11}",
-                        e["engine"].as_str().unwrap_or(""),
-                        e["node"].as_str().unwrap_or(""),
-                        e["driver"].as_str().unwrap_or("builtin"),
-                        e["gpus"].to_string(),
-                        e["role"].as_str().unwrap_or(""),
+                        e.engine,
+                        e.node,
+                        if e.driver.is_empty() {
+                            "builtin"
+                        } else {
+                            &e.driver
+                        },
+                        serde_json::to_string(&e.gpus)?,
+                        e.role.to_string(),
                         state_with_age(e),
-                        e["pid"].as_u64().map_or("-".to_string(), |p| p.to_string()),
-                        e["restarts"].to_string(),
-                        e["generation"].to_string(),
-                        match (e["port"].as_u64(), e["kv_port"].as_u64()) {
+                        e.pid.map_or("-".to_string(), |p| p.to_string()),
+                        e.restarts,
+                        e.generation,
+                        match (e.port, e.kv_port) {
                             (Some(p), Some(k)) => format!("{p}/{k}"),
                             (Some(p), None) => p.to_string(),
                             _ => "-".to_string(),
                         }
                     );
-                    if let Some(note) = e["note"].as_str().filter(|n| !n.is_empty()) {
-                        for line in note.lines() {
-                            println!("    {line}");
-                        }
+                    for line in e.note.lines() {
+                        println!("    {line}");
                     }
                 }
             }
@@ -894,51 +871,45 @@ fn run(cli: Cli) -> Result<()> {
             let c = admin(&cli.config)?;
             match command {
                 ApiKeyCommand::Create { name } => {
-                    let v = block_on(c.request(
-                        "POST",
-                        "/v1/apikeys",
-                        Some(serde_json::json!({ "name": name })),
-                    ))??;
+                    let body = pd_api::ApiKeyRequest { name };
+                    let v: pd_api::ApiKeyCreated =
+                        block_on(c.send("POST", "/v1/apikeys", Some(&body)))??;
                     if json {
-                        print_json(&v)?;
+                        print_typed(&v)?;
                     } else {
-                        println!("{}", v["key"].as_str().unwrap_or(""));
+                        println!("{}", v.key);
                         eprintln!(
                             "API key {} created; it is shown only now. The OpenAI API of every agent now asks for a key.",
-                            v["id"].as_str().unwrap_or("")
+                            v.id
                         );
                     }
                 }
                 ApiKeyCommand::List => {
-                    let v = block_on(c.request("GET", "/v1/apikeys", None))??;
+                    let v: pd_api::ApiKeys = block_on(c.get("/v1/apikeys"))??;
                     if json {
-                        print_json(&v)?;
+                        print_typed(&v)?;
                     } else {
                         println!(
                             "keys are {}",
-                            if v["required"] == true {
+                            if v.required {
                                 "required"
                             } else {
                                 "not required"
                             }
                         );
                         println!("{:<10} {:<12} NAME", "ID", "CREATED");
-                        for k in v["api_keys"].as_array().into_iter().flatten() {
-                            println!(
-                                "{:<10} {:<12} {}",
-                                k["id"].as_str().unwrap_or(""),
-                                k["created_unix"],
-                                k["name"].as_str().unwrap_or("")
-                            );
+                        for k in &v.api_keys {
+                            println!("{:<10} {:<12} {}", k.id, k.created_unix, k.name);
                         }
                     }
                 }
                 ApiKeyCommand::Require { answer } => {
                     let required = answer == "yes";
-                    block_on(c.request(
+                    let body = pd_api::RequiredRequest { required };
+                    block_on(c.send::<_, pd_api::Changed>(
                         "PUT",
                         "/v1/apikeys/required",
-                        Some(serde_json::json!({ "required": required })),
+                        Some(&body),
                     ))??;
                     println!(
                         "the OpenAI API {}",
@@ -950,52 +921,47 @@ fn run(cli: Cli) -> Result<()> {
                     );
                 }
                 ApiKeyCommand::Revoke { id } => {
-                    block_on(c.request("DELETE", &format!("/v1/apikeys/{}", seg(&id)), None))??;
+                    let path = format!("/v1/apikeys/{}", seg(&id));
+                    block_on(c.send::<(), pd_api::Changed>("DELETE", &path, None))??;
                     println!("{id}: revoked");
                 }
             }
         }
         Command::Deployments => {
             let c = admin(&cli.config)?;
-            let v = block_on(c.request("GET", "/v1/deployments", None))??;
+            let v: pd_api::Deployments = block_on(c.get("/v1/deployments"))??;
             if json {
-                print_json(&v)?;
+                print_typed(&v)?;
             } else {
                 println!(
                     "{:<24} {:<8} {:<16} {:>3} {:<28} ENGINE PLACES",
                     "DEPLOYMENT", "ENGINE", "MODEL", "TP", "LAYOUT"
                 );
                 let mut latency = Vec::new();
-                for d in v["deployments"].as_array().into_iter().flatten() {
-                    let mut layout = layout_text(&d["layout"]);
-                    if d["plan"].is_object() {
+                for d in &v.deployments {
+                    let mut layout = layout_text(&d.deployment.layout);
+                    if d.plan.is_some() {
                         layout += " (planned)";
                     }
                     latency.push(latency_lines(d));
-                    let places: Vec<String> = d["engines"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
+                    let places: Vec<String> = d
+                        .engines
+                        .iter()
                         .map(|e| {
                             format!(
                                 "{}@{}:{}",
-                                e["engine"]
-                                    .as_str()
-                                    .unwrap_or("")
-                                    .rsplit('/')
-                                    .next()
-                                    .unwrap_or(""),
-                                e["node"].as_str().unwrap_or(""),
-                                e["gpus"]
+                                e.engine.rsplit('/').next().unwrap_or(""),
+                                e.node,
+                                serde_json::to_string(&e.gpus).unwrap_or_default()
                             )
                         })
                         .collect();
                     println!(
                         "{:<24} {:<8} {:<16} {:>3} {:<28} {}",
-                        d["name"].as_str().unwrap_or(""),
-                        d["engine"].as_str().unwrap_or(""),
-                        d["model"].as_str().unwrap_or(""),
-                        d["tp"].as_u64().unwrap_or(0),
+                        d.deployment.name,
+                        d.deployment.engine,
+                        d.deployment.model,
+                        d.deployment.tp,
                         layout,
                         if places.is_empty() {
                             "(not placed yet)".to_string()
@@ -1014,17 +980,18 @@ fn run(cli: Cli) -> Result<()> {
                         println!("{l}");
                     }
                 }
-                if let Some(silent) = v["measured_without"].as_array().filter(|s| !s.is_empty()) {
+                if !v.measured_without.is_empty() {
                     println!(
                         "(measured without {}: no answer)",
-                        serde_json::Value::from(silent.clone())
+                        serde_json::to_string(&v.measured_without)?
                     );
                 }
             }
         }
         Command::Remove { node } => {
             let c = admin(&cli.config)?;
-            block_on(c.request("DELETE", &format!("/v1/nodes/{}", seg(&node)), None))??;
+            let path = format!("/v1/nodes/{}", seg(&node));
+            block_on(c.send::<(), pd_api::Changed>("DELETE", &path, None))??;
             println!("{node}: removed from the cluster");
         }
         Command::Token {
@@ -1291,38 +1258,62 @@ fn print_bench(r: &BenchReport) {
     );
 }
 
-/// A GPU record with the node's latest telemetry for it merged in (health from the telemetry
-/// when newer; `telemetry_age_ms` says how old).
-fn with_telemetry(gpu: &serde_json::Value, node: &serde_json::Value) -> serde_json::Value {
-    let mut g = gpu.clone();
-    let t = &node["telemetry"];
-    let live = t["gpus"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|x| x["index"] == gpu["index"]);
-    if let (Some(live), Some(obj)) = (live, g.as_object_mut()) {
-        for k in [
-            "temperature_c",
-            "power_w",
-            "utilization_gpu_pct",
-            "memory_used_bytes",
-            "health",
-        ] {
-            obj.insert(k.to_string(), live[k].clone());
-        }
-        obj.insert("telemetry_age_ms".to_string(), t["age_ms"].clone());
+/// One GPU as `pdctl gpus` shows it: its record with the node's latest telemetry for it
+/// merged in (health from the telemetry when newer; `telemetry_age_ms` says how old).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+struct GpuRow {
+    index: u32,
+    uuid: String,
+    name: String,
+    memory_total_bytes: u64,
+    health: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature_c: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    power_w: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    utilization_gpu_pct: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    memory_used_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    telemetry_age_ms: Option<u64>,
+}
+
+fn with_telemetry(gpu: &pd_api::GpuRecord, node: &pd_api::NodeView) -> GpuRow {
+    let mut row = GpuRow {
+        index: gpu.index,
+        uuid: gpu.uuid.clone(),
+        name: gpu.name.clone(),
+        memory_total_bytes: gpu.memory_total_bytes,
+        health: gpu.health.clone(),
+        temperature_c: None,
+        power_w: None,
+        utilization_gpu_pct: None,
+        memory_used_bytes: None,
+        telemetry_age_ms: None,
+    };
+    let live = node
+        .telemetry
+        .as_ref()
+        .and_then(|t| Some((t.age_ms, t.gpus.iter().find(|x| x.index == gpu.index)?)));
+    if let Some((age_ms, live)) = live {
+        row.temperature_c = live.temperature_c;
+        row.power_w = live.power_w;
+        row.utilization_gpu_pct = live.utilization_gpu_pct;
+        row.memory_used_bytes = Some(live.memory_used_bytes);
+        row.health = live.health.clone();
+        row.telemetry_age_ms = Some(age_ms);
     }
-    g
+    row
 }
 
 /// Waits until `wanted` engines of deployment `name` are ready, printing progress lines on
 /// stderr; fails when one is failed (crash loop) or at the timeout.
 /// `starting 1m05s`: an engine's state and how long it has been in it, for states that last.
-fn state_with_age(e: &serde_json::Value) -> String {
-    let state = e["state"].as_str().unwrap_or("");
-    match (state, e["state_ms"].as_u64()) {
-        ("starting" | "draining", Some(ms)) => {
+fn state_with_age(e: &pd_api::EngineReport) -> String {
+    let state = word(&e.state);
+    match (state.as_str(), e.state_ms) {
+        ("starting" | "draining", ms) => {
             let s = ms / 1000;
             if s >= 60 {
                 format!("{state} {}m{:02}s", s / 60, s % 60)
@@ -1330,7 +1321,7 @@ fn state_with_age(e: &serde_json::Value) -> String {
                 format!("{state} {s}s")
             }
         }
-        _ => state.to_string(),
+        _ => state,
     }
 }
 
@@ -1343,26 +1334,27 @@ pub(crate) fn wait_engines_ready(
     let until = std::time::Instant::now() + timeout;
     let mut last = String::new();
     loop {
-        let v = block_on(c.request("GET", "/v1/engines", None))??;
-        let mine: Vec<&serde_json::Value> = v["engines"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|e| e["deployment"] == name)
+        let v: pd_api::Engines = block_on(c.get("/v1/engines"))??;
+        let mine: Vec<&pd_api::EngineReport> =
+            v.engines.iter().filter(|e| e.deployment == name).collect();
+        let ready = mine
+            .iter()
+            .filter(|e| e.state == pd_api::EngineState::Ready)
+            .count();
+        let failed: Vec<&&pd_api::EngineReport> = mine
+            .iter()
+            .filter(|e| e.state == pd_api::EngineState::Failed)
             .collect();
-        let ready = mine.iter().filter(|e| e["state"] == "ready").count();
-        let failed: Vec<&&serde_json::Value> =
-            mine.iter().filter(|e| e["state"] == "failed").collect();
         // The slowest engine still starting: how long, and what its log says last.
         let loading = mine
             .iter()
-            .filter(|e| e["state"] == "starting")
-            .max_by_key(|e| e["state_ms"].as_u64().unwrap_or(0))
+            .filter(|e| e.state == pd_api::EngineState::Starting)
+            .max_by_key(|e| e.state_ms)
             .map(|e| {
-                let note: String = e["note"].as_str().unwrap_or("").chars().take(100).collect();
+                let note: String = e.note.chars().take(100).collect();
                 format!(
                     "; {} {}{}",
-                    e["engine"].as_str().unwrap_or(""),
+                    e.engine,
                     state_with_age(e),
                     if note.is_empty() {
                         String::new()
@@ -1384,20 +1376,18 @@ pub(crate) fn wait_engines_ready(
         if ready == wanted {
             // Ready means serving: every agent's router must see them too (each refreshes
             // its view on its own clock).
-            let r = block_on(c.request(
-                "GET",
-                &format!("/v1/deployments/{}/routable", client::segment(name)),
-                None,
-            ))??;
-            if r["every_agent"] == true {
+            let r: pd_api::Routable = block_on(c.get(&format!(
+                "/v1/deployments/{}/routable",
+                client::segment(name)
+            )))??;
+            if r.every_agent {
                 return Ok(());
             }
-            let behind: Vec<&str> = r["nodes"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter(|n| n["api"] != false && n["engines"].as_u64() != Some(wanted as u64))
-                .filter_map(|n| n["node"].as_str())
+            let behind: Vec<&str> = r
+                .nodes
+                .iter()
+                .filter(|n| n.api != Some(false) && n.engines != Some(wanted as u32))
+                .map(|n| n.node.as_str())
                 .collect();
             let line = format!(
                 "{ready}/{wanted} engines ready; waiting for {} to route to them",
@@ -1410,12 +1400,7 @@ pub(crate) fn wait_engines_ready(
         }
         if !failed.is_empty() {
             for e in &failed {
-                eprintln!(
-                    "  {} on {} failed: {}",
-                    e["engine"].as_str().unwrap_or(""),
-                    e["node"].as_str().unwrap_or(""),
-                    e["note"].as_str().unwrap_or("")
-                );
+                eprintln!("  {} on {} failed: {}", e.engine, e.node, e.note);
             }
             anyhow::bail!(
                 "{name}: {} engine(s) failed (crash loop); see `pdctl engines` and the agents' engine logs",
@@ -1434,20 +1419,34 @@ pub(crate) fn wait_engines_ready(
 
 #[cfg(test)]
 mod summary_tests {
+    fn engine(deployment: &str, state: pd_api::EngineState) -> pd_api::EngineReport {
+        pd_api::EngineReport {
+            engine: format!("{deployment}/decode-0"),
+            deployment: deployment.into(),
+            node: "node-1".into(),
+            role: pd_api::EngineRole::Decode,
+            gpus: vec![0],
+            state,
+            pid: None,
+            restarts: 0,
+            generation: 1,
+            load: Default::default(),
+            driver: "builtin".into(),
+            state_ms: 0,
+            note: String::new(),
+            port: None,
+            kv_port: None,
+        }
+    }
+
     #[test]
     fn engine_summary_counts_states_and_deployments() {
-        let v = serde_json::json!({"engines": [
-            {"deployment": "a", "state": "ready"},
-            {"deployment": "a", "state": "ready"},
-            {"deployment": "b", "state": "failed"},
-        ]});
+        use pd_api::EngineState::{Failed, Ready};
+        let v = [engine("a", Ready), engine("a", Ready), engine("b", Failed)];
         assert_eq!(
             super::engine_summary(&v),
             "engines: 3 in 2 deployment(s): 1 failed, 2 ready"
         );
-        assert_eq!(
-            super::engine_summary(&serde_json::json!({"engines": []})),
-            "engines: 0 in 0 deployment(s)"
-        );
+        assert_eq!(super::engine_summary(&[]), "engines: 0 in 0 deployment(s)");
     }
 }
