@@ -72,7 +72,7 @@ enum Command {
     /// monolithic or disaggregated), bench.
     Engine {
         #[command(subcommand)]
-        command: pdagent::engine::cli::EngineCommand,
+        command: pdagent::engine_cli::EngineCommand,
     },
     /// Ping a peer agent over the transport with this node's certificate.
     Ping {
@@ -101,13 +101,13 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Engine { command } => {
             logging::init(config::LogFormat::Human, "warn");
-            match pdagent::engine::cli::run(command) {
+            match pdagent::engine_cli::run(command) {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(pdagent::engine::cli::EngineFailure::Usage(e)) => {
+                Err(pdagent::engine_cli::EngineFailure::Usage(e)) => {
                     eprintln!("pdagent engine: {e}");
                     ExitCode::from(EX_USAGE)
                 }
-                Err(pdagent::engine::cli::EngineFailure::Failed(e)) => fail(e),
+                Err(pdagent::engine_cli::EngineFailure::Failed(e)) => fail(e),
             }
         }
         Command::Run {

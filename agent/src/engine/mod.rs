@@ -4,12 +4,6 @@
 //!   socket, one compute thread, test fault knobs behind `--test-faults`.
 //! - `client` — `EngineClient` (connect, hello, requests routed by id, stats, KV events) and
 //!   `EngineProcess` (spawn `pdagent engine serve`).
-//! - `kv_ship` — KV pieces over QUIC bulk streams: `KvSender` on the prefill side, `KvInbox`
-//!   on the decode side.
-//! - `generate` — `pdagent engine generate`, monolithic or disaggregated.
 
-pub mod cli;
 pub mod client;
-pub mod generate;
-pub mod kv_ship;
 pub mod serve;

@@ -13,13 +13,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use pd_engine::protocol::{AgentMessage, EngineMessage};
-use pd_engine::{FinishReason, KvHeader, KvPiece, RequestId};
+use pd_engine::{KvHeader, KvPiece, RequestId};
 use tokio::sync::mpsc;
 
 use crate::control::ControlPlane;
 use crate::driver::HttpEngine;
 use crate::engine::client::{EngineClient, Reply};
-use crate::engine::kv_ship::{KvInbox, KvSender};
+use crate::kv::protocol::{self, PrefillReplies, PrefillStep};
+use crate::kv::ship::{KvInbox, KvSender};
 use crate::peers::Peers;
 use crate::supervisor::{ReadyEngine, Supervisor};
 use crate::wire::kv::Seal;
@@ -219,63 +220,39 @@ impl Legs {
             .await
             .map_err(|e| Fail(Failure::EngineLost, e.to_string()))?;
         let mut ship = Shipper::new(self, &leg.decode_node, leg.shipment).await;
-        let mut first: Option<(u32, String)> = None;
+        let mut replies = PrefillReplies::default();
         let mut kv_began: Option<Instant> = None;
         let outcome = async {
             loop {
                 let (msg, payload, at) = next_reply(&mut rx, tx).await?;
-                match msg {
-                    EngineMessage::KvStart {
+                match replies.step(msg, payload) {
+                    PrefillStep::Begin {
                         header,
                         prompt_tokens,
-                        ..
                     } => {
                         kv_began = Some(Instant::now());
                         ship.prompt_tokens = Some(prompt_tokens);
                         ship.begin(header)?;
                     }
-                    EngineMessage::KvLayer {
-                        layer,
-                        token_start,
-                        token_count,
-                        ..
-                    } => {
-                        let piece = KvPiece {
-                            layer,
-                            token_start,
-                            token_count,
-                            data: payload.unwrap_or_default(),
-                        };
+                    PrefillStep::Piece(piece) => {
                         tokio::select! {
                             r = ship.send(piece) => r?,
                             _ = tx.closed() => return Err(None),
                         }
                     }
-                    EngineMessage::Token {
-                        index: 0,
-                        token,
-                        text,
-                        ..
-                    } => first = Some((token, text)),
-                    EngineMessage::Finished {
-                        reason: FinishReason::PrefillDone,
+                    PrefillStep::Done {
                         prompt_tokens_cached,
-                        ..
                     } => return Ok((prompt_tokens_cached, at.duration_since(submitted))),
-                    EngineMessage::Finished { reason, .. } => {
-                        return Err(Some(Fail(
-                            Failure::Internal,
-                            format!("the prefill engine finished with {reason:?}"),
-                        )));
+                    PrefillStep::Failed { kind, message } => {
+                        let failure = kind.map_or(Failure::Internal, Failure::of);
+                        return Err(Some(Fail(failure, message)));
                     }
-                    EngineMessage::Error { kind, message, .. } => {
-                        return Err(Some(Fail(Failure::of(kind), message)));
-                    }
-                    _ => {}
+                    PrefillStep::Continue => {}
                 }
             }
         }
         .await;
+        let first = replies.first;
         let (cached, engine_time) = match outcome {
             Ok(c) => c,
             Err(why) => {
@@ -371,21 +348,17 @@ impl Legs {
             .add(&[path], arrived.payload_bytes);
         let id = self.next_id();
         let submitted = Instant::now();
-        let mut rx = client
-            .submit(AgentMessage::Decode {
-                id,
-                header: seal.header,
-                prompt_tokens: seal.prompt_tokens,
-                first_token: seal.first_token,
-                sampling: leg.sampling,
-            })
-            .await
-            .map_err(|e| Fail(Failure::EngineLost, e.to_string()))?;
-        for piece in &arrived.pieces {
-            if let Err(e) = client.import_piece(id, piece).await {
-                return Err(Fail(Failure::EngineLost, e.to_string()));
-            }
-        }
+        let mut rx = protocol::decode_from(
+            &client,
+            id,
+            seal.header,
+            seal.prompt_tokens,
+            seal.first_token,
+            leg.sampling,
+            &arrived.pieces,
+        )
+        .await
+        .map_err(|e| Fail(Failure::EngineLost, e.to_string()))?;
         self.pump(&client, id, &mut rx, tx, submitted).await
     }
 

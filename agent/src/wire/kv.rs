@@ -1,5 +1,5 @@
 //! What crosses hosts about a KV shipment besides its pieces (those are bulk streams: see
-//! `engine::kv_ship`).
+//! `kv::ship`).
 
 use pd_engine::KvHeader;
 

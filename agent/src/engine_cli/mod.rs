@@ -1,4 +1,7 @@
-//! `pdagent engine serve | generate | bench`.
+//! `pdagent engine serve | generate | bench | export`: the reference engine's commands.
+//! `generate` sends one request through engine processes, monolithic or disaggregated.
+
+pub mod generate;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -6,8 +9,8 @@ use std::time::Duration;
 use pd_engine::protocol::EngineRole;
 use pd_engine::{BenchOptions, EngineConfig, ModelSpec};
 
-use super::generate::{GenerateOptions, Mode};
-use super::serve::{Faults, ServeOptions};
+use crate::engine::serve::{Faults, ServeOptions};
+use generate::{GenerateOptions, Mode};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Role {
@@ -185,7 +188,7 @@ pub fn run(cmd: EngineCommand) -> Result<(), EngineFailure> {
             engine
                 .validate()
                 .map_err(|e| EngineFailure::Usage(e.to_string()))?;
-            super::serve::serve(ServeOptions {
+            crate::engine::serve::serve(ServeOptions {
                 socket,
                 role: role.into(),
                 engine,
@@ -237,7 +240,7 @@ pub fn run(cmd: EngineCommand) -> Result<(), EngineFailure> {
                 .build()
                 .map_err(|e| EngineFailure::Failed(e.into()))?;
             let r = rt
-                .block_on(super::generate::generate(opts))
+                .block_on(generate::generate(opts))
                 .map_err(EngineFailure::Failed)?;
             if json {
                 println!(

@@ -10,15 +10,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pd_engine::protocol::{AgentMessage, EngineMessage, EngineRole};
-use pd_engine::{FinishReason, KvPiece, Prompt, SamplingParams};
+use pd_engine::{FinishReason, Prompt, SamplingParams};
 use pd_transport::pki::{CertAuthority, Validity};
 use pd_transport::{
     BulkHeader, BulkReader, Endpoint, Identity, PeerIdentity, Service, TransportConfig,
 };
 use serde::Serialize;
 
-use super::client::{EngineClient, EngineProcess, Reply};
-use super::kv_ship::{KvInbox, KvSender};
+use crate::engine::client::{EngineClient, EngineProcess, Reply};
+use crate::kv::protocol::{self, PrefillReplies, PrefillStep};
+use crate::kv::ship::{KvInbox, KvSender};
 
 /// Bound on the model load of a spawned engine (the `small` preset takes about a second).
 const ENGINE_START_TIMEOUT: Duration = Duration::from_secs(120);
@@ -306,65 +307,55 @@ async fn disaggregated(
             sampling: sampling.clone(),
         })
         .await?;
+    let mut replies = PrefillReplies::default();
     let mut sender: Option<KvSender> = None;
     let mut prompt_tokens = Vec::new();
-    let mut first: Option<(u32, Duration)> = None;
+    let mut first_at = None;
     loop {
         let (msg, payload, _) = next(&mut rx, "prefill").await?;
-        match msg {
-            EngineMessage::KvStart {
+        match replies.step(msg, payload) {
+            PrefillStep::Begin {
                 header,
                 prompt_tokens: p,
-                ..
             } => {
                 prompt_tokens = p;
                 sender = Some(KvSender::new(conn.clone(), id, &header));
             }
-            EngineMessage::KvLayer {
-                layer,
-                token_start,
-                token_count,
-                ..
-            } => {
+            PrefillStep::Piece(piece) => {
                 let s = sender
                     .as_mut()
                     .ok_or_else(|| anyhow::anyhow!("KV layer before KV start"))?;
-                let piece = KvPiece {
-                    layer,
-                    token_start,
-                    token_count,
-                    data: payload.unwrap_or_default(),
-                };
                 s.send(&piece).await?;
             }
-            EngineMessage::Token {
-                index: 0, token, ..
-            } => first = Some((token, t0.elapsed())),
-            EngineMessage::Finished { .. } => break,
-            EngineMessage::Error { kind, message, .. } => {
+            PrefillStep::Continue => {
+                if replies.first.is_some() && first_at.is_none() {
+                    first_at = Some(t0.elapsed());
+                }
+            }
+            PrefillStep::Done { .. } => break,
+            PrefillStep::Failed { kind, message } => {
                 anyhow::bail!("prefill engine refused ({kind:?}): {message}")
             }
-            _ => {}
         }
     }
     let sender = sender.ok_or_else(|| anyhow::anyhow!("the prefill engine exported no KV"))?;
-    let (first_token, first_at) =
-        first.ok_or_else(|| anyhow::anyhow!("the prefill engine gave no first token"))?;
+    let (first_token, first_at) = match (replies.first, first_at) {
+        (Some((token, _)), Some(at)) => (token, at),
+        _ => anyhow::bail!("the prefill engine gave no first token"),
+    };
     let arrived = inbox
         .complete(id, sender.pieces(), Duration::from_secs(30))
         .await?;
-    let mut rx = decode
-        .submit(AgentMessage::Decode {
-            id,
-            header: arrived.header,
-            prompt_tokens,
-            first_token,
-            sampling,
-        })
-        .await?;
-    for p in &arrived.pieces {
-        decode.import_piece(id, p).await?;
-    }
+    let mut rx = protocol::decode_from(
+        &decode,
+        id,
+        arrived.header,
+        prompt_tokens,
+        first_token,
+        sampling,
+        &arrived.pieces,
+    )
+    .await?;
     let d = collect(&mut rx, t0, "decode", Some((first_token, first_at))).await?;
     prefill.shutdown().await;
     decode.shutdown().await;
