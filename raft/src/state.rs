@@ -62,6 +62,14 @@ pub struct NodeRecord {
     pub registered_at: u64,
 }
 
+impl NodeRecord {
+    /// Its transport address as a socket address (`None` when what was recorded is not
+    /// `ip:port`).
+    pub fn socket_addr(&self) -> Option<std::net::SocketAddr> {
+        self.address.parse().ok()
+    }
+}
+
 /// Deployment names: DNS labels, so they can name engines and model ids alike.
 pub const DEPLOYMENT_NAME_BYTES_MAX: usize = 63;
 /// Engines one deployment may ask for.

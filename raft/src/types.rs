@@ -16,6 +16,14 @@ pub struct RaftPeer {
     pub address: String,
 }
 
+impl RaftPeer {
+    /// Its transport address as a socket address (`None` when what was recorded is not
+    /// `ip:port`).
+    pub fn socket_addr(&self) -> Option<std::net::SocketAddr> {
+        self.address.parse().ok()
+    }
+}
+
 impl std::fmt::Display for RaftPeer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}@{}", self.name, self.address)

@@ -3,7 +3,6 @@
 //! scaling, deleting, and whether every agent routes to a deployment's engines.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::Json;
@@ -318,6 +317,7 @@ async fn model_hosts(
             continue;
         }
         let (name, address, model) = (n.name.clone(), n.address.clone(), body.model.clone());
+        let addr = n.socket_addr();
         if name == me {
             let dir = ctx.models_dir.clone();
             asks.spawn(async move {
@@ -331,13 +331,13 @@ async fn model_hosts(
         let peers = ctx.peers.clone();
         asks.spawn(async move {
             let req = AgentRequest::CheckModel { model };
-            let got = match address.parse::<SocketAddr>() {
-                Ok(addr) => match peers.call(&name, addr, &req, MODEL_CHECK_TIMEOUT).await {
+            let got = match addr {
+                Some(addr) => match peers.call(&name, addr, &req, MODEL_CHECK_TIMEOUT).await {
                     Ok(AgentResponse::ModelCheck(c)) => Ok(c),
                     Ok(_) => Err("an unexpected answer".to_string()),
                     Err(e) => Err(e.to_string()),
                 },
-                Err(e) => Err(e.to_string()),
+                None => Err(format!("its recorded address {address:?} is not ip:port")),
             };
             (name, got)
         });

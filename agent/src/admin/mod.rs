@@ -185,12 +185,12 @@ pub(super) async fn ask_other_agents(
         if n.name == me || n.health == pd_raft::NodeHealth::Down {
             continue;
         }
-        let (name, address, peers) = (n.name.clone(), n.address.clone(), ctx.peers.clone());
+        let (name, addr, peers) = (n.name.clone(), n.socket_addr(), ctx.peers.clone());
         let req = req.clone();
         asks.spawn(async move {
-            let got = match address.parse::<SocketAddr>() {
-                Ok(addr) => peers.call(&name, addr, &req, timeout).await.ok(),
-                Err(_) => None,
+            let got = match addr {
+                Some(addr) => peers.call(&name, addr, &req, timeout).await.ok(),
+                None => None,
             };
             (name, got)
         });

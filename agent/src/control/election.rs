@@ -46,7 +46,7 @@ impl ControlPlane {
             for p in others {
                 let peers = self.peers.clone();
                 asks.spawn(async move {
-                    let addr = p.address.parse::<std::net::SocketAddr>().ok()?;
+                    let addr = p.socket_addr()?;
                     match peers
                         .call(&p.name, addr, &AgentRequest::LogTip, every)
                         .await

@@ -40,9 +40,9 @@ impl ControlPlane {
                         }
                         Ok(AgentResponse::NotCoordinator {
                             coordinator: Some(c),
-                        }) => match c.address.parse() {
-                            Ok(a) => target = (c.name, a),
-                            Err(_) => break,
+                        }) => match c.socket_addr() {
+                            Some(a) => target = (c.name, a),
+                            None => break,
                         },
                         Ok(AgentResponse::NotCoordinator { coordinator: None }) => break,
                         Ok(other) => {

@@ -258,9 +258,10 @@ impl ControlPlane {
                 ))));
             }
         }
-        match self.raft.client_write(cmd).await {
-            Ok(r) => AgentResponse::Proposed(r.data),
-            Err(_) => self.not_coordinator(),
+        match self.write(cmd).await {
+            Ok(a) => AgentResponse::Proposed(Ok(a)),
+            Err(WriteError::Refused(e)) => AgentResponse::Proposed(Err(e)),
+            Err(WriteError::NotCommitted(_)) => self.not_coordinator(),
         }
     }
 
@@ -332,10 +333,9 @@ impl ControlPlane {
             .coordinator()
             .filter(|c| c.name != self.me.name)
             .ok_or(CallError::NoCoordinator)?;
-        let addr: SocketAddr = c
-            .address
-            .parse()
-            .map_err(|_| CallError::BadAddress(c.name.clone(), c.address.clone()))?;
+        let addr = c
+            .socket_addr()
+            .ok_or_else(|| CallError::BadAddress(c.name.clone(), c.address.clone()))?;
         self.peers
             .call(&c.name, addr, req, timeout)
             .await
@@ -379,7 +379,7 @@ impl ControlPlane {
 
     /// The transport address of node `name`, from the replicated state.
     pub fn node_address(&self, name: &str) -> Option<SocketAddr> {
-        self.with_node(name, |n| n.address.parse().ok())
+        self.with_node(name, |n| n.socket_addr())
     }
 
     /// Node `name`'s health as the coordinator last recorded it (heartbeats).
