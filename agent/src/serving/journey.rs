@@ -198,16 +198,7 @@ impl Serving {
         let _dg = self.count(&d.engine);
         let shipment = self.new_id();
         let (pre, dec) = tokio::join!(
-            self.open_leg(
-                p,
-                Leg::Prefill(PrefillLeg {
-                    engine: p.engine.clone(),
-                    prompt: prompt.clone(),
-                    sampling: sampling.clone(),
-                    decode_node: d.node.clone(),
-                    shipment,
-                }),
-            ),
+            self.open_leg(p, prefill_leg(p, d, prompt, sampling, shipment)),
             self.open_leg(
                 d,
                 Leg::Decode(DecodeLeg {
@@ -301,16 +292,7 @@ impl Serving {
         let _dg = self.count(&d.engine);
         let shipment = self.new_id();
         let mut pre = self
-            .open_leg(
-                p,
-                Leg::Prefill(PrefillLeg {
-                    engine: p.engine.clone(),
-                    prompt: prompt.clone(),
-                    sampling: sampling.clone(),
-                    decode_node: d.node.clone(),
-                    shipment,
-                }),
-            )
+            .open_leg(p, prefill_leg(p, d, prompt, sampling, shipment))
             .await?;
         let (params, prompt_len) = loop {
             match pre.next(&p.engine).await? {
@@ -439,6 +421,23 @@ impl Serving {
             }
         }
     }
+}
+
+/// The prefill leg of a disaggregated attempt: `p` computes the prompt for `d`'s host.
+fn prefill_leg(
+    p: &Candidate,
+    d: &Candidate,
+    prompt: &Prompt,
+    sampling: &SamplingParams,
+    shipment: u64,
+) -> Leg {
+    Leg::Prefill(PrefillLeg {
+        engine: p.engine.clone(),
+        prompt: prompt.clone(),
+        sampling: sampling.clone(),
+        decode_node: d.node.clone(),
+        shipment,
+    })
 }
 
 /// How long a request's last answer may wait for a client that stopped reading.
