@@ -78,35 +78,39 @@ impl LocalReports {
 }
 
 /// Reports to the coordinator every `heartbeat` (while another agent coordinates), and
-/// replicates this host's GPU list every `interval` when it differs from the recorded one.
+/// replicates this host's GPU list every `interval` when it differs from the recorded one;
+/// each on its own clock, so a write waiting out an election never delays a liveness report.
 pub async fn report_loop(
     control: Arc<ControlPlane>,
     local: Arc<LocalReports>,
     heartbeat: Duration,
     interval: Duration,
 ) {
-    let mut beat = tokio::time::interval(heartbeat);
-    let mut gpus = tokio::time::interval(interval);
-    loop {
-        tokio::select! {
-            _ = beat.tick() => {
-                if control.is_coordinator() {
-                    continue;
-                }
-                let req = AgentRequest::NodeReport {
-                    node: control.me.name.clone(),
-                    gpus: local.telemetry(),
-                    engines: local.engines(),
-                };
-                let _ = control.call_coordinator(&req, 2 * heartbeat).await;
+    let beats = async {
+        let mut tick = tokio::time::interval(heartbeat);
+        loop {
+            tick.tick().await;
+            if control.is_coordinator() {
+                continue;
             }
-            _ = gpus.tick() => {
-                if let Err(e) = report_gpus(&control, &local).await {
-                    tracing::debug!(error = %e, "GPU report not replicated yet");
-                }
+            let req = AgentRequest::NodeReport {
+                node: control.me.name.clone(),
+                gpus: local.telemetry(),
+                engines: local.engines(),
+            };
+            let _ = control.call_coordinator(&req, 2 * heartbeat).await;
+        }
+    };
+    let gpus = async {
+        let mut tick = tokio::time::interval(interval);
+        loop {
+            tick.tick().await;
+            if let Err(e) = report_gpus(&control, &local).await {
+                tracing::debug!(error = %e, "GPU report not replicated yet");
             }
         }
-    }
+    };
+    tokio::join!(beats, gpus);
 }
 
 /// Replicates this host's GPU list when it differs from what the cluster records.

@@ -109,26 +109,31 @@ impl Coordinator {
         tokio::spawn(self.clone().run())
     }
 
+    /// The duties every `interval` and the liveness judgments every heartbeat, each on its
+    /// own clock: a slow membership change never delays a health change, nor the reverse.
     async fn run(self: Arc<Self>) {
-        let mut duties = tokio::time::interval(self.interval);
-        let mut liveness = tokio::time::interval(self.liveness.heartbeat);
-        loop {
-            tokio::select! {
-                _ = duties.tick() => {
-                    let Some(duty) = self.lead() else { continue };
-                    if let Err(e) = self.coordinate(&duty).await {
-                        warn!(error = %e, "coordinator duty failed; will retry");
-                    }
-                    self.push_directives(&duty);
+        let duties = async {
+            let mut tick = tokio::time::interval(self.interval);
+            loop {
+                tick.tick().await;
+                let Some(duty) = self.lead() else { continue };
+                if let Err(e) = self.coordinate(&duty).await {
+                    warn!(error = %e, "coordinator duty failed; will retry");
                 }
-                _ = liveness.tick() => {
-                    let Some(duty) = self.lead() else { continue };
-                    if let Err(e) = self.judge_liveness(&duty).await {
-                        tracing::debug!(error = %e, "health change not written yet");
-                    }
+                self.push_directives(&duty);
+            }
+        };
+        let liveness = async {
+            let mut tick = tokio::time::interval(self.liveness.heartbeat);
+            loop {
+                tick.tick().await;
+                let Some(duty) = self.lead() else { continue };
+                if let Err(e) = self.judge_liveness(&duty).await {
+                    tracing::debug!(error = %e, "health change not written yet");
                 }
             }
-        }
+        };
+        tokio::join!(duties, liveness);
     }
 
     /// This term's duty while this agent leads; `None` (and the former term's duty dropped)
