@@ -8,8 +8,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-/// Locks whose data stays usable after a holder panicked: every lock in the agent guards data
-/// that each writer leaves consistent between statements, so a poisoned lock is taken as it is.
+/// Locks whose data is taken as it is after a holder panicked (the agent has always read a
+/// poisoned lock's data rather than panic in turn).
 pub trait Unpoisoned<T: ?Sized> {
     fn locked(&self) -> MutexGuard<'_, T>;
 }

@@ -525,12 +525,7 @@ fn block_on<F: std::future::Future>(f: F) -> Result<F::Output> {
         .block_on(f))
 }
 
-fn print_json(v: &serde_json::Value) -> Result<()> {
-    println!("{}", serde_json::to_string(v)?);
-    Ok(())
-}
-
-fn print_typed<T: serde::Serialize>(v: &T) -> Result<()> {
+fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
     println!("{}", serde_json::to_string(v)?);
     Ok(())
 }
@@ -601,8 +596,8 @@ fn run(cli: Cli) -> Result<()> {
             let c = admin(&cli.config)?;
             let v: pd_api::Status = block_on(c.get("/v1/status"))??;
             match (&cli.command, json) {
-                (Command::Status, true) => print_typed(&v)?,
-                (Command::Nodes, true) => print_typed(&v.nodes)?,
+                (Command::Status, true) => print_json(&v)?,
+                (Command::Nodes, true) => print_json(&v.nodes)?,
                 (Command::Gpus, true) => {
                     let gpus: std::collections::BTreeMap<&str, Vec<GpuRow>> = v
                         .nodes
@@ -612,7 +607,7 @@ fn run(cli: Cli) -> Result<()> {
                             (n.status.name.as_str(), list)
                         })
                         .collect();
-                    print_typed(&gpus)?
+                    print_json(&gpus)?
                 }
                 (Command::Status, false) => {
                     print_status(&v, false);
@@ -721,7 +716,7 @@ fn run(cli: Cli) -> Result<()> {
                 Some(&body),
             ))??;
             if json {
-                print_typed(&r)?;
+                print_json(&r)?;
             } else {
                 let engines: Vec<String> = r
                     .engines
@@ -824,7 +819,7 @@ fn run(cli: Cli) -> Result<()> {
             let c = admin(&cli.config)?;
             let v: pd_api::Engines = block_on(c.get("/v1/engines"))??;
             if json {
-                print_typed(&v)?;
+                print_json(&v)?;
             } else {
                 println!(
                     "{:<28} {:<12} {:<8} {:<8} {:<8} {:<14} {:>8} {:>8} {:>10} {:>11}",
@@ -875,7 +870,7 @@ fn run(cli: Cli) -> Result<()> {
                     let v: pd_api::ApiKeyCreated =
                         block_on(c.send("POST", "/v1/apikeys", Some(&body)))??;
                     if json {
-                        print_typed(&v)?;
+                        print_json(&v)?;
                     } else {
                         println!("{}", v.key);
                         eprintln!(
@@ -887,7 +882,7 @@ fn run(cli: Cli) -> Result<()> {
                 ApiKeyCommand::List => {
                     let v: pd_api::ApiKeys = block_on(c.get("/v1/apikeys"))??;
                     if json {
-                        print_typed(&v)?;
+                        print_json(&v)?;
                     } else {
                         println!(
                             "keys are {}",
@@ -931,7 +926,7 @@ fn run(cli: Cli) -> Result<()> {
             let c = admin(&cli.config)?;
             let v: pd_api::Deployments = block_on(c.get("/v1/deployments"))??;
             if json {
-                print_typed(&v)?;
+                print_json(&v)?;
             } else {
                 println!(
                     "{:<24} {:<8} {:<16} {:>3} {:<28} ENGINE PLACES",

@@ -363,11 +363,6 @@ impl ControlPlane {
         f(m.membership_config.membership())
     }
 
-    /// The current Raft term.
-    pub fn term(&self) -> u64 {
-        self.raft.metrics().borrow().current_term
-    }
-
     /// Reads node `name`'s record in the replicated state.
     fn with_node<T>(
         &self,

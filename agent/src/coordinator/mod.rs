@@ -140,7 +140,8 @@ impl Coordinator {
     /// otherwise.
     fn lead(&self) -> Option<Arc<Duty>> {
         let (leader, term) = {
-            let m = self.control.raft.metrics().borrow().clone();
+            let metrics = self.control.raft.metrics();
+            let m = metrics.borrow();
             (m.current_leader, m.current_term)
         };
         let mut slot = self.duty.locked();
@@ -360,13 +361,15 @@ impl Coordinator {
     /// Every assigned engine with its last reported state (`core::engines_view`), from this
     /// coordinator's reports; on another agent, from what the coordinator last listed.
     pub fn engines(&self) -> Vec<EngineReport> {
-        let reports = match self.lead() {
-            Some(d) => d.engines.locked().clone(),
-            None => self.last_listed.locked().clone(),
-        };
         let local = self.local.engines();
-        self.control
-            .read_state(|s| core::engines_view(s, &self.control.me.name, &local, &reports))
+        let view = |reports: &HashMap<String, Vec<EngineReport>>| {
+            self.control
+                .read_state(|s| core::engines_view(s, &self.control.me.name, &local, reports))
+        };
+        match self.lead() {
+            Some(d) => view(&d.engines.locked()),
+            None => view(&self.last_listed.locked()),
+        }
     }
 
     /// The latest telemetry of every node this coordinator heard from (its own read now).

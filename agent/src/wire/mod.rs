@@ -150,7 +150,7 @@ pub enum AgentResponse {
 }
 
 /// What an agent answers a peer whose node was removed from the cluster (the peer, reading
-/// it, gives up the CA key: `ControlPlane::keep_custody`).
+/// it, gives up the CA key: `custody::keep_custody`).
 pub fn removal_message(node: &str) -> String {
     format!("node {node} was removed from the cluster")
 }
