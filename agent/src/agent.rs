@@ -291,12 +291,17 @@ pub async fn run(
     });
     let enroll =
         pd_transport::enroll::serve_enrollment(enroll_listener, endpoint.clone(), signer.clone());
-    let vllm =
-        crate::driver::vllm::Vllm::new(cfg.config.drivers.vllm.clone(), advertise.ip().to_string())
-            .map_err(|why| ConfigError {
-                field: "drivers.vllm".into(),
-                why,
-            })?;
+    let kv_socket = crate::kv::bridge::socket_path(&cfg.config.node.data_dir);
+    let vllm = crate::driver::vllm::Vllm::new(
+        cfg.config.drivers.vllm.clone(),
+        advertise.ip().to_string(),
+        &cfg.config.node.data_dir,
+        kv_socket,
+    )
+    .map_err(|why| ConfigError {
+        field: "drivers.vllm".into(),
+        why,
+    })?;
     let supervisor = crate::supervisor::Supervisor::new(
         &cfg.node_name,
         &cfg.config.node.data_dir,
@@ -316,7 +321,12 @@ pub async fn run(
         control.clone(),
         serving_cfg.kv,
         metrics.clone(),
+        &cfg.config.node.data_dir,
     ));
+    let bridging = legs.bridge.listen().map_err(|e| ConfigError {
+        field: "node.data_dir".into(),
+        why: format!("cannot listen on {}: {e}", legs.bridge.path().display()),
+    })?;
     let serving = crate::serving::Serving::new(
         serving_cfg,
         control.clone(),
@@ -346,6 +356,9 @@ pub async fn run(
             peers: peers.clone(),
             metrics: metrics.clone(),
             models_dir: cfg.models_dir.clone(),
+            kv_transport_default: crate::driver::vllm::default_kv_transport(
+                &cfg.config.drivers.vllm,
+            ),
             serving: serving.clone(),
             api: api_addr.is_some(),
             local,
@@ -402,6 +415,7 @@ pub async fn run(
     enroll.abort();
     renewal.abort();
     refreshing.abort();
+    bridging.abort();
     coordinating.abort();
     reporting.abort();
     keeping.abort();

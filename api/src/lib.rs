@@ -236,6 +236,13 @@ pub struct DeployRequest {
     /// Extra arguments for every engine of the deployment (vllm).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub engine_args: Vec<String>,
+    /// vllm: how the KV goes from prefill to decode engine, `agent` (pdagent's connector, over
+    /// the agents' QUIC with mutual TLS) or `nixl` (vLLM's NixlConnector). Default: `agent`
+    /// where the agent taking the deployment stages vLLM's KV in host memory
+    /// (`drivers.vllm.kv_buffer_device = "cpu"`), `nixl` on GPU hosts. Kept with the engine
+    /// arguments as `--kv-transport=...`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_transport: Option<String>,
 }
 
 /// The answer to `POST /v1/deployments` (201).

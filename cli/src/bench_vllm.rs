@@ -204,7 +204,7 @@ fn measure(
     let agents = ingress(2, api_port);
     let model_s = model.to_string_lossy().into_owned();
     let layout = |l: Value| {
-        let mut b = json!({"engine": "vllm", "engine_args": ENGINE_ARGS});
+        let mut b = json!({"engine": "vllm", "engine_args": ENGINE_ARGS, "kv_transport": "nixl"});
         for (k, v) in l.as_object().into_iter().flatten() {
             b[k] = v.clone();
         }

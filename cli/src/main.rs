@@ -92,6 +92,12 @@ enum Command {
         /// `--engine-arg=--max-model-len=1024`. Flags the driver sets itself are refused.
         #[arg(long = "engine-arg", allow_hyphen_values = true)]
         engine_args: Vec<String>,
+        /// vllm: how the KV goes from prefill to decode engine: `agent` (pdagent's KV
+        /// connector; the agents ship it over QUIC with mutual TLS, checksummed) or `nixl`
+        /// (vLLM's NixlConnector). Default: agent where vLLM's KV is in host memory
+        /// (`drivers.vllm.kv_buffer_device = "cpu"`), nixl on GPU hosts.
+        #[arg(long, value_parser = ["agent", "nixl"])]
+        kv_transport: Option<String>,
         /// A preset (tiny, small) or a model folder on the hosts: absolute, or relative to each
         /// agent's `node.models_dir`. Engines are placed only on hosts whose copy matches.
         #[arg(long)]
@@ -733,6 +739,7 @@ fn run(cli: Cli) -> Result<()> {
             name,
             engine,
             engine_args,
+            kv_transport,
             model,
             model_fingerprint,
             tp,
@@ -751,6 +758,7 @@ fn run(cli: Cli) -> Result<()> {
                 tpot_ms,
                 model_fingerprint,
                 engine_args,
+                kv_transport,
                 ..layout.body()?
             };
             let c = admin(&cli.config)?;

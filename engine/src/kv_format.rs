@@ -13,6 +13,29 @@ const PIECE_MAGIC: &[u8; 4] = b"PDKL";
 const FORMAT_VERSION: u16 = 1;
 /// dtype code of little-endian IEEE-754 f32, the only dtype this engine produces.
 pub const DTYPE_F32: u16 = 1;
+/// dtype code of bfloat16 (engines that keep their KV in bf16, such as vLLM's default).
+pub const DTYPE_BF16: u16 = 2;
+/// dtype code of IEEE-754 binary16.
+pub const DTYPE_F16: u16 = 3;
+
+/// Bytes per element of a dtype code (`None`: not a dtype this format knows).
+pub fn dtype_bytes(dtype: u16) -> Option<usize> {
+    match dtype {
+        DTYPE_F32 => Some(4),
+        DTYPE_BF16 | DTYPE_F16 => Some(2),
+        _ => None,
+    }
+}
+
+/// The dtype code of a dtype's name (`float32`, `bfloat16`, `float16`, as torch names them).
+pub fn dtype_code(name: &str) -> Option<u16> {
+    match name.trim_start_matches("torch.") {
+        "float32" | "float" => Some(DTYPE_F32),
+        "bfloat16" => Some(DTYPE_BF16),
+        "float16" | "half" => Some(DTYPE_F16),
+        _ => None,
+    }
+}
 
 /// What a decode engine checks before it accepts KV: everything that decides the meaning and
 /// the shape of the bytes.
@@ -27,9 +50,10 @@ pub struct KvGeometry {
 }
 
 impl KvGeometry {
-    /// Bytes per element of `dtype`.
+    /// Bytes per element of `dtype` (an unknown code counts 4; a header naming one is refused
+    /// on read).
     pub fn bytes_per_element(&self) -> usize {
-        4
+        dtype_bytes(self.dtype).unwrap_or(4)
     }
 
     /// Bytes of one token's K row (or V row) in one layer.
@@ -106,6 +130,8 @@ pub enum KvFormatError {
         expected: u64,
         got: u64,
     },
+    #[error("KV dtype code {dtype} is not one this format knows (1 f32, 2 bf16, 3 f16)")]
+    UnknownDtype { dtype: u16 },
     #[error("KV piece for layer {layer} but the model has {layers} layers")]
     LayerOutOfRange { layer: u32, layers: u32 },
     #[error(
@@ -182,12 +208,17 @@ impl KvHeader {
             },
             token_count: u32_at(32),
         };
+        let Some(element) = dtype_bytes(h.geometry.dtype) else {
+            return Err(KvFormatError::UnknownDtype {
+                dtype: h.geometry.dtype,
+            });
+        };
         let declared = u64_at(40);
         let expected = (h.geometry.layers as u64)
             .saturating_mul(2)
             .saturating_mul(h.geometry.kv_heads as u64)
             .saturating_mul(h.geometry.head_dim as u64)
-            .saturating_mul(4)
+            .saturating_mul(element as u64)
             .saturating_mul(h.token_count as u64);
         if declared != expected {
             return Err(KvFormatError::PayloadSize {

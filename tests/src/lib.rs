@@ -300,6 +300,17 @@ impl LocalCluster {
 
     /// As `up_with`, with more `pdctl local up` arguments.
     pub fn up_args(nodes: usize, gpus: u32, port: u16, extra: &[&str]) -> Self {
+        Self::up_env(nodes, gpus, port, extra, &[])
+    }
+
+    /// As `up_args`, with environment for the agents (test faults).
+    pub fn up_env(
+        nodes: usize,
+        gpus: u32,
+        port: u16,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let (nodes, port_s, api_s, gpus) = (
             nodes.to_string(),
@@ -322,7 +333,11 @@ impl LocalCluster {
             &gpus,
         ];
         args.extend_from_slice(extra);
-        let out = pdctl(&args);
+        let out = Command::new(bin("pdctl"))
+            .args(&args)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
         assert!(
             out.status.success(),
             "local up: {}{}",

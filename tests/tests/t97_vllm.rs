@@ -59,8 +59,13 @@ fn export_tiny(dir: &Path) -> PathBuf {
 
 /// A 2-node local cluster (one fixture GPU each) whose agents run vLLM with `py`.
 fn vllm_cluster(py: &str) -> LocalCluster {
+    vllm_cluster_env(py, &[])
+}
+
+/// As `vllm_cluster`, with environment for the agents (test faults).
+fn vllm_cluster_env(py: &str, env: &[(&str, &str)]) -> LocalCluster {
     let command = format!("{py} -m vllm.entrypoints.openai.api_server");
-    LocalCluster::up_args(
+    LocalCluster::up_env(
         2,
         1,
         free_base(2),
@@ -76,6 +81,7 @@ fn vllm_cluster(py: &str) -> LocalCluster {
             "--vllm-env",
             "OMP_NUM_THREADS=1",
         ],
+        env,
     )
 }
 
@@ -181,7 +187,12 @@ fn vllm_disaggregated_through_nixl() {
         text(&out.stderr)
     );
 
-    deploy_vllm(&l, "pd", &model, &["--prefill", "1", "--decode", "1"]);
+    deploy_vllm(
+        &l,
+        "pd",
+        &model,
+        &["--prefill", "1", "--decode", "1", "--kv-transport", "nixl"],
+    );
     let p = engine(&l, "pd/prefill-0");
     let d = engine(&l, "pd/decode-0");
     assert_eq!(p["driver"], "vllm");
@@ -512,4 +523,323 @@ fn vllm_failures_are_recovered() {
         );
         (r.status == 200).then_some(())
     });
+}
+
+/// A vLLM engine's own metric, summed over the lines that contain `filter`.
+fn vllm_metric(port: u64, name: &str, filter: &str) -> f64 {
+    let m = http(&format!("127.0.0.1:{port}"), "GET", "/metrics", &[], b"")
+        .map(|r| r.text())
+        .unwrap_or_default();
+    sum_metric(&m, name, filter)
+}
+
+/// The same request computed by one vLLM engine alone (no KV from elsewhere): the reference
+/// text of a colocated vLLM.
+fn alone(port: u64, prompt: &str, max_tokens: u32) -> String {
+    let v = post_json(
+        &format!("127.0.0.1:{port}"),
+        "/v1/completions",
+        &json!({"model": "pa", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}),
+    );
+    assert_eq!(v.status, 200, "{}", v.text());
+    v.json()["choices"][0]["text"].as_str().unwrap().to_string()
+}
+
+/// vLLM's KV through pdagent's own connector and the agents' QUIC (`--kv-transport agent`):
+/// the decode engine computes no prompt (every prompt token arrives as external KV), the
+/// decode host's agent counts exactly the prompt's KV bytes, the text equals what one vLLM
+/// computes alone; a piece corrupted in flight is detected and never yields wrong text; a cut
+/// link is retried; an aborted request leaves no KV held on either engine; a pair whose
+/// checkpoints differ is refused at deploy time, naming both fingerprints.
+#[test]
+fn vllm_kv_through_the_agents() {
+    let Some(py) = vllm_python() else { return };
+    let _g = serial();
+    let models = tempfile::tempdir().unwrap();
+    let model = export_tiny(models.path());
+    let corrupt = models.path().join("corrupt-next-piece");
+    let l = vllm_cluster_env(
+        &py,
+        &[("PDAGENT_FAULT_KV_CORRUPT", corrupt.to_str().unwrap())],
+    );
+
+    // Two copies of "m" that differ (node-k's models_dir is node-k/data/models): refused
+    // before any engine starts, both fingerprints named.
+    for (node, preset) in [("node-1", "tiny"), ("node-2", "small")] {
+        let dir = l.dir.path().join(node).join("data/models/m");
+        let out = pdagent(&[
+            "engine",
+            "export",
+            "--model",
+            preset,
+            "--out",
+            dir.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let out = l.pdctl(&[
+        "deploy",
+        "mixed",
+        "--engine",
+        "vllm",
+        "--model",
+        "m",
+        "--prefill",
+        "1",
+        "--decode",
+        "1",
+    ]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("node-1: ") && err.contains("node-2: ") && err.contains("differ"),
+        "{err}"
+    );
+    assert!(engines(&l).is_empty(), "nothing placed");
+
+    deploy_vllm(
+        &l,
+        "pa",
+        &model,
+        &["--prefill", "1", "--decode", "1", "--kv-transport", "agent"],
+    );
+    let p = engine(&l, "pa/prefill-0");
+    let d = engine(&l, "pa/decode-0");
+    assert_ne!(p["node"], d["node"]);
+    assert!(p["kv_port"].is_null(), "no NIXL side channel: {p}");
+    let (pport, dport) = (p["port"].as_u64().unwrap(), d["port"].as_u64().unwrap());
+    // Requests enter on the decode host: the KV crosses the network to reach it.
+    let decode_api = node_addr(&l, d["node"].as_str().unwrap());
+    wait_for("the API ready", deadline(Duration::from_secs(60)), || {
+        http(&decode_api, "GET", "/ready", &[], b"")
+            .is_ok_and(|r| r.status == 200)
+            .then_some(())
+    });
+    let out = l.pdctl(&["deployments", "-o", "json"]);
+    assert!(
+        text(&out.stdout).contains("--kv-transport=agent"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let local = |f: &str| vllm_metric(dport, "vllm:prompt_tokens_by_source_total", f);
+    let (local0, external0) = (local("local_compute"), local("external_kv_transfer"));
+    let received = |api: &str| {
+        metric(
+            &metrics_of(api),
+            "pdagent_kv_bytes_received_total{path=\"network\"}",
+        )
+    };
+    let bytes0 = received(&decode_api);
+    // Three prompts, one of them longer than a KV block (128 tokens): several blocks, the
+    // last one partial.
+    let long = format!(
+        "A longer prompt, over one block of KV. {}",
+        "The quick brown fox jumps over the lazy dog. ".repeat(14)
+    );
+    let prompts: Vec<&str> = PROMPTS.iter().copied().chain([long.as_str()]).collect();
+    let mut texts = Vec::new();
+    let mut prompt_tokens = 0u64;
+    for prompt in &prompts {
+        let r = post_json(
+            &decode_api,
+            "/v1/completions",
+            &json!({"model": "pa", "prompt": prompt, "max_tokens": 16, "temperature": 0}),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        let route = r.header("x-pdagent-route").unwrap_or_default().to_string();
+        assert!(
+            route.starts_with("pa/prefill-0@node-1 -[kv ")
+                && route.ends_with("]-> pa/decode-0@node-2"),
+            "{route}"
+        );
+        let timing = r.header("server-timing").unwrap_or_default().to_string();
+        assert!(timing.contains("kv;dur="), "{timing}");
+        let v = r.json();
+        prompt_tokens += v["usage"]["prompt_tokens"].as_u64().unwrap();
+        texts.push(v["choices"][0]["text"].as_str().unwrap().to_string());
+    }
+    let (local_n, external_n) = (
+        local("local_compute") - local0,
+        local("external_kv_transfer") - external0,
+    );
+    println!(
+        "decode engine: {local_n} prompt tokens computed, {external_n} from the prefill host's agent ({prompt_tokens} prompt tokens)"
+    );
+    assert!(
+        local_n < (128 * prompts.len()) as f64,
+        "the decode engine computed prompts: {local_n}"
+    );
+    assert_eq!(external_n, prompt_tokens as f64);
+    // tiny: 4 layers, 2 KV heads of 32, float32. Every prompt token's K and V rows, exactly
+    // (rows, not whole blocks: the last block's unused slots are not shipped).
+    let per_token = 2 * 4 * 2 * 32 * 4;
+    assert_eq!(received(&decode_api) - bytes0, per_token * prompt_tokens);
+
+    // The text is what one vLLM computes alone (the prefill engine, asked directly).
+    println!("texts: {texts:?}");
+    assert!(texts.iter().any(|t| !t.is_empty()), "texts to compare");
+    for (k, prompt) in prompts.iter().enumerate() {
+        assert_eq!(alone(pport, prompt, 16), texts[k], "prompt {k}");
+    }
+
+    // A piece corrupted after its checksum was taken: detected on the decode host, never
+    // decoded from; the request still answers the right text.
+    let integrity = |api: &str| {
+        metric(
+            &metrics_of(api),
+            "pdagent_kv_integrity_failures_total{stage=\"network\"}",
+        )
+    };
+    let before = integrity(&decode_api);
+    std::fs::write(&corrupt, b"").unwrap();
+    let prompt = "Golf: a prompt whose KV is corrupted on its way to the decode host.";
+    let got = complete(&decode_api, "pa", prompt, 16)["choices"][0]["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(!corrupt.exists(), "the fault fired");
+    assert_eq!(
+        integrity(&decode_api),
+        before + 1,
+        "the bad piece was counted"
+    );
+    assert_eq!(got, alone(pport, prompt, 16));
+
+    // A client that goes away while its prompt's KV is being made and shipped: neither
+    // engine holds KV for it afterwards, and nothing is left waiting in the agents.
+    let usage = |port: u64| vllm_metric(port, "vllm:kv_cache_usage_perc", "");
+    let running = |port: u64| vllm_metric(port, "vllm:num_requests_running", "");
+    for cut_after in [Duration::from_millis(50), Duration::from_millis(400)] {
+        let body = json!({"model": "pa", "prompt": long, "max_tokens": 200, "temperature": 0, "stream": true});
+        let s = start_stream(&decode_api, &body);
+        std::thread::sleep(cut_after);
+        drop(s);
+        wait_for(
+            "both engines free of the aborted request",
+            deadline(Duration::from_secs(120)),
+            || {
+                (usage(pport) == 0.0
+                    && usage(dport) == 0.0
+                    && running(pport) == 0.0
+                    && running(dport) == 0.0)
+                    .then_some(())
+            },
+        );
+    }
+
+    // The KV link cut for a few seconds (the fault proxy in front of the decode host drops
+    // what the prefill host sends): the shipment fails and the request is retried; it ends
+    // with the right text or an explicit error, never wrong text; once healed, all is well.
+    let mut proxy = std::process::Command::new(bin("pdctl"))
+        .args([
+            "local",
+            "proxy",
+            "--dir",
+            l.dir.path().to_str().unwrap(),
+            "node-2",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(l.dir.path().join("proxy.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut proxy_in = proxy.stdin.take().unwrap();
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    let out = proxy.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let wait_line = |prefix: &str, secs: u64| -> String {
+        let until = deadline(Duration::from_secs(secs));
+        loop {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(x) if x.starts_with(prefix) => return x,
+                Ok(_) => {}
+                Err(_) => panic!(
+                    "the proxy never printed a line starting with {prefix:?}: {}",
+                    std::fs::read_to_string(l.dir.path().join("proxy.err")).unwrap_or_default()
+                ),
+            }
+        }
+    };
+    wait_line("agent ", 30);
+    wait_line("proxy ", 10);
+    wait_for(
+        "the decode engine ready behind the proxy",
+        deadline(Duration::from_secs(120)),
+        || {
+            let e = engine(&l, "pa/decode-0");
+            (e["state"] == "ready" && e["node"] == "node-2").then_some(())
+        },
+    );
+    wait_for("node-2 serving", deadline(Duration::from_secs(60)), || {
+        let body = json!({"model": "pa", "prompt": "Hotel: through the proxy.", "max_tokens": 4, "temperature": 0});
+        http(
+            &decode_api,
+            "POST",
+            "/v1/completions",
+            &[("content-type", "application/json")],
+            body.to_string().as_bytes(),
+        )
+        .is_ok_and(|r| r.status == 200)
+        .then_some(())
+    });
+    let retries = |api: &str| {
+        metric(
+            &metrics_of(api),
+            "pdagent_request_recoveries_total{model=\"pa\",kind=\"retry\"}",
+        )
+    };
+    let before = retries(&decode_api);
+    use std::io::Write;
+    // Each flow from the prefill host is cut after a few more kilobytes: mid-shipment.
+    writeln!(proxy_in, "cut 60000 127.0.0.1").unwrap();
+    wait_line("ok: ", 10);
+    let prompt = format!("India: a prompt whose KV meets a cut link. {long}");
+    let request = {
+        let (api, prompt) = (decode_api.clone(), prompt.clone());
+        std::thread::spawn(move || {
+            post_json(
+                &api,
+                "/v1/completions",
+                &json!({"model": "pa", "prompt": prompt, "max_tokens": 16, "temperature": 0}),
+            )
+        })
+    };
+    wait_line("cut ", 120);
+    wait_for(
+        "the request retried",
+        deadline(Duration::from_secs(120)),
+        || (retries(&decode_api) > before).then_some(()),
+    );
+    writeln!(proxy_in, "heal").unwrap();
+    wait_line("ok: ", 10);
+    let r = request.join().unwrap();
+    println!("through the cut link: {} {}", r.status, r.text());
+    let reference = alone(pport, &prompt, 16);
+    if r.status == 200 {
+        assert_eq!(r.json()["choices"][0]["text"].as_str().unwrap(), reference);
+    } else {
+        assert!(r.json()["error"]["message"].is_string(), "{}", r.text());
+    }
+    wait_for(
+        "served again once healed",
+        deadline(Duration::from_secs(60)),
+        || {
+            let r = post_json(
+                &decode_api,
+                "/v1/completions",
+                &json!({"model": "pa", "prompt": prompt, "max_tokens": 16, "temperature": 0}),
+            );
+            (r.status == 200)
+                .then(|| assert_eq!(r.json()["choices"][0]["text"].as_str().unwrap(), reference))
+        },
+    );
+    drop(proxy_in);
+    let _ = proxy.wait();
 }

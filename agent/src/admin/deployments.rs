@@ -211,8 +211,15 @@ pub(super) async fn create_deployment(
     };
     let tp = body.tp.unwrap_or(1);
     let bad_args = |m: String| ApiError(StatusCode::BAD_REQUEST, "invalid_engine_args", m);
+    let mut body = body;
     match engine.as_str() {
         crate::driver::vllm::NAME => {
+            body.engine_args = crate::driver::vllm::with_kv_transport(
+                &body.engine_args,
+                body.kv_transport.as_deref(),
+                ctx.kv_transport_default,
+            )
+            .map_err(bad_args)?;
             crate::driver::vllm::check_engine_args(&body.engine_args).map_err(bad_args)?;
             if crate::models::is_preset(&body.model) {
                 return Err(WriteError::from(ApiError(
@@ -224,6 +231,11 @@ pub(super) async fn create_deployment(
                     ),
                 )));
             }
+        }
+        _ if body.kv_transport.is_some() => {
+            return Err(WriteError::from(bad_args(format!(
+                "--kv-transport is for the vllm engine (the {engine} engine's KV always goes through its agents)"
+            ))));
         }
         _ if !body.engine_args.is_empty() => {
             return Err(WriteError::from(bad_args(format!(

@@ -74,6 +74,8 @@ pub struct AdminCtx {
     pub metrics: Arc<crate::serving::metrics::Metrics>,
     /// `node.models_dir`: where this host's relative model names are.
     pub models_dir: std::path::PathBuf,
+    /// The KV transport of a vllm deployment that names none (from `[drivers.vllm]`).
+    pub kv_transport_default: crate::driver::KvTransport,
     /// This agent's serving path (what its router would choose).
     pub serving: Arc<crate::serving::Serving>,
     /// This agent serves the OpenAI API.

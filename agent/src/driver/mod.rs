@@ -88,10 +88,43 @@ pub struct EngineSpec {
     pub engine_args: Vec<String>,
 }
 
+/// How a vLLM engine's KV reaches the decode engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvTransport {
+    /// pdagent's KV connector hands the KV to the agent, which ships it over QUIC with mutual
+    /// TLS, checksummed (`kv::bridge`).
+    #[default]
+    Agent,
+    /// vLLM's NixlConnector: the decode engine pulls the KV from the prefill engine itself.
+    Nixl,
+}
+
+impl KvTransport {
+    pub fn parse(s: &str) -> Option<KvTransport> {
+        match s {
+            "agent" => Some(KvTransport::Agent),
+            "nixl" => Some(KvTransport::Nixl),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KvTransport::Agent => "agent",
+            KvTransport::Nixl => "nixl",
+        }
+    }
+}
+
 /// An engine that serves HTTP on this host (vLLM's OpenAI server on 127.0.0.1).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpEngine {
     pub port: u16,
+    /// How its KV travels (for prefill and decode engines).
+    pub kv_transport: KvTransport,
+    /// Its tensor-parallel ranks (each ships its own shard of the KV).
+    pub tp: u32,
     /// The NIXL side-channel port (one listener for all TP ranks), for prefill and decode
     /// engines.
     pub kv_port: Option<u16>,
@@ -156,6 +189,13 @@ pub struct TaskRecord {
     pub port: Option<u16>,
     #[serde(default)]
     pub kv_port: Option<u16>,
+    /// HTTP engines: how their KV travels (absent in older records, which all used NIXL).
+    #[serde(default = "nixl")]
+    pub kv_transport: KvTransport,
+}
+
+fn nixl() -> KvTransport {
+    KvTransport::Nixl
 }
 
 fn builtin_name() -> String {

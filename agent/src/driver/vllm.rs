@@ -1,19 +1,25 @@
 //! The `vllm` driver: vLLM's OpenAI server as a child process in its own process group,
-//! reached only through its agent (HTTP on 127.0.0.1), moving its own KV between engines with
-//! NixlConnector (`KvPath::Engine`).
+//! reached only through its agent (HTTP on 127.0.0.1). Its KV goes from prefill to decode
+//! engine one of two ways (the deployment's `--kv-transport`, carried with its engine
+//! arguments as `--kv-transport=agent|nixl`; `agent` when not given):
+//! - `agent`: pdagent's own KV connector (`python/pdagent_vllm`, embedded in this binary and
+//!   written under `<data_dir>/python` at start) hands each layer's KV to this agent over
+//!   `<data_dir>/kv.sock` (`kv::bridge`), which ships it over QUIC with mutual TLS;
+//! - `nixl`: vLLM's NixlConnector, the decode engine pulling the KV itself.
 //!
 //! - start: the model folder, `--served-model-name` (the deployment), `--host 127.0.0.1` and a
 //!   port from `drivers.vllm.port_range`, `--tensor-parallel-size`, for prefill and decode
-//!   engines `--kv-transfer-config` (NixlConnector, `kv_producer` or `kv_consumer`) with the
-//!   NIXL side channel on the node's address and a port of its own, the air-gapped
-//!   environment, then the deployment's own engine arguments (those the driver owns are
-//!   refused);
+//!   engines `--kv-transfer-config` (pdagent's connector with this agent's socket, or
+//!   NixlConnector with the NIXL side channel on the node's address and a port of its own;
+//!   `kv_producer` or `kv_consumer`), the air-gapped environment, then the deployment's own
+//!   engine arguments (those the driver owns are refused);
 //! - probe: `/health` answers 200 and `/v1/models` lists the served name;
 //! - stats: the engine's `/metrics` (renamed metrics across versions tolerated);
 //! - stop: SIGTERM to the group, the grace, SIGKILL;
 //! - recover: pid alive, and `/v1/models` on the recorded port names the recorded model.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,8 +27,8 @@ use pd_raft::EngineRole;
 
 use super::http;
 use super::{
-    BoxFuture, Capabilities, Driver, EngineSpec, HttpEngine, Identity, KvPath, Probe, Task,
-    TaskRecord,
+    BoxFuture, Capabilities, Driver, EngineSpec, HttpEngine, Identity, KvPath, KvTransport, Probe,
+    Task, TaskRecord,
 };
 use crate::config::VllmSection;
 use crate::util::Unpoisoned;
@@ -53,8 +59,98 @@ pub const OWNED_FLAGS: &[&str] = &[
 /// Bound on one readiness or identity request.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The driver's own argument among a deployment's engine arguments: how the KV travels.
+pub const KV_TRANSPORT_ARG: &str = "--kv-transport";
+
+/// The connector package, embedded so that the agent and its connector always match.
+const CONNECTOR_FILES: &[(&str, &str)] = &[
+    (
+        "__init__.py",
+        include_str!("../../../python/pdagent_vllm/__init__.py"),
+    ),
+    (
+        "connector.py",
+        include_str!("../../../python/pdagent_vllm/connector.py"),
+    ),
+];
+
+/// The class and module vLLM loads for `--kv-transport agent`.
+pub const CONNECTOR_CLASS: &str = "PdagentConnector";
+pub const CONNECTOR_MODULE: &str = "pdagent_vllm.connector";
+
+/// The KV transport a deployment's engine arguments name, and the arguments for vLLM (without
+/// it).
+pub fn split_kv_transport(args: &[String]) -> Result<(KvTransport, Vec<String>), String> {
+    let mut transport = None;
+    let mut rest = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let value = if a == KV_TRANSPORT_ARG {
+            it.next().cloned().unwrap_or_default()
+        } else if let Some(v) = a.strip_prefix("--kv-transport=") {
+            v.to_string()
+        } else {
+            rest.push(a.clone());
+            continue;
+        };
+        let t = KvTransport::parse(&value)
+            .ok_or_else(|| format!("--kv-transport {value:?}: agent or nixl"))?;
+        if transport.replace(t).is_some_and(|was| was != t) {
+            return Err("--kv-transport given twice, differently".into());
+        }
+    }
+    Ok((transport.unwrap_or_default(), rest))
+}
+
+/// A deployment's engine arguments with its KV transport written in: `asked` (from `pdctl
+/// deploy --kv-transport`) when given, else the one the arguments already name, else
+/// `default`. Refused when `asked` is not a transport or contradicts the arguments.
+pub fn with_kv_transport(
+    args: &[String],
+    asked: Option<&str>,
+    default: KvTransport,
+) -> Result<Vec<String>, String> {
+    let asked = match asked {
+        Some(a) => Some(
+            KvTransport::parse(a).ok_or_else(|| format!("--kv-transport {a:?}: agent or nixl"))?,
+        ),
+        None => None,
+    };
+    let named = args
+        .iter()
+        .any(|a| a == KV_TRANSPORT_ARG || a.starts_with("--kv-transport="));
+    let (given, rest) = split_kv_transport(args)?;
+    let transport = match (asked, named) {
+        (Some(a), true) if a != given => {
+            return Err(format!(
+                "--kv-transport {} contradicts the engine argument --kv-transport={}",
+                a.as_str(),
+                given.as_str()
+            ));
+        }
+        (Some(a), _) => a,
+        (None, true) => given,
+        (None, false) => default,
+    };
+    let mut out = rest;
+    out.push(format!("{KV_TRANSPORT_ARG}={}", transport.as_str()));
+    Ok(out)
+}
+
+/// Where both transports work (KV staged in host memory) pdagent's own is the default; on GPU
+/// hosts, whose KV the connector does not read yet, NIXL.
+pub fn default_kv_transport(cfg: &VllmSection) -> KvTransport {
+    if cfg.kv_buffer_device == "cpu" {
+        KvTransport::Agent
+    } else {
+        KvTransport::Nixl
+    }
+}
+
 /// Checks a deployment's engine arguments: none may set what the driver owns.
 pub fn check_engine_args(args: &[String]) -> Result<(), String> {
+    let (_, args) = split_kv_transport(args)?;
+    let args = &args;
     for a in args {
         let flag = a.split('=').next().unwrap_or(a);
         if OWNED_FLAGS.contains(&flag) {
@@ -76,6 +172,10 @@ pub struct Vllm {
     cfg: VllmSection,
     /// The address other hosts reach this one on (NIXL's side channel listens there).
     host_ip: String,
+    /// This agent's KV socket (`kv::bridge`), for pdagent's connector.
+    kv_socket: PathBuf,
+    /// Where the connector package was written (on vLLM's `PYTHONPATH`).
+    python_dir: PathBuf,
     ports: std::ops::RangeInclusive<u16>,
     /// Ports held by this driver's engines.
     taken: Mutex<BTreeSet<u16>>,
@@ -91,11 +191,27 @@ fn kill_group(pid: u32, sig: &str) {
 }
 
 impl Vllm {
-    pub fn new(cfg: VllmSection, host_ip: String) -> Result<Self, String> {
+    /// The driver; writes the connector package under `data_dir/python`.
+    pub fn new(
+        cfg: VllmSection,
+        host_ip: String,
+        data_dir: &Path,
+        kv_socket: PathBuf,
+    ) -> Result<Self, String> {
         let ports = cfg.ports().map_err(|e| e.to_string())?;
+        let python_dir = data_dir.join("python");
+        let package = python_dir.join("pdagent_vllm");
+        std::fs::create_dir_all(&package).map_err(|e| format!("{}: {e}", package.display()))?;
+        for (name, text) in CONNECTOR_FILES {
+            let path = package.join(name);
+            crate::util::write_atomic(&path, text, false)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+        }
         Ok(Vllm {
             cfg,
             host_ip,
+            kv_socket,
+            python_dir,
             ports,
             taken: Mutex::new(BTreeSet::new()),
         })
@@ -134,7 +250,8 @@ impl Vllm {
         }
     }
 
-    fn argv(&self, spec: &EngineSpec, port: u16) -> Vec<String> {
+    fn argv(&self, spec: &EngineSpec, port: u16, transport: KvTransport) -> Vec<String> {
+        let (_, engine_args) = split_kv_transport(&spec.engine_args).unwrap_or_default();
         let mut argv = self.cfg.command.clone();
         // `--model`, not the positional form: `python -m vllm.entrypoints.openai.api_server`
         // ignores a positional model.
@@ -149,18 +266,31 @@ impl Vllm {
             argv.push(v);
         }
         if let Some(role) = kv_role(spec.role) {
-            argv.push("--kv-transfer-config".into());
-            argv.push(
-                serde_json::json!({
+            let config = match transport {
+                KvTransport::Nixl => serde_json::json!({
                     "kv_connector": "NixlConnector",
                     "kv_role": role,
                     "kv_buffer_device": self.cfg.kv_buffer_device,
                     "kv_connector_extra_config": {"kv_lease_duration": self.cfg.kv_lease_s},
-                })
-                .to_string(),
-            );
+                }),
+                KvTransport::Agent => serde_json::json!({
+                    "kv_connector": CONNECTOR_CLASS,
+                    "kv_connector_module_path": CONNECTOR_MODULE,
+                    "kv_role": role,
+                    // A shipment that did not arrive whole: the decode engine computes the
+                    // prompt itself, never decoding from KV it did not get.
+                    "kv_load_failure_policy": "recompute",
+                    "kv_connector_extra_config": {
+                        "socket": self.kv_socket.display().to_string(),
+                        "engine": spec.engine,
+                        "fingerprint": format!("{:016x}", folder_fingerprint(&spec.model)),
+                    },
+                }),
+            };
+            argv.push("--kv-transfer-config".into());
+            argv.push(config.to_string());
         }
-        argv.extend(spec.engine_args.iter().cloned());
+        argv.extend(engine_args);
         argv
     }
 }
@@ -217,9 +347,10 @@ impl Driver for Vllm {
                 spec.model, spec.model
             ));
         }
+        let (transport, _) = split_kv_transport(&spec.engine_args)?;
         let port = self.take_ports(1)?;
         // One NIXL side-channel listener per engine serves all its TP ranks.
-        let kv_port = match kv_role(spec.role) {
+        let kv_port = match kv_role(spec.role).filter(|_| transport == KvTransport::Nixl) {
             Some(_) => match self.take_ports(1) {
                 Ok(p) => Some(p),
                 Err(e) => {
@@ -231,6 +362,8 @@ impl Driver for Vllm {
         };
         let engine = HttpEngine {
             port,
+            kv_transport: transport,
+            tp: spec.gpus.len().max(1) as u32,
             kv_port,
             kv_ports: u16::from(kv_port.is_some()),
             served_name: spec.deployment.clone(),
@@ -247,7 +380,7 @@ impl Driver for Vllm {
             Ok(f) => f,
             Err(e) => return fail(format!("{}: {e}", spec.log.display())),
         };
-        let argv = self.argv(spec, port);
+        let argv = self.argv(spec, port, transport);
         let mut cmd = std::process::Command::new(&argv[0]);
         cmd.args(&argv[1..])
             .env("CUDA_VISIBLE_DEVICES", &spec.visible_devices)
@@ -260,7 +393,20 @@ impl Driver for Vllm {
         if let Some(k) = kv_port {
             cmd.env("VLLM_NIXL_SIDE_CHANNEL_PORT", k.to_string());
         }
+        // The connector package first, then whatever the configuration puts there.
+        let mut pythonpath = self.python_dir.display().to_string();
+        if let Some(p) = self
+            .cfg
+            .env
+            .get("PYTHONPATH")
+            .cloned()
+            .or_else(|| std::env::var("PYTHONPATH").ok())
+            .filter(|p| !p.is_empty())
+        {
+            pythonpath = format!("{pythonpath}:{p}");
+        }
         cmd.envs(&self.cfg.env)
+            .env("PYTHONPATH", pythonpath)
             .stdin(std::process::Stdio::null())
             .stdout(log)
             .stderr(err_log)
@@ -394,6 +540,8 @@ impl Driver for Vllm {
             }
             let engine = HttpEngine {
                 port,
+                kv_transport: record.kv_transport,
+                tp: spec.gpus.len().max(1) as u32,
                 kv_port: record.kv_port,
                 kv_ports: u16::from(record.kv_port.is_some()),
                 served_name: name,
@@ -529,5 +677,35 @@ vllm:nixl_bytes_transferred_sum{engine="0",model_name="m"} 1.048576e+06
         assert!(e.contains("--port"), "{e}");
         assert!(ok(&["--kv-transfer-config={}"]).is_err());
         assert!(ok(&["/models/other"]).is_err());
+        // The driver's own --kv-transport is taken out, and checked.
+        assert!(ok(&["--kv-transport=nixl", "--enforce-eager"]).is_ok());
+        assert!(ok(&["--kv-transport", "agent"]).is_ok());
+        let e = ok(&["--kv-transport=rdma"]).unwrap_err();
+        assert!(e.contains("agent or nixl"), "{e}");
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let (t, rest) = split_kv_transport(&args(&["--kv-transport", "nixl", "--x"])).unwrap();
+        assert_eq!((t, rest), (KvTransport::Nixl, args(&["--x"])));
+        let (t, rest) = split_kv_transport(&[]).unwrap();
+        assert_eq!((t, rest.len()), (KvTransport::Agent, 0));
+        assert!(
+            split_kv_transport(&args(&["--kv-transport=agent", "--kv-transport=nixl"])).is_err()
+        );
+        // Written in at deploy time: asked, named, or the default; contradictions refused.
+        let w =
+            |a: &[&str], asked: Option<&str>| with_kv_transport(&args(a), asked, KvTransport::Nixl);
+        assert_eq!(
+            w(&["--x"], None).unwrap(),
+            args(&["--x", "--kv-transport=nixl"])
+        );
+        assert_eq!(
+            w(&[], Some("agent")).unwrap(),
+            args(&["--kv-transport=agent"])
+        );
+        assert_eq!(
+            w(&["--kv-transport", "agent"], None).unwrap(),
+            args(&["--kv-transport=agent"])
+        );
+        assert!(w(&["--kv-transport=agent"], Some("nixl")).is_err());
+        assert!(w(&[], Some("tcp")).unwrap_err().contains("agent or nixl"));
     }
 }

@@ -3,9 +3,12 @@
 //! the pieces of a shipment and hands them to its engine in order.
 //!
 //! On the wire a piece is one bulk stream: `BulkHeader { transfer_id: shipment, offset: piece
-//! sequence number, len: piece bytes, meta: the 48-byte KV header }`, then the piece as
-//! `KvPiece::to_bytes` (16-byte piece header, then K rows, then V rows). Every piece carries the
-//! KV header, so a receiver can check model fingerprint and layout on the first byte it sees.
+//! sequence number, len: piece bytes, meta: the 48-byte KV header, then the piece's checksum }`,
+//! then the piece as `KvPiece::to_bytes` (16-byte piece header, then K rows, then V rows). Every
+//! piece carries the KV header, so a receiver can check model fingerprint and layout on the
+//! first byte it sees, and the CRC-32 (IEEE, as zlib computes it) of its K and V rows, taken
+//! where the piece was made (the agent for the reference engine, the engine's KV connector for
+//! vLLM) and checked before the piece is kept: a mismatch fails the shipment and is counted.
 //! How many pieces make a shipment is told separately, when the prefill ends (the prefill
 //! engine's first token comes last, after the last layer).
 //!
@@ -30,6 +33,22 @@ pub const SHIPMENTS_IN_FLIGHT_MAX: usize = 1024;
 /// Largest piece accepted (one layer of a long context).
 pub const KV_PIECE_BYTES_MAX: u64 = 512 << 20;
 
+/// The checksum of a piece's K and V rows: CRC-32 (IEEE), as zlib's `crc32` computes it.
+pub fn checksum(data: &[u8]) -> u32 {
+    crc32fast::hash(data)
+}
+
+/// A test fault: with `PDAGENT_FAULT_KV_CORRUPT=PATH`, the next piece this agent sends after
+/// a file appears at PATH has one byte flipped after its checksum was taken (what a bad copy
+/// or bad memory would do); the file is removed, so one file corrupts one piece. Unset in
+/// production (the variable is read once).
+fn corrupt_now() -> bool {
+    static PATH: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| std::env::var_os("PDAGENT_FAULT_KV_CORRUPT").map(Into::into))
+        .as_ref()
+        .is_some_and(|p| std::fs::remove_file(p).is_ok())
+}
+
 /// Sends the pieces of one shipment over `conn`.
 pub struct KvSender {
     conn: Connection,
@@ -53,22 +72,38 @@ impl KvSender {
 
     /// Sends one piece on its own stream and waits until the peer has it.
     pub async fn send(&mut self, piece: &KvPiece) -> Result<(), TransportError> {
-        self.start(piece).await
+        let crc = checksum(&piece.data);
+        self.start(piece, crc).await
     }
 
     /// Counts one piece and returns the sending of it, which completes once the peer has it;
-    /// several may be in flight at once (each is its own QUIC stream).
+    /// several may be in flight at once (each is its own QUIC stream). `crc` is the piece's
+    /// checksum as taken where it was made.
     pub fn start(
         &mut self,
         piece: &KvPiece,
+        crc: u32,
     ) -> impl Future<Output = Result<(), TransportError>> + Send + 'static {
-        let bytes = Bytes::from(piece.to_bytes());
+        let mut raw = piece.to_bytes();
+        if corrupt_now()
+            && let Some(b) = raw.last_mut()
+        {
+            *b ^= 0x5a;
+            tracing::warn!(
+                shipment = self.shipment,
+                layer = piece.layer,
+                "test fault: a KV piece corrupted after its checksum"
+            );
+        }
+        let bytes = Bytes::from(raw);
+        let mut meta = self.header.to_vec();
+        meta.extend_from_slice(&crc.to_le_bytes());
         let header = BulkHeader {
             transfer_id: self.shipment,
             offset: self.sent_pieces,
             len: bytes.len() as u64,
             total_len: 0,
-            meta: self.header.to_vec(),
+            meta,
         };
         self.sent_pieces += 1;
         self.payload_bytes += piece.data.len() as u64;
@@ -93,7 +128,8 @@ struct Shipment {
     /// Pieces came from this host (not over the network).
     local: bool,
     header: Option<KvHeader>,
-    pieces: Vec<KvPiece>,
+    /// Pieces with their checksums (verified on arrival).
+    pieces: Vec<(KvPiece, u32)>,
     payload_bytes: u64,
     failed: Option<String>,
 }
@@ -103,6 +139,8 @@ struct Shipment {
 pub struct Arrived {
     pub header: KvHeader,
     pub pieces: Vec<KvPiece>,
+    /// Each piece's checksum, as its maker took it (and this host verified).
+    pub checksums: Vec<u32>,
     pub payload_bytes: u64,
     /// The pieces came from this host, not over the network.
     pub local: bool,
@@ -121,6 +159,8 @@ pub struct KvInbox {
     /// or failures that still arrive for them are dropped, never held again.
     forgotten: Arc<Mutex<HashMap<u64, std::time::Instant>>>,
     changed: Arc<Notify>,
+    /// Pieces refused because their bytes did not match their checksum.
+    integrity_failures: Arc<AtomicU64>,
 }
 
 impl Default for KvInbox {
@@ -156,7 +196,13 @@ impl KvInbox {
             bytes_max,
             forgotten: Arc::default(),
             changed: Arc::default(),
+            integrity_failures: Arc::default(),
         }
+    }
+
+    /// Pieces refused so far because their bytes did not match their checksum.
+    pub fn integrity_failures(&self) -> u64 {
+        self.integrity_failures.load(Ordering::Relaxed)
     }
 
     /// Bytes held now (shipments, and pieces being received).
@@ -217,6 +263,16 @@ impl KvInbox {
             )));
         }
         let kv = KvHeader::from_bytes(&header.meta).map_err(|e| fail(e.to_string()))?;
+        let Some(crc) = header
+            .meta
+            .get(KV_HEADER_BYTES..KV_HEADER_BYTES + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        else {
+            body.refuse();
+            return Err(fail(
+                "a KV piece without its checksum (the sending agent is older)".into(),
+            ));
+        };
         {
             let s = self.shipments.locked();
             if !s.contains_key(&shipment) && s.len() >= SHIPMENTS_IN_FLIGHT_MAX {
@@ -258,16 +314,29 @@ impl KvInbox {
                 return Err(fail(e.to_string()));
             }
         };
-        self.insert(shipment, kv, piece, false, header.len);
+        let got = checksum(&piece.data);
+        if got != crc {
+            self.release(header.len);
+            self.integrity_failures.fetch_add(1, Ordering::Relaxed);
+            return Err(fail(format!(
+                "KV piece {} (layer {}, tokens {}..{}) failed its checksum: sent {crc:08x}, \
+                 received {got:08x}; its KV is not used",
+                header.offset,
+                piece.layer,
+                piece.token_start,
+                piece.token_start + piece.token_count
+            )));
+        }
+        self.insert(shipment, kv, piece, crc, false, header.len);
         Ok(())
     }
 
     /// Adds one piece of a shipment that did not cross the network (prefill and decode engine
     /// on the same host). Over the byte budget the shipment fails instead.
-    pub fn put(&self, shipment: u64, header: KvHeader, piece: KvPiece) {
+    pub fn put(&self, shipment: u64, header: KvHeader, piece: KvPiece, crc: u32) {
         let bytes = piece.data.len() as u64;
         match self.reserve(bytes) {
-            Ok(()) => self.insert(shipment, header, piece, true, bytes),
+            Ok(()) => self.insert(shipment, header, piece, crc, true, bytes),
             Err(why) => self.fail(shipment, &why),
         }
     }
@@ -277,7 +346,15 @@ impl KvInbox {
     }
 
     /// Adds a piece whose `bytes` were reserved; they are released if it is not kept.
-    fn insert(&self, shipment: u64, header: KvHeader, piece: KvPiece, local: bool, bytes: u64) {
+    fn insert(
+        &self,
+        shipment: u64,
+        header: KvHeader,
+        piece: KvPiece,
+        crc: u32,
+        local: bool,
+        bytes: u64,
+    ) {
         let kept = self.update(shipment, |entry| {
             if entry.header.is_some_and(|h| h != header) {
                 entry.failed = Some("pieces of one shipment disagree on the KV header".into());
@@ -286,7 +363,7 @@ impl KvInbox {
             entry.local = local;
             entry.payload_bytes += piece.data.len() as u64;
             entry.held_bytes += bytes;
-            entry.pieces.push(piece);
+            entry.pieces.push((piece, crc));
         });
         if !kept {
             self.release(bytes);
@@ -336,8 +413,8 @@ impl KvInbox {
         stale.len()
     }
 
-    /// Marks a shipment as waited for.
-    fn claim(&self, shipment: u64) {
+    /// Marks a shipment as waited for (kept past the unclaimed bound).
+    pub fn claim(&self, shipment: u64) {
         if let Some(sh) = self.shipments.locked().get_mut(&shipment) {
             sh.claimed = true;
         }
@@ -444,16 +521,18 @@ impl KvInbox {
                         let mut sh = self.take(&mut s, shipment).expect("present");
                         drop(s);
                         self.forget(shipment);
-                        sh.pieces.sort_by_key(|p| (p.layer, p.token_start));
+                        sh.pieces.sort_by_key(|(p, _)| (p.layer, p.token_start));
                         let Some(header) = sh.header else {
                             return Err(KvShipError::Failed {
                                 shipment,
                                 why: "no KV header arrived".into(),
                             });
                         };
+                        let (pieces, checksums) = sh.pieces.into_iter().unzip();
                         return Ok(Arrived {
                             header,
-                            pieces: sh.pieces,
+                            pieces,
+                            checksums,
                             payload_bytes: sh.payload_bytes,
                             local: sh.local,
                         });
@@ -520,9 +599,9 @@ mod tests {
     #[tokio::test]
     async fn sealed_shipments_are_handed_over_whole() {
         let inbox = KvInbox::default();
-        inbox.put(9, header(), piece(1));
+        inbox.put(9, header(), piece(1), 0);
         inbox.seal(seal(2));
-        inbox.put(9, header(), piece(0));
+        inbox.put(9, header(), piece(0), 0);
         let (s, arrived) = inbox.sealed(9, Duration::from_secs(5)).await.unwrap();
         assert_eq!(s.first_token, 2);
         assert_eq!(
@@ -549,9 +628,9 @@ mod tests {
     #[tokio::test]
     async fn forgotten_shipments_stay_forgotten() {
         let inbox = KvInbox::default();
-        inbox.put(9, header(), piece(0));
+        inbox.put(9, header(), piece(0), 0);
         inbox.forget(9);
-        inbox.put(9, header(), piece(1));
+        inbox.put(9, header(), piece(1), 0);
         inbox.seal(seal(2));
         inbox.fail(9, "cut");
         assert!(inbox.is_empty());
@@ -570,10 +649,10 @@ mod tests {
     #[tokio::test]
     async fn a_shipment_over_the_byte_budget_is_refused_and_nothing_else_suffers() {
         let inbox = KvInbox::new(40);
-        inbox.put(1, header(), piece(0));
-        inbox.put(1, header(), piece(1));
+        inbox.put(1, header(), piece(0), 0);
+        inbox.put(1, header(), piece(1), 0);
         assert_eq!(inbox.held_bytes(), 32);
-        inbox.put(2, header(), piece(0));
+        inbox.put(2, header(), piece(0), 0);
         inbox.seal(seal_of(2, 1));
         match inbox.sealed(2, Duration::from_secs(5)).await {
             Err(KvShipError::Failed { why, .. }) => {
@@ -590,7 +669,7 @@ mod tests {
             0,
             "handed over: the budget is free again"
         );
-        inbox.put(3, header(), piece(0));
+        inbox.put(3, header(), piece(0), 0);
         assert_eq!(inbox.held_bytes(), 16);
     }
 
@@ -604,7 +683,7 @@ mod tests {
         }
         assert_eq!(inbox.len(), SHIPMENTS_IN_FLIGHT_MAX);
         inbox.fail(1_000_000, "x");
-        inbox.put(1_000_001, header(), piece(0));
+        inbox.put(1_000_001, header(), piece(0), 0);
         assert_eq!(inbox.len(), SHIPMENTS_IN_FLIGHT_MAX);
         assert_eq!(inbox.held_bytes(), 0, "a dropped piece holds no budget");
     }
@@ -614,8 +693,8 @@ mod tests {
     #[test]
     fn unclaimed_shipments_are_swept_and_claimed_ones_kept() {
         let inbox = KvInbox::default();
-        inbox.put(1, header(), piece(0));
-        inbox.put(2, header(), piece(0));
+        inbox.put(1, header(), piece(0), 0);
+        inbox.put(2, header(), piece(0), 0);
         inbox.claim(2);
         assert_eq!(inbox.sweep(Duration::from_secs(600)), 0);
         assert_eq!(inbox.sweep(Duration::ZERO), 1);

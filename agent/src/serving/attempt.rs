@@ -92,9 +92,28 @@ pub fn opens_circuit(failure: Failure) -> bool {
     matches!(failure, Failure::EngineLost | Failure::Unreachable)
 }
 
+/// Whether, when a retry finds no engine left but those the request already failed on, the
+/// failed ones may be tried once more: only after a KV transfer failure (a link that was cut
+/// for a moment; the pair may be the only one there is). The retry budget still bounds it.
+pub fn retry_excluded_when_alone(failure: Failure) -> bool {
+    failure == Failure::KvTransfer
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only a KV transfer failure gives its pair a second chance when it is the only one.
+    #[test]
+    fn only_kv_transfer_failures_retry_the_same_pair() {
+        for failure in ALL {
+            assert_eq!(
+                retry_excluded_when_alone(failure),
+                failure == Failure::KvTransfer,
+                "{failure:?}"
+            );
+        }
+    }
 
     const ALL: [Failure; 8] = [
         Failure::NoEngine,

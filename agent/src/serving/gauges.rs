@@ -76,7 +76,41 @@ pub(super) fn engine_gauges(s: &Serving) -> Vec<metrics::GaugeSample> {
         },
     ];
     out.extend(step_timings(&s.legs.supervisor().engine_stats()));
+    out.extend(kv_integrity(s));
     out
+}
+
+/// KV that was refused rather than used: pieces whose bytes did not match their checksum (on
+/// arrival from another host, or from an engine's connector on this one), and shipments a
+/// decode engine asked for and did not get (its engine then computes the prompt itself).
+fn kv_integrity(s: &Serving) -> Vec<metrics::GaugeSample> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let counts = &s.legs.bridge.counts;
+    vec![
+        metrics::GaugeSample {
+            name: "pdagent_kv_integrity_failures_total",
+            help: "KV pieces refused because their bytes did not match their checksum, by where they were checked: network (arriving from another host) or engine (from an engine's KV connector on this host).",
+            labels: &["stage"],
+            values: vec![
+                (
+                    vec!["network".into()],
+                    s.legs.inbox.integrity_failures() as f64,
+                ),
+                (
+                    vec!["engine".into()],
+                    counts.local_integrity_failures.load(Relaxed) as f64,
+                ),
+            ],
+            counter: true,
+        },
+        metrics::GaugeSample {
+            name: "pdagent_kv_handovers_failed_total",
+            help: "Shipments a decode engine's KV connector asked this agent for and did not get (failed, incomplete, mismatched or timed out); the engine computes those prompts itself.",
+            labels: &[],
+            values: vec![(Vec::new(), counts.gets_failed.load(Relaxed) as f64)],
+            counter: true,
+        },
+    ]
 }
 
 /// The step times each engine of this host measured (its totals since it started), for

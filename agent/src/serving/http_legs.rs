@@ -3,9 +3,11 @@
 //!
 //! - Prefill: the request with `max_tokens` 1, not streaming, and `kv_transfer_params`
 //!   asking for a remote decode; the engine's answer carries the `kv_transfer_params` a decode
-//!   engine needs, which go back to the ingress as opaque JSON (`ServeEvent::KvParams`).
+//!   engine needs, which go back to the ingress as opaque JSON (`ServeEvent::KvParams`). With
+//!   pdagent's connector the agent ships the KV meanwhile (`Legs::agent_kv_prefill`).
 //! - Decode: the request again, streaming, with those `kv_transfer_params` and the same
-//!   `X-Request-Id`; the decode engine pulls the KV and streams every output token.
+//!   `X-Request-Id`; the decode engine pulls the KV (NIXL) or takes it from its agent
+//!   (pdagent's connector), and streams every output token.
 //! - Generate: the request on one engine (colocated, a short prompt on a decode engine, or a
 //!   stream moved after its first token: the prompt is tokenized by the engine and sent as
 //!   token ids with the tokens the client already has).
@@ -30,7 +32,7 @@ type Events = mpsc::Sender<ServeEvent>;
 
 /// The `X-Request-Id` of a disaggregated request's two legs.
 pub fn request_id(shipment: u64) -> String {
-    format!("pd-{shipment:016x}")
+    format!("pd-{}", crate::kv::bridge::shipment_hex(shipment))
 }
 
 /// The OpenAI body for `prompt` and `sampling` on `engine`, and its path.
@@ -99,29 +101,49 @@ fn failure_of(a: &http::Answer) -> HttpFail {
     )
 }
 
-/// Prefill: computes the prompt's KV and keeps it for the decode engine, which pulls it.
-pub async fn prefill(engine: &HttpEngine, leg: PrefillLeg, tx: &Events) -> Result<bool, HttpFail> {
-    let sampling = SamplingParams {
-        max_tokens: 1,
-        ..leg.sampling.clone()
-    };
-    let (path, mut b) = body(engine, &leg.prompt, &sampling);
-    b["stream"] = json!(false);
-    b["kv_transfer_params"] = json!({
+/// What a prefill engine answered.
+pub struct Prefilled {
+    /// Its `kv_transfer_params`, for the decode engine.
+    pub params: Value,
+    pub prompt_tokens: u32,
+    /// From the request's submission to the engine until its answer was read.
+    pub engine_us: u64,
+}
+
+/// The `kv_transfer_params` that ask NixlConnector for a remote decode.
+pub fn nixl_params() -> Value {
+    json!({
         "do_remote_decode": true,
         "do_remote_prefill": false,
         "remote_engine_id": null,
         "remote_block_ids": null,
         "remote_host": null,
         "remote_port": null,
-    });
+    })
+}
+
+/// Prefill: computes the prompt's KV with `kv_params` telling the engine's connector where it
+/// goes. `None` when the reader went away (the request was dropped, which aborts it in the
+/// engine).
+pub async fn prefill(
+    engine: &HttpEngine,
+    leg: &PrefillLeg,
+    kv_params: Value,
+    tx: &Events,
+) -> Result<Option<Prefilled>, HttpFail> {
+    let sampling = SamplingParams {
+        max_tokens: 1,
+        ..leg.sampling.clone()
+    };
+    let (path, mut b) = body(engine, &leg.prompt, &sampling);
+    b["stream"] = json!(false);
+    b["kv_transfer_params"] = kv_params;
     let id = request_id(leg.shipment);
     let headers = [("x-request-id", id.as_str())];
     let submitted = Instant::now();
     let answer = tokio::select! {
         a = http::post_json(engine.port, path, &headers, &b) => a,
-        // The reader went away: dropping the request aborts it in the engine.
-        _ = tx.closed() => return Ok(false),
+        _ = tx.closed() => return Ok(None),
     };
     let a = answer.map_err(|e| HttpFail(Failure::EngineLost, e))?;
     if a.status != 200 {
@@ -130,7 +152,7 @@ pub async fn prefill(engine: &HttpEngine, leg: PrefillLeg, tx: &Events) -> Resul
     let v = a
         .json()
         .map_err(|e| HttpFail(Failure::Internal, format!("the prefill engine: {e}")))?;
-    let params = &v["kv_transfer_params"];
+    let params = v["kv_transfer_params"].clone();
     if !params.is_object() {
         return Err(HttpFail(
             Failure::Internal,
@@ -138,15 +160,22 @@ pub async fn prefill(engine: &HttpEngine, leg: PrefillLeg, tx: &Events) -> Resul
                 .into(),
         ));
     }
-    let prompt_tokens = v["usage"]["prompt_tokens"].as_u64().unwrap_or(0) as u32;
-    let _ = tx
-        .send(ServeEvent::KvParams {
-            params: params.to_string(),
-            prompt_tokens,
-            engine_us: submitted.elapsed().as_micros() as u64,
-        })
-        .await;
-    Ok(true)
+    Ok(Some(Prefilled {
+        params,
+        prompt_tokens: v["usage"]["prompt_tokens"].as_u64().unwrap_or(0) as u32,
+        engine_us: submitted.elapsed().as_micros() as u64,
+    }))
+}
+
+/// Tells the ingress what the decode engine needs; false when it went away.
+pub async fn send_params(p: Prefilled, tx: &Events) -> bool {
+    tx.send(ServeEvent::KvParams {
+        params: p.params.to_string(),
+        prompt_tokens: p.prompt_tokens,
+        engine_us: p.engine_us,
+    })
+    .await
+    .is_ok()
 }
 
 /// Generates on one engine, streaming: a plain request, a decode with the prefill's

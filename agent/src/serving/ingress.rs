@@ -19,6 +19,7 @@
 //! and inside engines. Answers name the engines that served them in `X-Pdagent-Route`.
 
 use std::convert::Infallible;
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -349,7 +350,12 @@ async fn generate(s: Arc<Serving>, kind: ApiKind, req: Request) -> Response {
     let stream = g.stream;
     let include_usage = g.include_usage;
     let model = g.model.clone();
-    let mut rx = match s.start(g, received, admission) {
+    // The request's id goes with everything its journey logs (its shipments included).
+    let started = {
+        let _span = tracing::info_span!("request", request_id = %rid).entered();
+        s.start(g, received, admission)
+    };
+    let mut rx = match started {
         Ok(rx) => rx,
         Err(e) => return error_response(&e, Some(&rid)),
     };
@@ -422,11 +428,19 @@ async fn generate(s: Arc<Serving>, kind: ApiKind, req: Request) -> Response {
                         r.headers_mut().insert(ROUTE_HEADER, v);
                     }
                     // Where the time went, in the standard Server-Timing header (ms).
-                    let t = format!(
+                    let mut t = format!(
                         "agent;dur={:.3}, engine;dur={:.3}",
                         timing.agent_us() as f64 / 1e3,
                         timing.engine_us as f64 / 1e3
                     );
+                    if timing.kv_bytes > 0 {
+                        let _ = write!(
+                            t,
+                            ", kv;dur={:.3};desc=\"{} bytes\"",
+                            timing.kv_us as f64 / 1e3,
+                            timing.kv_bytes
+                        );
+                    }
                     if let Ok(v) = HeaderValue::from_str(&t) {
                         r.headers_mut().insert("server-timing", v);
                     }

@@ -13,7 +13,9 @@ use crate::wire::legs::{
     DecodeLeg, EngineKvDecodeLeg, Failure, GenerateLeg, Leg, PrefillLeg, ServeEvent,
 };
 
-use super::attempt::{AttemptFail, Attempts, Ended, Next, opens_circuit};
+use super::attempt::{
+    AttemptFail, Attempts, Ended, Next, opens_circuit, retry_excluded_when_alone,
+};
 use super::remote::LegStream;
 use super::view::prefix_blocks;
 use super::{Out, Serving, Timing, http_legs};
@@ -62,6 +64,8 @@ impl Serving {
                 let timing = Timing {
                     total_us: t0.elapsed().as_micros() as u64,
                     engine_us: emit.engine_us,
+                    kv_us: emit.kv.map_or(0, |k| (k.ms * 1e3) as u64),
+                    kv_bytes: emit.kv.map_or(0, |k| k.bytes),
                 };
                 self.metrics
                     .agent_time
@@ -117,10 +121,24 @@ impl Serving {
         let mut excluded: Vec<String> = Vec::new();
         let mut attempts = Attempts::new(self.cfg.retries, self.cfg.migrations);
         let mut previous: Option<AttemptFail> = None;
+        let mut second_chance = true;
         loop {
             let (decision, candidates) =
                 match self.route(&g.model, &blocks, prompt_tokens, &excluded) {
                     Ok(r) => r,
+                    // Only the engines that failed are left: after a KV transfer failure they
+                    // get one more try (see `retry_excluded_when_alone`).
+                    Err(_)
+                        if second_chance
+                            && !excluded.is_empty()
+                            && previous
+                                .as_ref()
+                                .is_some_and(|f| retry_excluded_when_alone(f.failure)) =>
+                    {
+                        second_chance = false;
+                        excluded.clear();
+                        continue;
+                    }
                     // Nothing left to retry on: the failure that made us retry says more.
                     Err(e) => return Err(previous.map_or(e, |f| Ended::Error(api_error(&f)))),
                 };
@@ -242,12 +260,9 @@ impl Serving {
                     ..
                 } => {
                     emit.engine_us += engine_us;
-                    emit.serving_from(format!(
-                        "{}@{} -> {}@{}",
-                        p.engine, p.node, d.engine, d.node
-                    ));
                     let path = if p.node == d.node { "host" } else { "network" };
-                    self.metrics.kv_transfer.observe(path, kv_ms / 1e3);
+                    self.kv_shipped(emit, path, pieces, kv_bytes, kv_ms);
+                    emit.serving_from(pair_route(p, d, emit.kv));
                     tracing::debug!(shipment, pieces, kv_bytes, kv_ms, "prefill done");
                     if emit.token(first_token, &text).await {
                         return Err(Attempt::Stopped(emit.stopped(prompt_tokens)));
@@ -291,11 +306,21 @@ impl Serving {
         let _pg = self.count(&p.engine);
         let _dg = self.count(&d.engine);
         let shipment = self.new_id();
+        tracing::info!(shipment = %crate::kv::bridge::shipment_hex(shipment), prefill = %p.engine, decode = %d.engine, "disaggregated attempt");
         let mut pre = self
             .open_leg(p, prefill_leg(p, d, prompt, sampling, shipment))
             .await?;
         let (params, prompt_len) = loop {
             match pre.next(&p.engine).await? {
+                ServeEvent::KvShipped {
+                    pieces,
+                    kv_bytes,
+                    kv_ms,
+                    network,
+                } => {
+                    let path = if network { "network" } else { "host" };
+                    self.kv_shipped(emit, path, pieces, kv_bytes, kv_ms);
+                }
                 ServeEvent::KvParams {
                     params,
                     prompt_tokens,
@@ -331,10 +356,7 @@ impl Serving {
                 }),
             )
             .await?;
-        emit.serving_from(format!(
-            "{}@{} -> {}@{}",
-            p.engine, p.node, d.engine, d.node
-        ));
+        emit.serving_from(pair_route(p, d, emit.kv));
         self.follow(&mut dec, Vec::new(), &d.engine, emit, prompt_len)
             .await
     }
@@ -417,8 +439,44 @@ impl Serving {
                         engine: engine.to_string(),
                     }));
                 }
-                ServeEvent::Prefilled { .. } | ServeEvent::KvParams { .. } => {}
+                ServeEvent::Prefilled { .. }
+                | ServeEvent::KvParams { .. }
+                | ServeEvent::KvShipped { .. } => {}
             }
+        }
+    }
+}
+
+/// The route of a disaggregated attempt: `prefill@node -> decode@node`, with what its KV
+/// shipment moved between them when the agent shipped it (`-[kv B bytes, N pieces, T ms]->`).
+fn pair_route(p: &Candidate, d: &Candidate, kv: Option<KvTotals>) -> String {
+    match kv {
+        Some(k) => format!(
+            "{}@{} -[kv {} bytes, {} pieces, {:.1} ms]-> {}@{}",
+            p.engine, p.node, k.bytes, k.pieces, k.ms, d.engine, d.node
+        ),
+        None => format!("{}@{} -> {}@{}", p.engine, p.node, d.engine, d.node),
+    }
+}
+
+/// What a request's KV shipment moved.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct KvTotals {
+    pub bytes: u64,
+    pub pieces: u64,
+    pub ms: f64,
+}
+
+impl Serving {
+    /// Records a shipment of an attempt: the request's totals, and the histograms.
+    fn kv_shipped(&self, emit: &mut Emitter, path: &str, pieces: u64, bytes: u64, ms: f64) {
+        emit.kv = Some(KvTotals { bytes, pieces, ms });
+        self.metrics.kv_transfer.observe(path, ms / 1e3);
+        self.metrics.kv_shipment_bytes.observe(path, bytes as f64);
+        if ms > 0.0 {
+            self.metrics
+                .kv_throughput
+                .observe(path, bytes as f64 / (ms / 1e3));
         }
     }
 }
@@ -493,6 +551,8 @@ pub(super) struct Emitter {
     last_at: Option<Duration>,
     /// Time in engines so far (see [`Timing`]).
     engine_us: u64,
+    /// The KV shipment of the attempt that streams.
+    kv: Option<KvTotals>,
 }
 
 impl Emitter {
@@ -506,6 +566,7 @@ impl Emitter {
             first_at: None,
             last_at: None,
             engine_us: 0,
+            kv: None,
         }
     }
 

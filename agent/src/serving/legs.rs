@@ -17,8 +17,9 @@ use pd_engine::{KvHeader, KvPiece, RequestId};
 use tokio::sync::mpsc;
 
 use crate::control::ControlPlane;
-use crate::driver::HttpEngine;
+use crate::driver::{HttpEngine, KvTransport};
 use crate::engine::client::{EngineClient, Reply};
+use crate::kv::bridge::{self, Bridge, Handed};
 use crate::kv::protocol::{self, PrefillReplies, PrefillStep};
 use crate::kv::ship::{KvInbox, KvSender};
 use crate::peers::Peers;
@@ -37,6 +38,8 @@ pub struct Legs {
     peers: Arc<Peers>,
     control: Arc<ControlPlane>,
     pub inbox: KvInbox,
+    /// The local channel to the KV connectors of this host's vLLM engines.
+    pub bridge: Arc<Bridge>,
     next_id: AtomicU64,
     /// Bound on the wait for a shipment's last piece once its decode leg began.
     kv_timeout: Duration,
@@ -112,13 +115,23 @@ impl Legs {
         control: Arc<ControlPlane>,
         kv: KvLimits,
         metrics: Arc<Metrics>,
+        data_dir: &std::path::Path,
     ) -> Self {
+        let inbox = KvInbox::new(kv.inbox_bytes_max);
+        let m = metrics.clone();
+        let on_taken = Box::new(move |t: bridge::Taken| {
+            let path = if t.network { "network" } else { "host" };
+            m.kv_bytes_received.add(&[path], t.payload_bytes);
+            m.kv_wait.observe(path, t.wait.as_secs_f64());
+        });
+        let bridge = Arc::new(Bridge::new(data_dir, inbox.clone(), kv.wait, on_taken));
         Legs {
             node: control.node_name().to_string(),
             supervisor,
             peers,
             control,
-            inbox: KvInbox::new(kv.inbox_bytes_max),
+            inbox,
+            bridge,
             next_id: AtomicU64::new(1),
             kv_timeout: kv.wait,
             kv,
@@ -179,18 +192,42 @@ impl Legs {
         tx: &Events,
     ) -> (&'static str, Result<Ended, Fail>) {
         let (kind, r) = match leg {
-            Leg::Prefill(l) => ("prefill", http_legs::prefill(h, l, tx).await),
+            Leg::Prefill(l) if h.kv_transport == KvTransport::Agent => {
+                ("prefill", self.agent_kv_prefill(h, l, tx).await)
+            }
+            Leg::Prefill(l) => (
+                "prefill",
+                match http_legs::prefill(h, &l, http_legs::nixl_params(), tx).await {
+                    Ok(Some(p)) => Ok(http_legs::send_params(p, tx).await),
+                    Ok(None) => Ok(false),
+                    Err(e) => Err(e),
+                },
+            ),
             Leg::Generate(l) => ("generate", http_legs::generate(h, l, None, tx).await),
-            Leg::EngineKvDecode(l) => (
-                "decode",
-                http_legs::generate(
+            Leg::EngineKvDecode(l) => {
+                // pdagent's connector: the shipment is kept for the engine until the leg ends.
+                let shipment = agent_shipment(&l.kv_transfer_params);
+                for rank in shipment
+                    .iter()
+                    .flat_map(|s| (0..h.tp).map(|r| bridge::rank_shipment(*s, r)))
+                {
+                    self.inbox.claim(rank);
+                }
+                let r = http_legs::generate(
                     h,
                     l.generate,
                     Some((l.kv_transfer_params, l.request_id)),
                     tx,
                 )
-                .await,
-            ),
+                .await;
+                for rank in shipment
+                    .iter()
+                    .flat_map(|s| (0..h.tp).map(|r| bridge::rank_shipment(*s, r)))
+                {
+                    self.inbox.forget(rank);
+                }
+                ("decode", r)
+            }
             Leg::Decode(_) => (
                 "decode",
                 Err(http_legs::HttpFail(
@@ -205,6 +242,168 @@ impl Legs {
             Err(http_legs::HttpFail(f, m)) => Err(Fail(f, m)),
         };
         (kind, r)
+    }
+
+    /// A prefill on a vLLM engine with pdagent's connector: the engine computes the prompt and
+    /// its connector hands each layer's KV to this agent (`kv::bridge`), which ships it to the
+    /// decode host as it comes (as for the reference engine), then seals it there. The ingress
+    /// gets what was shipped and the engine's `kv_transfer_params` (naming the shipment).
+    async fn agent_kv_prefill(
+        &self,
+        h: &HttpEngine,
+        leg: PrefillLeg,
+        tx: &Events,
+    ) -> Result<bool, http_legs::HttpFail> {
+        use http_legs::HttpFail;
+        let tp = h.tp.max(1);
+        let mut expected = self.bridge.expect(leg.shipment, tp);
+        let mut ships = Vec::new();
+        for rank in 0..tp {
+            let id = bridge::rank_shipment(leg.shipment, rank);
+            ships.push(Shipper::new(self, &leg.decode_node, id).await);
+        }
+        let params = serde_json::json!({
+            "do_remote_decode": true,
+            "pdagent": {"shipment": bridge::shipment_hex(leg.shipment)},
+        });
+        let http = http_legs::prefill(h, &leg, params, tx);
+        tokio::pin!(http);
+        let mut answer = None;
+        let mut ended = vec![None::<(u64, u32)>; tp as usize];
+        let mut began: Option<Instant> = None;
+        let fail_local = |ships: &[Shipper], why: &str| {
+            for s in ships {
+                if let Some(i) = s.local_inbox() {
+                    i.fail(s.shipment, why);
+                }
+            }
+        };
+        let kv_fail = |f: Option<Fail>| match f {
+            Some(Fail(f, m)) => HttpFail(f, m),
+            None => HttpFail(Failure::KvTransfer, "KV shipping stopped".into()),
+        };
+        // Once the engine answered, its connector has handed out everything (it saves each
+        // layer during the forward pass); a bound guards against one that did not.
+        let mut handed_by = None;
+        let outcome: Result<(), HttpFail> = async {
+            loop {
+                if answer.is_some() && ended.iter().all(Option::is_some) {
+                    return Ok(());
+                }
+                let until = handed_by.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(86_400));
+                tokio::select! {
+                    r = &mut http, if answer.is_none() => match r? {
+                        Some(p) => {
+                            answer = Some(p);
+                            handed_by = Some(tokio::time::Instant::now() + CONNECTOR_END_WAIT);
+                        }
+                        None => return Err(HttpFail(Failure::Internal, String::new())),
+                    },
+                    ev = expected.rx.recv() => match ev {
+                        Some(Handed::Piece { rank, header, piece, crc }) => {
+                            let Some(ship) = ships.get_mut(rank as usize) else {
+                                return Err(HttpFail(Failure::Internal, format!("a KV piece from TP rank {rank} of {tp}")));
+                            };
+                            if ship.header.is_none() {
+                                began.get_or_insert_with(Instant::now);
+                                ship.begin(header).map_err(kv_fail)?;
+                            }
+                            tokio::select! {
+                                r = ship.send(piece, crc) => r.map_err(kv_fail)?,
+                                _ = tx.closed() => return Err(HttpFail(Failure::Internal, String::new())),
+                            }
+                        }
+                        Some(Handed::End { rank, pieces, tokens }) => {
+                            if let Some(e) = ended.get_mut(rank as usize) {
+                                *e = Some((pieces, tokens));
+                            }
+                        }
+                        Some(Handed::Abort { why }) => return Err(HttpFail(Failure::KvTransfer, why)),
+                        None => return Err(HttpFail(Failure::Internal, "the KV bridge closed".into())),
+                    },
+                    _ = tokio::time::sleep_until(until), if handed_by.is_some() => {
+                        return Err(HttpFail(Failure::KvTransfer, format!(
+                            "the prefill engine answered, but its KV connector did not hand out all of the KV within {} s",
+                            CONNECTOR_END_WAIT.as_secs()
+                        )));
+                    }
+                }
+            }
+        }
+        .await;
+        if let Err(HttpFail(f, m)) = outcome {
+            fail_local(&ships, "the prefill leg ended");
+            // An empty message: the reader went away, nothing to tell.
+            return if m.is_empty() {
+                Ok(false)
+            } else {
+                Err(HttpFail(f, m))
+            };
+        }
+        let answer = answer.expect("answered");
+        for (rank, (ship, end)) in ships.iter().zip(&ended).enumerate() {
+            let (pieces, tokens) = end.expect("ended");
+            if pieces != ship.pieces {
+                fail_local(&ships, "KV pieces lost between the engine and its agent");
+                return Err(HttpFail(
+                    Failure::KvTransfer,
+                    format!(
+                        "TP rank {rank} handed out {pieces} KV pieces, the agent got {}",
+                        ship.pieces
+                    ),
+                ));
+            }
+            if tokens != answer.prompt_tokens && answer.prompt_tokens > 0 {
+                fail_local(&ships, "KV for another prompt length");
+                return Err(HttpFail(
+                    Failure::KvTransfer,
+                    format!(
+                        "TP rank {rank} shipped {tokens} prompt tokens of KV, the engine counted {}",
+                        answer.prompt_tokens
+                    ),
+                ));
+            }
+        }
+        let mut pieces = 0;
+        let mut kv_bytes = 0;
+        for ship in &mut ships {
+            let Some(header) = ship.header else {
+                return Err(HttpFail(
+                    Failure::Internal,
+                    "the prefill engine's connector handed out no KV".into(),
+                ));
+            };
+            let seal = Seal {
+                shipment: ship.shipment,
+                pieces: ship.pieces,
+                header,
+                prompt_tokens: Vec::new(),
+                first_token: 0,
+            };
+            let (settled, sealed) = tokio::select! {
+                r = async { tokio::join!(ship.settle(), self.seal(&leg.decode_node, seal)) } => r,
+                _ = tx.closed() => return Ok(false),
+            };
+            settled.map_err(kv_fail)?;
+            sealed.map_err(|why| HttpFail(Failure::KvTransfer, why))?;
+            pieces += ship.pieces;
+            kv_bytes += ship.payload_bytes;
+        }
+        let network = leg.decode_node != self.node;
+        let path = if network { "network" } else { "host" };
+        self.metrics.kv_bytes_sent.add(&[path], kv_bytes);
+        let kv_ms = began.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3);
+        tracing::info!(shipment = %bridge::shipment_hex(leg.shipment), request_id = %http_legs::request_id(leg.shipment), decode_node = %leg.decode_node, pieces, kv_bytes, kv_ms, "KV shipped for a vLLM prefill");
+        let shipped = ServeEvent::KvShipped {
+            pieces,
+            kv_bytes,
+            kv_ms,
+            network,
+        };
+        if tx.send(shipped).await.is_err() {
+            return Ok(false);
+        }
+        Ok(http_legs::send_params(answer, tx).await)
     }
 
     async fn prefill(&self, leg: PrefillLeg, tx: &Events) -> Result<Ended, Fail> {
@@ -235,8 +434,9 @@ impl Legs {
                         ship.begin(header)?;
                     }
                     PrefillStep::Piece(piece) => {
+                        let crc = crate::kv::ship::checksum(&piece.data);
                         tokio::select! {
-                            r = ship.send(piece) => r?,
+                            r = ship.send(piece, crc) => r?,
                             _ = tx.closed() => return Err(None),
                         }
                     }
@@ -481,6 +681,14 @@ async fn next_reply(rx: &mut mpsc::Receiver<Reply>, tx: &Events) -> Result<Reply
 
 /// Bound on telling the decode host that a shipment is whole.
 const SEAL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long after a vLLM prefill's answer its connector may take to report the end of its KV.
+const CONNECTOR_END_WAIT: Duration = Duration::from_secs(30);
+
+/// The shipment pdagent's connector names in a decode leg's `kv_transfer_params`.
+fn agent_shipment(params: &str) -> Option<u64> {
+    let v: serde_json::Value = serde_json::from_str(params).ok()?;
+    u64::from_str_radix(v["pdagent"]["shipment"].as_str()?, 16).ok()
+}
 /// KV pieces in flight to the decode host at once (each its own stream).
 const PIECES_IN_FLIGHT_MAX: usize = 16;
 
@@ -587,7 +795,8 @@ impl Shipper {
         Ok(())
     }
 
-    async fn send(&mut self, piece: KvPiece) -> Result<(), Option<Fail>> {
+    /// Ships one piece whose checksum (taken where it was made) is `crc`.
+    async fn send(&mut self, piece: KvPiece, crc: u32) -> Result<(), Option<Fail>> {
         let header = self.header.ok_or_else(|| {
             Some(Fail(
                 Failure::Internal,
@@ -599,11 +808,11 @@ impl Shipper {
         self.piece_bytes_max = self.piece_bytes_max.max(piece.data.len() as u64);
         match &mut self.target {
             Target::Local(inbox) => {
-                inbox.put(self.shipment, header, piece);
+                inbox.put(self.shipment, header, piece, crc);
                 Ok(())
             }
             Target::Sending(s) => {
-                self.in_flight.spawn(s.start(&piece));
+                self.in_flight.spawn(s.start(&piece, crc));
                 if self.in_flight.len() >= PIECES_IN_FLIGHT_MAX {
                     self.settle_one().await?;
                 }

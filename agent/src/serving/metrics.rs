@@ -24,6 +24,20 @@ pub const AGENT_BUCKETS: &[f64] = &[
 pub const TOKEN_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
+/// Shipment-size buckets in bytes: 64 KiB to 4 GiB, by fours.
+pub const BYTES_BUCKETS: &[f64] = &[
+    65536.0,
+    262144.0,
+    1048576.0,
+    4194304.0,
+    16777216.0,
+    67108864.0,
+    268435456.0,
+    1073741824.0,
+    4294967296.0,
+];
+/// Throughput buckets in bytes per second: 10 MB/s to 100 GB/s.
+pub const THROUGHPUT_BUCKETS: &[f64] = &[1e7, 3e7, 1e8, 3e8, 1e9, 3e9, 1e10, 3e10, 1e11];
 
 /// A histogram with fixed buckets, for one label set.
 struct Hist {
@@ -220,6 +234,11 @@ pub struct Metrics {
     pub tpot: Histogram,
     pub e2e: Histogram,
     pub kv_transfer: Histogram,
+    /// A decode engine's wait for its shipment (pdagent's vLLM connector).
+    pub kv_wait: Histogram,
+    /// Bytes per shipment, and each shipment's throughput.
+    pub kv_shipment_bytes: Histogram,
+    pub kv_throughput: Histogram,
     pub agent_time: Histogram,
     pub inflight: AtomicU64,
     /// Open connections to the OpenAI API.
@@ -300,6 +319,24 @@ impl Default for Metrics {
                 "path",
                 LATENCY_BUCKETS,
             ),
+            kv_wait: Histogram::new(
+                "pdagent_kv_wait_seconds",
+                "Time a decode engine's KV connector waited for its shipment to be whole on this host, by path (network, host).",
+                "path",
+                LATENCY_BUCKETS,
+            ),
+            kv_shipment_bytes: Histogram::new(
+                "pdagent_kv_shipment_bytes",
+                "KV payload bytes of each shipment, by path (network, host).",
+                "path",
+                BYTES_BUCKETS,
+            ),
+            kv_throughput: Histogram::new(
+                "pdagent_kv_throughput_bytes_per_second",
+                "Each shipment's payload bytes over its transfer time (first piece to the last acknowledgement), by path.",
+                "path",
+                THROUGHPUT_BUCKETS,
+            ),
             agent_time: Histogram::new(
                 "pdagent_request_agent_seconds",
                 "Time a finished request spent outside engines (ingress, routing, transport, KV shipping, forwarding), by model.",
@@ -340,6 +377,9 @@ impl Metrics {
         self.tpot.render(&mut out);
         self.e2e.render(&mut out);
         self.kv_transfer.render(&mut out);
+        self.kv_wait.render(&mut out);
+        self.kv_shipment_bytes.render(&mut out);
+        self.kv_throughput.render(&mut out);
         self.agent_time.render(&mut out);
         let _ = writeln!(
             out,

@@ -39,6 +39,7 @@ use std::time::{Duration, Instant};
 use pd_openai::{ApiError, FinishReason, Generation, Usage};
 use pd_router::{Role, Router, RouterConfig};
 use tokio::sync::{Semaphore, mpsc};
+use tracing::Instrument;
 
 use crate::control::ControlPlane;
 use crate::coordinator::Coordinator;
@@ -144,6 +145,10 @@ pub struct Timing {
     pub total_us: u64,
     /// In engines: from each leg's submission to its engine's last reply.
     pub engine_us: u64,
+    /// Shipping the KV, from the first piece to the last acknowledgement (overlaps the
+    /// prefill's engine time), and its payload bytes; 0 when no KV was shipped.
+    pub kv_us: u64,
+    pub kv_bytes: u64,
 }
 
 impl Timing {
@@ -308,10 +313,14 @@ impl Serving {
         }
         let (tx, rx) = mpsc::channel(64);
         let this = self.clone();
-        tokio::spawn(async move {
-            this.journey(generation, tx, received).await;
-            drop(admission);
-        });
+        let span = tracing::Span::current();
+        tokio::spawn(
+            async move {
+                this.journey(generation, tx, received).await;
+                drop(admission);
+            }
+            .instrument(span),
+        );
         Ok(rx)
     }
 }

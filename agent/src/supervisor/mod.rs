@@ -343,6 +343,10 @@ impl Supervisor {
             identity: task.identity.clone(),
             port: task.http.as_ref().map(|h| h.port),
             kv_port: task.http.as_ref().and_then(|h| h.kv_port),
+            kv_transport: task
+                .http
+                .as_ref()
+                .map_or(crate::driver::KvTransport::Nixl, |h| h.kv_transport),
         };
         let (_, _, path) = self.paths(&m.spec.engine);
         crate::util::write_atomic(

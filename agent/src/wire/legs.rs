@@ -83,6 +83,15 @@ pub enum ServeEvent {
         /// From the request's submission to the engine until its answer was read.
         engine_us: u64,
     },
+    /// The agent shipped a prefill engine's KV for it (pdagent's vLLM connector), before its
+    /// `KvParams`: what went, and how long from the first piece to the last acknowledgement.
+    KvShipped {
+        pieces: u64,
+        kv_bytes: u64,
+        kv_ms: f64,
+        /// To another host (not this one).
+        network: bool,
+    },
 }
 
 /// What failed, for the ingress's answer (and retry decisions).

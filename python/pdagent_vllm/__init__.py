@@ -1,0 +1,1 @@
+"""pdagent's KV connector for vLLM: see connector.py."""
