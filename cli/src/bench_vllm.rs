@@ -107,7 +107,7 @@ pub fn run(requests: usize, vllm: &VllmLocal, json_out: bool) -> Result<VllmServ
 }
 
 /// Percentile of signed values (nearest rank).
-fn pct(v: &[f64], p: f64) -> f64 {
+pub(crate) fn pct(v: &[f64], p: f64) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
     if s.is_empty() {

@@ -17,6 +17,7 @@ use pd_transport::{TransportConfig, pki};
 mod bench_calibrate;
 mod bench_failover;
 mod bench_faults;
+mod bench_kv;
 mod bench_serve;
 mod bench_vllm;
 mod client;
@@ -398,6 +399,23 @@ enum BenchCommand {
         /// --vllm-command.
         #[arg(long, default_value = "builtin")]
         engine: String,
+        #[command(flatten)]
+        vllm: local::VllmLocal,
+        /// Print one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// vLLM's KV from prefill to decode host through NIXL (over TCP) and through the agents
+    /// (`--kv-transport agent`: QUIC with mutual TLS, checksummed), on a local cluster of its
+    /// own: the same short and long prompts one at a time, KV transfer time, effective GB/s and
+    /// TTFT (median, p90) per path and their ratio. Needs --vllm-command.
+    Kv {
+        /// Only vllm (the reference engine's KV always goes through the agents).
+        #[arg(long, default_value = "vllm")]
+        engine: String,
+        /// Measured requests per prompt kind (short, long), after one warm-up each.
+        #[arg(long, default_value_t = 12)]
+        requests: usize,
         #[command(flatten)]
         vllm: local::VllmLocal,
         /// Print one JSON object on stdout.
@@ -1151,6 +1169,24 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 other => anyhow::bail!("--engine {other:?}: builtin or vllm"),
             },
+            BenchCommand::Kv {
+                engine,
+                requests,
+                vllm,
+                json,
+            } => {
+                if engine != "vllm" {
+                    anyhow::bail!(
+                        "--engine {engine:?}: only vllm (the builtin engine's KV always goes through the agents: `pdctl bench serve`)"
+                    );
+                }
+                let r = bench_kv::run(requests, &vllm, json)?;
+                if json {
+                    println!("{}", serde_json::to_string(&r)?);
+                } else {
+                    bench_kv::print(&r);
+                }
+            }
             BenchCommand::Failover { nodes, rounds } => {
                 let r = bench_failover::run(nodes, rounds, json)?;
                 if json {

@@ -910,3 +910,54 @@ fn undeploy_drains_running_requests() {
         },
     );
 }
+
+/// A deployment made again under the same engine ids starts with empty caches: the router
+/// forgets what it believed the old engines held (regression: a prompt sent before was routed
+/// to the new decode engine alone, as a prefix-cache hit it no longer has).
+#[test]
+fn a_deployment_made_again_is_not_believed_to_hold_old_prefixes() {
+    let _g = serial();
+    let l = LocalCluster::up_with(2, 1, free_base(2));
+    let api = format!("127.0.0.1:{}", l.api_port);
+    let prompt = format!(
+        "Juliett: a prompt long enough to be prefilled apart. {}",
+        "Rivers, mountains and quiet harbors. ".repeat(12)
+    );
+    let route = || {
+        let r = post_json(
+            &api,
+            "/v1/completions",
+            &json!({"model": "pd", "prompt": prompt, "max_tokens": 4, "temperature": 0}),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.header("x-pdagent-route").unwrap_or_default().to_string()
+    };
+    let up = || {
+        deploy(
+            &l,
+            &["pd", "--model", "tiny", "--prefill", "1", "--decode", "1"],
+        );
+        wait_for("the API ready", deadline(Duration::from_secs(60)), || {
+            http(&api, "GET", "/ready", &[], b"")
+                .is_ok_and(|r| r.status == 200)
+                .then_some(())
+        });
+    };
+    up();
+    assert!(route().contains("pd/prefill-0"), "disaggregated at first");
+    // The decode engine holds the prompt now: served there alone.
+    assert!(!route().contains("pd/prefill-0"), "a prefix-cache hit");
+    let out = l.pdctl(&["undeploy", "pd"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    wait_for(
+        "the engines gone",
+        deadline(Duration::from_secs(60)),
+        || engines(&l).is_empty().then_some(()),
+    );
+    up();
+    let r = route();
+    assert!(
+        r.contains("pd/prefill-0"),
+        "the new engines hold nothing: {r}"
+    );
+}

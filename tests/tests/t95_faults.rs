@@ -404,3 +404,58 @@ fn every_request_ends_cleanly_when_engines_hosts_and_links_fail() {
         },
     );
 }
+
+/// A KV piece corrupted after its checksum was taken (the test fault
+/// `PDAGENT_FAULT_KV_CORRUPT`: a bad copy or bad memory on the way): the decode host refuses
+/// it and counts it, the request is retried (the pair is the only one, so on the same pair)
+/// and answers the undisturbed text. Never decoded from wrong KV.
+#[test]
+fn a_corrupted_kv_piece_is_refused_and_the_request_retried() {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let corrupt = dir.path().join("corrupt-next-piece");
+    let l = LocalCluster::up_env(
+        2,
+        1,
+        free_base(2),
+        &[],
+        &[("PDAGENT_FAULT_KV_CORRUPT", corrupt.to_str().unwrap())],
+    );
+    deploy(
+        &l,
+        &["pd", "--model", "tiny", "--prefill", "1", "--decode", "1"],
+    );
+    let placed = wait_for("2 engines ready", deadline(Duration::from_secs(60)), || {
+        let e = engines(&l);
+        (e.len() == 2 && e.iter().all(|x| x["state"] == "ready")).then_some(e)
+    });
+    let decode_node = placed
+        .iter()
+        .find(|e| e["role"] == "decode")
+        .map(|e| e["node"].as_str().unwrap().to_string())
+        .unwrap();
+    let api = node_addr(&l, &decode_node);
+    let prompt = format!(
+        "Juliett: a prompt whose KV is corrupted on its way to the decode host. {}",
+        "The quick brown fox jumps over the lazy dog. ".repeat(8)
+    );
+    let prompt = prompt.as_str();
+    wait_for("the API serving", deadline(Duration::from_secs(30)), || {
+        (complete(&api, "Kilo: warming up.", 2).status == 200).then_some(())
+    });
+    let failures = |api: &str| {
+        metric(
+            &metrics_of(api),
+            "pdagent_kv_integrity_failures_total{stage=\"network\"}",
+        )
+    };
+    let (f0, r0) = (failures(&api), recoveries(&api, "retry"));
+    std::fs::write(&corrupt, b"").unwrap();
+    let r = complete(&api, prompt, 16);
+    assert!(!corrupt.exists(), "the fault fired");
+    // The same prompt again, undisturbed (the engines are deterministic).
+    let reference = text_of(&complete(&api, prompt, 16));
+    assert_eq!(text_of(&r), reference, "the undisturbed text");
+    assert_eq!(failures(&api), f0 + 1, "the bad piece was counted");
+    assert_eq!(recoveries(&api, "retry"), r0 + 1, "and the request retried");
+}

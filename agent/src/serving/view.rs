@@ -120,6 +120,21 @@ impl Serving {
             .values()
             .map(|k| k.sha256_hex.clone())
             .collect();
+        // An engine that is gone or another process now (restarted, or a deployment made again
+        // under the same ids) holds none of what the router believed it cached.
+        let stale: Vec<String> = self
+            .view()
+            .incarnations
+            .iter()
+            .filter(|(engine, was)| incarnations.get(*engine) != Some(*was))
+            .map(|(engine, _)| engine.clone())
+            .collect();
+        if !stale.is_empty() {
+            let mut router = self.router.locked();
+            for engine in &stale {
+                router.forget_engine(engine);
+            }
+        }
         *self.view.write_locked() = Arc::new(View {
             models,
             api_keys,
