@@ -24,7 +24,7 @@ use pd_planner::{
 use serde::Serialize;
 use serde_json::json;
 
-use crate::demo::{deploy_ready, ingress};
+use crate::demo::deploy_ready;
 use crate::load::{self, LoadRequest, Rng};
 
 const SEED: u64 = 11;
@@ -176,12 +176,7 @@ fn measure(
     say: &dyn Fn(String),
 ) -> Result<CalibrateReport> {
     let name = preset.name();
-    let client = crate::client::AdminClient::from_config(&dir.join("pdctl.toml"))?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let agents = ingress(2, api_port);
+    let crate::demo::Session { client, rt, agents } = crate::demo::session(dir, 2, api_port)?;
     deploy_ready(
         &client,
         &rt,

@@ -8,7 +8,12 @@
 //!   engine's reads) and the agents' (`pdagent_kv_transfer_seconds`: from the first piece the
 //!   prefill engine handed out to the decode host's acknowledgement of the last, so it runs
 //!   alongside the prefill's compute, layer by layer);
-//! - effective GB/s: the request's KV bytes over that time;
+//! - exposed KV time per request, what the request waited on its KV beyond the prefill's
+//!   compute: all of NIXL's reads (they begin once the prefill is done), and for the agents
+//!   the time from the prefill engine's answer to its KV being whole on the decode host
+//!   (`pdagent_kv_tail_seconds`) plus the decode connector's read of it from its agent
+//!   (`pdagent_kv_wait_seconds`);
+//! - effective GB/s: the request's KV bytes over the transfer time;
 //! - TTFT at the client;
 //!
 //! median and p90 of each, per prompt kind, and agent/NIXL ratios. NIXL runs over TCP
@@ -22,8 +27,8 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use serde_json::json;
 
-use crate::bench_vllm::pct;
-use crate::demo::{deploy_ready, ingress, undeploy_gone};
+use crate::bench_vllm::{pct, with_tiny_vllm_cluster};
+use crate::demo::{deploy_ready, undeploy_gone};
 use crate::load::{self, LoadRequest, Rng};
 use crate::local::VllmLocal;
 
@@ -50,6 +55,8 @@ pub struct KindFigures {
     pub kv_bytes_mean: f64,
     pub kv_ms_p50: f64,
     pub kv_ms_p90: f64,
+    pub exposed_ms_p50: f64,
+    pub exposed_ms_p90: f64,
     pub gbps_p50: f64,
     pub gbps_p90: f64,
     pub ttft_ms_p50: f64,
@@ -68,6 +75,8 @@ pub struct PathFigures {
 pub struct Ratios {
     pub kind: String,
     pub kv_ms_p50: f64,
+    pub exposed_ms_p50: f64,
+    pub exposed_ms_p90: f64,
     pub gbps_p50: f64,
     pub ttft_ms_p50: f64,
     pub ttft_ms_p90: f64,
@@ -82,14 +91,8 @@ pub struct KvBenchReport {
 }
 
 pub fn run(requests: usize, vllm: &VllmLocal, json_out: bool) -> Result<KvBenchReport> {
-    let pdagent = crate::demo::find_pdagent()?;
     if !(2..=1000).contains(&requests) {
         bail!("--requests must be between 2 and 1000");
-    }
-    if vllm.vllm_command.is_none() {
-        bail!(
-            "--vllm-command is needed: vLLM's OpenAI server as one argv string, e.g. \"/opt/vllm/bin/python -m vllm.entrypoints.openai.api_server\" (tests/setup.sh installs vLLM's CPU build into target/vllm-venv)"
-        );
     }
     let say = |s: String| {
         if !json_out {
@@ -101,19 +104,8 @@ pub fn run(requests: usize, vllm: &VllmLocal, json_out: bool) -> Result<KvBenchR
     if !vllm.vllm_env.iter().any(|e| e.starts_with("UCX_TLS=")) {
         vllm.vllm_env.push("UCX_TLS=tcp,self".into());
     }
-    crate::local::with_cluster_vllm("bench-kv", 2, 1, &vllm, |dir, api_port| {
-        let model = dir.join("models/tiny");
-        let out = std::process::Command::new(&pdagent)
-            .args(["engine", "export", "--model", "tiny", "--out"])
-            .arg(&model)
-            .output()?;
-        if !out.status.success() {
-            bail!(
-                "pdagent engine export: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        measure(dir, api_port, &model, requests, &say)
+    with_tiny_vllm_cluster("bench-kv", &vllm, |dir, api_port, model| {
+        measure(dir, api_port, model, requests, &say)
     })
 }
 
@@ -129,26 +121,37 @@ fn series(body: &str, series: &str) -> f64 {
         .sum()
 }
 
-/// Where a path's per-request KV time and bytes are counted: (address, time sum, count,
-/// bytes sum).
+/// Where a path's per-request KV time, bytes and exposed time are counted (the exposed time
+/// is the sum of its series).
 struct Counters {
     addr: SocketAddr,
     time: &'static str,
     count: &'static str,
     bytes: &'static str,
+    exposed: &'static [&'static str],
+}
+
+/// One reading of a path's counters.
+#[derive(Debug, Clone, Copy)]
+struct Reading {
+    time: f64,
+    count: f64,
+    bytes: f64,
+    exposed: f64,
 }
 
 impl Counters {
-    fn read(&self, rt: &tokio::runtime::Runtime) -> Result<(f64, f64, f64)> {
+    fn read(&self, rt: &tokio::runtime::Runtime) -> Result<Reading> {
         let (status, body) = rt.block_on(load::get(self.addr, "/metrics"))?;
         if status != 200 {
             bail!("/metrics on {} answered {status}", self.addr);
         }
-        Ok((
-            series(&body, self.time),
-            series(&body, self.count),
-            series(&body, self.bytes),
-        ))
+        Ok(Reading {
+            time: series(&body, self.time),
+            count: series(&body, self.count),
+            bytes: series(&body, self.bytes),
+            exposed: self.exposed.iter().map(|s| series(&body, s)).sum(),
+        })
     }
 }
 
@@ -172,12 +175,7 @@ fn measure(
     requests: usize,
     say: &dyn Fn(String),
 ) -> Result<KvBenchReport> {
-    let client = crate::client::AdminClient::from_config(&dir.join("pdctl.toml"))?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let agents = ingress(2, api_port);
+    let crate::demo::Session { client, rt, agents } = crate::demo::session(dir, 2, api_port)?;
     let model_s = model.to_string_lossy().into_owned();
     // The same prompts on both paths, each seen once per path (no prefix-cache hits).
     let mut rng = Rng::new(SEED);
@@ -220,12 +218,17 @@ fn measure(
                 time: "vllm:nixl_xfer_time_seconds_sum",
                 count: "vllm:nixl_xfer_time_seconds_count",
                 bytes: "vllm:nixl_bytes_transferred_sum",
+                exposed: &["vllm:nixl_xfer_time_seconds_sum"],
             },
             _ => Counters {
                 addr: via,
                 time: "pdagent_kv_transfer_seconds_sum{path=\"network\"}",
                 count: "pdagent_kv_transfer_seconds_count{path=\"network\"}",
                 bytes: "pdagent_kv_shipment_bytes_sum{path=\"network\"}",
+                exposed: &[
+                    "pdagent_kv_tail_seconds_sum{path=\"network\"}",
+                    "pdagent_kv_wait_seconds_sum{path=\"network\"}",
+                ],
             },
         };
         let mut figures = Vec::new();
@@ -235,8 +238,14 @@ fn measure(
                 reqs.len() - 1
             ));
             // The first of each kind warms the path (allocations, first transfers).
-            let (mut kv_ms, mut gbps, mut ttft, mut tokens, mut bytes_all) =
-                (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let (mut kv_ms, mut exposed, mut gbps, mut ttft, mut tokens, mut bytes_all) = (
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+                Vec::new(),
+            );
             for (i, r) in reqs.iter().enumerate() {
                 let before = counters.read(&rt)?;
                 let o = rt.block_on(load::one(via, NAME, r, SEED + i as u64));
@@ -247,12 +256,12 @@ fn measure(
                 let until = Instant::now() + Duration::from_secs(10);
                 let after = loop {
                     let a = counters.read(&rt)?;
-                    if a.1 > before.1 || Instant::now() > until {
+                    if a.count > before.count || Instant::now() > until {
                         break a;
                     }
                     std::thread::sleep(Duration::from_millis(20));
                 };
-                if after.1 <= before.1 {
+                if after.count <= before.count {
                     bail!(
                         "{transport}: {kind} request {i} moved no KV ({} did not change)",
                         counters.count
@@ -261,8 +270,9 @@ fn measure(
                 if i == 0 {
                     continue;
                 }
-                let (secs, b) = (after.0 - before.0, after.2 - before.2);
+                let (secs, b) = (after.time - before.time, after.bytes - before.bytes);
                 kv_ms.push(secs * 1e3);
+                exposed.push((after.exposed - before.exposed) * 1e3);
                 gbps.push(if secs > 0.0 { b / secs / 1e9 } else { 0.0 });
                 bytes_all.push(b);
                 ttft.push(o.ttft.as_secs_f64() * 1e3);
@@ -276,6 +286,8 @@ fn measure(
                 kv_bytes_mean: mean(&bytes_all),
                 kv_ms_p50: pct(&kv_ms, 50.0),
                 kv_ms_p90: pct(&kv_ms, 90.0),
+                exposed_ms_p50: pct(&exposed, 50.0),
+                exposed_ms_p90: pct(&exposed, 90.0),
                 gbps_p50: pct(&gbps, 50.0),
                 gbps_p90: pct(&gbps, 90.0),
                 ttft_ms_p50: pct(&ttft, 50.0),
@@ -296,6 +308,8 @@ fn measure(
         .map(|(n, a)| Ratios {
             kind: n.kind.clone(),
             kv_ms_p50: ratio(a.kv_ms_p50, n.kv_ms_p50),
+            exposed_ms_p50: ratio(a.exposed_ms_p50, n.exposed_ms_p50),
+            exposed_ms_p90: ratio(a.exposed_ms_p90, n.exposed_ms_p90),
             gbps_p50: ratio(a.gbps_p50, n.gbps_p50),
             ttft_ms_p50: ratio(a.ttft_ms_p50, n.ttft_ms_p50),
             ttft_ms_p90: ratio(a.ttft_ms_p90, n.ttft_ms_p90),
@@ -317,13 +331,15 @@ pub fn print(r: &KvBenchReport) {
     for p in &r.paths {
         for k in &p.kinds {
             println!(
-                "  {:<6} {:<5} {:>5.0} tokens {:>8.0} B   KV p50 {:>7.2} ms p90 {:>7.2} ms   {:>6.3} GB/s p50 ({:.3} p90)   TTFT p50 {:>7.1} ms p90 {:>7.1} ms",
+                "  {:<6} {:<5} {:>5.0} tokens {:>8.0} B   KV p50 {:>7.2} ms p90 {:>7.2} ms   exposed p50 {:>7.2} ms p90 {:>7.2} ms   {:>6.3} GB/s p50 ({:.3} p90)   TTFT p50 {:>7.1} ms p90 {:>7.1} ms",
                 p.transport,
                 k.kind,
                 k.prompt_tokens_mean,
                 k.kv_bytes_mean,
                 k.kv_ms_p50,
                 k.kv_ms_p90,
+                k.exposed_ms_p50,
+                k.exposed_ms_p90,
                 k.gbps_p50,
                 k.gbps_p90,
                 k.ttft_ms_p50,
@@ -333,8 +349,14 @@ pub fn print(r: &KvBenchReport) {
     }
     for x in &r.agent_over_nixl {
         println!(
-            "agent / nixl, {}: KV time p50 {:.2}, GB/s p50 {:.2}, TTFT p50 {:.2} p90 {:.2}",
-            x.kind, x.kv_ms_p50, x.gbps_p50, x.ttft_ms_p50, x.ttft_ms_p90
+            "agent / nixl, {}: KV time p50 {:.2}, exposed KV time p50 {:.2} p90 {:.2}, GB/s p50 {:.2}, TTFT p50 {:.2} p90 {:.2}",
+            x.kind,
+            x.kv_ms_p50,
+            x.exposed_ms_p50,
+            x.exposed_ms_p90,
+            x.gbps_p50,
+            x.ttft_ms_p50,
+            x.ttft_ms_p90
         );
     }
 }

@@ -18,7 +18,7 @@ use anyhow::{Result, bail};
 use serde::Serialize;
 use serde_json::json;
 
-use crate::demo::{deploy_ready, ingress, undeploy_gone};
+use crate::demo::{deploy_ready, undeploy_gone};
 use crate::load::{self, LoadRequest, Rng};
 
 const MODEL: &str = "tiny";
@@ -169,12 +169,7 @@ fn measure(
     repeats: usize,
     say: &dyn Fn(String),
 ) -> Result<ServeReport> {
-    let client = crate::client::AdminClient::from_config(&dir.join("pdctl.toml"))?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let agents = ingress(2, api_port);
+    let crate::demo::Session { client, rt, agents } = crate::demo::session(dir, 2, api_port)?;
 
     // 1. Agent time at concurrency 1.
     let mut agent_time = Vec::new();

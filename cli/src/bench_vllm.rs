@@ -20,7 +20,7 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::demo::{deploy_ready, ingress, undeploy_gone};
+use crate::demo::{deploy_ready, undeploy_gone};
 use crate::load::{self, LoadRequest, Outcome, Rng};
 use crate::local::VllmLocal;
 
@@ -76,21 +76,34 @@ pub struct VllmServeReport {
 }
 
 pub fn run(requests: usize, vllm: &VllmLocal, json_out: bool) -> Result<VllmServeReport> {
-    let pdagent = crate::demo::find_pdagent()?;
     if !(4..=10_000).contains(&requests) {
         bail!("--requests must be between 4 and 10000");
-    }
-    if vllm.vllm_command.is_none() {
-        bail!(
-            "--vllm-command is needed: vLLM's OpenAI server as one argv string, e.g. \"/opt/vllm/bin/python -m vllm.entrypoints.openai.api_server\" (tests/setup.sh installs vLLM's CPU build into target/vllm-venv)"
-        );
     }
     let say = |s: String| {
         if !json_out {
             eprintln!("{s}");
         }
     };
-    crate::local::with_cluster_vllm("bench-vllm", 2, 1, vllm, |dir, api_port| {
+    with_tiny_vllm_cluster("bench-vllm", vllm, |dir, api_port, model| {
+        measure(dir, api_port, model, requests, &say)
+    })
+}
+
+/// Runs `f` on a local cluster of two agents (one fixture GPU each) that run vLLM as `vllm`
+/// says, with the `tiny` preset exported as a checkpoint (`f` gets the cluster's folder, its
+/// API port and the checkpoint's folder).
+pub(crate) fn with_tiny_vllm_cluster<T>(
+    name: &str,
+    vllm: &VllmLocal,
+    f: impl FnOnce(&std::path::Path, u16, &std::path::Path) -> Result<T>,
+) -> Result<T> {
+    let pdagent = crate::demo::find_pdagent()?;
+    if vllm.vllm_command.is_none() {
+        bail!(
+            "--vllm-command is needed: vLLM's OpenAI server as one argv string, e.g. \"/opt/vllm/bin/python -m vllm.entrypoints.openai.api_server\" (tests/setup.sh installs vLLM's CPU build into target/vllm-venv)"
+        );
+    }
+    crate::local::with_cluster_vllm(name, 2, 1, vllm, |dir, api_port| {
         let model = dir.join("models/tiny");
         let out = std::process::Command::new(&pdagent)
             .args(["engine", "export", "--model", "tiny", "--out"])
@@ -102,7 +115,7 @@ pub fn run(requests: usize, vllm: &VllmLocal, json_out: bool) -> Result<VllmServ
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        measure(dir, api_port, &model, requests, &say)
+        f(dir, api_port, &model)
     })
 }
 
@@ -196,12 +209,7 @@ fn measure(
     requests: usize,
     say: &dyn Fn(String),
 ) -> Result<VllmServeReport> {
-    let client = crate::client::AdminClient::from_config(&dir.join("pdctl.toml"))?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let agents = ingress(2, api_port);
+    let crate::demo::Session { client, rt, agents } = crate::demo::session(dir, 2, api_port)?;
     let model_s = model.to_string_lossy().into_owned();
     let layout = |l: Value| {
         let mut b = json!({"engine": "vllm", "engine_args": ENGINE_ARGS, "kv_transport": "nixl"});

@@ -213,6 +213,25 @@ pub fn run(mut opts: DemoOptions) -> Result<()> {
     result
 }
 
+/// What a tour or benchmark on a local cluster talks with: the admin client of the cluster's
+/// `pdctl.toml`, a runtime for its requests, and the first `nodes` agents' API addresses.
+pub(crate) struct Session {
+    pub client: AdminClient,
+    pub rt: tokio::runtime::Runtime,
+    pub agents: Vec<SocketAddr>,
+}
+
+pub(crate) fn session(dir: &std::path::Path, nodes: usize, api_port: u16) -> Result<Session> {
+    Ok(Session {
+        client: AdminClient::from_config(&dir.join("pdctl.toml"))?,
+        rt: tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?,
+        agents: ingress(nodes, api_port),
+    })
+}
+
 pub(crate) fn ingress(nodes: usize, api_port: u16) -> Vec<SocketAddr> {
     (1..=nodes)
         .map(|k| SocketAddr::from(([127, 0, 0, k as u8], api_port)))
@@ -220,12 +239,7 @@ pub(crate) fn ingress(nodes: usize, api_port: u16) -> Vec<SocketAddr> {
 }
 
 fn tour(opts: &DemoOptions, engine: &Engine, dir: &std::path::Path, api_port: u16) -> Result<()> {
-    let client = AdminClient::from_config(&dir.join("pdctl.toml"))?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let agents = ingress(opts.nodes, api_port);
+    let Session { client, rt, agents } = session(dir, opts.nodes, api_port)?;
     let workload = load::mixed(
         opts.requests,
         SHORT_PROMPT_BYTES,

@@ -253,14 +253,14 @@ pub async fn stream_timed(
                     u["completion_tokens"].as_u64().unwrap_or(0) as u32,
                 ));
             }
-            let has_choice = v["choices"]
-                .as_array()
-                .and_then(|c| c.first())
-                .is_some_and(|c| c["finish_reason"].is_null());
-            if has_choice {
+            // The first chunk with a choice is the first token, even one that ended the
+            // sequence with no text.
+            if let Some(c) = v["choices"].as_array().and_then(|c| c.first()) {
                 let now = t0.elapsed();
                 first.get_or_insert(now);
-                last = now;
+                if carries_tokens(c) {
+                    last = now;
+                }
             }
         }
     }
@@ -278,11 +278,18 @@ pub async fn stream_timed(
         hung: false,
         ingress: 0,
         ttft,
-        tpot: (output_tokens > 1).then(|| (last - ttft) / (output_tokens - 1)),
+        tpot: (output_tokens > 1).then(|| last.saturating_sub(ttft) / (output_tokens - 1)),
         e2e: t0.elapsed(),
         prompt_tokens,
         output_tokens,
     })
+}
+
+/// Whether a streamed completion choice brought output: one still going, or the last one
+/// with text (an engine that ran ahead of its reader sends several tokens, and the finish,
+/// in one chunk).
+fn carries_tokens(choice: &serde_json::Value) -> bool {
+    choice["finish_reason"].is_null() || choice["text"].as_str().is_some_and(|t| !t.is_empty())
 }
 
 /// Sends `requests` with at most `concurrency` in flight, round-robin over the agents.
@@ -506,6 +513,16 @@ pub fn poisson_times(n: usize, rate: f64, rng: &mut Rng) -> Vec<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_last_chunk_with_all_the_text_carries_tokens() {
+        let chunk = |text: &str, finish: serde_json::Value| serde_json::json!({"index": 0, "text": text, "finish_reason": finish});
+        // An engine that ran ahead of its reader: all tokens and the finish in one chunk.
+        assert!(carries_tokens(&chunk(" the end", "length".into())));
+        assert!(carries_tokens(&chunk("a", serde_json::Value::Null)));
+        assert!(carries_tokens(&chunk("", serde_json::Value::Null)));
+        assert!(!carries_tokens(&chunk("", "stop".into())));
+    }
 
     #[test]
     fn workloads_are_deterministic_and_mixed() {

@@ -316,10 +316,12 @@ impl Serving {
                     pieces,
                     kv_bytes,
                     kv_ms,
+                    tail_ms,
                     network,
                 } => {
                     let path = if network { "network" } else { "host" };
                     self.kv_shipped(emit, path, pieces, kv_bytes, kv_ms);
+                    self.metrics.kv_tail.observe(path, tail_ms / 1e3);
                 }
                 ServeEvent::KvParams {
                     params,

@@ -285,6 +285,7 @@ impl Legs {
         // Once the engine answered, its connector has handed out everything (it saves each
         // layer during the forward pass); a bound guards against one that did not.
         let mut handed_by = None;
+        let mut answered_at = None;
         let outcome: Result<(), HttpFail> = async {
             loop {
                 if answer.is_some() && ended.iter().all(Option::is_some) {
@@ -295,6 +296,7 @@ impl Legs {
                     r = &mut http, if answer.is_none() => match r? {
                         Some(p) => {
                             answer = Some(p);
+                            answered_at = Some(Instant::now());
                             handed_by = Some(tokio::time::Instant::now() + CONNECTOR_END_WAIT);
                         }
                         None => return Err(HttpFail(Failure::Internal, String::new())),
@@ -392,12 +394,14 @@ impl Legs {
         let network = leg.decode_node != self.node;
         let path = if network { "network" } else { "host" };
         self.metrics.kv_bytes_sent.add(&[path], kv_bytes);
-        let kv_ms = began.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3);
-        tracing::info!(shipment = %bridge::shipment_hex(leg.shipment), request_id = %http_legs::request_id(leg.shipment), decode_node = %leg.decode_node, pieces, kv_bytes, kv_ms, "KV shipped for a vLLM prefill");
+        let ms = |t: Option<Instant>| t.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3);
+        let (kv_ms, tail_ms) = (ms(began), ms(answered_at));
+        tracing::info!(shipment = %bridge::shipment_hex(leg.shipment), request_id = %http_legs::request_id(leg.shipment), decode_node = %leg.decode_node, pieces, kv_bytes, kv_ms, tail_ms, "KV shipped for a vLLM prefill");
         let shipped = ServeEvent::KvShipped {
             pieces,
             kv_bytes,
             kv_ms,
+            tail_ms,
             network,
         };
         if tx.send(shipped).await.is_err() {

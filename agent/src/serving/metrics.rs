@@ -236,6 +236,7 @@ pub struct Metrics {
     pub kv_transfer: Histogram,
     /// A decode engine's wait for its shipment (pdagent's vLLM connector).
     pub kv_wait: Histogram,
+    pub kv_tail: Histogram,
     /// Bytes per shipment, and each shipment's throughput.
     pub kv_shipment_bytes: Histogram,
     pub kv_throughput: Histogram,
@@ -321,7 +322,13 @@ impl Default for Metrics {
             ),
             kv_wait: Histogram::new(
                 "pdagent_kv_wait_seconds",
-                "Time a decode engine's KV connector waited for its shipment to be whole on this host, by path (network, host).",
+                "Time a decode engine's KV connector waited for its shipment, from asking to the last byte handed over on this host, by path (network, host).",
+                "path",
+                LATENCY_BUCKETS,
+            ),
+            kv_tail: Histogram::new(
+                "pdagent_kv_tail_seconds",
+                "Time from a prefill engine's answer to its KV being whole on the decode host (the part of a shipment not hidden behind the prefill's compute), by path.",
                 "path",
                 LATENCY_BUCKETS,
             ),
@@ -378,6 +385,7 @@ impl Metrics {
         self.e2e.render(&mut out);
         self.kv_transfer.render(&mut out);
         self.kv_wait.render(&mut out);
+        self.kv_tail.render(&mut out);
         self.kv_shipment_bytes.render(&mut out);
         self.kv_throughput.render(&mut out);
         self.agent_time.render(&mut out);

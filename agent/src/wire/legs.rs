@@ -84,11 +84,13 @@ pub enum ServeEvent {
         engine_us: u64,
     },
     /// The agent shipped a prefill engine's KV for it (pdagent's vLLM connector), before its
-    /// `KvParams`: what went, and how long from the first piece to the last acknowledgement.
+    /// `KvParams`: what went, how long from the first piece to the last acknowledgement, and
+    /// how much of that came after the engine's answer (the part not hidden behind its compute).
     KvShipped {
         pieces: u64,
         kv_bytes: u64,
         kv_ms: f64,
+        tail_ms: f64,
         /// To another host (not this one).
         network: bool,
     },
