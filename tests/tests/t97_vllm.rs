@@ -64,10 +64,15 @@ fn vllm_cluster(py: &str) -> LocalCluster {
 
 /// As `vllm_cluster`, with environment for the agents (test faults).
 fn vllm_cluster_env(py: &str, env: &[(&str, &str)]) -> LocalCluster {
+    vllm_cluster_gpus(py, 1, env)
+}
+
+/// As `vllm_cluster_env`, with `gpus` fixture GPUs per node.
+fn vllm_cluster_gpus(py: &str, gpus: u32, env: &[(&str, &str)]) -> LocalCluster {
     let command = format!("{py} -m vllm.entrypoints.openai.api_server");
     LocalCluster::up_env(
         2,
-        1,
+        gpus,
         free_base(2),
         &[
             "--vllm-command",
@@ -536,13 +541,114 @@ fn vllm_metric(port: u64, name: &str, filter: &str) -> f64 {
 /// The same request computed by one vLLM engine alone (no KV from elsewhere): the reference
 /// text of a colocated vLLM.
 fn alone(port: u64, prompt: &str, max_tokens: u32) -> String {
+    alone_as("pa", port, prompt, max_tokens)
+}
+
+/// As `alone`, for deployment `model`.
+fn alone_as(model: &str, port: u64, prompt: &str, max_tokens: u32) -> String {
     let v = post_json(
         &format!("127.0.0.1:{port}"),
         "/v1/completions",
-        &json!({"model": "pa", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}),
+        &json!({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}),
     );
     assert_eq!(v.status, 200, "{}", v.text());
     v.json()["choices"][0]["text"].as_str().unwrap().to_string()
+}
+
+/// The HTTP ports of deployment `name`'s prefill and decode engines, on two hosts with no NIXL
+/// side channel, and the decode host's API address (requests enter there, so the KV crosses
+/// the network to reach it), once it is ready.
+fn kv_pair(l: &LocalCluster, name: &str) -> (u64, u64, String) {
+    let p = engine(l, &format!("{name}/prefill-0"));
+    let d = engine(l, &format!("{name}/decode-0"));
+    assert_ne!(p["node"], d["node"]);
+    assert!(p["kv_port"].is_null(), "no NIXL side channel: {p}");
+    let decode_api = node_addr(l, d["node"].as_str().unwrap());
+    wait_for("the API ready", deadline(Duration::from_secs(60)), || {
+        http(&decode_api, "GET", "/ready", &[], b"")
+            .is_ok_and(|r| r.status == 200)
+            .then_some(())
+    });
+    (
+        p["port"].as_u64().unwrap(),
+        d["port"].as_u64().unwrap(),
+        decode_api,
+    )
+}
+
+/// A prompt over one block of KV (128 tokens): several blocks, the last one partial.
+fn long_prompt() -> String {
+    format!(
+        "A longer prompt, over one block of KV. {}",
+        "The quick brown fox jumps over the lazy dog. ".repeat(14)
+    )
+}
+
+/// Deployment `name` (a prefill engine on node-1, a decode engine on node-2, TP `tp`, KV
+/// through the agents) serves prompts short and long through the decode host: every prompt
+/// token reaches the decode engine as external KV (less than a block per prompt computed
+/// there), the decode host's agent counts exactly the prompt's KV bytes (all ranks), each
+/// answer's route names the shipment with one piece per layer and rank, and the text equals
+/// what the prefill engine computes alone.
+fn kv_through_the_agents(l: &LocalCluster, name: &str, tp: u64) {
+    let (pport, dport, decode_api) = kv_pair(l, name);
+    let local = |f: &str| vllm_metric(dport, "vllm:prompt_tokens_by_source_total", f);
+    let (local0, external0) = (local("local_compute"), local("external_kv_transfer"));
+    let received = |api: &str| {
+        metric(
+            &metrics_of(api),
+            "pdagent_kv_bytes_received_total{path=\"network\"}",
+        )
+    };
+    let bytes0 = received(&decode_api);
+    // Three prompts, one of them longer than a KV block.
+    let long = long_prompt();
+    let prompts: Vec<&str> = PROMPTS.iter().copied().chain([long.as_str()]).collect();
+    let mut texts = Vec::new();
+    let mut prompt_tokens = 0u64;
+    for prompt in &prompts {
+        let r = post_json(
+            &decode_api,
+            "/v1/completions",
+            &json!({"model": name, "prompt": prompt, "max_tokens": 16, "temperature": 0}),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        let route = r.header("x-pdagent-route").unwrap_or_default().to_string();
+        assert!(
+            route.starts_with(&format!("{name}/prefill-0@node-1 -[kv "))
+                && route.contains(&format!(" bytes, {} pieces, ", 4 * tp))
+                && route.ends_with(&format!("]-> {name}/decode-0@node-2")),
+            "{route}"
+        );
+        let timing = r.header("server-timing").unwrap_or_default().to_string();
+        assert!(timing.contains("kv;dur="), "{timing}");
+        let v = r.json();
+        prompt_tokens += v["usage"]["prompt_tokens"].as_u64().unwrap();
+        texts.push(v["choices"][0]["text"].as_str().unwrap().to_string());
+    }
+    let (local_n, external_n) = (
+        local("local_compute") - local0,
+        local("external_kv_transfer") - external0,
+    );
+    println!(
+        "decode engine: {local_n} prompt tokens computed, {external_n} from the prefill host's agent ({prompt_tokens} prompt tokens)"
+    );
+    assert!(
+        local_n < (128 * prompts.len()) as f64,
+        "the decode engine computed prompts: {local_n}"
+    );
+    assert_eq!(external_n, prompt_tokens as f64);
+    // tiny: 4 layers, 2 KV heads of 32, float32. Every prompt token's K and V rows, exactly
+    // (rows, not whole blocks: the last block's unused slots are not shipped).
+    let per_token = 2 * 4 * 2 * 32 * 4;
+    assert_eq!(received(&decode_api) - bytes0, per_token * prompt_tokens);
+
+    // The text is what one vLLM computes alone (the prefill engine, asked directly).
+    println!("texts: {texts:?}");
+    assert!(texts.iter().any(|t| !t.is_empty()), "texts to compare");
+    for (k, prompt) in prompts.iter().enumerate() {
+        assert_eq!(alone_as(name, pport, prompt, 16), texts[k], "prompt {k}");
+    }
 }
 
 /// vLLM's KV through pdagent's own connector and the agents' QUIC (`--kv-transport agent`):
@@ -603,18 +709,7 @@ fn vllm_kv_through_the_agents() {
         &model,
         &["--prefill", "1", "--decode", "1", "--kv-transport", "agent"],
     );
-    let p = engine(&l, "pa/prefill-0");
-    let d = engine(&l, "pa/decode-0");
-    assert_ne!(p["node"], d["node"]);
-    assert!(p["kv_port"].is_null(), "no NIXL side channel: {p}");
-    let (pport, dport) = (p["port"].as_u64().unwrap(), d["port"].as_u64().unwrap());
-    // Requests enter on the decode host: the KV crosses the network to reach it.
-    let decode_api = node_addr(&l, d["node"].as_str().unwrap());
-    wait_for("the API ready", deadline(Duration::from_secs(60)), || {
-        http(&decode_api, "GET", "/ready", &[], b"")
-            .is_ok_and(|r| r.status == 200)
-            .then_some(())
-    });
+    let (pport, dport, decode_api) = kv_pair(&l, "pa");
     let out = l.pdctl(&["deployments", "-o", "json"]);
     assert!(
         text(&out.stdout).contains("--kv-transport=agent"),
@@ -622,66 +717,7 @@ fn vllm_kv_through_the_agents() {
         text(&out.stdout)
     );
 
-    let local = |f: &str| vllm_metric(dport, "vllm:prompt_tokens_by_source_total", f);
-    let (local0, external0) = (local("local_compute"), local("external_kv_transfer"));
-    let received = |api: &str| {
-        metric(
-            &metrics_of(api),
-            "pdagent_kv_bytes_received_total{path=\"network\"}",
-        )
-    };
-    let bytes0 = received(&decode_api);
-    // Three prompts, one of them longer than a KV block (128 tokens): several blocks, the
-    // last one partial.
-    let long = format!(
-        "A longer prompt, over one block of KV. {}",
-        "The quick brown fox jumps over the lazy dog. ".repeat(14)
-    );
-    let prompts: Vec<&str> = PROMPTS.iter().copied().chain([long.as_str()]).collect();
-    let mut texts = Vec::new();
-    let mut prompt_tokens = 0u64;
-    for prompt in &prompts {
-        let r = post_json(
-            &decode_api,
-            "/v1/completions",
-            &json!({"model": "pa", "prompt": prompt, "max_tokens": 16, "temperature": 0}),
-        );
-        assert_eq!(r.status, 200, "{}", r.text());
-        let route = r.header("x-pdagent-route").unwrap_or_default().to_string();
-        assert!(
-            route.starts_with("pa/prefill-0@node-1 -[kv ")
-                && route.ends_with("]-> pa/decode-0@node-2"),
-            "{route}"
-        );
-        let timing = r.header("server-timing").unwrap_or_default().to_string();
-        assert!(timing.contains("kv;dur="), "{timing}");
-        let v = r.json();
-        prompt_tokens += v["usage"]["prompt_tokens"].as_u64().unwrap();
-        texts.push(v["choices"][0]["text"].as_str().unwrap().to_string());
-    }
-    let (local_n, external_n) = (
-        local("local_compute") - local0,
-        local("external_kv_transfer") - external0,
-    );
-    println!(
-        "decode engine: {local_n} prompt tokens computed, {external_n} from the prefill host's agent ({prompt_tokens} prompt tokens)"
-    );
-    assert!(
-        local_n < (128 * prompts.len()) as f64,
-        "the decode engine computed prompts: {local_n}"
-    );
-    assert_eq!(external_n, prompt_tokens as f64);
-    // tiny: 4 layers, 2 KV heads of 32, float32. Every prompt token's K and V rows, exactly
-    // (rows, not whole blocks: the last block's unused slots are not shipped).
-    let per_token = 2 * 4 * 2 * 32 * 4;
-    assert_eq!(received(&decode_api) - bytes0, per_token * prompt_tokens);
-
-    // The text is what one vLLM computes alone (the prefill engine, asked directly).
-    println!("texts: {texts:?}");
-    assert!(texts.iter().any(|t| !t.is_empty()), "texts to compare");
-    for (k, prompt) in prompts.iter().enumerate() {
-        assert_eq!(alone(pport, prompt, 16), texts[k], "prompt {k}");
-    }
+    kv_through_the_agents(&l, "pa", 1);
 
     // A piece corrupted after its checksum was taken: detected on the decode host, never
     // decoded from; the request still answers the right text.
@@ -711,7 +747,7 @@ fn vllm_kv_through_the_agents() {
     let usage = |port: u64| vllm_metric(port, "vllm:kv_cache_usage_perc", "");
     let running = |port: u64| vllm_metric(port, "vllm:num_requests_running", "");
     for cut_after in [Duration::from_millis(50), Duration::from_millis(400)] {
-        let body = json!({"model": "pa", "prompt": long, "max_tokens": 200, "temperature": 0, "stream": true});
+        let body = json!({"model": "pa", "prompt": long_prompt(), "max_tokens": 200, "temperature": 0, "stream": true});
         let s = start_stream(&decode_api, &body);
         std::thread::sleep(cut_after);
         drop(s);
@@ -800,7 +836,10 @@ fn vllm_kv_through_the_agents() {
     // Each flow from the prefill host is cut after a few more kilobytes: mid-shipment.
     writeln!(proxy_in, "cut 60000 127.0.0.1").unwrap();
     wait_line("ok: ", 10);
-    let prompt = format!("India: a prompt whose KV meets a cut link. {long}");
+    let prompt = format!(
+        "India: a prompt whose KV meets a cut link. {}",
+        long_prompt()
+    );
     let request = {
         let (api, prompt) = (decode_api.clone(), prompt.clone());
         std::thread::spawn(move || {
@@ -842,4 +881,37 @@ fn vllm_kv_through_the_agents() {
     );
     drop(proxy_in);
     let _ = proxy.wait();
+}
+
+/// Tensor parallelism 2 on both sides (two fixture GPUs per host, vLLM's CPU build runs TP 2
+/// as two worker processes): each TP rank's connector ships its own shard (one KV head of
+/// tiny's two) as its own shipment and the decode engine's rank of the same number takes it;
+/// together they are the whole prompt's KV, and the text is what one engine computes.
+#[test]
+fn vllm_kv_through_the_agents_at_tp2() {
+    let Some(py) = vllm_python() else { return };
+    let _g = serial();
+    let models = tempfile::tempdir().unwrap();
+    let model = export_tiny(models.path());
+    let l = vllm_cluster_gpus(&py, 2, &[]);
+    deploy_vllm(
+        &l,
+        "tp",
+        &model,
+        &[
+            "--prefill",
+            "1",
+            "--decode",
+            "1",
+            "--tp",
+            "2",
+            "--kv-transport",
+            "agent",
+        ],
+    );
+    assert_eq!(
+        engine(&l, "tp/prefill-0")["gpus"].as_array().unwrap().len(),
+        2
+    );
+    kv_through_the_agents(&l, "tp", 2);
 }
