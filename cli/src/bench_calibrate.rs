@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use pd_planner::autoplan::{DecodeBucket, PrefillBucket};
 use pd_planner::{
     Calibration, DecodeSample, Dtypes, Layout, PerfModel, PrefillSample, Request, Role, Slo,
     StepCost, SystemSpec, WorkerGroup,
@@ -137,12 +138,13 @@ fn samples(bodies: &[String]) -> (Vec<PrefillSample>, Vec<DecodeSample>) {
     let secs = family(bodies, "pdagent_engine_prefill_step_seconds_total");
     let prefill = steps
         .iter()
-        .filter(|(_, n)| **n > 0.0)
         .filter_map(|(l, n)| {
-            Some(PrefillSample {
-                tokens: tokens.get(l)? / n,
-                seconds: secs.get(l)? / n,
-            })
+            PrefillBucket {
+                steps: *n,
+                tokens: *tokens.get(l)?,
+                seconds: *secs.get(l)?,
+            }
+            .sample()
         })
         .collect();
     let steps = family(bodies, "pdagent_engine_decode_steps_total");
@@ -150,13 +152,14 @@ fn samples(bodies: &[String]) -> (Vec<PrefillSample>, Vec<DecodeSample>) {
     let secs = family(bodies, "pdagent_engine_decode_step_seconds_total");
     let decode = steps
         .iter()
-        .filter(|(_, n)| **n > 0.0)
         .filter_map(|(l, n)| {
-            Some(DecodeSample {
-                batch: seqs.get(l)? / n,
+            DecodeBucket {
+                steps: *n,
+                sequences: *seqs.get(l)?,
+                seconds: *secs.get(l)?,
                 context_tokens: label(l, "context_tokens_max")? * CONTEXT_IN_BUCKET,
-                seconds: secs.get(l)? / n,
-            })
+            }
+            .sample()
         })
         .collect();
     (prefill, decode)

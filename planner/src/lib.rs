@@ -7,7 +7,8 @@
 //! NVML names), [`perf`] (step times, memory fit, KV transfer, calibration from measured step
 //! times), [`workload`] (arrivals and latency targets), [`sim`] (a discrete-event simulator of
 //! one layout) and [`search`] (xPyD and parallelism, disaggregated and colocated, over one or
-//! several GPU types). The CLI (`pdctl plan`) reads files and prints; this crate only
+//! several GPU types), and [`autoplan`] (re-planning a running deployment from one measured
+//! window: one move or none, under bounds, a threshold, a cool-down and a forecast check). The CLI (`pdctl plan`) reads files and prints; this crate only
 //! computes, deterministically.
 //!
 //! Architecture invariant: nothing here is `Serialize` and nothing takes a path — the CLI
@@ -16,6 +17,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod autoplan;
 mod dtype;
 mod error;
 pub mod model;
