@@ -16,9 +16,22 @@ const TINY_KV_BYTES_PER_TOKEN: u64 = 2 * 4 * 2 * 32 * 4;
 fn openai_api_serves_disaggregated_and_colocated() {
     let _g = serial();
     let l = LocalCluster::up_with(3, 1, free_base(3));
+    // Targets no request here misses: every finished request of "pd" counts as within.
     deploy(
         &l,
-        &["pd", "--model", "tiny", "--prefill", "1", "--decode", "1"],
+        &[
+            "pd",
+            "--model",
+            "tiny",
+            "--prefill",
+            "1",
+            "--decode",
+            "1",
+            "--ttft-ms",
+            "600000",
+            "--tpot-ms",
+            "600000",
+        ],
     );
     deploy(&l, &["co", "--model", "tiny", "--colocated", "1"]);
     let api = |k: u32| format!("127.0.0.{k}:{}", l.api_port);
@@ -246,6 +259,30 @@ fn openai_api_serves_disaggregated_and_colocated() {
     );
     assert!(m.contains("# TYPE pdagent_time_to_first_token_seconds histogram"));
     assert!(m.contains("pdagent_requests_total{model=\"pd\",outcome=\"ok\"}"));
+    // Every finished request of "pd" judged against its targets, its lengths counted; "co"
+    // has no targets.
+    let ok = metric(&m, "pdagent_requests_total{model=\"pd\",outcome=\"ok\"}");
+    assert!(ok >= 1);
+    assert_eq!(
+        metric(
+            &m,
+            "pdagent_requests_slo_total{model=\"pd\",result=\"within\"}"
+        ),
+        ok,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "pdagent_request_prompt_tokens_count{model=\"pd\"}"),
+        ok
+    );
+    assert_eq!(
+        metric(&m, "pdagent_request_output_tokens_count{model=\"pd\"}"),
+        ok
+    );
+    assert!(
+        !m.contains("pdagent_requests_slo_total{model=\"co\""),
+        "{m}"
+    );
 
     // Errors, each with OpenAI's body.
     let a1 = api(1);

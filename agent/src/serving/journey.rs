@@ -40,15 +40,35 @@ impl Serving {
         self.metrics.requests.inc(&[model, label]);
         match outcome {
             Ok((finish, usage)) => {
+                let mut tpot = None;
                 if let Some(first) = emit.first_at {
                     self.metrics.ttft.observe(model, first.as_secs_f64());
                     if usage.completion_tokens > 1
                         && let Some(last) = emit.last_at
                     {
-                        let tpot =
+                        let t =
                             (last - first).as_secs_f64() / f64::from(usage.completion_tokens - 1);
-                        self.metrics.tpot.observe(model, tpot);
+                        self.metrics.tpot.observe(model, t);
+                        tpot = Some(t);
                     }
+                }
+                self.metrics
+                    .prompt_len
+                    .observe(model, f64::from(usage.prompt_tokens));
+                self.metrics
+                    .output_len
+                    .observe(model, f64::from(usage.completion_tokens));
+                let targets = self.control.read_state(|s| {
+                    let d = s.deployments.get(model)?;
+                    Some((d.ttft_ms?, d.tpot_ms?))
+                });
+                if let Some(targets) = targets {
+                    let result = if within_slo(emit.first_at, tpot, targets) {
+                        "within"
+                    } else {
+                        "missed"
+                    };
+                    self.metrics.slo.inc(&[model, result]);
                 }
                 self.metrics.e2e.observe(model, t0.elapsed().as_secs_f64());
                 self.metrics
@@ -617,5 +637,36 @@ impl Emitter {
 
     fn stopped(&self, prompt_tokens: u32) -> (FinishReason, Usage) {
         (FinishReason::Stop, self.usage(prompt_tokens))
+    }
+}
+
+/// Whether a finished request met both targets (`(ttft_ms, tpot_ms)`): its first token within
+/// the TTFT target (none at all misses it) and its mean time per output token after the first
+/// within the TPOT target (a request of one token has none, and meets it).
+pub(super) fn within_slo(
+    first: Option<Duration>,
+    tpot_s: Option<f64>,
+    targets: (u32, u32),
+) -> bool {
+    let (ttft_ms, tpot_ms) = targets;
+    first.is_some_and(|f| f.as_secs_f64() * 1e3 <= f64::from(ttft_ms))
+        && tpot_s.is_none_or(|t| t * 1e3 <= f64::from(tpot_ms))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_meets_its_targets_only_when_it_meets_both() {
+        let ms = Duration::from_millis;
+        let targets = (500, 50);
+        assert!(within_slo(Some(ms(500)), Some(0.050), targets));
+        assert!(!within_slo(Some(ms(501)), Some(0.010), targets));
+        assert!(!within_slo(Some(ms(100)), Some(0.051), targets));
+        // One output token: no time per token to miss.
+        assert!(within_slo(Some(ms(100)), None, targets));
+        // No first token recorded: missed.
+        assert!(!within_slo(None, None, targets));
     }
 }

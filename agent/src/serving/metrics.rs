@@ -36,6 +36,11 @@ pub const BYTES_BUCKETS: &[f64] = &[
     1073741824.0,
     4294967296.0,
 ];
+/// Request-length buckets in tokens: 16 to 128 Ki, by twos (prompt and output lengths).
+pub const LENGTH_BUCKETS: &[f64] = &[
+    16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32768.0,
+    65536.0, 131072.0,
+];
 /// Throughput buckets in bytes per second: 10 MB/s to 100 GB/s.
 pub const THROUGHPUT_BUCKETS: &[f64] = &[1e7, 3e7, 1e8, 3e8, 1e9, 3e9, 1e10, 3e10, 1e11];
 
@@ -241,6 +246,11 @@ pub struct Metrics {
     pub kv_shipment_bytes: Histogram,
     pub kv_throughput: Histogram,
     pub agent_time: Histogram,
+    /// Prompt and output tokens of each finished request, by model.
+    pub prompt_len: Histogram,
+    pub output_len: Histogram,
+    /// Finished requests of deployments with both latency targets, by whether they met both.
+    pub slo: Counter,
     pub inflight: AtomicU64,
     /// Open connections to the OpenAI API.
     pub connections: AtomicU64,
@@ -350,6 +360,23 @@ impl Default for Metrics {
                 "model",
                 AGENT_BUCKETS,
             ),
+            prompt_len: Histogram::new(
+                "pdagent_request_prompt_tokens",
+                "Prompt tokens of each finished request, by model.",
+                "model",
+                LENGTH_BUCKETS,
+            ),
+            output_len: Histogram::new(
+                "pdagent_request_output_tokens",
+                "Output tokens of each finished request, by model.",
+                "model",
+                LENGTH_BUCKETS,
+            ),
+            slo: Counter::new(
+                "pdagent_requests_slo_total",
+                "Finished requests of deployments with TTFT and TPOT targets (pdctl deploy --ttft-ms --tpot-ms), by model and result: within (both met) or missed.",
+                &["model", "result"],
+            ),
             inflight: AtomicU64::new(0),
         }
     }
@@ -389,6 +416,9 @@ impl Metrics {
         self.kv_shipment_bytes.render(&mut out);
         self.kv_throughput.render(&mut out);
         self.agent_time.render(&mut out);
+        self.prompt_len.render(&mut out);
+        self.output_len.render(&mut out);
+        self.slo.render(&mut out);
         let _ = writeln!(
             out,
             "# HELP pdagent_requests_inflight Requests this agent's OpenAI API is serving now."
