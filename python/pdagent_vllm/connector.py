@@ -81,6 +81,11 @@ def prompt_crc(token_ids) -> int:
 # ---------------------------------------------------------------- the agent's socket
 
 
+# Bound on any one read or write on the agent's socket: an agent that stopped answering fails
+# the shipment (the decode engine then computes the prompt) instead of holding the engine.
+SOCKET_TIMEOUT_S = 60.0
+
+
 class AgentLink:
     """One connection to the agent's KV socket (frames: u32 head length, JSON head, u64 body
     length, body)."""
@@ -93,6 +98,7 @@ class AgentLink:
     def _connect(self) -> socket.socket:
         if self.sock is None:
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(SOCKET_TIMEOUT_S)
             s.connect(self.path)
             self.sock = s
             self._send(self.hello, b"")

@@ -39,6 +39,9 @@ use crate::util::Unpoisoned;
 
 /// Largest frame head accepted.
 pub const HEAD_BYTES_MAX: u32 = 64 << 10;
+/// Bound on handing a whole shipment to a decode engine's connector once it is here.
+const HAND_OVER_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Pieces a prefill leg may have waiting before the connector's writes wait for it.
 const HANDED_QUEUE: usize = 64;
 
@@ -102,6 +105,9 @@ impl Hello {
             .map_err(|_| format!("fingerprint {:?} is not hex", self.fingerprint))?;
         if self.layers == 0 || self.kv_heads == 0 || self.head_dim == 0 || self.block_size == 0 {
             return Err("a KV geometry with a zero dimension".into());
+        }
+        if self.rank >= self.tp {
+            return Err(format!("TP rank {} of {}", self.rank, self.tp));
         }
         Ok(KvGeometry {
             model_fingerprint,
@@ -254,8 +260,14 @@ impl Bridge {
         let this = self.clone();
         Ok(tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
+                let stream = match listener.accept().await {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        // Out of descriptors, say: do not spin on it.
+                        tracing::warn!(error = %e, "the KV socket could not accept a connection");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
                 };
                 let this = this.clone();
                 tokio::spawn(async move {
@@ -363,16 +375,14 @@ impl Bridge {
             return Ok(());
         };
         let expected = geometry.layer_payload_bytes(count as usize);
+        let end = u64::from(start) + u64::from(count);
         let why = if layer >= geometry.layers {
             Some(format!(
                 "a piece for layer {layer} of {} layers",
                 geometry.layers
             ))
-        } else if u64::from(start) + u64::from(count) > u64::from(tokens) {
-            Some(format!(
-                "a piece for tokens {start}..{} of {tokens}",
-                start + count
-            ))
+        } else if end > u64::from(tokens) {
+            Some(format!("a piece for tokens {start}..{end} of {tokens}"))
         } else if body.len() != expected {
             Some(format!(
                 "a piece of {} bytes for {count} tokens (expected {expected})",
@@ -383,8 +393,7 @@ impl Bridge {
                 .local_integrity_failures
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             Some(format!(
-                "layer {layer} tokens {start}..{} failed its checksum between the engine and its agent",
-                start + count
+                "layer {layer} tokens {start}..{end} failed its checksum between the engine and its agent"
             ))
         } else {
             None
@@ -464,11 +473,22 @@ impl Bridge {
             &[],
         )
         .await?;
-        for (p, crc) in arrived.pieces.iter().zip(&arrived.checksums) {
-            let head = json!({"layer": p.layer, "start": p.token_start, "count": p.token_count, "crc": crc});
-            write_frame(w, &head, &p.data).await?;
-        }
-        w.flush().await?;
+        // A connector that stops reading does not hold the shipment's memory for ever.
+        let hand_over = async {
+            for (p, crc) in arrived.pieces.iter().zip(&arrived.checksums) {
+                let head = json!({"layer": p.layer, "start": p.token_start, "count": p.token_count, "crc": crc});
+                write_frame(w, &head, &p.data).await?;
+            }
+            w.flush().await
+        };
+        tokio::time::timeout(HAND_OVER_TIMEOUT, hand_over)
+            .await
+            .map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the decode engine's connector stopped reading its KV",
+                )
+            })??;
         let taken = Taken {
             payload_bytes: payload,
             pieces: arrived.pieces.len() as u64,
@@ -620,5 +640,11 @@ mod tests {
         assert_eq!(g.bytes_per_element(), 2);
         assert!(hello("int8", 2).geometry().unwrap_err().contains("int8"));
         assert!(hello("float32", 0).geometry().is_err());
+        let beyond = Hello {
+            rank: 2,
+            tp: 2,
+            ..hello("float32", 2)
+        };
+        assert!(beyond.geometry().unwrap_err().contains("TP rank 2 of 2"));
     }
 }
