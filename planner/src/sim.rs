@@ -752,11 +752,12 @@ impl Sim<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::{Calibration, Dtypes, LengthDist, StepCost, SystemSpec, Workload};
 
-    fn tiny() -> ModelSpec {
+    /// A small Llama for the planner's tests.
+    pub(crate) fn tiny() -> ModelSpec {
         crate::parse_hf_config(
             "tiny",
             r#"{"hidden_size":256,"num_hidden_layers":4,"num_attention_heads":4,
@@ -766,7 +767,7 @@ mod tests {
     }
 
     /// A host whose step times are exactly the given calibration, with a fast network.
-    fn measured(model: &ModelSpec, cal: Calibration, memory_bytes: f64) -> PerfModel {
+    pub(crate) fn measured(model: &ModelSpec, cal: Calibration, memory_bytes: f64) -> PerfModel {
         let host = SystemSpec::measured_host("host", memory_bytes, 1e12);
         PerfModel::new(model, &host, Dtypes::bf16(), 1, StepCost::Measured(cal)).unwrap()
     }

@@ -2,7 +2,8 @@
 //! then the simulator's scores on two workload shapes.
 
 use super::*;
-use crate::{Calibration, Dtypes, PerfModel, StepCost, SystemSpec};
+use crate::Calibration;
+use crate::sim::tests::{measured, tiny};
 
 /// Requests per second one prefill and one decode engine can take in the stand-in model.
 const PREFILL_RPS: f64 = 3.0;
@@ -537,15 +538,6 @@ fn histograms_become_draws_in_their_proportions() {
     assert!(empirical(&vec![(8, 1), (4, 1)], "ISL").is_err());
 }
 
-fn tiny() -> ModelSpec {
-    crate::parse_hf_config(
-        "tiny",
-        r#"{"hidden_size":256,"num_hidden_layers":4,"num_attention_heads":4,
-            "num_key_value_heads":2,"intermediate_size":512,"vocab_size":1024}"#,
-    )
-    .unwrap()
-}
-
 fn scorer(model: &ModelSpec) -> SimScorer<'_> {
     let cal = Calibration {
         prefill_base_s: 0.005,
@@ -555,8 +547,7 @@ fn scorer(model: &ModelSpec) -> SimScorer<'_> {
         decode_per_seq_s: 1e-4,
         decode_per_context_token_s: 0.0,
     };
-    let host = SystemSpec::measured_host("host", 4e9, 1e12);
-    let perf = PerfModel::new(model, &host, Dtypes::bf16(), 1, StepCost::Measured(cal)).unwrap();
+    let perf = measured(model, cal, 4e9);
     let group = |role, max_batch, max_step_tokens| WorkerGroup {
         system: "host".into(),
         role,
