@@ -87,6 +87,7 @@ impl Service for AgentService {
                 Ok(AgentResponse::KvSealed)
             }
             AgentRequest::Latencies => Ok(AgentResponse::Latencies(self.metrics.latencies())),
+            AgentRequest::Workload => Ok(AgentResponse::Workload(self.metrics.workloads())),
             AgentRequest::Directive { term, directive } => {
                 self.control.directive(peer, term, directive).await
             }
@@ -336,6 +337,12 @@ pub async fn run(
         metrics.clone(),
     );
     let refreshing = serving.spawn_refresher();
+    let autoplanner = crate::autoplan::Autoplanner::new(
+        control.clone(),
+        metrics.clone(),
+        Duration::from_millis(cfg.config.raft.autoplan_interval_ms),
+    );
+    let replanning = autoplanner.spawn();
     let api_addr = match cfg.serving_listen {
         Some(addr) => Some(crate::serving::ingress::serve(addr, serving.clone()).await?),
         None => None,
@@ -360,6 +367,7 @@ pub async fn run(
                 &cfg.config.drivers.vllm,
             ),
             serving: serving.clone(),
+            autoplan: autoplanner.clone(),
             api: api_addr.is_some(),
             local,
         }))
@@ -415,6 +423,7 @@ pub async fn run(
     enroll.abort();
     renewal.abort();
     refreshing.abort();
+    replanning.abort();
     bridging.abort();
     coordinating.abort();
     reporting.abort();

@@ -11,6 +11,7 @@
 pub mod admin;
 pub mod agent;
 pub mod authority;
+pub mod autoplan;
 pub mod config;
 pub mod control;
 pub mod coordinator;

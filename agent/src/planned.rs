@@ -93,26 +93,57 @@ pub fn free_gpus(
     (known, unknown)
 }
 
+/// The planner's request for `model` on `gpus` (count by planner system), with the
+/// roofline's step times; also what the coordinator's re-planning asks again (`autoplan`).
+pub fn plan_request(
+    model: pd_planner::ModelSpec,
+    gpus: &BTreeMap<String, u32>,
+    isl: u32,
+    osl: u32,
+    ttft_ms: u32,
+    tpot_ms: u32,
+    tp: u32,
+) -> Result<PlanRequest, PlanRefusal> {
+    let mut pools = Vec::new();
+    for (system, count) in gpus {
+        pools.push(GpuPool {
+            system: pd_planner::find_system(system)
+                .map_err(|e| PlanRefusal::Input(e.to_string()))?,
+            gpus: *count,
+            cost: StepCost::Roofline(Default::default()),
+        });
+    }
+    Ok(PlanRequest {
+        dtypes: Dtypes::new(model.native_weights, Dtype::Bf16)
+            .map_err(|e| PlanRefusal::Input(e.to_string()))?,
+        model,
+        pools,
+        isl,
+        osl,
+        slo: Slo {
+            ttft_s: ttft_ms as f64 / 1e3,
+            tpot_s: tpot_ms as f64 / 1e3,
+        },
+        seed: PLAN_SEED,
+        tp: Some(tp),
+    })
+}
+
 /// Plans `want` on the free GPUs of `state`: the layout with more output tokens/s/GPU of the
 /// best disaggregated and the best colocated one, as a record for the replicated state.
 pub fn plan(state: &ClusterState, want: &PlannedDeploy) -> Result<PlanRecord, PlanRefusal> {
     let model = planner_model(&want.model)?;
     let (known, unknown) = free_gpus(state, want.hosts.as_ref());
     let mut left = want.max_gpus.unwrap_or(u32::MAX);
-    let mut pools = Vec::new();
+    let mut chosen = BTreeMap::new();
     for (system, count) in &known {
         let gpus = (*count).min(left);
         left -= gpus;
         if gpus > 0 {
-            pools.push(GpuPool {
-                system: pd_planner::find_system(system)
-                    .map_err(|e| PlanRefusal::Input(e.to_string()))?,
-                gpus,
-                cost: StepCost::Roofline(Default::default()),
-            });
+            chosen.insert(system.clone(), gpus);
         }
     }
-    if pools.is_empty() {
+    if chosen.is_empty() {
         let mut why =
             "no free GPU to plan on (healthy, on a ready and active node, held by no engine)"
                 .to_string();
@@ -125,24 +156,16 @@ pub fn plan(state: &ClusterState, want: &PlannedDeploy) -> Result<PlanRecord, Pl
         }
         return Err(PlanRefusal::NoFit(why));
     }
-    let gpus_text: Vec<String> = pools
-        .iter()
-        .map(|p| format!("{}:{}", p.system.name, p.gpus))
-        .collect();
-    let req = PlanRequest {
-        dtypes: Dtypes::new(model.native_weights, Dtype::Bf16)
-            .map_err(|e| PlanRefusal::Input(e.to_string()))?,
+    let gpus_text: Vec<String> = chosen.iter().map(|(s, n)| format!("{s}:{n}")).collect();
+    let req = plan_request(
         model,
-        pools,
-        isl: want.isl,
-        osl: want.osl,
-        slo: Slo {
-            ttft_s: want.ttft_ms as f64 / 1e3,
-            tpot_s: want.tpot_ms as f64 / 1e3,
-        },
-        seed: PLAN_SEED,
-        tp: Some(want.tp),
-    };
+        &chosen,
+        want.isl,
+        want.osl,
+        want.ttft_ms,
+        want.tpot_ms,
+        want.tp,
+    )?;
     let plan = pd_planner::plan(&req).map_err(|e| PlanRefusal::Input(e.to_string()))?;
     let Some(best) = plan.best() else {
         return Err(PlanRefusal::NoFit(format!(

@@ -281,6 +281,54 @@ pub struct RoutableNode {
     pub api: Option<bool>,
 }
 
+/// `GET /v1/autoplan` (answered by the coordinator): the latest re-planning decision of each
+/// planned deployment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Autoplan {
+    pub deployments: Vec<AutoplanReport>,
+}
+
+/// One deployment's latest window and what the re-planner made of it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AutoplanReport {
+    pub deployment: String,
+    /// `advise`: decisions are recorded, never carried out.
+    pub mode: String,
+    /// The window's number in this coordinator's term (0: none decided yet).
+    pub window: u64,
+    pub seconds: f64,
+    pub requests: u64,
+    pub rate_per_s: f64,
+    /// Finished requests judged against the targets, and those within both.
+    pub judged: u64,
+    pub within_slo: u64,
+    pub engines_reporting: u32,
+    pub engines_total: u32,
+    /// The layout in force, e.g. `1P2D`.
+    pub layout: String,
+    /// The best move (`keep`, `flip-decode-to-prefill`, ...) and the layout it leads to.
+    pub best: String,
+    pub best_layout: String,
+    /// Whether the rules allow the best move now.
+    pub allowed: bool,
+    pub reason: String,
+    pub candidates: Vec<AutoplanCandidate>,
+    pub notes: Vec<String>,
+    /// When it was decided (unix seconds).
+    pub decided_unix: i64,
+}
+
+/// A candidate layout and its predicted SLO attainment at the window's load.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AutoplanCandidate {
+    pub action: String,
+    pub layout: String,
+    pub attainment: Option<f64>,
+    pub goodput_rps: Option<f64>,
+    /// Why it could not be scored.
+    pub error: Option<String>,
+}
+
 /// What a write changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Changed {

@@ -137,6 +137,10 @@ enum Command {
     Deployments,
     /// Every engine: deployment, node, GPUs, role, state, pid, restarts, generation.
     Engines,
+    /// The coordinator's re-planning of planned deployments (advise: what it would do, and
+    /// why; nothing is carried out): the latest window's load and SLO attainment, the best
+    /// move, and with a deployment's name every candidate's predicted attainment.
+    Autoplan { name: Option<String> },
     /// API keys of the OpenAI API. Once the cluster has one, every agent's API asks for a key
     /// (`Authorization: Bearer <key>`).
     Apikey {
@@ -549,6 +553,64 @@ fn block_on<F: std::future::Future>(f: F) -> Result<F::Output> {
         .block_on(f))
 }
 
+/// `pdctl autoplan`: one line per deployment; `detail` adds every candidate and the notes.
+fn print_autoplan(v: &pd_api::Autoplan, detail: bool) {
+    println!(
+        "{:<20} {:<6} {:>7} {:>9} {:>8} {:<8} {:<24} {:<8} REASON",
+        "DEPLOYMENT", "MODE", "WINDOW", "REQ/S", "WITHIN", "LAYOUT", "BEST", "ALLOWED"
+    );
+    for d in &v.deployments {
+        let within = if d.judged > 0 {
+            format!("{:.0}%", 100.0 * d.within_slo as f64 / d.judged as f64)
+        } else {
+            "-".into()
+        };
+        let best = if d.best == "keep" || d.best_layout.is_empty() {
+            d.best.clone()
+        } else {
+            format!("{} ({})", d.best, d.best_layout)
+        };
+        println!(
+            "{:<20} {:<6} {:>7} {:>9.2} {:>8} {:<8} {:<24} {:<8} {}",
+            d.deployment,
+            d.mode,
+            d.window,
+            d.rate_per_s,
+            within,
+            d.layout,
+            best,
+            if d.allowed { "yes" } else { "no" },
+            d.reason
+        );
+        if detail {
+            println!(
+                "  window: {:.1} s, {} requests, {} judged against the targets, {} of {} engines reporting",
+                d.seconds, d.requests, d.judged, d.engines_reporting, d.engines_total
+            );
+            for c in &d.candidates {
+                match (&c.attainment, &c.goodput_rps, &c.error) {
+                    (Some(a), Some(g), _) => println!(
+                        "  {:<24} {:<8} predicted {:>5.1}% within, {:.2} req/s",
+                        c.action,
+                        c.layout,
+                        a * 100.0,
+                        g
+                    ),
+                    (_, _, e) => println!(
+                        "  {:<24} {:<8} not scored: {}",
+                        c.action,
+                        c.layout,
+                        e.as_deref().unwrap_or("-")
+                    ),
+                }
+            }
+            for n in &d.notes {
+                println!("  note: {n}");
+            }
+        }
+    }
+}
+
 fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
     println!("{}", serde_json::to_string(v)?);
     Ok(())
@@ -886,6 +948,23 @@ fn run(cli: Cli) -> Result<()> {
                         println!("    {line}");
                     }
                 }
+            }
+        }
+        Command::Autoplan { name } => {
+            let c = admin(&cli.config)?;
+            let mut v: pd_api::Autoplan = block_on(c.get("/v1/autoplan"))??;
+            if let Some(name) = &name {
+                v.deployments.retain(|d| &d.deployment == name);
+                if v.deployments.is_empty() {
+                    anyhow::bail!(
+                        "{name}: no re-planning (only planned deployments with --ttft-ms and --tpot-ms are re-planned)"
+                    );
+                }
+            }
+            if json {
+                print_json(&v)?;
+            } else {
+                print_autoplan(&v, name.is_some());
             }
         }
         Command::Apikey { command } => {

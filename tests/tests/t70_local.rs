@@ -825,6 +825,61 @@ fn a_planned_deployment_shows_its_prediction_beside_what_is_measured() {
         "{table}"
     );
 
+    // The coordinator re-plans it every window (5 s in local clusters), in advise mode: the
+    // window's requests and SLO attainment, the layout in force scored first, the best move
+    // and why; nothing is carried out.
+    let autoplan = |l: &Local| -> Option<serde_json::Value> {
+        let out = l.pdctl(&["autoplan", "tiny", "-o", "json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        Some(v["deployments"][0].clone())
+    };
+    let first = wait_for(
+        "a first re-planning window",
+        deadline(Duration::from_secs(60)),
+        || autoplan(&l).filter(|r| r["window"].as_u64() >= Some(1)),
+    );
+    for k in 0..4 {
+        let addr = node_addr(&l, &format!("node-{}", 1 + k % 2));
+        let body = serde_json::json!({
+            "model": "tiny", "prompt": format!("replanned {k}"), "max_tokens": 16, "temperature": 0,
+        });
+        assert_eq!(post_json(&addr, "/v1/completions", &body).status, 200);
+    }
+    let r = wait_for(
+        "a window with the requests",
+        deadline(Duration::from_secs(60)),
+        || {
+            autoplan(&l).filter(|r| {
+                r["window"].as_u64() > first["window"].as_u64() && r["requests"].as_u64() >= Some(1)
+            })
+        },
+    );
+    assert_eq!(r["mode"], "advise", "{r}");
+    assert_eq!(
+        r["judged"], r["requests"],
+        "every request judged against 500 ms / 20 ms: {r}"
+    );
+    assert_eq!(r["engines_reporting"], r["engines_total"], "{r}");
+    assert!(!r["reason"].as_str().unwrap_or_default().is_empty(), "{r}");
+    let layout = &d["layout"];
+    if let Some(p) = layout["disaggregated"]["prefill"].as_u64() {
+        let dd = layout["disaggregated"]["decode"].as_u64().unwrap();
+        assert_eq!(r["layout"], format!("{p}P{dd}D"), "{r}");
+        assert_eq!(r["candidates"][0]["action"], "keep", "{r}");
+        assert!(r["candidates"][0]["attainment"].as_f64().is_some(), "{r}");
+    } else {
+        assert!(r["reason"].as_str().unwrap().contains("colocated"), "{r}");
+    }
+    let out = l.pdctl(&["autoplan", "tiny"]);
+    assert!(
+        text(&out.stdout).contains("DEPLOYMENT") && text(&out.stdout).contains("window:"),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    // Advise only: the layout is as planned.
+    assert_eq!(deployment(&l)["layout"], d["layout"]);
+
     // No layout meets a 1 ms TPOT; an unknown model folder is named.
     let out = l.pdctl(&[
         "deploy",

@@ -52,6 +52,20 @@ pub(super) async fn engines(State(ctx): Ctx) -> Json<Engines> {
     Json(Engines { engines })
 }
 
+/// The coordinator's latest re-planning decisions (`pdctl autoplan`); another agent names
+/// the coordinator (`421`), which holds them.
+pub(super) async fn autoplan(State(ctx): Ctx) -> Result<Json<pd_api::Autoplan>, WriteError> {
+    ctx.redirect_early()?;
+    match ctx.autoplan.reports() {
+        Some(deployments) => Ok(Json(pd_api::Autoplan { deployments })),
+        None => Err(WriteError::Api(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_coordinator",
+            "no coordinator holds re-planning decisions yet (an election, or a coordinator's first round)".into(),
+        ))),
+    }
+}
+
 /// Whether every agent's router would route to all of a deployment's engines now (what
 /// `pdctl deploy --wait` waits for after the engines are ready): per node (not down), the
 /// engines its router would choose and whether it serves the OpenAI API; `every_agent` is

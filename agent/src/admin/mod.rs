@@ -78,6 +78,8 @@ pub struct AdminCtx {
     pub kv_transport_default: crate::driver::KvTransport,
     /// This agent's serving path (what its router would choose).
     pub serving: Arc<crate::serving::Serving>,
+    /// The re-planning loop (its decisions, while this agent is the coordinator).
+    pub autoplan: Arc<crate::autoplan::Autoplanner>,
     /// This agent serves the OpenAI API.
     pub api: bool,
     /// Serving the local unix socket (rather than HTTPS with the admin certificate): on a
@@ -301,6 +303,7 @@ pub fn router(ctx: Arc<AdminCtx>) -> Router {
         .route("/v1/nodes/{node}", axum::routing::delete(remove))
         .route("/v1/deployments", get(deployments).post(create_deployment))
         .route("/v1/engines", get(engines))
+        .route("/v1/autoplan", get(autoplan))
         .route(
             "/v1/deployments/{name}",
             axum::routing::delete(delete_deployment),

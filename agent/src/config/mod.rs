@@ -306,6 +306,9 @@ pub struct RaftSection {
     pub snapshot_after_entries: u64,
     /// How often the coordinator checks the voter set.
     pub coordinator_interval_ms: u64,
+    /// How often the coordinator re-plans planned deployments from what the agents measured
+    /// (one window).
+    pub autoplan_interval_ms: u64,
 }
 
 impl Default for RaftSection {
@@ -316,6 +319,7 @@ impl Default for RaftSection {
             election_timeout_max_ms: 2000,
             snapshot_after_entries: 5000,
             coordinator_interval_ms: 1000,
+            autoplan_interval_ms: 15_000,
         }
     }
 }

@@ -159,6 +159,12 @@ impl AgentConfig {
                 "must be between 10 and 600000",
             ));
         }
+        if !(5_000..=600_000).contains(&r.autoplan_interval_ms) {
+            return Err(ConfigError::new(
+                "raft.autoplan_interval_ms",
+                "must be between 5000 and 600000",
+            ));
+        }
         if self.node.worker_threads > 1024 {
             return Err(ConfigError::new(
                 "node.worker_threads",

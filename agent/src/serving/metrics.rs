@@ -6,7 +6,7 @@
 //! `_total` for counters.
 
 use crate::util::Unpoisoned;
-use crate::wire::latency::{HistSnapshot, ModelLatency};
+use crate::wire::latency::{HistSnapshot, ModelLatency, ModelWorkload};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Mutex;
@@ -392,6 +392,30 @@ impl Metrics {
             .filter_map(|(model, ttft)| {
                 let tpot = tpot.remove(&model)?;
                 Some(ModelLatency { model, ttft, tpot })
+            })
+            .collect()
+    }
+
+    /// Per model with finished requests: what the ingress counted since it started.
+    pub fn workloads(&self) -> Vec<ModelWorkload> {
+        let mut output = self.output_len.snapshot();
+        self.prompt_len
+            .snapshot()
+            .into_iter()
+            .filter_map(|(model, prompt_tokens)| {
+                let output_tokens = output.remove(&model)?;
+                let requests = ["ok", "cancelled", "rejected", "error"]
+                    .iter()
+                    .map(|o| self.requests.get(&[&model, o]))
+                    .sum();
+                Some(ModelWorkload {
+                    requests,
+                    within_slo: self.slo.get(&[&model, "within"]),
+                    missed_slo: self.slo.get(&[&model, "missed"]),
+                    model,
+                    prompt_tokens,
+                    output_tokens,
+                })
             })
             .collect()
     }

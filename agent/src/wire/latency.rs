@@ -58,3 +58,19 @@ pub struct ModelLatency {
     pub ttft: HistSnapshot,
     pub tpot: HistSnapshot,
 }
+
+/// What one agent's ingress counted for one model since it started, for the coordinator's
+/// re-planning (`autoplan`), which takes the difference of two.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ModelWorkload {
+    pub model: String,
+    /// Requests answered, whatever the outcome.
+    pub requests: u64,
+    /// Finished requests of a deployment with both latency targets: those that met both, and
+    /// those that missed one.
+    pub within_slo: u64,
+    pub missed_slo: u64,
+    /// Prompt and output tokens of the finished requests.
+    pub prompt_tokens: HistSnapshot,
+    pub output_tokens: HistSnapshot,
+}

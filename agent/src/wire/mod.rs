@@ -73,6 +73,8 @@ pub enum AgentRequest {
     Routable { deployment: String },
     /// The last entry of this agent's Raft log (voters compare before campaigning).
     LogTip,
+    /// What this agent's ingress counted per model (the coordinator's re-planning).
+    Workload,
 }
 
 impl AgentRequest {
@@ -147,6 +149,7 @@ pub enum AgentResponse {
         api: bool,
     },
     LogTip(Option<openraft::LogId<u64>>),
+    Workload(Vec<latency::ModelWorkload>),
 }
 
 /// What an agent answers a peer whose node was removed from the cluster (the peer, reading

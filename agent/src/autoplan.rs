@@ -1,0 +1,578 @@
+//! The coordinator's re-planning of planned deployments, in advise mode. Every
+//! `raft.autoplan_interval_ms` the coordinator asks every agent what its ingress counted per
+//! model (`AgentRequest::Workload`), takes the difference with the previous answers as one
+//! window (requests, lengths, SLO attainment), and lets `pd_planner::autoplan::decide` judge the
+//! layout in force against every move reachable in one step, scored with the planner's
+//! simulator on the engines the deployment was planned with. The latest decision of each
+//! deployment is kept for the term (`GET /v1/autoplan`, `pdctl autoplan`) and logged; none is
+//! carried out yet.
+//!
+//! Like the coordinator's other duties, what it holds lives for one term of leadership: a new
+//! coordinator's first round only takes a baseline, so a window is never half of one.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pd_planner::autoplan::{self as ap, Bounds, Decision, Past, Policy, SimScorer, Split, Window};
+use pd_planner::{ModelSpec, Role, Slo, WorkerGroup};
+use pd_raft::{ClusterState, Layout, NodeHealth, PlanRecord};
+
+use crate::control::ControlPlane;
+use crate::serving::metrics::Metrics;
+use crate::util::Unpoisoned;
+use crate::wire::latency::{HistSnapshot, ModelWorkload};
+use crate::wire::{AgentRequest, AgentResponse};
+
+/// Bound on one agent's answer.
+const ASK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Windows remembered per deployment (the forecast record needs a few).
+const HISTORY_MAX: usize = 32;
+/// P:D ratio bounds until a deployment can set its own.
+const PD_RATIO_MIN: f64 = 1.0 / 16.0;
+const PD_RATIO_MAX: f64 = 16.0;
+/// Requests simulated per score.
+const SIM_REQUESTS: u32 = 2000;
+
+/// The re-planning loop and its latest decisions.
+pub struct Autoplanner {
+    control: Arc<ControlPlane>,
+    /// This agent's own ingress counters (the coordinator's host serves requests too).
+    metrics: Arc<Metrics>,
+    interval: Duration,
+    term: Mutex<Option<Term>>,
+}
+
+/// What one term of leadership holds.
+struct Term {
+    term: u64,
+    tracks: HashMap<String, Track>,
+}
+
+/// One deployment followed through the term.
+struct Track {
+    /// Which deployment of that name (one made again starts afresh).
+    created_at: u64,
+    index: u64,
+    /// The previous answers, by node, and when they came.
+    last: Option<(Instant, BTreeMap<String, ModelWorkload>)>,
+    history: Vec<Past>,
+    /// The engines the deployment was planned with, as the simulator models them.
+    groups: Option<Result<Groups, String>>,
+    latest: Option<pd_api::AutoplanReport>,
+}
+
+struct Groups {
+    model: ModelSpec,
+    prefill: WorkerGroup,
+    decode: WorkerGroup,
+    slo: Slo,
+}
+
+/// A planned deployment as one round needs it.
+struct Planned {
+    name: String,
+    created_at: u64,
+    model: String,
+    tp: u32,
+    ttft_ms: u32,
+    tpot_ms: u32,
+    layout: Layout,
+    plan: PlanRecord,
+    /// Its engines, by node.
+    engines: BTreeMap<String, u32>,
+    /// GPUs it could grow onto.
+    free_gpus: u32,
+}
+
+impl Autoplanner {
+    pub fn new(control: Arc<ControlPlane>, metrics: Arc<Metrics>, interval: Duration) -> Arc<Self> {
+        Arc::new(Autoplanner {
+            control,
+            metrics,
+            interval,
+            term: Mutex::new(None),
+        })
+    }
+
+    pub fn spawn(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(this.interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                this.round().await;
+            }
+        })
+    }
+
+    /// The latest decision of every planned deployment this term (`None`: this agent is not
+    /// the coordinator).
+    pub fn reports(&self) -> Option<Vec<pd_api::AutoplanReport>> {
+        let t = self.term.locked();
+        let t = t.as_ref().filter(|_| self.control.is_coordinator())?;
+        let mut out: Vec<_> = t
+            .tracks
+            .iter()
+            .map(|(name, tr)| {
+                tr.latest.clone().unwrap_or_else(|| pd_api::AutoplanReport {
+                    deployment: name.clone(),
+                    mode: "advise".into(),
+                    reason: "the first window of this coordinator's term is under way".into(),
+                    ..empty_report()
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a.deployment.cmp(&b.deployment));
+        Some(out)
+    }
+
+    async fn round(&self) {
+        let term = {
+            let m = self.control.raft.metrics();
+            let m = m.borrow();
+            (m.current_leader == Some(self.control.id)).then_some(m.current_term)
+        };
+        let Some(term) = term else {
+            *self.term.locked() = None;
+            return;
+        };
+        let me = self.control.node_name().to_string();
+        let (planned, others) = self.control.read_state(|s| (planned(s), others(s, &me)));
+        let mut answers = self.ask(others).await;
+        answers.insert(me, self.metrics.workloads());
+        let now = Instant::now();
+        let mut t = self.term.locked().take().filter(|t| t.term == term);
+        let mut t = t.take().unwrap_or(Term {
+            term,
+            tracks: HashMap::new(),
+        });
+        t.tracks.retain(|name, tr| {
+            planned
+                .iter()
+                .any(|p| &p.name == name && p.created_at == tr.created_at)
+        });
+        let interval_s = self.interval.as_secs_f64();
+        let t = tokio::task::spawn_blocking(move || {
+            for p in &planned {
+                let tr = t.tracks.entry(p.name.clone()).or_insert_with(|| Track {
+                    created_at: p.created_at,
+                    index: 0,
+                    last: None,
+                    history: Vec::new(),
+                    groups: None,
+                    latest: None,
+                });
+                step(tr, p, &answers, now, interval_s);
+            }
+            t
+        })
+        .await;
+        match t {
+            Ok(t) => *self.term.locked() = Some(t),
+            Err(e) => tracing::warn!(error = %e, "a re-planning round failed"),
+        }
+    }
+
+    /// Every other agent's counters (those that do not answer are left out).
+    async fn ask(
+        &self,
+        nodes: Vec<(String, Option<std::net::SocketAddr>)>,
+    ) -> BTreeMap<String, Vec<ModelWorkload>> {
+        let mut asks = tokio::task::JoinSet::new();
+        for (name, addr) in nodes {
+            let peers = self.control.peers().clone();
+            asks.spawn(async move {
+                let got = match addr {
+                    Some(addr) => peers
+                        .call(&name, addr, &AgentRequest::Workload, ASK_TIMEOUT)
+                        .await
+                        .ok(),
+                    None => None,
+                };
+                (name, got)
+            });
+        }
+        asks.join_all()
+            .await
+            .into_iter()
+            .filter_map(|(name, got)| match got {
+                Some(AgentResponse::Workload(w)) => Some((name, w)),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// The planned deployments with both targets.
+fn planned(s: &ClusterState) -> Vec<Planned> {
+    s.deployments
+        .values()
+        .filter_map(|d| {
+            let plan = s.plans.get(&d.name)?;
+            let mut engines = BTreeMap::new();
+            for a in s.assignments.values().filter(|a| a.deployment == d.name) {
+                *engines.entry(a.node.clone()).or_insert(0) += 1;
+            }
+            let hosts = s.model_hosts.get(&d.name).map(|h| &h.nodes);
+            let (free, _) = crate::planned::free_gpus(s, hosts);
+            Some(Planned {
+                name: d.name.clone(),
+                created_at: d.created_at,
+                model: d.model.clone(),
+                tp: d.tp.max(1),
+                ttft_ms: d.ttft_ms?,
+                tpot_ms: d.tpot_ms?,
+                layout: d.layout,
+                plan: plan.clone(),
+                engines,
+                free_gpus: free.values().sum(),
+            })
+        })
+        .collect()
+}
+
+/// The other agents that may answer.
+fn others(s: &ClusterState, me: &str) -> Vec<(String, Option<std::net::SocketAddr>)> {
+    s.nodes
+        .values()
+        .filter(|n| n.name != me && n.health != NodeHealth::Down)
+        .map(|n| (n.name.clone(), n.socket_addr()))
+        .collect()
+}
+
+/// One round for one deployment: a baseline, or a window and its decision.
+fn step(
+    tr: &mut Track,
+    p: &Planned,
+    answers: &BTreeMap<String, Vec<ModelWorkload>>,
+    now: Instant,
+    interval_s: f64,
+) {
+    let counters: BTreeMap<String, ModelWorkload> = answers
+        .iter()
+        .map(|(node, w)| {
+            let mine = w.iter().find(|m| m.model == p.name).cloned();
+            (node.clone(), mine.unwrap_or_else(|| nothing(&p.name)))
+        })
+        .collect();
+    let Some((then, before)) = tr.last.replace((now, counters.clone())) else {
+        return;
+    };
+    let total: u32 = p.engines.values().sum();
+    let reporting: u32 = p
+        .engines
+        .iter()
+        .filter(|(node, _)| counters.contains_key(*node))
+        .map(|(_, n)| n)
+        .sum();
+    let w = window(
+        &before,
+        &counters,
+        (now - then).as_secs_f64(),
+        reporting,
+        total,
+    );
+    tr.index += 1;
+    let Layout::Disaggregated { prefill, decode } = p.layout else {
+        tr.latest = Some(pd_api::AutoplanReport {
+            deployment: p.name.clone(),
+            mode: "advise".into(),
+            window: tr.index,
+            reason: "a colocated layout is not re-planned (moves flip and scale prefill and decode engines)".into(),
+            ..report_of_window(&w)
+        });
+        return;
+    };
+    let current = Split { prefill, decode };
+    let groups = tr.groups.get_or_insert_with(|| groups(p));
+    let policy = Policy {
+        interval_s,
+        ..Policy::default()
+    };
+    let tp = p.tp;
+    let bounds = Bounds {
+        gpus_per_engine: tp,
+        min_gpus: 2 * tp,
+        max_gpus: current.engines() * tp + p.free_gpus,
+        free_gpus: p.free_gpus,
+        pd_ratio_min: PD_RATIO_MIN,
+        pd_ratio_max: PD_RATIO_MAX,
+    };
+    let d = match groups {
+        Ok(g) => {
+            let scorer = SimScorer {
+                model: &g.model,
+                prefill: g.prefill.clone(),
+                decode: g.decode.clone(),
+                slo: g.slo,
+                requests: SIM_REQUESTS,
+                seed: tr.index,
+            };
+            let reqs = (w.arrivals > 0).then(|| scorer.requests_for(&w));
+            ap::decide(
+                tr.index,
+                &w,
+                current,
+                &bounds,
+                &policy,
+                &tr.history,
+                |split| match &reqs {
+                    Some(Ok(r)) => scorer.attainment(split, r),
+                    Some(Err(e)) => Err(e.clone()),
+                    None => Ok(1.0),
+                },
+            )
+        }
+        Err(why) => {
+            let why = why.clone();
+            ap::decide(tr.index, &w, current, &bounds, &policy, &tr.history, |_| {
+                Err(pd_planner::PlanError::Invalid {
+                    field: "the deployment's engines",
+                    reason: why.clone(),
+                })
+            })
+        }
+    };
+    let changed = tr.latest.as_ref().is_none_or(|l| l.best != d.best.name());
+    if d.act || changed {
+        tracing::info!(deployment = %p.name, window = d.index, layout = %current, best = d.best.name(), allowed = d.act, reason = %d.reason, "re-planning (advise)");
+    }
+    tr.history.push(d.past);
+    if tr.history.len() > HISTORY_MAX {
+        tr.history.remove(0);
+    }
+    tr.latest = Some(report(&p.name, &w, &d));
+}
+
+/// The engines of the deployment's plan, as the simulator models them (the planner is asked
+/// again for the plan's request: it is deterministic).
+fn groups(p: &Planned) -> Result<Groups, String> {
+    let model = crate::planned::planner_model(&p.model).map_err(|e| e.to_string())?;
+    let mut pools = BTreeMap::new();
+    for part in p.plan.gpus.split(',').filter(|s| !s.is_empty()) {
+        let (system, n) = part
+            .split_once(':')
+            .ok_or_else(|| format!("the plan's GPUs {:?} are not type:count", p.plan.gpus))?;
+        let n: u32 = n
+            .parse()
+            .map_err(|_| format!("the plan's GPUs {:?} are not type:count", p.plan.gpus))?;
+        pools.insert(system.to_string(), n);
+    }
+    let req = crate::planned::plan_request(
+        model.clone(),
+        &pools,
+        p.plan.isl,
+        p.plan.osl,
+        p.ttft_ms,
+        p.tpot_ms,
+        p.tp,
+    )
+    .map_err(|e| e.to_string())?;
+    let slo = req.slo;
+    let plan = pd_planner::plan(&req).map_err(|e| e.to_string())?;
+    let c = plan
+        .disaggregated
+        .ok_or("the planner finds no disaggregated layout for the deployment's plan")?;
+    let group = |role: Role| {
+        c.layout
+            .groups
+            .iter()
+            .find(|g| g.role == role)
+            .cloned()
+            .ok_or_else(|| format!("the plan has no {role:?} engines"))
+    };
+    Ok(Groups {
+        model,
+        prefill: group(Role::Prefill)?,
+        decode: group(Role::Decode)?,
+        slo,
+    })
+}
+
+fn nothing(model: &str) -> ModelWorkload {
+    let empty = HistSnapshot {
+        bounds: crate::serving::metrics::LENGTH_BUCKETS.to_vec(),
+        counts: vec![0; crate::serving::metrics::LENGTH_BUCKETS.len()],
+        count: 0,
+        sum: 0.0,
+    };
+    ModelWorkload {
+        model: model.to_string(),
+        requests: 0,
+        within_slo: 0,
+        missed_slo: 0,
+        prompt_tokens: empty.clone(),
+        output_tokens: empty,
+    }
+}
+
+/// The window between two sets of answers, by node. A node whose counters went back (its
+/// agent restarted) counts from zero; one that did not answer this time is left out.
+pub(crate) fn window(
+    before: &BTreeMap<String, ModelWorkload>,
+    now: &BTreeMap<String, ModelWorkload>,
+    seconds: f64,
+    engines_reporting: u32,
+    engines_total: u32,
+) -> Window {
+    let mut w = Window {
+        seconds,
+        arrivals: 0,
+        isl: Vec::new(),
+        osl: Vec::new(),
+        finished: 0,
+        within_slo: 0,
+        engines_reporting,
+        engines_total,
+    };
+    let mut isl = BTreeMap::<u32, u64>::new();
+    let mut osl = BTreeMap::<u32, u64>::new();
+    for (node, n) in now {
+        let zero = nothing(&n.model);
+        let b = before
+            .get(node)
+            .filter(|b| b.requests <= n.requests && b.within_slo <= n.within_slo)
+            .unwrap_or(&zero);
+        w.arrivals += n.requests - b.requests;
+        let within = n.within_slo.saturating_sub(b.within_slo);
+        w.within_slo += within;
+        w.finished += within + n.missed_slo.saturating_sub(b.missed_slo);
+        add_histogram(&mut isl, &n.prompt_tokens, &b.prompt_tokens);
+        add_histogram(&mut osl, &n.output_tokens, &b.output_tokens);
+    }
+    w.isl = isl.into_iter().collect();
+    w.osl = osl.into_iter().collect();
+    w
+}
+
+/// Adds `now - before` into `into` as (upper bound, count); above the last bound is
+/// `u32::MAX`.
+fn add_histogram(into: &mut BTreeMap<u32, u64>, now: &HistSnapshot, before: &HistSnapshot) {
+    let same = before.bounds == now.bounds && before.counts.len() == now.counts.len();
+    let mut counted = 0;
+    for (i, (bound, c)) in now.bounds.iter().zip(&now.counts).enumerate() {
+        let d = c.saturating_sub(if same { before.counts[i] } else { 0 });
+        counted += d;
+        *into.entry(*bound as u32).or_insert(0) += d;
+    }
+    let all = now
+        .count
+        .saturating_sub(if same { before.count } else { 0 });
+    *into.entry(u32::MAX).or_insert(0) += all.saturating_sub(counted);
+}
+
+fn empty_report() -> pd_api::AutoplanReport {
+    pd_api::AutoplanReport {
+        deployment: String::new(),
+        mode: "advise".into(),
+        window: 0,
+        seconds: 0.0,
+        requests: 0,
+        rate_per_s: 0.0,
+        judged: 0,
+        within_slo: 0,
+        engines_reporting: 0,
+        engines_total: 0,
+        layout: String::new(),
+        best: "keep".into(),
+        best_layout: String::new(),
+        allowed: false,
+        reason: String::new(),
+        candidates: Vec::new(),
+        notes: Vec::new(),
+        decided_unix: crate::util::now_unix(),
+    }
+}
+
+fn report_of_window(w: &Window) -> pd_api::AutoplanReport {
+    pd_api::AutoplanReport {
+        seconds: w.seconds,
+        requests: w.arrivals,
+        rate_per_s: w.rate(),
+        judged: w.finished,
+        within_slo: w.within_slo,
+        engines_reporting: w.engines_reporting,
+        engines_total: w.engines_total,
+        ..empty_report()
+    }
+}
+
+fn report(name: &str, w: &Window, d: &Decision) -> pd_api::AutoplanReport {
+    pd_api::AutoplanReport {
+        deployment: name.to_string(),
+        window: d.index,
+        layout: d.current.to_string(),
+        best: d.best.name().to_string(),
+        best_layout: d
+            .best
+            .apply(d.current)
+            .map_or_else(String::new, |s| s.to_string()),
+        allowed: d.act,
+        reason: d.reason.to_string(),
+        candidates: d
+            .candidates
+            .iter()
+            .map(|c| pd_api::AutoplanCandidate {
+                action: c.mv.name().to_string(),
+                layout: c.split.to_string(),
+                attainment: c.prediction.as_ref().ok().map(|p| p.attainment),
+                goodput_rps: c.prediction.as_ref().ok().map(|p| p.goodput_rps),
+                error: c.prediction.as_ref().err().cloned(),
+            })
+            .collect(),
+        notes: d.notes.clone(),
+        ..report_of_window(w)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counted(requests: u64, within: u64, missed: u64, prompts: &[f64]) -> ModelWorkload {
+        let mut w = nothing("m");
+        w.requests = requests;
+        w.within_slo = within;
+        w.missed_slo = missed;
+        for &p in prompts {
+            let h = &mut w.prompt_tokens;
+            if let Some(i) = h.bounds.iter().position(|b| p <= *b) {
+                h.counts[i] += 1;
+            }
+            h.count += 1;
+        }
+        w
+    }
+
+    #[test]
+    fn a_window_is_the_difference_of_two_answers_summed_over_agents() {
+        let before = BTreeMap::from([
+            ("a".to_string(), counted(10, 8, 2, &[100.0; 10])),
+            ("b".to_string(), counted(5, 5, 0, &[100.0; 5])),
+        ]);
+        let now = BTreeMap::from([
+            // 4 more on a: 3 within, 1 missed, prompts of 100, 1000 and one past every bucket.
+            (
+                "a".to_string(),
+                counted(14, 11, 3, &[&[100.0; 12][..], &[1000.0, 1e9]].concat()),
+            ),
+            // b restarted: its counters count from zero.
+            ("b".to_string(), counted(2, 1, 1, &[20.0, 20.0])),
+            // c answered for the first time.
+            ("c".to_string(), counted(1, 1, 0, &[100.0])),
+        ]);
+        let w = window(&before, &now, 15.0, 3, 4);
+        assert_eq!(w.arrivals, 4 + 2 + 1);
+        assert_eq!((w.finished, w.within_slo), (4 + 2 + 1, 3 + 1 + 1));
+        assert_eq!((w.engines_reporting, w.engines_total), (3, 4));
+        let isl: BTreeMap<u32, u64> = w.isl.iter().copied().collect();
+        assert_eq!(isl[&128], 2 + 1, "{isl:?}");
+        assert_eq!(isl[&32], 2);
+        assert_eq!(isl[&1024], 1);
+        assert_eq!(isl[&u32::MAX], 1);
+        assert_eq!(isl.values().sum::<u64>(), 7);
+        assert!((w.rate() - 7.0 / 15.0).abs() < 1e-12);
+    }
+}
