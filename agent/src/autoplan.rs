@@ -41,6 +41,8 @@ pub struct Autoplanner {
     metrics: Arc<Metrics>,
     interval: Duration,
     term: Mutex<Option<Term>>,
+    /// The latest decisions, published after each round (read while the next one runs).
+    published: Mutex<Option<Vec<pd_api::AutoplanReport>>>,
 }
 
 /// What one term of leadership holds.
@@ -92,6 +94,7 @@ impl Autoplanner {
             metrics,
             interval,
             term: Mutex::new(None),
+            published: Mutex::new(None),
         })
     }
 
@@ -110,8 +113,14 @@ impl Autoplanner {
     /// The latest decision of every planned deployment this term (`None`: this agent is not
     /// the coordinator).
     pub fn reports(&self) -> Option<Vec<pd_api::AutoplanReport>> {
-        let t = self.term.locked();
-        let t = t.as_ref().filter(|_| self.control.is_coordinator())?;
+        if !self.control.is_coordinator() {
+            return None;
+        }
+        self.published.locked().clone()
+    }
+
+    /// What a term's tracks say now, by deployment.
+    fn publish(t: &Term) -> Vec<pd_api::AutoplanReport> {
         let mut out: Vec<_> = t
             .tracks
             .iter()
@@ -125,7 +134,7 @@ impl Autoplanner {
             })
             .collect();
         out.sort_by(|a, b| a.deployment.cmp(&b.deployment));
-        Some(out)
+        out
     }
 
     async fn round(&self) {
@@ -136,6 +145,7 @@ impl Autoplanner {
         };
         let Some(term) = term else {
             *self.term.locked() = None;
+            *self.published.locked() = None;
             return;
         };
         let me = self.control.node_name().to_string();
@@ -170,7 +180,10 @@ impl Autoplanner {
         })
         .await;
         match t {
-            Ok(t) => *self.term.locked() = Some(t),
+            Ok(t) => {
+                *self.published.locked() = Some(Self::publish(&t));
+                *self.term.locked() = Some(t);
+            }
             Err(e) => tracing::warn!(error = %e, "a re-planning round failed"),
         }
     }
@@ -257,7 +270,11 @@ fn step(
             (node.clone(), mine.unwrap_or_else(|| nothing(&p.name)))
         })
         .collect();
-    let Some((then, before)) = tr.last.replace((now, counters.clone())) else {
+    // An agent that did not answer keeps its last counters: when it answers again, its
+    // difference covers the time it was silent, not everything since it started.
+    let mut kept = tr.last.as_ref().map(|(_, b)| b.clone()).unwrap_or_default();
+    kept.extend(counters.clone());
+    let Some((then, before)) = tr.last.replace((now, kept)) else {
         return;
     };
     let total: u32 = p.engines.values().sum();
@@ -544,6 +561,66 @@ mod tests {
             h.count += 1;
         }
         w
+    }
+
+    #[test]
+    fn an_agent_silent_for_a_round_is_not_counted_twice() {
+        let p = Planned {
+            name: "m".into(),
+            created_at: 1,
+            model: "tiny".into(),
+            tp: 1,
+            ttft_ms: 500,
+            tpot_ms: 20,
+            // Colocated: the window is reported without asking the planner.
+            layout: Layout::Colocated { engines: 2 },
+            plan: PlanRecord {
+                layout: Layout::Colocated { engines: 2 },
+                isl: 16,
+                osl: 16,
+                gpus: "h100_sxm:2".into(),
+                describe: String::new(),
+                request_rate_milli: 0,
+                output_tokens_per_s_per_gpu_milli: 0,
+                output_tokens_per_s_per_user_milli: 0,
+                ttft_mean_us: 0,
+                ttft_p90_us: 0,
+                tpot_mean_us: 0,
+                tpot_p90_us: 0,
+                slo_attainment_ppm: 0,
+                planned_at: 0,
+            },
+            engines: BTreeMap::from([("a".into(), 1), ("b".into(), 1)]),
+            free_gpus: 0,
+        };
+        let mut tr = Track {
+            created_at: 1,
+            index: 0,
+            last: None,
+            history: Vec::new(),
+            groups: None,
+            latest: None,
+        };
+        let answers = |a: u64, b: Option<u64>| {
+            let mut m = BTreeMap::from([("a".to_string(), vec![counted(a, a, 0, &[])])]);
+            if let Some(b) = b {
+                m.insert("b".to_string(), vec![counted(b, b, 0, &[])]);
+            }
+            m
+        };
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        step(&mut tr, &p, &answers(10, Some(100)), at(0), 5.0);
+        assert!(tr.latest.is_none(), "the first round is a baseline");
+        step(&mut tr, &p, &answers(12, None), at(5), 5.0);
+        let r = tr.latest.clone().unwrap();
+        assert_eq!((r.window, r.requests), (1, 2));
+        assert_eq!((r.engines_reporting, r.engines_total), (1, 2));
+        // b answers again with 3 more than before its silence: 3, not its 103.
+        step(&mut tr, &p, &answers(12, Some(103)), at(10), 5.0);
+        let r = tr.latest.clone().unwrap();
+        assert_eq!((r.window, r.requests), (2, 3));
+        assert!(r.reason.contains("colocated"), "{}", r.reason);
     }
 
     #[test]
