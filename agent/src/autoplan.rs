@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use pd_planner::autoplan::{self as ap, Bounds, Decision, Past, Policy, SimScorer, Split, Window};
 use pd_planner::{ModelSpec, Role, Slo, WorkerGroup};
-use pd_raft::{ClusterState, Layout, NodeHealth, PlanRecord};
+use pd_raft::{ClusterState, Layout, PlanRecord};
 
 use crate::control::ControlPlane;
 use crate::serving::metrics::Metrics;
@@ -149,8 +149,19 @@ impl Autoplanner {
             return;
         };
         let me = self.control.node_name().to_string();
-        let (planned, others) = self.control.read_state(|s| (planned(s), others(s, &me)));
-        let mut answers = self.ask(others).await;
+        let state = self.control.state_snapshot();
+        let planned = planned(&state);
+        let mut answers: BTreeMap<String, Vec<ModelWorkload>> = self
+            .control
+            .peers()
+            .ask_others(&state, &me, AgentRequest::Workload, ASK_TIMEOUT)
+            .await
+            .into_iter()
+            .filter_map(|(name, got)| match got {
+                Some(AgentResponse::Workload(w)) => Some((name, w)),
+                _ => None,
+            })
+            .collect();
         answers.insert(me, self.metrics.workloads());
         let now = Instant::now();
         let mut t = self.term.locked().take().filter(|t| t.term == term);
@@ -187,35 +198,6 @@ impl Autoplanner {
             Err(e) => tracing::warn!(error = %e, "a re-planning round failed"),
         }
     }
-
-    /// Every other agent's counters (those that do not answer are left out).
-    async fn ask(
-        &self,
-        nodes: Vec<(String, Option<std::net::SocketAddr>)>,
-    ) -> BTreeMap<String, Vec<ModelWorkload>> {
-        let mut asks = tokio::task::JoinSet::new();
-        for (name, addr) in nodes {
-            let peers = self.control.peers().clone();
-            asks.spawn(async move {
-                let got = match addr {
-                    Some(addr) => peers
-                        .call(&name, addr, &AgentRequest::Workload, ASK_TIMEOUT)
-                        .await
-                        .ok(),
-                    None => None,
-                };
-                (name, got)
-            });
-        }
-        asks.join_all()
-            .await
-            .into_iter()
-            .filter_map(|(name, got)| match got {
-                Some(AgentResponse::Workload(w)) => Some((name, w)),
-                _ => None,
-            })
-            .collect()
-    }
 }
 
 /// The planned deployments with both targets.
@@ -243,15 +225,6 @@ fn planned(s: &ClusterState) -> Vec<Planned> {
                 free_gpus: free.values().sum(),
             })
         })
-        .collect()
-}
-
-/// The other agents that may answer.
-fn others(s: &ClusterState, me: &str) -> Vec<(String, Option<std::net::SocketAddr>)> {
-    s.nodes
-        .values()
-        .filter(|n| n.name != me && n.health != NodeHealth::Down)
-        .map(|n| (n.name.clone(), n.socket_addr()))
         .collect()
 }
 

@@ -87,6 +87,35 @@ impl Peers {
     }
 
     /// One request to agent `name` at `addr`, within `timeout` (connecting included).
+    /// Asks every other agent of `state` (every node but `me` not known to be down) the same
+    /// request at once: each node's answer, `None` where it did not answer within `timeout`
+    /// (or has no address).
+    pub async fn ask_others(
+        self: &Arc<Self>,
+        state: &pd_raft::ClusterState,
+        me: &str,
+        req: AgentRequest,
+        timeout: Duration,
+    ) -> Vec<(String, Option<AgentResponse>)> {
+        let req = Arc::new(req);
+        let mut asks = tokio::task::JoinSet::new();
+        for n in state.nodes.values() {
+            if n.name == me || n.health == pd_raft::NodeHealth::Down {
+                continue;
+            }
+            let (name, addr, peers) = (n.name.clone(), n.socket_addr(), self.clone());
+            let req = req.clone();
+            asks.spawn(async move {
+                let got = match addr {
+                    Some(addr) => peers.call(&name, addr, &req, timeout).await.ok(),
+                    None => None,
+                };
+                (name, got)
+            });
+        }
+        asks.join_all().await
+    }
+
     pub async fn call(
         &self,
         name: &str,

@@ -182,24 +182,9 @@ pub(super) async fn ask_other_agents(
     req: AgentRequest,
     timeout: Duration,
 ) -> Vec<(String, Option<AgentResponse>)> {
-    let me = ctx.control.node_name();
-    let req = Arc::new(req);
-    let mut asks = tokio::task::JoinSet::new();
-    for n in s.nodes.values() {
-        if n.name == me || n.health == pd_raft::NodeHealth::Down {
-            continue;
-        }
-        let (name, addr, peers) = (n.name.clone(), n.socket_addr(), ctx.peers.clone());
-        let req = req.clone();
-        asks.spawn(async move {
-            let got = match addr {
-                Some(addr) => peers.call(&name, addr, &req, timeout).await.ok(),
-                None => None,
-            };
-            (name, got)
-        });
-    }
-    asks.join_all().await
+    ctx.peers
+        .ask_others(s, ctx.control.node_name(), req, timeout)
+        .await
 }
 
 fn submit_error(e: SubmitError) -> ApiError {

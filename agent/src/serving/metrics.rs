@@ -181,6 +181,16 @@ impl Counter {
         self.add(values, 1);
     }
 
+    /// The sum of the series whose first labels are `prefix` (every outcome of a model, say).
+    pub fn sum_of(&self, prefix: &[&str]) -> u64 {
+        self.series
+            .locked()
+            .iter()
+            .filter(|(k, _)| k.iter().zip(prefix).all(|(a, b)| a == b))
+            .map(|(_, v)| v)
+            .sum()
+    }
+
     /// The value of one series (0 if never touched).
     pub fn get(&self, values: &[&str]) -> u64 {
         let key: Vec<String> = values.iter().map(|v| v.to_string()).collect();
@@ -404,12 +414,8 @@ impl Metrics {
             .into_iter()
             .filter_map(|(model, prompt_tokens)| {
                 let output_tokens = output.remove(&model)?;
-                let requests = ["ok", "cancelled", "rejected", "error"]
-                    .iter()
-                    .map(|o| self.requests.get(&[&model, o]))
-                    .sum();
                 Some(ModelWorkload {
-                    requests,
+                    requests: self.requests.sum_of(&[&model]),
                     within_slo: self.slo.get(&[&model, "within"]),
                     missed_slo: self.slo.get(&[&model, "missed"]),
                     model,
@@ -488,6 +494,8 @@ mod tests {
         m.requests.inc(&["tiny", "error"]);
         assert_eq!(m.requests.get(&["tiny", "ok"]), 2);
         assert_eq!(m.requests.get(&["other", "ok"]), 0);
+        assert_eq!(m.requests.sum_of(&["tiny"]), 3);
+        assert_eq!(m.requests.sum_of(&["other"]), 0);
         m.ttft.observe("tiny", 0.003);
         m.ttft.observe("tiny", 100.0);
         let text = m.render(&[GaugeSample {

@@ -61,6 +61,20 @@ fn record(index: u64, attainment: f64) -> Vec<Past> {
         .collect()
 }
 
+/// `decide` at window 5 on 2P2D, `rate` req/s of which the window measured `measured` within
+/// the targets, scored by the stand-in model.
+fn at(rate: f64, measured: f64, bounds: &Bounds, policy: &Policy, history: &[Past]) -> Decision {
+    decide(
+        5,
+        &window(rate, measured),
+        P2D2,
+        bounds,
+        policy,
+        history,
+        capacity(rate),
+    )
+}
+
 fn flip(from: Role, to: Role) -> Move {
     Move::Flip { from, to }
 }
@@ -68,15 +82,7 @@ fn flip(from: Role, to: Role) -> Move {
 #[test]
 fn a_prefill_bound_window_flips_a_decode_engine_to_prefill() {
     // 10 req/s on 2P2D: prefill carries 6 (60%); 3P1D carries 9 (90%).
-    let d = decide(
-        5,
-        &window(10.0, 0.62),
-        P2D2,
-        &bounds(),
-        &Policy::default(),
-        &record(5, 0.6),
-        capacity(10.0),
-    );
+    let d = at(10.0, 0.62, &bounds(), &Policy::default(), &record(5, 0.6));
     assert_eq!(d.best, flip(Role::Decode, Role::Prefill), "{d:?}");
     assert!(d.act, "{}", d.reason);
     match d.reason {
@@ -115,15 +121,7 @@ fn a_decode_bound_window_flips_a_prefill_engine_to_decode() {
 #[test]
 fn a_gain_below_the_threshold_keeps_the_layout() {
     // 6.5 req/s: 2P2D carries 6 (92%), 3P1D all of it (100%): +8%, under 10%.
-    let d = decide(
-        5,
-        &window(6.5, 0.92),
-        P2D2,
-        &bounds(),
-        &Policy::default(),
-        &record(5, 0.92),
-        capacity(6.5),
-    );
+    let d = at(6.5, 0.92, &bounds(), &Policy::default(), &record(5, 0.92));
     assert_eq!(d.best, flip(Role::Decode, Role::Prefill));
     assert!(!d.act);
     assert!(
@@ -132,15 +130,7 @@ fn a_gain_below_the_threshold_keeps_the_layout() {
         d.reason
     );
     // A load every layout carries: keeping is best.
-    let d = decide(
-        5,
-        &window(4.0, 1.0),
-        P2D2,
-        &bounds(),
-        &Policy::default(),
-        &record(5, 1.0),
-        capacity(4.0),
-    );
+    let d = at(4.0, 1.0, &bounds(), &Policy::default(), &record(5, 1.0));
     assert_eq!(d.best, Move::Keep);
     assert!(!d.act);
     assert!(d.reason.to_string().contains("below the 10% threshold"));
@@ -152,15 +142,7 @@ fn a_move_is_followed_by_a_cool_down() {
     for (moved_at, act) in [(4, false), (3, false), (2, true)] {
         let mut history = record(5, 0.6);
         history[moved_at as usize].moved = true;
-        let d = decide(
-            5,
-            &window(10.0, 0.6),
-            P2D2,
-            &bounds(),
-            &policy,
-            &history,
-            capacity(10.0),
-        );
+        let d = at(10.0, 0.6, &bounds(), &policy, &history);
         assert_eq!(d.act, act, "moved at {moved_at}: {}", d.reason);
         if !act {
             assert!(
@@ -176,15 +158,7 @@ fn a_move_is_followed_by_a_cool_down() {
 fn a_planner_whose_forecasts_miss_does_not_act() {
     let policy = Policy::default();
     // This window: predicted 60%, measured 90%.
-    let d = decide(
-        5,
-        &window(10.0, 0.9),
-        P2D2,
-        &bounds(),
-        &policy,
-        &record(5, 0.6),
-        capacity(10.0),
-    );
+    let d = at(10.0, 0.9, &bounds(), &policy, &record(5, 0.6));
     assert!(!d.act);
     assert!(
         d.reason.to_string().contains("predicted 60%")
@@ -195,15 +169,7 @@ fn a_planner_whose_forecasts_miss_does_not_act() {
     // The window before missed.
     let mut history = record(5, 0.6);
     history[4].measured = Some(0.2);
-    let d = decide(
-        5,
-        &window(10.0, 0.6),
-        P2D2,
-        &bounds(),
-        &policy,
-        &history,
-        capacity(10.0),
-    );
+    let d = at(10.0, 0.6, &bounds(), &policy, &history);
     assert!(d.reason.to_string().contains("window 4"), "{}", d.reason);
     // No record yet (a new coordinator's first full window): not trusted.
     let d = decide(
@@ -255,15 +221,7 @@ fn moves_stay_within_the_bounds() {
         free_gpus: 1,
         ..bounds()
     };
-    let d = decide(
-        5,
-        &window(10.0, 0.6),
-        P2D2,
-        &tight,
-        &policy,
-        &history,
-        capacity(10.0),
-    );
+    let d = at(10.0, 0.6, &tight, &policy, &history);
     assert_eq!(d.best, Move::Keep, "{:?}", d.candidates);
     assert!(d.candidates.iter().all(|c| c.split.ratio() <= 1.0));
     // With room for it, adding a prefill engine (3P2D) ties with the flip (3P1D): the flip
@@ -272,15 +230,7 @@ fn moves_stay_within_the_bounds() {
         free_gpus: 1,
         ..bounds()
     };
-    let d = decide(
-        5,
-        &window(10.0, 0.6),
-        P2D2,
-        &roomy,
-        &policy,
-        &history,
-        capacity(10.0),
-    );
+    let d = at(10.0, 0.6, &roomy, &policy, &history);
     assert!(
         d.candidates
             .iter()
@@ -294,15 +244,7 @@ fn moves_stay_within_the_bounds() {
         free_gpus: 4,
         ..bounds()
     };
-    let d = decide(
-        5,
-        &window(10.0, 0.6),
-        P2D2,
-        &floor,
-        &policy,
-        &history,
-        capacity(10.0),
-    );
+    let d = at(10.0, 0.6, &floor, &policy, &history);
     assert!(
         d.candidates.iter().all(|c| c.split.engines() == 4),
         "{:?}",
