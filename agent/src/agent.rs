@@ -88,6 +88,9 @@ impl Service for AgentService {
             }
             AgentRequest::Latencies => Ok(AgentResponse::Latencies(self.metrics.latencies())),
             AgentRequest::Workload => Ok(AgentResponse::Workload(self.metrics.workloads())),
+            AgentRequest::StepTimes => Ok(AgentResponse::StepTimes(
+                crate::wire::latency::EngineSteps::of(self.legs.supervisor().engine_stats()),
+            )),
             AgentRequest::Directive { term, directive } => {
                 self.control.directive(peer, term, directive).await
             }
@@ -340,6 +343,7 @@ pub async fn run(
     let autoplanner = crate::autoplan::Autoplanner::new(
         control.clone(),
         metrics.clone(),
+        supervisor.clone(),
         Duration::from_millis(cfg.config.raft.autoplan_interval_ms),
     );
     let replanning = autoplanner.spawn();

@@ -144,6 +144,35 @@ mod tests {
                 create: Box::new(create),
                 engine_args: vec![],
             },
+            Command::SetAutoplan {
+                deployment: "m".into(),
+                setting: pd_raft::AutoplanSetting::mode(pd_raft::AutoplanMode::On),
+            },
+            Command::RecordAutoplan {
+                deployment: "m".into(),
+                event: pd_raft::AutoplanEvent {
+                    window: 1,
+                    term: 1,
+                    decided_unix: 0,
+                    mode: pd_raft::AutoplanMode::On,
+                    seconds_milli: 0,
+                    requests: 0,
+                    finished: 0,
+                    within_slo: 0,
+                    engines_reporting: 0,
+                    engines_total: 0,
+                    layout: Layout::Colocated { engines: 1 },
+                    best: "flip-prefill-to-decode".into(),
+                    allowed: true,
+                    reason: String::new(),
+                    candidates: vec![],
+                    notes: vec![],
+                    moved: Some(pd_raft::AutoplanMove::Flip {
+                        node: n.into(),
+                        role: EngineRole::Decode,
+                    }),
+                },
+            },
         ]
     }
 

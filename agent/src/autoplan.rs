@@ -1,34 +1,45 @@
-//! The coordinator's re-planning of planned deployments, in advise mode. Every
-//! `raft.autoplan_interval_ms` the coordinator asks every agent what its ingress counted per
-//! model (`AgentRequest::Workload`), takes the difference with the previous answers as one
-//! window (requests, lengths, SLO attainment), and lets `pd_planner::autoplan::decide` judge the
-//! layout in force against every move reachable in one step, scored with the planner's
-//! simulator on the engines the deployment was planned with. The latest decision of each
-//! deployment is kept for the term (`GET /v1/autoplan`, `pdctl autoplan`) and logged; none is
-//! carried out yet.
+//! The coordinator's re-planning of planned deployments. Every `raft.autoplan_interval_ms`
+//! the coordinator asks every agent what its ingress counted per model
+//! (`AgentRequest::Workload`) and what its engines' steps took (`AgentRequest::StepTimes`),
+//! takes the difference with the previous answers as one window (requests, lengths, SLO
+//! attainment), refits the step-time model from the engines' counters (`steps.rs`; the
+//! roofline until enough steps were seen), and lets `pd_planner::autoplan::decide` judge the
+//! layout in force against every move reachable in one step, within the deployment's bounds,
+//! scored with the planner's simulator. Each decision is recorded in the replicated state
+//! (`Command::RecordAutoplan`); in mode `on` the allowed move goes with it, in the same
+//! command: a flip of one host's engines (which drain first) or a scale by one engine.
 //!
-//! Like the coordinator's other duties, what it holds lives for one term of leadership: a new
-//! coordinator's first round only takes a baseline, so a window is never half of one.
+//! What a term of leadership holds lives for that term: a new coordinator's first round only
+//! takes a baseline, so a window is never half of one; its forecast record and cool-down are
+//! read back from the recorded decisions, so that a leader change loses one window.
+
+mod steps;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pd_planner::autoplan::{self as ap, Bounds, Decision, Past, Policy, SimScorer, Split, Window};
+use pd_planner::autoplan::{
+    self as ap, Bounds, Decision, Move, Past, Policy, SimScorer, Split, Window,
+};
 use pd_planner::{ModelSpec, Role, Slo, WorkerGroup};
-use pd_raft::{ClusterState, Layout, PlanRecord};
+use pd_raft::{
+    AutoplanEvent, AutoplanMode, AutoplanMove, AutoplanScore, AutoplanSetting, ClusterState,
+    Command, EngineRole, Layout, PlanRecord,
+};
 
 use crate::control::ControlPlane;
 use crate::serving::metrics::Metrics;
+use crate::supervisor::Supervisor;
 use crate::util::Unpoisoned;
-use crate::wire::latency::{HistSnapshot, ModelWorkload};
+use crate::wire::latency::{EngineSteps, HistSnapshot, ModelWorkload};
 use crate::wire::{AgentRequest, AgentResponse};
 
 /// Bound on one agent's answer.
 const ASK_TIMEOUT: Duration = Duration::from_secs(5);
 /// Windows remembered per deployment (the forecast record needs a few).
 const HISTORY_MAX: usize = 32;
-/// P:D ratio bounds until a deployment can set its own.
+/// P:D ratio bounds of a deployment that sets none.
 const PD_RATIO_MIN: f64 = 1.0 / 16.0;
 const PD_RATIO_MAX: f64 = 16.0;
 /// Requests simulated per score.
@@ -39,6 +50,8 @@ pub struct Autoplanner {
     control: Arc<ControlPlane>,
     /// This agent's own ingress counters (the coordinator's host serves requests too).
     metrics: Arc<Metrics>,
+    /// This host's engines' step counters.
+    supervisor: Arc<Supervisor>,
     interval: Duration,
     term: Mutex<Option<Term>>,
     /// The latest decisions, published after each round (read while the next one runs).
@@ -59,9 +72,41 @@ struct Track {
     /// The previous answers, by node, and when they came.
     last: Option<(Instant, BTreeMap<String, ModelWorkload>)>,
     history: Vec<Past>,
-    /// The engines the deployment was planned with, as the simulator models them.
+    /// The engines the deployment was planned with, as the simulator models them (the
+    /// roofline's step times; the online fit replaces them when trusted).
     groups: Option<Result<Groups, String>>,
+    steps: steps::StepBook,
     latest: Option<pd_api::AutoplanReport>,
+}
+
+impl Track {
+    /// A deployment's track for a new term: its forecast record and moves read back from the
+    /// decisions recorded before; its windows go on from the last recorded, one skipped (the
+    /// baseline round).
+    fn new(created_at: u64, recorded: &[AutoplanEvent]) -> Track {
+        let history: Vec<Past> = recorded
+            .iter()
+            .map(|e| Past {
+                index: e.window,
+                predicted: e
+                    .candidates
+                    .first()
+                    .and_then(|c| c.attainment_ppm)
+                    .map(|a| f64::from(a) / 1e6),
+                measured: (e.finished > 0).then(|| e.within_slo as f64 / e.finished as f64),
+                moved: e.moved.is_some(),
+            })
+            .collect();
+        Track {
+            created_at,
+            index: recorded.last().map_or(0, |e| e.window + 1),
+            last: None,
+            history,
+            groups: None,
+            steps: steps::StepBook::default(),
+            latest: None,
+        }
+    }
 }
 
 struct Groups {
@@ -71,7 +116,7 @@ struct Groups {
     slo: Slo,
 }
 
-/// A planned deployment as one round needs it.
+/// A re-planned deployment as one round needs it.
 struct Planned {
     name: String,
     created_at: u64,
@@ -81,17 +126,42 @@ struct Planned {
     tpot_ms: u32,
     layout: Layout,
     plan: PlanRecord,
-    /// Its engines, by node.
-    engines: BTreeMap<String, u32>,
+    setting: AutoplanSetting,
+    /// Its engines, by node: (prefill, decode, colocated).
+    engines: BTreeMap<String, [u32; 3]>,
     /// GPUs it could grow onto.
     free_gpus: u32,
+    /// The decisions recorded for it.
+    recorded: Vec<AutoplanEvent>,
+}
+
+impl Planned {
+    fn engines_total(&self) -> u32 {
+        self.engines.values().flatten().sum()
+    }
+}
+
+/// What one round decided for one deployment: the decision to record, with its move.
+struct Outcome {
+    deployment: String,
+    event: AutoplanEvent,
+    /// The best action's name (for the metrics).
+    best: &'static str,
+    predicted_goodput: Option<f64>,
+    measured_goodput: f64,
 }
 
 impl Autoplanner {
-    pub fn new(control: Arc<ControlPlane>, metrics: Arc<Metrics>, interval: Duration) -> Arc<Self> {
+    pub fn new(
+        control: Arc<ControlPlane>,
+        metrics: Arc<Metrics>,
+        supervisor: Arc<Supervisor>,
+        interval: Duration,
+    ) -> Arc<Self> {
         Arc::new(Autoplanner {
             control,
             metrics,
+            supervisor,
             interval,
             term: Mutex::new(None),
             published: Mutex::new(None),
@@ -110,8 +180,8 @@ impl Autoplanner {
         })
     }
 
-    /// The latest decision of every planned deployment this term (`None`: this agent is not
-    /// the coordinator).
+    /// The latest decision of every re-planned deployment this term (`None`: this agent is
+    /// not the coordinator).
     pub fn reports(&self) -> Option<Vec<pd_api::AutoplanReport>> {
         if !self.control.is_coordinator() {
             return None;
@@ -120,14 +190,14 @@ impl Autoplanner {
     }
 
     /// What a term's tracks say now, by deployment.
-    fn publish(t: &Term) -> Vec<pd_api::AutoplanReport> {
+    fn publish(t: &Term, state: &ClusterState) -> Vec<pd_api::AutoplanReport> {
         let mut out: Vec<_> = t
             .tracks
             .iter()
             .map(|(name, tr)| {
                 tr.latest.clone().unwrap_or_else(|| pd_api::AutoplanReport {
                     deployment: name.clone(),
-                    mode: "advise".into(),
+                    mode: state.autoplan_setting(name).mode.name().into(),
                     reason: "the first window of this coordinator's term is under way".into(),
                     ..empty_report()
                 })
@@ -146,16 +216,18 @@ impl Autoplanner {
         let Some(term) = term else {
             *self.term.locked() = None;
             *self.published.locked() = None;
+            self.metrics.autoplan_goodput.retain_first(&|_| false);
             return;
         };
         let me = self.control.node_name().to_string();
         let state = self.control.state_snapshot();
         let planned = planned(&state);
-        let mut answers: BTreeMap<String, Vec<ModelWorkload>> = self
-            .control
-            .peers()
-            .ask_others(&state, &me, AgentRequest::Workload, ASK_TIMEOUT)
-            .await
+        let peers = self.control.peers();
+        let (workloads, step_times) = tokio::join!(
+            peers.ask_others(&state, &me, AgentRequest::Workload, ASK_TIMEOUT),
+            peers.ask_others(&state, &me, AgentRequest::StepTimes, ASK_TIMEOUT),
+        );
+        let mut answers: BTreeMap<String, Vec<ModelWorkload>> = workloads
             .into_iter()
             .filter_map(|(name, got)| match got {
                 Some(AgentResponse::Workload(w)) => Some((name, w)),
@@ -163,6 +235,15 @@ impl Autoplanner {
             })
             .collect();
         answers.insert(me, self.metrics.workloads());
+        let mut engine_steps: Vec<EngineSteps> = step_times
+            .into_iter()
+            .filter_map(|(_, got)| match got {
+                Some(AgentResponse::StepTimes(s)) => Some(s),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        engine_steps.extend(EngineSteps::of(self.supervisor.engine_stats()));
         let now = Instant::now();
         let mut t = self.term.locked().take().filter(|t| t.term == term);
         let mut t = t.take().unwrap_or(Term {
@@ -175,40 +256,112 @@ impl Autoplanner {
                 .any(|p| &p.name == name && p.created_at == tr.created_at)
         });
         let interval_s = self.interval.as_secs_f64();
-        let t = tokio::task::spawn_blocking(move || {
+        let done = tokio::task::spawn_blocking(move || {
+            let mut outcomes = Vec::new();
             for p in &planned {
-                let tr = t.tracks.entry(p.name.clone()).or_insert_with(|| Track {
-                    created_at: p.created_at,
-                    index: 0,
-                    last: None,
-                    history: Vec::new(),
-                    groups: None,
-                    latest: None,
-                });
-                step(tr, p, &answers, now, interval_s);
+                let tr = t
+                    .tracks
+                    .entry(p.name.clone())
+                    .or_insert_with(|| Track::new(p.created_at, &p.recorded));
+                tr.steps.take(&state, &p.name, &engine_steps);
+                let fits = tr.steps.fit(&state, &p.name);
+                outcomes.extend(step(tr, p, &answers, &fits, now, interval_s, term));
             }
-            t
+            (t, outcomes, state)
         })
         .await;
-        match t {
-            Ok(t) => {
-                *self.published.locked() = Some(Self::publish(&t));
-                *self.term.locked() = Some(t);
+        let (mut t, outcomes, state) = match done {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "a re-planning round failed");
+                return;
             }
-            Err(e) => tracing::warn!(error = %e, "a re-planning round failed"),
+        };
+        for o in outcomes {
+            let made = self.record(o.deployment.clone(), o.event).await;
+            let tr = t.tracks.get_mut(&o.deployment);
+            if let Some(tr) = tr {
+                if let Some(last) = tr.history.last_mut() {
+                    last.moved = made.is_some();
+                }
+                if let Some(r) = tr.latest.as_mut() {
+                    r.moved = made.as_ref().map(|m| m.to_string());
+                }
+            }
+            let made_label = if made.is_some() { "yes" } else { "no" };
+            self.metrics
+                .autoplan_decisions
+                .inc(&[&o.deployment, o.best, made_label]);
+            if let Some(g) = o.predicted_goodput {
+                self.metrics
+                    .autoplan_goodput
+                    .set(&[&o.deployment, "predicted"], g);
+            }
+            self.metrics
+                .autoplan_goodput
+                .set(&[&o.deployment, "measured"], o.measured_goodput);
+        }
+        self.metrics
+            .autoplan_goodput
+            .retain_first(&|d| t.tracks.contains_key(d));
+        *self.published.locked() = Some(Self::publish(&t, &state));
+        *self.term.locked() = Some(t);
+    }
+
+    /// Records a decision; its move, if any, is made with it. A move refused where it is
+    /// applied (the operator changed the mode or the layout meanwhile) leaves the decision
+    /// recorded without it. Returns the move made.
+    async fn record(&self, deployment: String, event: AutoplanEvent) -> Option<AutoplanMove> {
+        let moved = event.moved.clone();
+        let cmd = Command::RecordAutoplan {
+            deployment: deployment.clone(),
+            event: event.clone(),
+        };
+        match self.control.write(cmd).await {
+            Ok(_) => {
+                if let Some(m) = &moved {
+                    tracing::info!(deployment = %deployment, window = event.window, reason = %event.reason, "re-planning: {m}");
+                }
+                moved
+            }
+            Err(e) if moved.is_some() => {
+                tracing::warn!(deployment = %deployment, error = %e, "re-planning: the move was refused; recording the decision without it");
+                let mut event = event;
+                event.moved = None;
+                event.allowed = false;
+                event.reason = format!("{} (the move was refused: {e})", event.reason);
+                let _ = self
+                    .control
+                    .write(Command::RecordAutoplan { deployment, event })
+                    .await;
+                None
+            }
+            Err(e) => {
+                tracing::debug!(deployment = %deployment, error = %e, "re-planning: decision not recorded");
+                None
+            }
         }
     }
 }
 
-/// The planned deployments with both targets.
+/// The deployments re-planned now: planned ones with both targets whose mode is not off.
 fn planned(s: &ClusterState) -> Vec<Planned> {
     s.deployments
         .values()
         .filter_map(|d| {
             let plan = s.plans.get(&d.name)?;
+            let setting = s.autoplan_setting(&d.name);
+            if setting.mode == AutoplanMode::Off {
+                return None;
+            }
             let mut engines = BTreeMap::new();
             for a in s.assignments.values().filter(|a| a.deployment == d.name) {
-                *engines.entry(a.node.clone()).or_insert(0) += 1;
+                let e: &mut [u32; 3] = engines.entry(a.node.clone()).or_default();
+                e[match a.role {
+                    EngineRole::Prefill => 0,
+                    EngineRole::Decode => 1,
+                    EngineRole::Both => 2,
+                }] += 1;
             }
             let hosts = s.model_hosts.get(&d.name).map(|h| &h.nodes);
             let (free, _) = crate::planned::free_gpus(s, hosts);
@@ -221,21 +374,90 @@ fn planned(s: &ClusterState) -> Vec<Planned> {
                 tpot_ms: d.tpot_ms?,
                 layout: d.layout,
                 plan: plan.clone(),
+                setting,
                 engines,
                 free_gpus: free.values().sum(),
+                recorded: s.autoplan_events.get(&d.name).cloned().unwrap_or_default(),
             })
         })
         .collect()
 }
 
-/// One round for one deployment: a baseline, or a window and its decision.
+/// The bounds and policy a deployment's setting asks for.
+fn rules(p: &Planned, current: Split, interval_s: f64) -> (Bounds, Policy) {
+    let s = &p.setting;
+    let tp = p.tp;
+    let ratio = |milli: Option<u32>, default: f64| milli.map_or(default, |m| f64::from(m) / 1e3);
+    let bounds = Bounds {
+        gpus_per_engine: tp,
+        min_gpus: s.min_gpus.unwrap_or(2 * tp),
+        max_gpus: s
+            .max_gpus
+            .unwrap_or(current.engines() * tp + p.free_gpus)
+            .max(s.min_gpus.unwrap_or(0)),
+        free_gpus: p.free_gpus,
+        pd_ratio_min: ratio(s.pd_ratio_min_milli, PD_RATIO_MIN),
+        pd_ratio_max: ratio(s.pd_ratio_max_milli, PD_RATIO_MAX),
+    };
+    let default = Policy::default();
+    let policy = Policy {
+        interval_s,
+        gain_threshold: s
+            .gain_threshold_milli
+            .map_or(default.gain_threshold, |m| f64::from(m) / 1e3),
+        cooldown_windows: s.cooldown_windows.unwrap_or(default.cooldown_windows),
+        ..default
+    };
+    (bounds, policy)
+}
+
+/// The move that carries out `best` on the deployment's engines: a flip takes the host that
+/// runs exactly one engine of the role moved (preferring one that runs nothing else of the
+/// deployment), so that one engine changes role as scored.
+fn carry_out(p: &Planned, best: Move, current: Split) -> Result<AutoplanMove, String> {
+    match best {
+        Move::Flip { from, to } => {
+            let (k, role) = match (from, to) {
+                (Role::Prefill, Role::Decode) => (0, EngineRole::Decode),
+                (Role::Decode, Role::Prefill) => (1, EngineRole::Prefill),
+                _ => return Err("only prefill and decode engines flip".into()),
+            };
+            p.engines
+                .iter()
+                .filter(|(_, n)| n[k] == 1)
+                .min_by_key(|(name, n)| (n[1 - k] + n[2], (*name).clone()))
+                .map(|(node, _)| AutoplanMove::Flip {
+                    node: node.clone(),
+                    role,
+                })
+                .ok_or_else(|| {
+                    format!("no host runs exactly one {from:?} engine of the deployment: a flip would move more than one")
+                })
+        }
+        Move::AddEngine(_) | Move::RemoveEngine(_) => {
+            let s = best.apply(current).ok_or("the move does not apply")?;
+            Ok(AutoplanMove::Scale {
+                layout: Layout::Disaggregated {
+                    prefill: s.prefill,
+                    decode: s.decode,
+                },
+            })
+        }
+        Move::Keep => Err("nothing to move".into()),
+    }
+}
+
+/// One round for one deployment: a baseline (nothing to record), or a window and its
+/// decision.
 fn step(
     tr: &mut Track,
     p: &Planned,
     answers: &BTreeMap<String, Vec<ModelWorkload>>,
+    fits: &[steps::Fitted],
     now: Instant,
     interval_s: f64,
-) {
+    term: u64,
+) -> Option<Outcome> {
     let counters: BTreeMap<String, ModelWorkload> = answers
         .iter()
         .map(|(node, w)| {
@@ -247,15 +469,13 @@ fn step(
     // difference covers the time it was silent, not everything since it started.
     let mut kept = tr.last.as_ref().map(|(_, b)| b.clone()).unwrap_or_default();
     kept.extend(counters.clone());
-    let Some((then, before)) = tr.last.replace((now, kept)) else {
-        return;
-    };
-    let total: u32 = p.engines.values().sum();
+    let (then, before) = tr.last.replace((now, kept))?;
+    let total = p.engines_total();
     let reporting: u32 = p
         .engines
         .iter()
         .filter(|(node, _)| counters.contains_key(*node))
-        .map(|(_, n)| n)
+        .map(|(_, n)| n.iter().sum::<u32>())
         .sum();
     let w = window(
         &before,
@@ -265,37 +485,58 @@ fn step(
         total,
     );
     tr.index += 1;
+    let mode = p.setting.mode;
+    let calibration = steps::report(fits);
     let Layout::Disaggregated { prefill, decode } = p.layout else {
+        let reason = "a colocated layout is not re-planned (moves flip and scale prefill and decode engines)";
         tr.latest = Some(pd_api::AutoplanReport {
             deployment: p.name.clone(),
-            mode: "advise".into(),
+            mode: mode.name().into(),
             window: tr.index,
-            reason: "a colocated layout is not re-planned (moves flip and scale prefill and decode engines)".into(),
+            layout: layout_name(p.layout),
+            reason: reason.into(),
+            calibration,
             ..report_of_window(&w)
         });
-        return;
+        let event = AutoplanEvent {
+            window: tr.index,
+            term,
+            decided_unix: crate::util::now_unix(),
+            mode,
+            seconds_milli: (w.seconds * 1e3).round() as u64,
+            requests: w.arrivals,
+            finished: w.finished,
+            within_slo: w.within_slo,
+            engines_reporting: w.engines_reporting,
+            engines_total: w.engines_total,
+            layout: p.layout,
+            best: Move::Keep.name().into(),
+            allowed: false,
+            reason: reason.into(),
+            candidates: Vec::new(),
+            notes: Vec::new(),
+            moved: None,
+        };
+        return Some(Outcome {
+            deployment: p.name.clone(),
+            event,
+            best: Move::Keep.name(),
+            predicted_goodput: None,
+            measured_goodput: measured_goodput(&w),
+        });
     };
     let current = Split { prefill, decode };
+    let (bounds, policy) = rules(p, current, interval_s);
     let groups = tr.groups.get_or_insert_with(|| groups(p));
-    let policy = Policy {
-        interval_s,
-        ..Policy::default()
-    };
-    let tp = p.tp;
-    let bounds = Bounds {
-        gpus_per_engine: tp,
-        min_gpus: 2 * tp,
-        max_gpus: current.engines() * tp + p.free_gpus,
-        free_gpus: p.free_gpus,
-        pd_ratio_min: PD_RATIO_MIN,
-        pd_ratio_max: PD_RATIO_MAX,
-    };
     let d = match groups {
         Ok(g) => {
+            let (mut prefill, mut decode) = (g.prefill.clone(), g.decode.clone());
+            steps::calibrate(&mut prefill, steps::for_role(fits, EngineRole::Prefill));
+            steps::calibrate(&mut decode, steps::for_role(fits, EngineRole::Decode));
             let scorer = SimScorer {
                 model: &g.model,
-                prefill: g.prefill.clone(),
-                decode: g.decode.clone(),
+                prefill,
+                decode,
                 slo: g.slo,
                 requests: SIM_REQUESTS,
                 seed: tr.index,
@@ -325,15 +566,119 @@ fn step(
             })
         }
     };
+    let mut notes = d.notes.clone();
+    let moved = match (mode, d.act) {
+        (AutoplanMode::On, true) => match carry_out(p, d.best, current) {
+            Ok(m) => Some(m),
+            Err(why) => {
+                notes.push(format!("not moved: {why}"));
+                None
+            }
+        },
+        _ => None,
+    };
     let changed = tr.latest.as_ref().is_none_or(|l| l.best != d.best.name());
     if d.act || changed {
-        tracing::info!(deployment = %p.name, window = d.index, layout = %current, best = d.best.name(), allowed = d.act, reason = %d.reason, "re-planning (advise)");
+        tracing::info!(deployment = %p.name, mode = mode.name(), window = d.index, layout = %current, best = d.best.name(), allowed = d.act, reason = %d.reason, "re-planning");
     }
-    tr.history.push(d.past);
+    tr.history.push(Past {
+        moved: moved.is_some(),
+        ..d.past
+    });
     if tr.history.len() > HISTORY_MAX {
         tr.history.remove(0);
     }
-    tr.latest = Some(report(&p.name, &w, &d));
+    let mut report = report(&p.name, &w, &d);
+    report.mode = mode.name().into();
+    report.notes = notes.clone();
+    report.calibration = calibration;
+    tr.latest = Some(report);
+    let event = event(&w, &d, p, term, mode, notes, moved);
+    Some(Outcome {
+        deployment: p.name.clone(),
+        event,
+        best: d.best.name(),
+        predicted_goodput: d
+            .candidates
+            .first()
+            .and_then(|c| c.prediction.as_ref().ok())
+            .map(|p| p.goodput_rps),
+        measured_goodput: measured_goodput(&w),
+    })
+}
+
+/// Requests per second within both targets in the window.
+fn measured_goodput(w: &Window) -> f64 {
+    if w.seconds > 0.0 {
+        w.within_slo as f64 / w.seconds
+    } else {
+        0.0
+    }
+}
+
+/// The decision as the replicated state records it (integers; texts and lists bounded).
+fn event(
+    w: &Window,
+    d: &Decision,
+    p: &Planned,
+    term: u64,
+    mode: AutoplanMode,
+    notes: Vec<String>,
+    moved: Option<AutoplanMove>,
+) -> AutoplanEvent {
+    let text = |s: String| crate::util::truncate_utf8(&s, pd_raft::state::AUTOPLAN_TEXT_BYTES_MAX);
+    AutoplanEvent {
+        window: d.index,
+        term,
+        decided_unix: crate::util::now_unix(),
+        mode,
+        seconds_milli: (w.seconds * 1e3).round() as u64,
+        requests: w.arrivals,
+        finished: w.finished,
+        within_slo: w.within_slo,
+        engines_reporting: w.engines_reporting,
+        engines_total: w.engines_total,
+        layout: p.layout,
+        best: d.best.name().into(),
+        allowed: d.act,
+        reason: text(d.reason.to_string()),
+        candidates: d
+            .candidates
+            .iter()
+            .take(pd_raft::state::AUTOPLAN_CANDIDATES_MAX)
+            .map(|c| AutoplanScore {
+                action: c.mv.name().into(),
+                layout: Layout::Disaggregated {
+                    prefill: c.split.prefill,
+                    decode: c.split.decode,
+                },
+                attainment_ppm: c
+                    .prediction
+                    .as_ref()
+                    .ok()
+                    .map(|p| (p.attainment.clamp(0.0, 1.0) * 1e6).round() as u32),
+                goodput_milli: c
+                    .prediction
+                    .as_ref()
+                    .ok()
+                    .map(|p| (p.goodput_rps.max(0.0) * 1e3).round() as u64),
+                error: c.prediction.as_ref().err().map(|e| text(e.clone())),
+            })
+            .collect(),
+        notes: notes
+            .into_iter()
+            .take(pd_raft::state::AUTOPLAN_NOTES_MAX)
+            .map(text)
+            .collect(),
+        moved,
+    }
+}
+
+fn layout_name(l: Layout) -> String {
+    match l {
+        Layout::Disaggregated { prefill, decode } => format!("{prefill}P{decode}D"),
+        Layout::Colocated { engines } => format!("{engines}C"),
+    }
 }
 
 /// The engines of the deployment's plan, as the simulator models them (the planner is asked
@@ -473,6 +818,8 @@ fn empty_report() -> pd_api::AutoplanReport {
         candidates: Vec::new(),
         notes: Vec::new(),
         decided_unix: crate::util::now_unix(),
+        moved: None,
+        calibration: Vec::new(),
     }
 }
 
@@ -547,6 +894,8 @@ mod tests {
             tpot_ms: 20,
             // Colocated: the window is reported without asking the planner.
             layout: Layout::Colocated { engines: 2 },
+            setting: AutoplanSetting::mode(AutoplanMode::Advise),
+            recorded: Vec::new(),
             plan: PlanRecord {
                 layout: Layout::Colocated { engines: 2 },
                 isl: 16,
@@ -563,17 +912,10 @@ mod tests {
                 slo_attainment_ppm: 0,
                 planned_at: 0,
             },
-            engines: BTreeMap::from([("a".into(), 1), ("b".into(), 1)]),
+            engines: BTreeMap::from([("a".into(), [0, 0, 1]), ("b".into(), [0, 0, 1])]),
             free_gpus: 0,
         };
-        let mut tr = Track {
-            created_at: 1,
-            index: 0,
-            last: None,
-            history: Vec::new(),
-            groups: None,
-            latest: None,
-        };
+        let mut tr = Track::new(1, &[]);
         let answers = |a: u64, b: Option<u64>| {
             let mut m = BTreeMap::from([("a".to_string(), vec![counted(a, a, 0, &[])])]);
             if let Some(b) = b {
@@ -583,14 +925,15 @@ mod tests {
         };
         let t0 = Instant::now();
         let at = |s: u64| t0 + Duration::from_secs(s);
-        step(&mut tr, &p, &answers(10, Some(100)), at(0), 5.0);
+        let step = |tr: &mut Track, a, at| step(tr, &p, &a, &[], at, 5.0, 1);
+        assert!(step(&mut tr, answers(10, Some(100)), at(0)).is_none());
         assert!(tr.latest.is_none(), "the first round is a baseline");
-        step(&mut tr, &p, &answers(12, None), at(5), 5.0);
+        step(&mut tr, answers(12, None), at(5));
         let r = tr.latest.clone().unwrap();
         assert_eq!((r.window, r.requests), (1, 2));
         assert_eq!((r.engines_reporting, r.engines_total), (1, 2));
         // b answers again with 3 more than before its silence: 3, not its 103.
-        step(&mut tr, &p, &answers(12, Some(103)), at(10), 5.0);
+        step(&mut tr, answers(12, Some(103)), at(10));
         let r = tr.latest.clone().unwrap();
         assert_eq!((r.window, r.requests), (2, 3));
         assert!(r.reason.contains("colocated"), "{}", r.reason);

@@ -67,6 +67,18 @@ pub fn write_atomic(path: &Path, content: &str, secret: bool) -> std::io::Result
     Ok(())
 }
 
+/// `s` cut to at most `max` bytes, on a character boundary.
+pub fn truncate_utf8(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

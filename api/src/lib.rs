@@ -134,6 +134,13 @@ pub struct DeploymentView {
     /// Where its model folder was found, when it names one.
     pub model_hosts: Option<ModelHosts>,
     pub engine_args: Vec<String>,
+    /// Its re-planning setting.
+    #[serde(default = "autoplan_off")]
+    pub autoplan: pd_raft::AutoplanSetting,
+}
+
+fn autoplan_off() -> pd_raft::AutoplanSetting {
+    pd_raft::AutoplanSetting::mode(pd_raft::AutoplanMode::Off)
 }
 
 /// What the planner chose and predicted for a planned deployment.
@@ -243,6 +250,10 @@ pub struct DeployRequest {
     /// arguments as `--kv-transport=...`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kv_transport: Option<String>,
+    /// Re-planning: mode and bounds (`max_gpus` above also bounds it). Default: `advise` for a
+    /// planned layout, `off` otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoplan: Option<AutoplanRequest>,
 }
 
 /// The answer to `POST /v1/deployments` (201).
@@ -316,6 +327,105 @@ pub struct AutoplanReport {
     pub notes: Vec<String>,
     /// When it was decided (unix seconds).
     pub decided_unix: i64,
+    /// The move made with this decision (mode `on`), e.g. `flip node-3 to prefill`.
+    #[serde(default)]
+    pub moved: Option<String>,
+    /// The step-time model the simulator used, per GPU kind: fitted from the engines' own
+    /// step counters once enough steps were seen, else the roofline.
+    #[serde(default)]
+    pub calibration: Vec<AutoplanCalibration>,
+}
+
+/// The step-time model fitted online from one GPU kind's engines of a deployment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AutoplanCalibration {
+    /// The GPUs' name as NVML gives it.
+    pub gpu: String,
+    /// Steps measured so far (prefill-only and decode-only steps).
+    pub prefill_steps: f64,
+    pub decode_steps: f64,
+    /// Whether the simulator uses the fit (else the roofline stands, `why` says why).
+    pub trusted: bool,
+    pub why: Option<String>,
+    /// The fitted coefficients (seconds): prefill = base + per_token·n + per_square_token·n²;
+    /// decode = base + per_seq·b + per_context_token·(b·context).
+    pub coefficients: Option<BTreeMap<String, f64>>,
+}
+
+/// `PUT /v1/deployments/{name}/autoplan`, and the re-planning part of a deploy request: the
+/// mode and the bounds the coordinator moves within (absent: the default).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AutoplanRequest {
+    /// `on`, `advise` or `off`.
+    pub mode: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_gpus: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_gpus: Option<u32>,
+    /// Prefill engines per decode engine.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pd_ratio_min: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pd_ratio_max: Option<f64>,
+    /// The predicted goodput gain a move must exceed (0.10: 10%).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<f64>,
+    /// Windows after a move during which no other move is made.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cooldown_windows: Option<u32>,
+}
+
+impl AutoplanRequest {
+    /// The replicated setting, or the field that is wrong.
+    pub fn setting(&self) -> Result<pd_raft::AutoplanSetting, String> {
+        let mode = pd_raft::AutoplanMode::parse(&self.mode)
+            .ok_or_else(|| format!("mode {:?}: one of on, advise, off", self.mode))?;
+        let milli = |field: &str, v: Option<f64>, max: f64| -> Result<Option<u32>, String> {
+            match v {
+                None => Ok(None),
+                Some(v) if !v.is_finite() || v < 0.0 => {
+                    Err(format!("{field}: {v} is negative or not a number"))
+                }
+                Some(v) if v > max => Err(format!("{field}: {v} is above {max}")),
+                Some(v) => Ok(Some((v * 1000.0).round() as u32)),
+            }
+        };
+        let ratio_min = milli("pd_ratio_min", self.pd_ratio_min, 1000.0)?;
+        let ratio_max = milli("pd_ratio_max", self.pd_ratio_max, 1000.0)?;
+        for (field, v) in [("pd_ratio_min", ratio_min), ("pd_ratio_max", ratio_max)] {
+            if v == Some(0) {
+                return Err(format!("{field}: at least 0.001"));
+            }
+        }
+        if self.min_gpus == Some(0) {
+            return Err("min_gpus: at least 1".into());
+        }
+        let s = pd_raft::AutoplanSetting {
+            mode,
+            min_gpus: self.min_gpus,
+            max_gpus: self.max_gpus,
+            pd_ratio_min_milli: ratio_min,
+            pd_ratio_max_milli: ratio_max,
+            gain_threshold_milli: milli("threshold", self.threshold, 10.0)?,
+            cooldown_windows: self.cooldown_windows,
+        };
+        s.validate()?;
+        Ok(s)
+    }
+}
+
+/// `GET /v1/events[?deployment=NAME]`: the re-planner's recorded decisions, oldest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Events {
+    pub events: Vec<Event>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub deployment: String,
+    #[serde(flatten)]
+    pub decision: pd_raft::AutoplanEvent,
 }
 
 /// A candidate layout and its predicted SLO attainment at the window's load.

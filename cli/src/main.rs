@@ -14,6 +14,7 @@ use pd_transport::bench::{BenchOptions, BenchReport};
 use pd_transport::config::Congestion;
 use pd_transport::{TransportConfig, pki};
 
+mod autoplan;
 mod bench_calibrate;
 mod bench_failover;
 mod bench_faults;
@@ -124,6 +125,14 @@ enum Command {
         /// Give up waiting after this many seconds (vLLM engines load for minutes).
         #[arg(long, default_value_t = 1200)]
         wait_timeout_s: u64,
+        /// Re-planning: `on` (the coordinator flips and scales the deployment's engines when
+        /// its simulator, calibrated on the engines' own step times, predicts more requests
+        /// within the targets), `advise` (it records what it would do) or `off`. Default:
+        /// advise for a planned layout, off otherwise. `--max-gpus` bounds it too.
+        #[arg(long, value_parser = ["on", "advise", "off"])]
+        autoplan: Option<String>,
+        #[command(flatten)]
+        bounds: autoplan::Bounds,
     },
     /// Delete a deployment and its engines' places.
     Undeploy { name: String },
@@ -137,10 +146,27 @@ enum Command {
     Deployments,
     /// Every engine: deployment, node, GPUs, role, state, pid, restarts, generation.
     Engines,
-    /// The coordinator's re-planning of planned deployments (advise: what it would do, and
-    /// why; nothing is carried out): the latest window's load and SLO attainment, the best
-    /// move, and with a deployment's name every candidate's predicted attainment.
-    Autoplan { name: Option<String> },
+    /// The coordinator's re-planning of planned deployments: the latest window's load and SLO
+    /// attainment, the best move and whether it is made; with a deployment's name every
+    /// candidate's predicted attainment and the step-time fit. `pdctl autoplan NAME
+    /// on|advise|off [bounds]` sets its mode; `--explain` shows its latest recorded decision.
+    Autoplan {
+        name: Option<String>,
+        /// on, advise or off: set the deployment's mode (and the bounds given).
+        #[arg(value_parser = ["on", "advise", "off"])]
+        mode: Option<String>,
+        /// The latest recorded decision of the deployment, with its inputs, every candidate's
+        /// score and the reason.
+        #[arg(long, conflicts_with = "mode")]
+        explain: bool,
+        /// GPUs the deployment may grow to.
+        #[arg(long)]
+        max_gpus: Option<u32>,
+        #[command(flatten)]
+        bounds: autoplan::Bounds,
+    },
+    /// The re-planner's recorded decisions (taken or not), oldest first.
+    Events { name: Option<String> },
     /// API keys of the OpenAI API. Once the cluster has one, every agent's API asks for a key
     /// (`Authorization: Bearer <key>`).
     Apikey {
@@ -553,64 +579,6 @@ fn block_on<F: std::future::Future>(f: F) -> Result<F::Output> {
         .block_on(f))
 }
 
-/// `pdctl autoplan`: one line per deployment; `detail` adds every candidate and the notes.
-fn print_autoplan(v: &pd_api::Autoplan, detail: bool) {
-    println!(
-        "{:<20} {:<6} {:>7} {:>9} {:>8} {:<8} {:<24} {:<8} REASON",
-        "DEPLOYMENT", "MODE", "WINDOW", "REQ/S", "WITHIN", "LAYOUT", "BEST", "ALLOWED"
-    );
-    for d in &v.deployments {
-        let within = if d.judged > 0 {
-            format!("{:.0}%", 100.0 * d.within_slo as f64 / d.judged as f64)
-        } else {
-            "-".into()
-        };
-        let best = if d.best == "keep" || d.best_layout.is_empty() {
-            d.best.clone()
-        } else {
-            format!("{} ({})", d.best, d.best_layout)
-        };
-        println!(
-            "{:<20} {:<6} {:>7} {:>9.2} {:>8} {:<8} {:<24} {:<8} {}",
-            d.deployment,
-            d.mode,
-            d.window,
-            d.rate_per_s,
-            within,
-            d.layout,
-            best,
-            if d.allowed { "yes" } else { "no" },
-            d.reason
-        );
-        if detail {
-            println!(
-                "  window: {:.1} s, {} requests, {} judged against the targets, {} of {} engines reporting",
-                d.seconds, d.requests, d.judged, d.engines_reporting, d.engines_total
-            );
-            for c in &d.candidates {
-                match (&c.attainment, &c.goodput_rps, &c.error) {
-                    (Some(a), Some(g), _) => println!(
-                        "  {:<24} {:<8} predicted {:>5.1}% within, {:.2} req/s",
-                        c.action,
-                        c.layout,
-                        a * 100.0,
-                        g
-                    ),
-                    (_, _, e) => println!(
-                        "  {:<24} {:<8} not scored: {}",
-                        c.action,
-                        c.layout,
-                        e.as_deref().unwrap_or("-")
-                    ),
-                }
-            }
-            for n in &d.notes {
-                println!("  note: {n}");
-            }
-        }
-    }
-}
-
 fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
     println!("{}", serde_json::to_string(v)?);
     Ok(())
@@ -828,8 +796,16 @@ fn run(cli: Cli) -> Result<()> {
             tpot_ms,
             wait,
             wait_timeout_s,
+            autoplan,
+            bounds,
         } => {
+            let layout_body = layout.body()?;
             let body = pd_api::DeployRequest {
+                autoplan: bounds.request(
+                    autoplan,
+                    layout_body.max_gpus,
+                    layout_body.layout.is_some(),
+                ),
                 name: name.clone(),
                 engine: engine.clone(),
                 model: model.clone(),
@@ -839,7 +815,7 @@ fn run(cli: Cli) -> Result<()> {
                 model_fingerprint,
                 engine_args,
                 kv_transport,
-                ..layout.body()?
+                ..layout_body
             };
             let c = admin(&cli.config)?;
             let created: pd_api::Created =
@@ -950,23 +926,22 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
-        Command::Autoplan { name } => {
-            let c = admin(&cli.config)?;
-            let mut v: pd_api::Autoplan = block_on(c.get("/v1/autoplan"))??;
-            if let Some(name) = &name {
-                v.deployments.retain(|d| &d.deployment == name);
-                if v.deployments.is_empty() {
-                    anyhow::bail!(
-                        "{name}: no re-planning (only planned deployments with --ttft-ms and --tpot-ms are re-planned)"
-                    );
-                }
-            }
-            if json {
-                print_json(&v)?;
-            } else {
-                print_autoplan(&v, name.is_some());
-            }
-        }
+        Command::Autoplan {
+            name,
+            mode,
+            explain,
+            max_gpus,
+            bounds,
+        } => autoplan::run(
+            &admin(&cli.config)?,
+            name,
+            mode,
+            explain,
+            max_gpus,
+            bounds,
+            json,
+        )?,
+        Command::Events { name } => autoplan::events(&admin(&cli.config)?, name, json)?,
         Command::Apikey { command } => {
             let c = admin(&cli.config)?;
             match command {

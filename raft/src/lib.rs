@@ -18,8 +18,8 @@ pub mod store;
 pub mod types;
 
 pub use state::{
-    AdminState, ApiKey, Applied, ApplyError, Assignment, ClusterState, Command, CommandResult,
-    Deployment, EngineRole, Layout, ModelHosts, NodeHealth, NodeRecord, Placed, PlanRecord,
-    SCHEMA_VERSION,
+    AdminState, ApiKey, Applied, ApplyError, Assignment, AutoplanEvent, AutoplanMode, AutoplanMove,
+    AutoplanScore, AutoplanSetting, ClusterState, Command, CommandResult, Deployment, EngineRole,
+    Layout, ModelHosts, NodeHealth, NodeRecord, Placed, PlanRecord, SCHEMA_VERSION,
 };
 pub use types::{NodeId, RaftPeer, TypeConfig};

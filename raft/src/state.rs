@@ -8,9 +8,12 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+mod autoplan;
+pub use autoplan::*;
+
 /// Version of the replicated state's shape. An agent refuses a snapshot or log with a newer
 /// schema than it knows.
-pub const SCHEMA_VERSION: u32 = 3;
+pub const SCHEMA_VERSION: u32 = 4;
 /// Bounds on what one command may carry.
 pub const LABELS_PER_NODE_MAX: usize = 64;
 pub const LABEL_BYTES_MAX: usize = 253;
@@ -312,6 +315,18 @@ pub enum Command {
         create: Box<Command>,
         engine_args: Vec<String>,
     },
+    /// A deployment's re-planning mode and bounds (`pdctl autoplan NAME on|advise|off`).
+    SetAutoplan {
+        deployment: String,
+        setting: AutoplanSetting,
+    },
+    /// One decision of the coordinator's re-planner, kept with the deployment (schema 4);
+    /// its move, if it made one, is applied with it or the whole command is refused: refused
+    /// unless the deployment's mode is `on` and its layout is still the one decided on.
+    RecordAutoplan {
+        deployment: String,
+        event: AutoplanEvent,
+    },
 }
 
 impl Command {
@@ -336,6 +351,8 @@ impl Command {
             Command::FlipNode { .. } => "FlipNode",
             Command::CreateCheckedDeployment { .. } => "CreateCheckedDeployment",
             Command::CreateDeploymentWithArgs { .. } => "CreateDeploymentWithArgs",
+            Command::SetAutoplan { .. } => "SetAutoplan",
+            Command::RecordAutoplan { .. } => "RecordAutoplan",
         }
     }
 }
@@ -445,6 +462,51 @@ pub struct ClusterState {
     /// Extra arguments for the engines of a deployment, by deployment name (`pdctl deploy
     /// --engine-arg`). (Schema 3.)
     pub engine_args: BTreeMap<String, Vec<String>>,
+    /// Each deployment's re-planning setting, where one was set (schema 4; see
+    /// `autoplan_setting` for the default).
+    pub autoplan: BTreeMap<String, AutoplanSetting>,
+    /// The re-planner's latest decisions per deployment, oldest first (schema 4).
+    pub autoplan_events: BTreeMap<String, Vec<AutoplanEvent>>,
+}
+
+/// `ClusterState` as schema 3 stored it (before the re-planner's settings and decisions).
+/// Frozen: never change it.
+#[derive(Deserialize)]
+pub(crate) struct ClusterStateV3 {
+    #[allow(dead_code)]
+    schema_version: u32,
+    nodes: BTreeMap<String, NodeRecord>,
+    revoked_serials: BTreeSet<String>,
+    retired_ids: BTreeSet<u64>,
+    certificates: BTreeMap<String, BTreeMap<String, i64>>,
+    deployments: BTreeMap<String, Deployment>,
+    assignments: BTreeMap<String, Assignment>,
+    api_keys: BTreeMap<String, ApiKey>,
+    api_keys_required: bool,
+    plans: BTreeMap<String, PlanRecord>,
+    model_hosts: BTreeMap<String, ModelHosts>,
+    engine_args: BTreeMap<String, Vec<String>>,
+}
+
+impl From<ClusterStateV3> for ClusterState {
+    fn from(v3: ClusterStateV3) -> ClusterState {
+        ClusterState {
+            schema_version: SCHEMA_VERSION,
+            nodes: v3.nodes,
+            revoked_serials: v3.revoked_serials,
+            retired_ids: v3.retired_ids,
+            certificates: v3.certificates,
+            deployments: v3.deployments,
+            assignments: v3.assignments,
+            api_keys: v3.api_keys,
+            api_keys_required: v3.api_keys_required,
+            plans: v3.plans,
+            model_hosts: v3.model_hosts,
+            engine_args: v3.engine_args,
+            autoplan: BTreeMap::new(),
+            autoplan_events: BTreeMap::new(),
+        }
+    }
 }
 
 /// `ClusterState` as schema 2 stored it (before `engine_args`). Frozen: never change it.
@@ -479,6 +541,8 @@ impl From<ClusterStateV2> for ClusterState {
             plans: v2.plans,
             model_hosts: v2.model_hosts,
             engine_args: BTreeMap::new(),
+            autoplan: BTreeMap::new(),
+            autoplan_events: BTreeMap::new(),
         }
     }
 }
@@ -514,6 +578,8 @@ impl From<ClusterStateV1> for ClusterState {
             plans: BTreeMap::new(),
             model_hosts: BTreeMap::new(),
             engine_args: BTreeMap::new(),
+            autoplan: BTreeMap::new(),
+            autoplan_events: BTreeMap::new(),
         }
     }
 }
@@ -533,6 +599,8 @@ impl Default for ClusterState {
             plans: BTreeMap::new(),
             model_hosts: BTreeMap::new(),
             engine_args: BTreeMap::new(),
+            autoplan: BTreeMap::new(),
+            autoplan_events: BTreeMap::new(),
         }
     }
 }
@@ -628,12 +696,13 @@ impl ClusterState {
             .ok_or_else(|| ApplyError::UnknownNode(name.to_string()))
     }
 
-    /// See [`Command::FlipNode`].
+    /// See [`Command::FlipNode`]; `only`: the engines of that deployment alone.
     fn flip_node(
         &mut self,
         node: &str,
         role: EngineRole,
         index: u64,
+        only: Option<&str>,
     ) -> Result<Applied, ApplyError> {
         self.node(node)?;
         let from = match role {
@@ -647,7 +716,7 @@ impl ClusterState {
         };
         let mut flips: BTreeMap<String, Vec<Assignment>> = BTreeMap::new();
         for a in self.assignments.values() {
-            if a.node == node && a.role == from {
+            if a.node == node && a.role == from && only.is_none_or(|d| a.deployment == d) {
                 flips
                     .entry(a.deployment.clone())
                     .or_default()
@@ -1005,6 +1074,8 @@ impl ClusterState {
                 self.plans.remove(name);
                 self.model_hosts.remove(name);
                 self.engine_args.remove(name);
+                self.autoplan.remove(name);
+                self.autoplan_events.remove(name);
                 Ok(Applied::Done)
             }
             Command::ScaleDeployment { name, layout } => {
@@ -1140,7 +1211,14 @@ impl ClusterState {
                 self.assignments.extend(next);
                 Ok(Applied::Done)
             }
-            Command::FlipNode { node, role } => self.flip_node(node, *role, index),
+            Command::FlipNode { node, role } => self.flip_node(node, *role, index, None),
+            Command::SetAutoplan {
+                deployment,
+                setting,
+            } => self.set_autoplan(deployment, setting),
+            Command::RecordAutoplan { deployment, event } => {
+                self.record_autoplan(index, deployment, event)
+            }
             Command::RecordCertificate {
                 node,
                 cert_serial,

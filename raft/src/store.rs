@@ -343,6 +343,13 @@ impl StateMachineData {
             Ok(d) => return Ok(d),
             Err(e) => e,
         };
+        if let Ok(v3) = decode::<StateMachineDataV3>(bytes) {
+            return Ok(StateMachineData {
+                last_applied: v3.last_applied,
+                last_membership: v3.last_membership,
+                state: v3.state.into(),
+            });
+        }
         if let Ok(v2) = decode::<StateMachineDataV2>(bytes) {
             return Ok(StateMachineData {
                 last_applied: v2.last_applied,
@@ -359,6 +366,14 @@ impl StateMachineData {
             Err(_) => Err(current),
         }
     }
+}
+
+/// `StateMachineData` as schema 3 wrote it (before the re-planner's settings and decisions).
+#[derive(Deserialize)]
+struct StateMachineDataV3 {
+    last_applied: Option<LogId<NodeId>>,
+    last_membership: StoredMembership<NodeId, crate::types::RaftPeer>,
+    state: crate::state::ClusterStateV3,
 }
 
 /// `StateMachineData` as schema 2 wrote it (before engine arguments).

@@ -14,15 +14,16 @@ use std::path::PathBuf;
 
 use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, Membership, StoredMembership};
 use pd_raft::state::{
-    AdminState, ApiKey, Assignment, ClusterState, Command, Deployment, EngineRole, GpuRecord,
-    Layout, ModelHosts, NodeHealth, NodeRecord, Placed, PlanRecord,
+    AdminState, ApiKey, Assignment, AutoplanEvent, AutoplanMode, AutoplanMove, AutoplanScore,
+    AutoplanSetting, ClusterState, Command, Deployment, EngineRole, GpuRecord, Layout, ModelHosts,
+    NodeHealth, NodeRecord, Placed, PlanRecord,
 };
 use pd_raft::store::StateMachineData;
 use pd_raft::{RaftPeer, TypeConfig};
 
 /// Every command variant, by name. Adding a variant breaks `listed` (an exhaustive match), and
 /// then this list and `commands()` must name it, with a fixture.
-const ALL_COMMANDS: [&str; 18] = [
+const ALL_COMMANDS: [&str; 20] = [
     "RegisterNode",
     "SetLabel",
     "SetHealth",
@@ -41,7 +42,13 @@ const ALL_COMMANDS: [&str; 18] = [
     "FlipNode",
     "CreateCheckedDeployment",
     "CreateDeploymentWithArgs",
+    "SetAutoplan",
+    "RecordAutoplan",
 ];
+
+/// Commands that schema 4 added: their fixtures are under `schema-4/`, the others' under
+/// `schema-3/` (written before; an appended variant leaves their bytes as they were).
+const SCHEMA_4_COMMANDS: [&str; 2] = ["SetAutoplan", "RecordAutoplan"];
 
 /// Fails to compile when a variant is added, so that it gets a fixture.
 #[allow(dead_code)]
@@ -53,7 +60,7 @@ fn listed(c: &Command) {
         CreateDeployment { .. } | DeleteDeployment { .. } | ScaleDeployment { .. } => {}
         SetAssignments { .. } | CreateApiKey { .. } | RevokeApiKey { .. } => {}
         RequireApiKeys { .. } | FlipNode { .. } | CreateCheckedDeployment { .. } => {}
-        CreateDeploymentWithArgs { .. } => {}
+        CreateDeploymentWithArgs { .. } | SetAutoplan { .. } | RecordAutoplan { .. } => {}
     }
 }
 
@@ -90,6 +97,67 @@ fn plan() -> PlanRecord {
         tpot_p90_us: 25_000,
         slo_attainment_ppm: 990_000,
         planned_at: 42,
+    }
+}
+
+fn setting() -> AutoplanSetting {
+    AutoplanSetting {
+        mode: AutoplanMode::On,
+        min_gpus: Some(2),
+        max_gpus: Some(8),
+        pd_ratio_min_milli: Some(250),
+        pd_ratio_max_milli: Some(4000),
+        gain_threshold_milli: Some(150),
+        cooldown_windows: Some(3),
+    }
+}
+
+fn decision() -> AutoplanEvent {
+    AutoplanEvent {
+        window: 17,
+        term: 5,
+        decided_unix: 1_800_000_123,
+        mode: AutoplanMode::On,
+        seconds_milli: 15_002,
+        requests: 300,
+        finished: 298,
+        within_slo: 120,
+        engines_reporting: 3,
+        engines_total: 4,
+        layout: Layout::Disaggregated {
+            prefill: 1,
+            decode: 3,
+        },
+        best: "flip-d-to-p".into(),
+        allowed: true,
+        reason: "predicted goodput gain 80.0%".into(),
+        candidates: vec![
+            AutoplanScore {
+                action: "keep".into(),
+                layout: Layout::Disaggregated {
+                    prefill: 1,
+                    decode: 3,
+                },
+                attainment_ppm: Some(400_000),
+                goodput_milli: Some(8_000),
+                error: None,
+            },
+            AutoplanScore {
+                action: "add-prefill".into(),
+                layout: Layout::Disaggregated {
+                    prefill: 2,
+                    decode: 3,
+                },
+                attainment_ppm: None,
+                goodput_milli: None,
+                error: Some("no free GPU".into()),
+            },
+        ],
+        notes: vec!["3 of 4 engines reported".into()],
+        moved: Some(AutoplanMove::Flip {
+            node: "node-2".into(),
+            role: EngineRole::Prefill,
+        }),
     }
 }
 
@@ -197,6 +265,14 @@ fn commands() -> Vec<Command> {
             create: Box::new(create()),
             engine_args: vec!["--max-model-len=1024".into()],
         },
+        Command::SetAutoplan {
+            deployment: "chat".into(),
+            setting: setting(),
+        },
+        Command::RecordAutoplan {
+            deployment: "chat".into(),
+            event: decision(),
+        },
     ]
 }
 
@@ -227,7 +303,7 @@ fn membership() -> Membership<u64, RaftPeer> {
     Membership::new(vec![BTreeSet::from([1])], peers())
 }
 
-/// The log entries of schema 3, by fixture name.
+/// The log entries, by fixture name.
 fn entries() -> Vec<(String, Entry<TypeConfig>)> {
     let mut out: Vec<(String, Entry<TypeConfig>)> = commands()
         .into_iter()
@@ -325,6 +401,22 @@ fn snapshot() -> StateMachineData {
     );
     s.engine_args
         .insert("chat".into(), vec!["--max-model-len=1024".into()]);
+    s.autoplan.insert("chat".into(), setting());
+    s.autoplan_events.insert(
+        "chat".into(),
+        vec![
+            decision(),
+            AutoplanEvent {
+                moved: Some(AutoplanMove::Scale {
+                    layout: Layout::Disaggregated {
+                        prefill: 2,
+                        decode: 2,
+                    },
+                }),
+                ..decision()
+            },
+        ],
+    );
     StateMachineData {
         last_applied: Some(log_id(40)),
         last_membership: StoredMembership::new(Some(log_id(2)), membership()),
@@ -366,9 +458,14 @@ fn every_command_has_a_fixture() {
 }
 
 #[test]
-fn schema_3_log_entries_decode_from_committed_bytes() {
+fn log_entries_decode_from_committed_bytes() {
     for (name, want) in entries() {
-        let bytes = fixture(&format!("schema-3/{name}"), &encode(&want));
+        let schema = if SCHEMA_4_COMMANDS.iter().any(|c| name == format!("log-{c}")) {
+            4
+        } else {
+            3
+        };
+        let bytes = fixture(&format!("schema-{schema}/{name}"), &encode(&want));
         let got: Entry<TypeConfig> = pd_transport::codec::decode(&bytes, 1 << 20)
             .unwrap_or_else(|e| panic!("{name}: the committed bytes no longer decode: {e}"));
         assert_eq!(got, want, "{name}: decodes to something else");
@@ -381,9 +478,9 @@ fn schema_3_log_entries_decode_from_committed_bytes() {
 }
 
 #[test]
-fn schema_3_snapshot_decodes_from_committed_bytes() {
+fn schema_4_snapshot_decodes_from_committed_bytes() {
     let want = snapshot();
-    let bytes = fixture("schema-3/snapshot", &encode(&want));
+    let bytes = fixture("schema-4/snapshot", &encode(&want));
     let got = StateMachineData::decode(&bytes).expect("the committed snapshot decodes");
     assert_eq!(got.state, want.state);
     assert_eq!(got.last_applied, want.last_applied);
@@ -391,10 +488,12 @@ fn schema_3_snapshot_decodes_from_committed_bytes() {
 }
 
 /// Older schemas: snapshots written by this version's frozen copies of their shapes (schema 1
-/// had no plans or model hosts, schema 2 no engine arguments), read through today's upgrade.
+/// had no plans or model hosts, schema 2 no engine arguments, schema 3 no re-planning), read
+/// through today's upgrade.
 #[test]
 fn older_schema_snapshots_are_upgraded() {
-    for (schema, lacks_plans, lacks_args) in [(1, true, true), (2, false, true)] {
+    for (schema, lacks_plans, lacks_args) in [(1, true, true), (2, false, true), (3, false, false)]
+    {
         let bytes = std::fs::read(dir().join(format!("schema-{schema}/snapshot.bin")))
             .unwrap_or_else(|e| panic!("schema-{schema}/snapshot.bin: {e}"));
         let got =
@@ -407,6 +506,8 @@ fn older_schema_snapshots_are_upgraded() {
         if lacks_args {
             want.engine_args.clear();
         }
+        want.autoplan.clear();
+        want.autoplan_events.clear();
         assert_eq!(got.state, want, "schema {schema}");
         assert_eq!(got.last_applied, snapshot().last_applied);
     }

@@ -879,6 +879,52 @@ fn a_planned_deployment_shows_its_prediction_beside_what_is_measured() {
     );
     // Advise only: the layout is as planned.
     assert_eq!(deployment(&l)["layout"], d["layout"]);
+    assert_eq!(deployment(&l)["autoplan"]["mode"], "advise");
+    // Every decision is recorded in the replicated state.
+    let out = l.pdctl(&["events", "tiny", "-o", "json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let ev: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ev = ev["events"].as_array().unwrap().clone();
+    assert!(!ev.is_empty(), "decisions recorded");
+    assert!(
+        ev.iter()
+            .all(|e| e["deployment"] == "tiny" && e["mode"] == "advise" && e["moved"].is_null()),
+        "{ev:?}"
+    );
+    let out = l.pdctl(&["autoplan", "tiny", "--explain"]);
+    let explained = text(&out.stdout);
+    assert!(
+        out.status.success()
+            && explained.contains("measured:")
+            && explained.contains("made: nothing"),
+        "{explained}{}",
+        text(&out.stderr)
+    );
+    // Bounds that contradict each other are refused, naming the field; the mode changes.
+    let out = l.pdctl(&[
+        "autoplan",
+        "tiny",
+        "on",
+        "--pd-ratio-min",
+        "2",
+        "--pd-ratio-max",
+        "1",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("pd_ratio_min"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = l.pdctl(&["autoplan", "tiny", "on", "--autoplan-threshold", "-0.1"]);
+    assert!(
+        text(&out.stderr).contains("threshold"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = l.pdctl(&["autoplan", "tiny", "off"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(deployment(&l)["autoplan"]["mode"], "off");
 
     // No layout meets a 1 ms TPOT; an unknown model folder is named.
     let out = l.pdctl(&[

@@ -201,6 +201,7 @@ pub(super) async fn deployments(State(ctx): Ctx) -> Json<Deployments> {
                 measured: measured(latencies.get(&d.name)),
                 model_hosts: s.model_hosts.get(&d.name).cloned(),
                 engine_args: s.engine_args.get(&d.name).cloned().unwrap_or_default(),
+                autoplan: s.autoplan_setting(&d.name),
                 deployment: d.clone(),
             }
         })
@@ -224,6 +225,14 @@ pub(super) async fn create_deployment(
         body.engine.clone()
     };
     let tp = body.tp.unwrap_or(1);
+    let autoplan = match &body.autoplan {
+        Some(a) => Some(autoplan_setting(
+            a,
+            body.layout.as_deref() == Some("planned"),
+            body.ttft_ms.is_some() && body.tpot_ms.is_some(),
+        )?),
+        None => None,
+    };
     let bad_args = |m: String| ApiError(StatusCode::BAD_REQUEST, "invalid_engine_args", m);
     let mut body = body;
     match engine.as_str() {
@@ -322,7 +331,98 @@ pub(super) async fn create_deployment(
     };
     check_fit(&ctx, &cmd, &body.name)?;
     ctx.write(cmd).await?;
+    if let Some(setting) = autoplan {
+        ctx.write(Command::SetAutoplan {
+            deployment: body.name.clone(),
+            setting,
+        })
+        .await?;
+    }
     Ok((StatusCode::CREATED, Json(answer)))
+}
+
+/// A re-planning request as the replicated setting, refused with the field named. A mode
+/// other than `off` needs a planned deployment with both targets: the simulator models its
+/// engines from the plan and judges requests against the targets.
+fn autoplan_setting(
+    req: &pd_api::AutoplanRequest,
+    planned: bool,
+    targets: bool,
+) -> Result<pd_raft::AutoplanSetting, ApiError> {
+    let bad = |m: String| ApiError(StatusCode::BAD_REQUEST, "invalid_autoplan", m);
+    let setting = req.setting().map_err(bad)?;
+    if setting.mode != pd_raft::AutoplanMode::Off && !(planned && targets) {
+        return Err(bad(format!(
+            "autoplan {}: re-planning needs a planned deployment with both targets (--layout planned --ttft-ms --tpot-ms): the simulator models its engines from the plan",
+            setting.mode.name()
+        )));
+    }
+    Ok(setting)
+}
+
+/// `PUT /v1/deployments/{name}/autoplan`: the deployment's re-planning mode and bounds.
+pub(super) async fn set_autoplan(
+    State(ctx): Ctx,
+    UrlPath(name): UrlPath<String>,
+    Json(body): Json<pd_api::AutoplanRequest>,
+) -> Result<Json<Changed>, WriteError> {
+    let s = ctx.control.state_snapshot();
+    let Some(d) = s.deployments.get(&name) else {
+        return Err(WriteError::from(ApiError(
+            StatusCode::NOT_FOUND,
+            "unknown_deployment",
+            format!("unknown deployment {name:?}"),
+        )));
+    };
+    let setting = autoplan_setting(
+        &body,
+        s.plans.contains_key(&name),
+        d.ttft_ms.is_some() && d.tpot_ms.is_some(),
+    )?;
+    ctx.write(Command::SetAutoplan {
+        deployment: name,
+        setting,
+    })
+    .await
+    .map(done)
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct EventsQuery {
+    deployment: Option<String>,
+}
+
+/// `GET /v1/events[?deployment=NAME]`: the re-planner's recorded decisions (from this agent's
+/// copy of the replicated state), oldest first.
+pub(super) async fn events(
+    State(ctx): Ctx,
+    axum::extract::Query(q): axum::extract::Query<EventsQuery>,
+) -> Result<Json<pd_api::Events>, ApiError> {
+    ctx.control.read_state(|s| {
+        if let Some(d) = &q.deployment
+            && !s.deployments.contains_key(d)
+        {
+            return Err(ApiError(
+                StatusCode::NOT_FOUND,
+                "unknown_deployment",
+                format!("unknown deployment {d:?}"),
+            ));
+        }
+        let mut events: Vec<pd_api::Event> = s
+            .autoplan_events
+            .iter()
+            .filter(|(name, _)| q.deployment.as_ref().is_none_or(|d| d == *name))
+            .flat_map(|(name, es)| {
+                es.iter().map(|e| pd_api::Event {
+                    deployment: name.clone(),
+                    decision: e.clone(),
+                })
+            })
+            .collect();
+        events.sort_by_key(|e| (e.decision.decided_unix, e.decision.window));
+        Ok(Json(pd_api::Events { events }))
+    })
 }
 
 /// Bound on one agent's look at a model folder.

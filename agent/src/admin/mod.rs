@@ -294,6 +294,8 @@ pub fn router(ctx: Arc<AdminCtx>) -> Router {
             axum::routing::delete(delete_deployment),
         )
         .route("/v1/deployments/{name}/layout", put(scale_deployment))
+        .route("/v1/deployments/{name}/autoplan", put(set_autoplan))
+        .route("/v1/events", get(events))
         .route("/v1/deployments/{name}/routable", get(routable))
         .route("/v1/apikeys", get(api_keys).post(create_api_key))
         .route("/v1/apikeys/required", put(require_api_keys))

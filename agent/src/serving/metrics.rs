@@ -207,6 +207,51 @@ impl Counter {
     }
 }
 
+/// A gauge family set by the code that knows the value (the re-planner's latest figures).
+pub struct Gauge {
+    name: &'static str,
+    help: &'static str,
+    labels: &'static [&'static str],
+    series: Mutex<BTreeMap<Vec<String>, f64>>,
+}
+
+impl Gauge {
+    pub const fn new(
+        name: &'static str,
+        help: &'static str,
+        labels: &'static [&'static str],
+    ) -> Self {
+        Gauge {
+            name,
+            help,
+            labels,
+            series: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    pub fn set(&self, values: &[&str], v: f64) {
+        debug_assert_eq!(values.len(), self.labels.len());
+        let key: Vec<String> = values.iter().map(|v| v.to_string()).collect();
+        self.series.locked().insert(key, v);
+    }
+
+    /// Forgets every series whose first label is not in `keep` (a deployment gone, or this
+    /// agent no longer the coordinator).
+    pub fn retain_first(&self, keep: &dyn Fn(&str) -> bool) {
+        self.series
+            .locked()
+            .retain(|k, _| k.first().is_some_and(|f| keep(f)));
+    }
+
+    fn render(&self, out: &mut String) {
+        let _ = writeln!(out, "# HELP {} {}", self.name, self.help);
+        let _ = writeln!(out, "# TYPE {} gauge", self.name);
+        for (values, v) in self.series.locked().iter() {
+            let _ = writeln!(out, "{}{} {v}", self.name, labels(self.labels, values));
+        }
+    }
+}
+
 fn escape(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
@@ -261,6 +306,10 @@ pub struct Metrics {
     pub output_len: Histogram,
     /// Finished requests of deployments with both latency targets, by whether they met both.
     pub slo: Counter,
+    /// The re-planner's decisions (coordinator only), and its latest predicted and measured
+    /// goodput per deployment.
+    pub autoplan_decisions: Counter,
+    pub autoplan_goodput: Gauge,
     pub inflight: AtomicU64,
     /// Open connections to the OpenAI API.
     pub connections: AtomicU64,
@@ -387,6 +436,16 @@ impl Default for Metrics {
                 "Finished requests of deployments with TTFT and TPOT targets (pdctl deploy --ttft-ms --tpot-ms), by model and result: within (both met) or missed.",
                 &["model", "result"],
             ),
+            autoplan_decisions: Counter::new(
+                "pdagent_autoplan_decisions_total",
+                "Re-planning decisions this agent recorded as coordinator, by deployment, the best action (keep, flip-prefill-to-decode, add-decode, ...) and whether it was made (yes) or only recorded (no: advise mode, or not allowed yet).",
+                &["deployment", "action", "made"],
+            ),
+            autoplan_goodput: Gauge::new(
+                "pdagent_autoplan_goodput_rps",
+                "The re-planner's last window per deployment: requests per second within both SLOs, as the simulator predicted for the layout in force (source=predicted) and as measured (source=measured).",
+                &["deployment", "source"],
+            ),
             inflight: AtomicU64::new(0),
         }
     }
@@ -449,6 +508,8 @@ impl Metrics {
         self.prompt_len.render(&mut out);
         self.output_len.render(&mut out);
         self.slo.render(&mut out);
+        self.autoplan_decisions.render(&mut out);
+        self.autoplan_goodput.render(&mut out);
         let _ = writeln!(
             out,
             "# HELP pdagent_requests_inflight Requests this agent's OpenAI API is serving now."

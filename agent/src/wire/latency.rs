@@ -74,3 +74,28 @@ pub struct ModelWorkload {
     pub prompt_tokens: HistSnapshot,
     pub output_tokens: HistSnapshot,
 }
+
+/// One engine's step-time counters since it started (its prefill-only and decode-only steps,
+/// bucketed), for the coordinator's online calibration.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct EngineSteps {
+    pub engine: String,
+    pub prefill: Vec<pd_engine::PrefillTiming>,
+    pub decode: Vec<pd_engine::DecodeTiming>,
+}
+
+impl EngineSteps {
+    /// Every engine's counters out of what the supervisor last sampled.
+    pub fn of(
+        stats: std::collections::HashMap<String, pd_engine::EngineStats>,
+    ) -> Vec<EngineSteps> {
+        stats
+            .into_iter()
+            .map(|(engine, s)| EngineSteps {
+                engine,
+                prefill: s.prefill_timings,
+                decode: s.decode_timings,
+            })
+            .collect()
+    }
+}

@@ -75,6 +75,8 @@ pub enum AgentRequest {
     LogTip,
     /// What this agent's ingress counted per model (the coordinator's re-planning).
     Workload,
+    /// The step times this host's engines measured (the re-planner's online calibration).
+    StepTimes,
 }
 
 impl AgentRequest {
@@ -150,6 +152,7 @@ pub enum AgentResponse {
     },
     LogTip(Option<openraft::LogId<u64>>),
     Workload(Vec<latency::ModelWorkload>),
+    StepTimes(Vec<latency::EngineSteps>),
 }
 
 /// What an agent answers a peer whose node was removed from the cluster (the peer, reading
