@@ -120,6 +120,8 @@ struct Groups {
 struct Planned {
     name: String,
     created_at: u64,
+    /// The engine driver.
+    engine: String,
     model: String,
     tp: u32,
     ttft_ms: u32,
@@ -263,6 +265,9 @@ impl Autoplanner {
                     .tracks
                     .entry(p.name.clone())
                     .or_insert_with(|| Track::new(p.created_at, &p.recorded));
+                // The reference engine prefills long prompts in chunks of its step budget.
+                tr.steps.chunk_tokens = (p.engine == "builtin")
+                    .then(|| pd_engine::EngineConfig::default().step_tokens_max as u32);
                 tr.steps.take(&state, &p.name, &engine_steps);
                 let fits = tr.steps.fit(&state, &p.name);
                 outcomes.extend(step(tr, p, &answers, &fits, now, interval_s, term));
@@ -368,6 +373,7 @@ fn planned(s: &ClusterState) -> Vec<Planned> {
             Some(Planned {
                 name: d.name.clone(),
                 created_at: d.created_at,
+                engine: d.engine.clone(),
                 model: d.model.clone(),
                 tp: d.tp.max(1),
                 ttft_ms: d.ttft_ms?,
@@ -406,6 +412,9 @@ fn rules(p: &Planned, current: Split, interval_s: f64) -> (Bounds, Policy) {
             .gain_threshold_milli
             .map_or(default.gain_threshold, |m| f64::from(m) / 1e3),
         cooldown_windows: s.cooldown_windows.unwrap_or(default.cooldown_windows),
+        forecast_tolerance: s
+            .forecast_tolerance_milli
+            .map_or(default.forecast_tolerance, |m| f64::from(m) / 1e3),
         ..default
     };
     (bounds, policy)
@@ -567,6 +576,7 @@ fn step(
         }
     };
     let mut notes = d.notes.clone();
+    notes.push(steps::note(fits));
     let moved = match (mode, d.act) {
         (AutoplanMode::On, true) => match carry_out(p, d.best, current) {
             Ok(m) => Some(m),
@@ -888,6 +898,7 @@ mod tests {
         let p = Planned {
             name: "m".into(),
             created_at: 1,
+            engine: "builtin".into(),
             model: "tiny".into(),
             tp: 1,
             ttft_ms: 500,

@@ -21,7 +21,10 @@ pub use cluster::{
 };
 /// The replicated state's own types that answers carry.
 pub use pd_raft::state::GpuRecord;
-pub use pd_raft::{AdminState, EngineRole, Layout, NodeHealth};
+pub use pd_raft::{
+    AdminState, AutoplanEvent, AutoplanMode, AutoplanMove, AutoplanScore, AutoplanSetting,
+    EngineRole, Layout, NodeHealth,
+};
 
 /// Every error: `{"error": {"message", "code"}}` with a 4xx or 5xx status; a write sent to an
 /// agent that is not the coordinator (`421 not_coordinator`) also names the coordinator.
@@ -374,6 +377,10 @@ pub struct AutoplanRequest {
     /// Windows after a move during which no other move is made.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cooldown_windows: Option<u32>,
+    /// How far a forecast of SLO attainment may miss what was measured and still count as
+    /// right (0.15: 15 points).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forecast_tolerance: Option<f64>,
 }
 
 impl AutoplanRequest {
@@ -409,6 +416,7 @@ impl AutoplanRequest {
             pd_ratio_max_milli: ratio_max,
             gain_threshold_milli: milli("threshold", self.threshold, 10.0)?,
             cooldown_windows: self.cooldown_windows,
+            forecast_tolerance_milli: milli("forecast_tolerance", self.forecast_tolerance, 1.0)?,
         };
         s.validate()?;
         Ok(s)

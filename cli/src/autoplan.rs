@@ -24,6 +24,10 @@ pub struct Bounds {
     /// Windows after a move during which no other move is made (default 2).
     #[arg(long)]
     autoplan_cooldown: Option<u32>,
+    /// How far a forecast of SLO attainment may miss the measured one and still count as
+    /// right, e.g. 0.15 for 15 points (the default); 1 turns the check off.
+    #[arg(long, allow_negative_numbers = true)]
+    autoplan_tolerance: Option<f64>,
 }
 
 impl Bounds {
@@ -33,6 +37,7 @@ impl Bounds {
             || self.pd_ratio_max.is_some()
             || self.autoplan_threshold.is_some()
             || self.autoplan_cooldown.is_some()
+            || self.autoplan_tolerance.is_some()
     }
 
     /// The request for `mode` (none given: `advise` for a planned layout when bounds are
@@ -56,6 +61,7 @@ impl Bounds {
             pd_ratio_max: self.pd_ratio_max,
             threshold: self.autoplan_threshold,
             cooldown_windows: self.autoplan_cooldown,
+            forecast_tolerance: self.autoplan_tolerance,
         })
     }
 }

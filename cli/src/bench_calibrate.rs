@@ -216,6 +216,7 @@ fn measure(
     let reqs: Vec<LoadRequest> = (0..CAL_PREFILL_REPEATS)
         .flat_map(|_| CAL_PROMPT_BYTES)
         .map(|bytes| LoadRequest {
+            ignore_eos: false,
             prompt: load::text(&mut rng, bytes),
             max_tokens: CAL_MAX_TOKENS,
             at_s: 0.0,
@@ -233,6 +234,7 @@ fn measure(
     for c in CAL_CONCURRENCY {
         let reqs: Vec<LoadRequest> = (0..CAL_REQUESTS_PER_CONCURRENCY * c)
             .map(|i| LoadRequest {
+                ignore_eos: false,
                 prompt: load::text(&mut rng, CAL_PROMPT_BYTES[i % CAL_PROMPT_BYTES.len()]),
                 max_tokens: CAL_MAX_TOKENS,
                 at_s: 0.0,
@@ -284,6 +286,7 @@ fn measure(
     let fresh = |rng: &mut Rng, n: usize| -> Vec<LoadRequest> {
         (0..n)
             .map(|_| LoadRequest {
+                ignore_eos: false,
                 prompt: load::text(rng, PROMPT_BYTES),
                 max_tokens: MAX_TOKENS,
                 at_s: 0.0,

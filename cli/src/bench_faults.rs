@@ -135,6 +135,7 @@ fn wait_steady(
 ) -> Result<()> {
     let until = Instant::now() + STEADY_TIMEOUT;
     let probe = |k: usize| LoadRequest {
+        ignore_eos: false,
         prompt: format!("steady {k}: is every engine serving?"),
         max_tokens: 2,
         at_s: 0.0,
@@ -169,6 +170,7 @@ fn workload(n: usize, rate: f64, seed: u64) -> Vec<LoadRequest> {
         .map(|at_s| {
             let bytes = 200 + (rng.next_u64() % 600) as usize;
             LoadRequest {
+                ignore_eos: false,
                 prompt: load::text(&mut rng, bytes),
                 max_tokens: 64 + (rng.next_u64() % 448) as u32,
                 at_s,

@@ -184,6 +184,7 @@ fn measure(
         .map(|(kind, bytes)| {
             let reqs = (0..requests + 1)
                 .map(|_| LoadRequest {
+                    ignore_eos: false,
                     prompt: load::text(&mut rng, bytes),
                     max_tokens: MAX_TOKENS,
                     at_s: 0.0,

@@ -231,6 +231,7 @@ fn measure(
     let (prefill, decode) = engine_ports(&client, &rt)?;
     let mut rng = Rng::new(SEED);
     let mut prompt = || LoadRequest {
+        ignore_eos: false,
         prompt: load::text(&mut rng, PROMPT_BYTES),
         max_tokens: MAX_TOKENS,
         at_s: 0.0,

@@ -20,6 +20,8 @@ pub struct LoadRequest {
     pub max_tokens: u32,
     /// Seconds after the start at which it is sent (open loop); ignored by closed loops.
     pub at_s: f64,
+    /// Generate `max_tokens` whatever the model says (vLLM's `ignore_eos`).
+    pub ignore_eos: bool,
 }
 
 /// What the client saw of one request.
@@ -100,6 +102,7 @@ pub fn mixed(n: usize, short: usize, long: usize, max_tokens: u32, seed: u64) ->
                 text(&mut rng, long)
             };
             LoadRequest {
+                ignore_eos: false,
                 prompt,
                 max_tokens,
                 at_s: 0.0,
@@ -162,6 +165,7 @@ pub fn stream_body(model: &str, r: &LoadRequest, seed: u64) -> serde_json::Value
         "seed": seed,
         "stream": true,
         "stream_options": {"include_usage": true},
+        "ignore_eos": r.ignore_eos,
     })
 }
 

@@ -724,7 +724,7 @@ pub fn create(
                  listen = \"{ip}:{base_port}\"\nworker_threads = 1\n[admin]\nlisten = \"{ip}:{}\"\n{gpu_section}\
                  [cluster]\nseeds = [\"{seed}\"]\n{join}voters = {voters}\nheartbeat_ms = 100\nsuspect_after_ms = 1000\ndown_after_ms = 4000\n\
                  [raft]\nheartbeat_ms = {LOCAL_HEARTBEAT_MS}\nelection_timeout_min_ms = {LOCAL_ELECTION_MIN_MS}\nelection_timeout_max_ms = {LOCAL_ELECTION_MAX_MS}\n\
-                 coordinator_interval_ms = 200\nautoplan_interval_ms = 5000\n\
+                 coordinator_interval_ms = 200\nautoplan_interval_ms = 10000\n\
                  {}[serving]\nlisten = \"{ip}:{api_port}\"\nview_refresh_ms = 100\n",
                 nd.join("data").display(),
                 base_port + 1,

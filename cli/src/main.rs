@@ -20,6 +20,7 @@ mod bench_failover;
 mod bench_faults;
 mod bench_kv;
 mod bench_serve;
+mod bench_shift;
 mod bench_vllm;
 mod client;
 mod demo;
@@ -448,6 +449,55 @@ enum BenchCommand {
         requests: usize,
         #[command(flatten)]
         vllm: local::VllmLocal,
+        /// Print one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-planning against a workload that changes shape, on a local cluster of `--nodes`
+    /// agents (the reference engine, `tiny`): the same arrivals in phases (decode-heavy: short
+    /// prompts, long outputs; prefill-heavy: the reverse) against every static layout, the
+    /// static layout best for phase 1 (a), the same start with --autoplan on (b), and per phase
+    /// the best static layout (c). Prints per phase the share within both targets, TTFT and
+    /// TPOT p90, the layout and every move; (b)/(a) and (b)/(c) over the run.
+    Shift {
+        #[arg(long, default_value_t = 4)]
+        nodes: usize,
+        /// The phases in order, comma-separated: decode, prefill.
+        #[arg(long, default_value = "decode,prefill,decode", value_delimiter = ',')]
+        phases: Vec<String>,
+        /// Seconds per phase.
+        #[arg(long, default_value_t = 60.0)]
+        phase_s: f64,
+        /// Seconds of mixed requests before each run (not counted).
+        #[arg(long, default_value_t = 30.0)]
+        warmup_s: f64,
+        /// Requests per second in decode-heavy and prefill-heavy phases (Poisson).
+        #[arg(long, default_value_t = 2.0)]
+        decode_rate: f64,
+        #[arg(long, default_value_t = 2.5)]
+        prefill_rate: f64,
+        /// Prompt bytes of decode-heavy and prefill-heavy requests (±50%; one token a byte).
+        #[arg(long, default_value_t = 64)]
+        short_prompt: usize,
+        #[arg(long, default_value_t = 1200)]
+        long_prompt: usize,
+        /// Output tokens of prefill-heavy and decode-heavy requests.
+        #[arg(long, default_value_t = 4)]
+        short_output: u32,
+        #[arg(long, default_value_t = 128)]
+        long_output: u32,
+        #[arg(long, default_value_t = 1500)]
+        ttft_ms: u32,
+        #[arg(long, default_value_t = 10)]
+        tpot_ms: u32,
+        /// The re-planner's gain threshold and cool-down windows for the autoplan run.
+        #[arg(long)]
+        threshold: Option<f64>,
+        #[arg(long)]
+        cooldown: Option<u32>,
+        /// Skip the static runs: only the autoplan run, from this layout (e.g. 1P3D).
+        #[arg(long)]
+        autoplan_only: Option<String>,
         /// Print one JSON object on stdout.
         #[arg(long)]
         json: bool,
@@ -1223,6 +1273,51 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 other => anyhow::bail!("--engine {other:?}: builtin or vllm"),
             },
+            BenchCommand::Shift {
+                nodes,
+                phases,
+                phase_s,
+                warmup_s,
+                decode_rate,
+                prefill_rate,
+                short_prompt,
+                long_prompt,
+                short_output,
+                long_output,
+                ttft_ms,
+                tpot_ms,
+                threshold,
+                cooldown,
+                autoplan_only,
+                json,
+            } => {
+                let autoplan_only = autoplan_only
+                    .map(|s| bench_shift::parse_split(&s))
+                    .transpose()?;
+                let o = bench_shift::ShiftOptions {
+                    autoplan_only,
+                    nodes,
+                    phases,
+                    phase_s,
+                    warmup_s,
+                    decode_rate,
+                    prefill_rate,
+                    short_prompt,
+                    long_prompt,
+                    short_output,
+                    long_output,
+                    ttft_ms,
+                    tpot_ms,
+                    threshold,
+                    cooldown,
+                };
+                let r = bench_shift::run(&o, json)?;
+                if json {
+                    println!("{}", serde_json::to_string(&r)?);
+                } else {
+                    bench_shift::print(&r);
+                }
+            }
             BenchCommand::Kv {
                 engine,
                 requests,

@@ -54,6 +54,9 @@ pub struct Generation {
     /// `stream_options.include_usage`; always false when not streaming.
     pub include_usage: bool,
     pub user: Option<String>,
+    /// vLLM's extension: keep generating past the model's end-of-sequence token, to
+    /// `max_tokens` (benchmarks that need outputs of a set length).
+    pub ignore_eos: bool,
 }
 
 /// Server-side bounds on what a request may ask for.
@@ -428,6 +431,7 @@ impl Fields {
             stream,
             include_usage,
             user: self.string("user")?.map(str::to_owned),
+            ignore_eos: self.bool("ignore_eos")?.unwrap_or(false),
         })
     }
 }

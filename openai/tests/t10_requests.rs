@@ -79,8 +79,18 @@ fn defaults() {
             stream: false,
             include_usage: false,
             user: None,
+            ignore_eos: false,
         }
     );
+}
+
+/// `ignore_eos` (vLLM's extension) is taken; a wrong type names the field.
+#[test]
+fn ignore_eos_is_taken() {
+    let g = completion(json!({"model": "m", "prompt": "Hi", "ignore_eos": true})).unwrap();
+    assert!(g.ignore_eos);
+    let e = completion(json!({"model": "m", "prompt": "Hi", "ignore_eos": "yes"})).unwrap_err();
+    assert_eq!(e.param.as_deref(), Some("ignore_eos"));
 }
 
 /// What the Python SDK and LangChain send, with nulls and unknown fields, is accepted.

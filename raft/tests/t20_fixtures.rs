@@ -109,6 +109,7 @@ fn setting() -> AutoplanSetting {
         pd_ratio_max_milli: Some(4000),
         gain_threshold_milli: Some(150),
         cooldown_windows: Some(3),
+        forecast_tolerance_milli: Some(200),
     }
 }
 

@@ -5,13 +5,16 @@
 use std::collections::BTreeMap;
 
 use pd_planner::autoplan::{self as ap, DecodeBucket, OnlineFit, PrefillBucket};
-use pd_planner::{Calibration, StepCost};
+use pd_planner::{Calibration, PrefillSample, StepCost};
 use pd_raft::{ClusterState, EngineRole};
 
 use crate::wire::latency::EngineSteps;
 
 /// Steps of each phase needed before a fit is trusted.
-pub const MIN_STEPS: f64 = 200.0;
+pub const MIN_STEPS: f64 = 50.0;
+/// Rounds whose steps make the recent fit, preferred once it has enough steps: step times
+/// change with what else runs on the host (on a shared machine, the other engines' load).
+pub const RECENT_ROUNDS: usize = 6;
 /// A decode bucket's sequences sit, on average, at this share of its context bound (the
 /// buckets are powers of two: `(max/2, max]`).
 pub const CONTEXT_IN_BUCKET: f64 = 0.75;
@@ -62,6 +65,26 @@ impl Totals {
             + self.decode.values().map(|b| b.steps).sum::<f64>()
     }
 
+    /// `self - before`, bucket by bucket (never below zero).
+    fn minus(&self, before: &Totals) -> Totals {
+        let mut t = self.clone();
+        for (k, b) in &before.prefill {
+            if let Some(e) = t.prefill.get_mut(k) {
+                e.steps = (e.steps - b.steps).max(0.0);
+                e.tokens = (e.tokens - b.tokens).max(0.0);
+                e.seconds = (e.seconds - b.seconds).max(0.0);
+            }
+        }
+        for (k, b) in &before.decode {
+            if let Some(e) = t.decode.get_mut(k) {
+                e.steps = (e.steps - b.steps).max(0.0);
+                e.sequences = (e.sequences - b.sequences).max(0.0);
+                e.seconds = (e.seconds - b.seconds).max(0.0);
+            }
+        }
+        t
+    }
+
     fn add(&mut self, o: &Totals) {
         for (k, b) in &o.prefill {
             let e = self.prefill.entry(*k).or_default();
@@ -83,6 +106,11 @@ impl Totals {
 #[derive(Default)]
 pub struct StepBook {
     engines: BTreeMap<String, Engine>,
+    /// The engines' prefill chunk (tokens per step), where they chunk long prompts: their
+    /// steps are then fitted per chunk and the simulator's whole-prompt steps are derived.
+    pub chunk_tokens: Option<u32>,
+    /// The totals per GPU kind after each of the last rounds, oldest first.
+    rounds: std::collections::VecDeque<BTreeMap<String, Totals>>,
 }
 
 /// The fit of one GPU kind.
@@ -113,19 +141,39 @@ impl StepBook {
         }
     }
 
-    /// One fit per GPU kind, with the engines of each role that run on it now.
-    pub fn fit(&self, state: &ClusterState, deployment: &str) -> Vec<Fitted> {
+    /// One fit per GPU kind, with the engines of each role that run on it now: from the last
+    /// `RECENT_ROUNDS` rounds' steps once they are enough, else from every step seen. Called
+    /// once per round.
+    pub fn fit(&mut self, state: &ClusterState, deployment: &str) -> Vec<Fitted> {
         let mut by_gpu: BTreeMap<String, Totals> = BTreeMap::new();
         for e in self.engines.values() {
             let t = by_gpu.entry(e.gpu.clone()).or_default();
             t.add(&e.live);
             t.add(&e.retired);
         }
+        self.rounds.push_back(by_gpu.clone());
+        if self.rounds.len() > RECENT_ROUNDS + 1 {
+            self.rounds.pop_front();
+        }
+        let oldest = self.rounds.front().cloned().unwrap_or_default();
         by_gpu
             .into_iter()
-            .map(|(gpu, t)| {
-                let p: Vec<PrefillBucket> = t.prefill.values().copied().collect();
-                let d: Vec<DecodeBucket> = t.decode.values().copied().collect();
+            .map(|(gpu, all)| {
+                let recent = oldest.get(&gpu).map(|o| all.minus(o));
+                let fit_of = |t: &Totals| {
+                    let p: Vec<PrefillBucket> = t.prefill.values().copied().collect();
+                    let d: Vec<DecodeBucket> = t.decode.values().copied().collect();
+                    (ap::fit_online(&p, &d, MIN_STEPS), d)
+                };
+                // The recent steps when they make a fit (enough of them, in enough shapes),
+                // else every step seen.
+                let (mut fit, d) = match recent.map(|r| fit_of(&r)) {
+                    Some((f, d)) if f.calibration.is_some() && phase_ok(&f) => (f, d),
+                    _ => fit_of(&all),
+                };
+                if let (Some(c), Some(chunk)) = (fit.calibration, self.chunk_tokens) {
+                    fit.calibration = Some(whole_prompts(c, chunk, &d));
+                }
                 let count = |role: EngineRole| {
                     state
                         .assignments
@@ -135,7 +183,7 @@ impl StepBook {
                         .count() as u32
                 };
                 Fitted {
-                    fit: ap::fit_online(&p, &d, MIN_STEPS),
+                    fit,
                     prefill_engines: count(EngineRole::Prefill),
                     decode_engines: count(EngineRole::Decode),
                     gpu,
@@ -143,6 +191,37 @@ impl StepBook {
             })
             .collect()
     }
+}
+
+/// Prompt lengths the whole-prompt model is fitted over.
+const WHOLE_PROMPT_TOKENS: [u32; 10] = [16, 64, 128, 256, 512, 768, 1024, 1536, 2048, 4096];
+
+/// The fit of an engine that prefills long prompts in chunks of `chunk` tokens, as the
+/// simulator's whole-prompt steps: a prompt of n tokens costs its chunks' steps, each by the
+/// per-step fit; the quadratic model is refitted to those sums (the per-step fit alone, taken
+/// for a whole prompt, would grow its quadratic term far past what the engine spends).
+fn whole_prompts(c: Calibration, chunk: u32, decode: &[DecodeBucket]) -> Calibration {
+    let step = |k: f64| {
+        c.prefill_base_s + c.prefill_per_token_s * k + c.prefill_per_square_token_s * k * k
+    };
+    let samples: Vec<PrefillSample> = WHOLE_PROMPT_TOKENS
+        .iter()
+        .map(|&n| {
+            let (full, rest) = (n / chunk.max(1), n % chunk.max(1));
+            let seconds = f64::from(full) * step(f64::from(chunk))
+                + if rest > 0 { step(f64::from(rest)) } else { 0.0 };
+            PrefillSample {
+                tokens: f64::from(n),
+                seconds,
+            }
+        })
+        .collect();
+    let d: Vec<_> = decode.iter().filter_map(DecodeBucket::sample).collect();
+    Calibration::fit(&samples, &d).unwrap_or(c)
+}
+
+fn phase_ok(f: &OnlineFit) -> bool {
+    f.prefill_steps >= MIN_STEPS && f.decode_steps >= MIN_STEPS
 }
 
 /// The trusted fit of the GPU kind that runs most engines of `role` (none: the roofline).
@@ -190,6 +269,27 @@ pub fn report(fits: &[Fitted]) -> Vec<pd_api::AutoplanCalibration> {
             }),
         })
         .collect()
+}
+
+/// One line on the step-time model the simulator used, for the decision's notes.
+pub fn note(fits: &[Fitted]) -> String {
+    if fits.is_empty() {
+        return "step times: the roofline (no engine step counters yet)".into();
+    }
+    fits.iter()
+        .map(|f| match (&f.fit.calibration, &f.fit.why) {
+            (Some(_), _) => format!(
+                "step times on {}: fitted from {:.0} prefill and {:.0} decode steps",
+                f.gpu, f.fit.prefill_steps, f.fit.decode_steps
+            ),
+            (None, why) => format!(
+                "step times on {}: the roofline ({})",
+                f.gpu,
+                why.as_deref().unwrap_or("not fitted")
+            ),
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// The NVML name of the first GPU of an engine (by its assignment).
@@ -255,7 +355,8 @@ mod tests {
         // Restarted: counts from zero again; what it measured before is kept.
         book.take(&s, "m", &[steps("m/prefill-0", 50, 50)]);
         let fits = book.fit(&s, "m");
-        assert_eq!(fits[0].fit.prefill_steps, 220.0);
+        // The steps since the first round (200 of the 220) are enough: the recent ones count.
+        assert_eq!(fits[0].fit.prefill_steps, 200.0);
         let c = fits[0].fit.calibration.expect("trusted past the minimum");
         // Steps of a bucket hold three quarters of its bound: 1e-5 s per bound token.
         assert!((c.prefill_per_token_s - 1e-5 / 0.75).abs() < 1e-7, "{c:?}");

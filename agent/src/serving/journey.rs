@@ -114,6 +114,7 @@ impl Serving {
             top_p: g.top_p,
             seed: g.seed.unwrap_or_else(|| self.new_id()),
             max_tokens: g.max_tokens.unwrap_or(self.cfg.max_tokens_default).max(1),
+            ignore_eos: g.ignore_eos,
             ..SamplingParams::default()
         }
     }

@@ -66,6 +66,9 @@ pub struct AutoplanSetting {
     pub gain_threshold_milli: Option<u32>,
     /// Windows after a move during which no other move is made.
     pub cooldown_windows: Option<u32>,
+    /// How far (in thousandths of SLO attainment) a forecast may miss what was measured and
+    /// still count as right (150: 15 points).
+    pub forecast_tolerance_milli: Option<u32>,
 }
 
 impl AutoplanSetting {
@@ -79,6 +82,7 @@ impl AutoplanSetting {
             pd_ratio_max_milli: None,
             gain_threshold_milli: None,
             cooldown_windows: None,
+            forecast_tolerance_milli: None,
         }
     }
 
@@ -120,6 +124,14 @@ impl AutoplanSetting {
             return Err(format!(
                 "gain_threshold: {}% is above 1000%",
                 f64::from(t) / 10.0
+            ));
+        }
+        if let Some(t) = self.forecast_tolerance_milli
+            && t > 1000
+        {
+            return Err(format!(
+                "forecast_tolerance: {} is above 1",
+                f64::from(t) / 1000.0
             ));
         }
         if let Some(c) = self.cooldown_windows
