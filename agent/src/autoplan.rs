@@ -508,23 +508,8 @@ fn step(
             ..report_of_window(&w)
         });
         let event = AutoplanEvent {
-            window: tr.index,
-            term,
-            decided_unix: crate::util::now_unix(),
-            mode,
-            seconds_milli: (w.seconds * 1e3).round() as u64,
-            requests: w.arrivals,
-            finished: w.finished,
-            within_slo: w.within_slo,
-            engines_reporting: w.engines_reporting,
-            engines_total: w.engines_total,
-            layout: p.layout,
-            best: Move::Keep.name().into(),
-            allowed: false,
             reason: reason.into(),
-            candidates: Vec::new(),
-            notes: Vec::new(),
-            moved: None,
+            ..window_event(tr.index, &w, p, term, mode)
         };
         return Some(Outcome {
             deployment: p.name.clone(),
@@ -638,17 +623,6 @@ fn event(
 ) -> AutoplanEvent {
     let text = |s: String| crate::util::truncate_utf8(&s, pd_raft::state::AUTOPLAN_TEXT_BYTES_MAX);
     AutoplanEvent {
-        window: d.index,
-        term,
-        decided_unix: crate::util::now_unix(),
-        mode,
-        seconds_milli: (w.seconds * 1e3).round() as u64,
-        requests: w.arrivals,
-        finished: w.finished,
-        within_slo: w.within_slo,
-        engines_reporting: w.engines_reporting,
-        engines_total: w.engines_total,
-        layout: p.layout,
         best: d.best.name().into(),
         allowed: d.act,
         reason: text(d.reason.to_string()),
@@ -681,6 +655,36 @@ fn event(
             .map(text)
             .collect(),
         moved,
+        ..window_event(d.index, w, p, term, mode)
+    }
+}
+
+/// A window's record with nothing decided (keep, not allowed, no candidate).
+fn window_event(
+    index: u64,
+    w: &Window,
+    p: &Planned,
+    term: u64,
+    mode: AutoplanMode,
+) -> AutoplanEvent {
+    AutoplanEvent {
+        window: index,
+        term,
+        decided_unix: crate::util::now_unix(),
+        mode,
+        seconds_milli: (w.seconds * 1e3).round() as u64,
+        requests: w.arrivals,
+        finished: w.finished,
+        within_slo: w.within_slo,
+        engines_reporting: w.engines_reporting,
+        engines_total: w.engines_total,
+        layout: p.layout,
+        best: Move::Keep.name().into(),
+        allowed: false,
+        reason: String::new(),
+        candidates: Vec::new(),
+        notes: Vec::new(),
+        moved: None,
     }
 }
 

@@ -107,6 +107,18 @@ pub struct PhaseResult {
     pub moves: Vec<(f64, String)>,
 }
 
+impl PhaseResult {
+    /// The layouts in force and the moves, e.g. `1P3D → 2P2D; flip node-2 to prefill at 76 s`.
+    fn course(&self) -> String {
+        let moves: String = self
+            .moves
+            .iter()
+            .map(|(t, m)| format!("; {m} at {t:.0} s"))
+            .collect();
+        format!("{}{moves}", self.layouts.join(" → "))
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct RunResult {
     /// `static 2P2D`, `autoplan from 1P3D`.
@@ -410,7 +422,7 @@ fn one_run(
         }
         let r = judge(&o.phases[i], os, o, layouts, moves);
         say(format!(
-            "  phase {} {:<7}: {:>4} requests, {:>5.1}% within both targets, TTFT p90 {:>7.0} ms, TPOT p90 {:>6.1} ms, {} failed, layout {}{}",
+            "  phase {} {:<7}: {:>4} requests, {:>5.1}% within both targets, TTFT p90 {:>7.0} ms, TPOT p90 {:>6.1} ms, {} failed, layout {}",
             i + 1,
             r.phase,
             r.requests,
@@ -418,11 +430,7 @@ fn one_run(
             r.ttft_p90_ms,
             r.tpot_p90_ms,
             r.failed,
-            r.layouts.join(" → "),
-            r.moves
-                .iter()
-                .map(|(t, m)| format!("; {m} at {t:.0} s"))
-                .collect::<String>()
+            r.course(),
         ));
         out.push(r);
     }
@@ -508,7 +516,7 @@ pub fn print(r: &ShiftReport) {
     for run in r.statics.iter().chain(std::iter::once(&r.autoplan)) {
         for (i, p) in run.phases.iter().enumerate() {
             println!(
-                "{:<22} {:>5} {:<8} {:>7.1}% {:>8.0}ms {:>8.1}ms {:>6}  {}{}",
+                "{:<22} {:>5} {:<8} {:>7.1}% {:>8.0}ms {:>8.1}ms {:>6}  {}",
                 run.name,
                 i + 1,
                 p.phase,
@@ -516,11 +524,7 @@ pub fn print(r: &ShiftReport) {
                 p.ttft_p90_ms,
                 p.tpot_p90_ms,
                 p.failed,
-                p.layouts.join(" → "),
-                p.moves
-                    .iter()
-                    .map(|(t, m)| format!("; {m} at {t:.0} s"))
-                    .collect::<String>()
+                p.course(),
             );
         }
     }

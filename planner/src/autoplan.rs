@@ -360,6 +360,10 @@ impl std::fmt::Display for Reason {
                 "cooling down: the last move was {windows_since_move} window(s) ago, {cooldown} must pass"
             ),
             Reason::ForecastsMissed { detail } => write!(f, "forecasts not trusted: {detail}"),
+            Reason::Gain { gain } if gain.is_infinite() => write!(
+                f,
+                "predicted goodput gain: the layout in force keeps no request within the SLOs, the move some"
+            ),
             Reason::Gain { gain } => write!(f, "predicted goodput gain {:.1}%", gain * 100.0),
         }
     }
