@@ -283,10 +283,12 @@ impl Autoplanner {
             }
         };
         for o in outcomes {
+            let window = o.event.window;
             let made = self.record(o.deployment.clone(), o.event).await;
             let tr = t.tracks.get_mut(&o.deployment);
             if let Some(tr) = tr {
-                if let Some(last) = tr.history.last_mut() {
+                // This window's entry (a colocated layout's window has none).
+                if let Some(last) = tr.history.last_mut().filter(|p| p.index == window) {
                     last.moved = made.is_some();
                 }
                 if let Some(r) = tr.latest.as_mut() {
